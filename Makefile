@@ -1,0 +1,80 @@
+# The pipeline, stage by stage. Targets are the stages' manifests, so `make` reruns only what is stale.
+#   make demo    - create .venv, install pinned requirements, run every stage on the built-in model, print a summary
+#   make test    - same setup, then the test suite
+# Variables: MODEL (default tiny), ART (artifacts root), PYTHON (interpreter that creates .venv)
+
+MODEL   ?= tiny
+ART     ?= artifacts
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+A       := $(ART)/$(MODEL)
+
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
+        readme-tables summary clean help
+
+help:
+	@sed -n '1,5p' Makefile
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+setup: $(STAMP)
+
+# ---- stage 1: HF -> ONNX (FP32, KV cache) --------------------------------------------------------------------------
+$(A)/export/fp32/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART)
+export: $(A)/export/fp32/manifest.json
+
+# ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
+$(A)/quantize/.int8.done: $(A)/export/fp32/manifest.json
+	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)
+	@touch $@
+quantize: $(A)/quantize/.int8.done
+
+$(A)/quantize/fp16/manifest.json: $(A)/export/fp32/manifest.json
+	$(PY) convert/convert_fp16.py --model $(MODEL) --artifacts $(ART)
+fp16: $(A)/quantize/fp16/manifest.json
+
+# ---- stage 3: TensorRT engines (needs TensorRT 11 and an NVIDIA GPU; skipped with a note otherwise) --------------
+engine: quantize fp16
+	$(PY) optimize/build_trt_engine.py --model $(MODEL) --artifacts $(ART) --precision fp16 --skip-if-unavailable
+	$(PY) optimize/build_trt_engine.py --model $(MODEL) --artifacts $(ART) --precision int8 --skip-if-unavailable
+
+# ---- stage 4: Triton Inference Server -----------------------------------------------------------------------------
+serve-repo: quantize
+	$(PY) serve/make_model_repository.py --model $(MODEL) --artifacts $(ART)
+serve-demo: serve-repo
+	bash serve/demo.sh $(MODEL) $(ART)
+
+# ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
+benchmark: quantize fp16
+	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART)
+profile: export
+	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
+
+# ---- report ------------------------------------------------------------------------------------------------------
+diagram: diagrams/pipeline_architecture.png
+diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py $(STAMP)
+	$(PY) diagrams/pipeline_architecture.py
+notebook: $(STAMP)
+	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART)
+readme-tables: $(STAMP)
+	$(PY) profile/update_readme.py --artifacts $(ART)
+
+summary: $(STAMP)
+	$(PY) profile/summarize_artifacts.py --model $(MODEL) --artifacts $(ART)
+
+demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(ART)

@@ -1,0 +1,189 @@
+"""One generation loop for every engine: greedy and sampling (temperature, top-k, top-p, seeded), stop tokens and
+strings, max new tokens, a batch of prompts of different lengths (left padding + attention mask + position ids),
+and a per-token callback for streaming.
+
+    out = generate(engine, [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=16))
+    texts = generate_text(engine, tokenizer, ["def f(", "The"], SamplingParams(temperature=0.8, seed=1))
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .nvtx_ranges import nvtx_range
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
+    seed: int | None = None         # same seed, same engine -> same tokens
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max new tokens must be > 0 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]                      # generated ids per prompt (stop token excluded)
+    finish_reasons: list[str]                    # "length" | "stop" | "cancelled"
+    prompt_lengths: list[int]
+    ttft_s: float                                # prefill + first sample
+    step_s: list[float] = field(default_factory=list)   # each decode step (forward + sample)
+    total_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def sample_next(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator | None) -> int:
+    """Next token from one row of logits [V]."""
+    if p.temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / p.temperature
+    if 0 < p.top_k < x.shape[0]:
+        kth = np.partition(x, -p.top_k)[-p.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    x -= x.max()
+    probs = np.exp(x)
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad prompts; position ids count real tokens only, so a padded row matches the unpadded one."""
+    b, L = len(prompts), max(len(p) for p in prompts)
+    ids = np.full((b, L), pad_id, dtype=np.int64)
+    mask = np.zeros((b, L), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = p
+        mask[i, L - len(p):] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    return ids, mask, pos
+
+
+def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             on_token: Callable[[int, int], bool | None] | None = None, pad_id: int = 0,
+             stop_check: Callable[[int, list[int]], bool] | None = None) -> GenerationOutput:
+    """Generate for a batch. `on_token(row, token)` is called for each new token; returning True cancels that row.
+    `stop_check(row, tokens)` returning True ends a row (used for stop strings)."""
+    b = len(prompts)
+    if b == 0:
+        raise UserError("no prompts given")
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * b
+    if len(plist) != b:
+        raise ValueError("one SamplingParams per prompt")
+    for i, (pr, p) in enumerate(zip(prompts, plist)):
+        p.check()
+        if len(pr) == 0:
+            raise UserError(f"prompt {i} is empty — give at least one token")
+        ctx = engine.info.max_positions
+        if len(pr) + p.max_new_tokens > ctx:
+            raise UserError(f"prompt {i} has {len(pr)} tokens + max_new_tokens {p.max_new_tokens} exceeds the model's "
+                            f"context of {ctx} — shorten the prompt or lower max_new_tokens")
+    rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
+    stops = [set(p.stop_token_ids) for p in plist]
+    max_new = max(p.max_new_tokens for p in plist)
+    out_tokens: list[list[int]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    done = np.zeros(b, dtype=bool)
+
+    t0 = time.perf_counter()
+    ids, mask, pos = pad_batch(prompts, pad_id)
+    with nvtx_range("prefill"):
+        logits, state = engine.prefill(ids, mask, pos)
+    next_ids = np.full(b, pad_id, dtype=np.int64)
+
+    def take(step_logits):
+        with nvtx_range("sample"):
+            for r in range(b):
+                if done[r]:
+                    next_ids[r] = pad_id
+                    continue
+                tok = sample_next(step_logits[r], plist[r], rngs[r])
+                next_ids[r] = tok
+                if tok in stops[r]:
+                    done[r], reasons[r] = True, "stop"
+                    continue
+                out_tokens[r].append(tok)
+                if on_token is not None and on_token(r, tok):
+                    done[r], reasons[r] = True, "cancelled"
+                elif stop_check is not None and stop_check(r, out_tokens[r]):
+                    done[r], reasons[r] = True, "stop"
+                elif len(out_tokens[r]) >= plist[r].max_new_tokens:
+                    done[r] = True
+
+    take(logits)
+    ttft = time.perf_counter() - t0
+    steps: list[float] = []
+    last_pos = pos[:, -1].copy()
+    try:
+        for _ in range(max_new - 1):
+            if done.all():
+                break
+            ts = time.perf_counter()
+            with nvtx_range("decode_step"):
+                mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+                last_pos += 1
+                logits, state = engine.decode(state, next_ids[:, None].copy(), mask, last_pos[:, None].copy())
+                take(logits)
+            steps.append(time.perf_counter() - ts)
+    finally:
+        engine.release(state)
+    return GenerationOutput(out_tokens, reasons, [len(p) for p in prompts], ttft, steps, time.perf_counter() - t0)
+
+
+def generate_text(engine, tokenizer, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],
+                  on_token: Callable[[int, int], bool | None] | None = None) -> tuple[list[str], GenerationOutput]:
+    """Text in, text out. Stop tokens default to the tokenizer's EOS; stop strings are checked on decoded text."""
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    eos = tokenizer.eos_token_id
+    plist = [p if p.stop_token_ids or eos is None else _with_stop(p, eos) for p in plist]
+    with nvtx_range("tokenize"):
+        ids = [tokenizer(t)["input_ids"] for t in prompts]
+    for i, t in enumerate(prompts):
+        if not t:
+            raise UserError(f"prompt {i} is empty — give some text")
+
+    def stop_check(r: int, toks: list[int]) -> bool:
+        ss = plist[r].stop_strings
+        return bool(ss) and any(s in tokenizer.decode(toks) for s in ss)
+
+    out = generate(engine, ids, plist, on_token, pad_id=tokenizer.pad_token_id or 0, stop_check=stop_check)
+    with nvtx_range("detokenize"):
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    for r, p in enumerate(plist):  # cut at the stop string, as servers do
+        for s in p.stop_strings:
+            if s and s in texts[r]:
+                texts[r] = texts[r][: texts[r].index(s)]
+    return texts, out
+
+
+def _with_stop(p: SamplingParams, eos: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(p, stop_token_ids=(eos,))
