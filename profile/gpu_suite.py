@@ -207,6 +207,11 @@ class CudaGraphTorchEngine:
 
     def generate(self, prompts, new_tokens: int):
         """Greedy; returns (tokens of row 0, ttft_s, per-step seconds)."""
+        # the static cache's tensors are created under inference_mode; every in-place update must be too
+        with self.torch.inference_mode():
+            return self._generate(prompts, new_tokens)
+
+    def _generate(self, prompts, new_tokens: int):
         t = self.torch
         t.cuda.synchronize()
         t0 = time.perf_counter()
@@ -216,7 +221,7 @@ class CudaGraphTorchEngine:
         if self.graph is None:
             self.capture()
             self.cache.reset()
-            return self.generate(prompts, new_tokens)
+            return self._generate(prompts, new_tokens)
         toks, steps = [int(nxt[0])], []
         for i in range(new_tokens - 1):
             ts = time.perf_counter()
@@ -255,7 +260,10 @@ def export_fp16_onnx(model, folder: Path) -> Path:
     if not last.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        onnx_export_from_model(model, folder, task="text-generation-with-past", device="cuda", do_validation=False)
+        # no_post_process: optimum's tied-weight de-duplication fails on >2 GB FP16 graphs; a duplicated
+        # embedding costs disk, not speed
+        onnx_export_from_model(model, folder, task="text-generation-with-past", device="cuda", do_validation=False,
+                               no_post_process=True)
         log.info("exported FP16 ONNX to %s in %.1f s", folder, time.perf_counter() - t)
         last_token_logits(folder / "model.onnx", last)
     return last
