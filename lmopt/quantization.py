@@ -172,6 +172,10 @@ def modelopt_quantize(fp32_path: Path, feeds: list[dict], method: str, exclude: 
     except ImportError:
         raise UserError("ModelOpt is not installed — pip install nvidia-modelopt==0.47.0 (without the [onnx] extra)") \
             from None
+    import logging
+
+    for name in ("modelopt", "modelopt.onnx", "modelopt.onnx.quantization"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     mo_method = {"minmax": "max", "entropy": "entropy"}.get(method)
     if mo_method is None:
         raise UserError(f"ModelOpt has no '{method}' calibration — use --method minmax or entropy with "
