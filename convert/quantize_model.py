@@ -145,10 +145,6 @@ class _Target:
 def quantize(*, settings: QuantizeSettings) -> dict:
     """Build the INT8 variants of `settings.target`; returns {variant: manifest}. Nothing is written unless every
     requested variant meets the accuracy budget and runs MatMuls in INT8."""
-    import onnx
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
     from lmopt.data import builtin_text, read_text, token_windows
     from lmopt.engines import find_onnx, onnx_file
     from lmopt.engines.ort_engine import make_session
@@ -166,10 +162,16 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
     fp32_path = onnx_file(src_folder, src_man)     # size + sha256 against the export manifest
     shape = src_man.get("model_shape", {})
+    calib_text, calib_source = read_text(s.calib_text, "calib")
+    if not calib_text.strip():
+        raise UserError(f"calibration text {calib_source} is empty — pass a text file with at least "
+                        f"{s.calib_samples * s.calib_seq_len} tokens, or omit --calib-text")
+    import onnx
+    from transformers import AutoTokenizer
+
     fp32_session = make_session(fp32_path, threads=s.threads or None)   # a corrupt graph fails here, in one line
     tokenizer = AutoTokenizer.from_pretrained(str(src_folder))
 
-    calib_text, calib_source = read_text(s.calib_text, "calib")
     calib_windows = token_windows(tokenizer, calib_text, s.calib_samples, s.calib_seq_len, f"calibration text "
                                   f"({calib_source})")
     eval_windows = token_windows(tokenizer, builtin_text("eval"), s.eval_samples, s.eval_seq_len, "evaluation text")
