@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 
-PROMPTS = ["The built-in function", "import", "Return a new list of the items", "class"]
+PROMPTS = ["The built-in function", "import", "Return a new list of the items", "def main():"]
 
 
 def _cli_tokens(artifacts, model: str, engine: str, n: int = 24, *extra: str) -> dict:
