@@ -105,8 +105,8 @@ REMOVED_DISTINCTIVE: tuple[str, ...] = (
     "PREFER_PRECISION_CONSTRAINTS", "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator", "IAlgorithmSelector",
 )
 
-INSTALL_HINT = ("pip install tensorrt-cu13 (its installer fetches the libraries from NVIDIA's package index) or run "
-                "in an NGC TensorRT container")
+INSTALL_HINT = ("pip install tensorrt-cu13==11.4.0.106 (its installer fetches the libraries from NVIDIA's package "
+                "index) or run in an NGC TensorRT container")
 
 
 def import_tensorrt():

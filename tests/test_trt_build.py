@@ -126,7 +126,7 @@ def test_without_tensorrt_one_line_and_skip(trt_graphs, tmp_path):
     args = ["--model", "tiny", "--artifacts", str(tmp_path), "--precision", "fp16", "--onnx", str(trt_graphs["fp16"])]
     line = assert_one_line_error(run_cli(BUILD, *args, check=False))
     assert line == f"error: {TRT_MISSING}"
-    assert "pip install tensorrt-cu13" in line or "GPU" in line
+    assert "pip install tensorrt-cu13==11.4.0.106" in line or "GPU" in line
     proc = run_cli(BUILD, *args, "--skip-if-unavailable")
     assert "note: skipping the TensorRT fp16 engine" in proc.stdout
     assert not (tmp_path / "tiny").exists()
