@@ -430,6 +430,8 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
                             "plan_bytes": files["model.plan"]["bytes"]},
             "build_log_summary": {k: sum(1 for l in build_log if l.startswith(f"[{k}]"))
                                   for k in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")},
+            # warnings are where TensorRT says why a layer fell back to FP32 or a tactic was skipped
+            "build_log_warnings": [l for l in build_log if l.startswith(("[WARNING]", "[ERROR]"))][-50:],
             "settings": asdict(s),
             "versions": {**package_versions("onnx", "onnxruntime", "torch"), "tensorrt": trt.__version__},
             "timings_s": timings,
