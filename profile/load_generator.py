@@ -75,14 +75,30 @@ class RequestRecord:
     warmup: bool = False
 
 
+_BATCH_DIM: dict[str, bool] = {}   # url/model -> whether the model's inputs carry a batch dimension
+
+
+def batch_dim(url: str, model: str) -> bool:
+    """max_batch_size > 0 means every input has a leading batch dimension: a request is [1, 1], not [1]."""
+    key = f"{url}/{model}"
+    if key not in _BATCH_DIM:
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(url) as c:
+            cfg = c.get_model_config(model, as_json=True)["config"]
+        _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
+    return _BATCH_DIM[key]
+
+
 def _make_inputs(prompt: str, s: LoadSettings):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    a = grpcclient.InferInput(s.prompt_input, [1], "BYTES")
-    a.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    b = grpcclient.InferInput(s.max_tokens_input, [1], "INT32")
-    b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32))
+    shape = [1, 1] if batch_dim(s.url, s.triton_model) else [1]
+    a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
+    a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
+    b = grpcclient.InferInput(s.max_tokens_input, shape, "INT32")
+    b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32).reshape(shape))
     return [a, b]
 
 
@@ -266,6 +282,7 @@ def run_load(*, settings: LoadSettings) -> dict:
         raise UserError(f"--duration-s must be > 0 (got {s.duration_s})")
     prompts = held_out_prompts(s.model, s.num_prompts, s.prompt_tokens)
     wait_ready(s.url, s.triton_model, 10.0)
+    batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
 
     pre = asyncio.run(_preflight(s.url, prompts[0], s))
     if pre.error or not pre.tokens:
