@@ -104,7 +104,7 @@ def events_from_chrome_trace(path: str | Path) -> dict:
             if "correlation" in args:
                 api_start[args["correlation"]] = s
         elif cat == "cpu_op":
-            ev["cpu_ops"].append((name, s, s + d))
+            ev["cpu_ops"].append((name, s, s + d, (e.get("pid"), e.get("tid"))))
     ev["launches"] = [(api_start[c], s) for c, s in kern_corr if c in api_start]
     if ev["ranges"]:
         ev["traced"].append("ranges")
@@ -220,12 +220,31 @@ def stream_overlap(kernels: list[tuple], copies: list[tuple]) -> dict:
 
 
 def cpu_op_summary(ops: list[tuple], top: int = 25) -> dict:
-    by: dict[str, list[int]] = defaultdict(list)
-    for name, s, e in ops:
-        by[name].append(e - s)
-    rows = sorted(by.items(), key=lambda kv: -sum(kv[1]))
-    return {"ops": len(ops), "note": "inclusive time (nested ops counted in their parents too)",
-            "by_name": [{"name": n, **_stats_ms(d)} for n, d in rows[:top]]}
+    """Per op name: self time (minus the ops nested inside, what to optimize) and inclusive time."""
+    self_ns: dict[str, int] = defaultdict(int)
+    incl: dict[str, list[int]] = defaultdict(list)
+    by_thread: dict = defaultdict(list)
+    for o in ops:
+        by_thread[o[3]].append(o)
+    for rs in by_thread.values():
+        rs.sort(key=lambda r: (r[1], -r[2]))
+        stack: list[list] = []          # [name, end, child_ns]
+        def close(node):
+            self_ns[node[0]] += node[3] - node[2]
+        for name, s, e, _ in rs:
+            while stack and stack[-1][1] <= s:
+                close(stack.pop())
+            if stack:
+                stack[-1][2] += e - s
+            incl[name].append(e - s)
+            stack.append([name, e, 0, e - s])
+        while stack:
+            close(stack.pop())
+    total = sum(self_ns.values())
+    rows = sorted(self_ns.items(), key=lambda kv: -kv[1])
+    return {"ops": len(ops), "self_total_ms": round(total / 1e6, 3),
+            "by_self_time": [{"name": n, "self_ms": round(v / 1e6, 4), "self_share": round(v / total, 4) if total
+                              else 0.0, "inclusive": _stats_ms(incl[n])} for n, v in rows[:top]]}
 
 
 def osrt_summary(calls: list[tuple], top: int = 15) -> dict:

@@ -37,7 +37,7 @@ def prepare(s):
     engine = create_engine(s.engine, s.model, precision=s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None)
     tok = load_tokenizer(s.model)
-    ids = tok(builtin_text("eval"))["input_ids"]
+    ids = tok(builtin_text("eval"), verbose=False)["input_ids"]
     # different real text per row, the same every run
     prompts = [tok.decode(ids[i * 97: i * 97 + s.prompt_len]) for i in range(s.batch)]
     # a stop id no model emits: every round runs exactly max_new_tokens (generate_text would add EOS otherwise), so

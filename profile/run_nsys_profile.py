@@ -108,6 +108,8 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
     trace = "nvtx,osrt,cuda" if s.device.startswith("cuda") else "nvtx,osrt"
     cmd = ["timeout", "-k", "5", str(s.nsys_timeout), "nsys", "profile", "-t", trace, "--sample=none",
            "--cpuctxsw=none", "-c", "nvtx", "-p", f"{ROOT_RANGE}@{DOMAIN}",
+           # stop = keep the app running after the range (the default stop-shutdown kills it before it reports)
+           "--capture-range-end=stop",
            # our range names are plain strings, not registered ones: let nsys match them
            "-e", "NSYS_NVTX_PROFILER_REGISTER_ONLY=0,LMOPT_NVTX=1",
            "-o", str(tmp / "run"), "--force-overwrite=true",
