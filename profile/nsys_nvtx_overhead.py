@@ -132,6 +132,8 @@ def measure(*, settings: OverheadSettings) -> dict:
             "overhead_measured": round(measured, 5),
             "overhead_measured_ratio_p10_p90": [round(sorted(ratios)[int(0.1 * (len(ratios) - 1))] - 1, 5),
                                                 round(sorted(ratios)[int(0.9 * (len(ratios) - 1))] - 1, 5)],
+            # best round of each: the least disturbed by other processes on a shared machine
+            "overhead_min_rounds": round(min(on) / min(off) - 1.0, 5),
             "ranges_per_round": ranges_per_round,
             "range_cost_us_annotated": round(per_range_on * 1e6, 4), "range_cost_us_bare": round(per_range_off * 1e6, 4),
             "overhead_predicted": round(predicted, 6), "budget": s.budget,

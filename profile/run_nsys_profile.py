@@ -11,7 +11,7 @@ Reads:  the engine's inputs (--engine ort: artifacts/<model>/export/fp32 or quan
         the model itself)
 Writes: artifacts/<model>/profile/<profiler>-<engine>-<precision>-<device>/ (or --out DIR):
         summary.json (machine, versions, command, settings, raw round times, summary), run.nsys-rep and the
-        `nsys stats` CSVs (nsys), trace.json Chrome trace (torch; open in chrome://tracing or Perfetto),
+        `nsys stats` CSVs (nsys), trace.json.gz Chrome trace (torch; open in https://ui.perfetto.dev or chrome://tracing),
         manifest.json last
 
 Only steady state is captured: warm-up rounds run first, outside the NVTX range `profile` that nsys's capture range
@@ -167,7 +167,7 @@ def _torch_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, 
             res = warmup_and_measure(s, on_measure=prof)
     finally:
         set_range_hook(None)
-    trace = tmp / "trace.json"
+    trace = tmp / "trace.json.gz"   # gzip: a GPU decode loop is ~10^5 events; Perfetto opens .json.gz as is
     prof.export_chrome_trace(str(trace))
     log.info("Saving Chrome trace to %s", trace)
     return res, events_from_chrome_trace(trace)
