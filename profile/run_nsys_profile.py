@@ -118,6 +118,10 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
     log.info("running: %s", " ".join(cmd))
     with timed(log, "nsys profile", timings, "nsys_profile_s"):
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode in (124, 137):
+            # the 2022.4 agent sometimes spins after the app exited (ENVIRONMENT.md); a second run has gone through
+            log.warning("nsys profile hit --nsys-timeout %d s; trying once more", s.nsys_timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
     rep = tmp / "run.nsys-rep"
     if proc.returncode != 0 or not wall_json.is_file():
         tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]

@@ -24,7 +24,7 @@ WORK = {"tokenize", "prefill", "sample", "decode_step", "detokenize"}
 def test_nsys_profile_builtin_model(tiny_export, artifacts):
     rounds, new = 2, 6
     run_cli("profile/run_nsys_profile.py", "--model", "tiny", "--artifacts", str(artifacts), "--profiler", "nsys",
-            "--rounds", str(rounds), "--warmup", "1", "--max-new-tokens", str(new))
+            "--rounds", str(rounds), "--warmup", "1", "--max-new-tokens", str(new), "--nsys-timeout", "180")
     out = artifacts / "tiny" / "profile" / "nsys-ort-fp32-cpu"
     r = read_json(out / "summary.json")
     assert (out / "run.nsys-rep").stat().st_size > 10_000 and (out / "manifest.json").is_file()
