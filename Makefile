@@ -61,7 +61,7 @@ profile: export
 
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
-diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py $(STAMP)
+diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/pipeline_architecture.txt $(STAMP)
 	$(PY) diagrams/pipeline_architecture.py
 notebook: $(STAMP)
 	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART)
