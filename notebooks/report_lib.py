@@ -185,7 +185,9 @@ def save(fig, name: str, sources: list[Path], params: Params) -> Path:
 
 
 def stamp(fig, lines: list[str]) -> None:
-    """Put provenance lines under a figure (machine, date, command of its data)."""
+    """Put provenance lines under a figure (machine, date, command of its data), and print them so the HTML report
+    carries them as text too."""
+    print("data: " + "\n      ".join(lines))
     fig.text(0.01, -0.01, "data: " + "\n      ".join(lines), fontsize=7.5, va="top", ha="left", color="#444444",
              family="DejaVu Sans Mono")
 
