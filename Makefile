@@ -33,10 +33,11 @@ $(A)/export/fp32/manifest.json: $(STAMP)
 export: $(A)/export/fp32/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
-$(A)/quantize/.int8.done: $(A)/export/fp32/manifest.json
+# one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
+$(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json &: \
+		$(A)/export/fp32/manifest.json
 	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)
-	@touch $@
-quantize: $(A)/quantize/.int8.done
+quantize: $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json
 
 $(A)/quantize/fp16/manifest.json: $(A)/export/fp32/manifest.json
 	$(PY) convert/convert_fp16.py --model $(MODEL) --artifacts $(ART)
