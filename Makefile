@@ -1,11 +1,13 @@
 # The pipeline, stage by stage. Targets are the stages' manifests, so `make` reruns only what is stale.
 #   make demo    - create .venv, install pinned requirements, run every stage on the built-in model, print a summary
 #   make test    - same setup, then the test suite
-# Variables: MODEL (default tiny), ART (artifacts root), PYTHON (interpreter that creates .venv)
+# Variables: MODEL (default tiny), ART (artifacts root), PYTHON (interpreter that creates .venv),
+#            NSYS=0 to decline the Nsight Systems install (profiling then uses the PyTorch profiler)
 
 MODEL   ?= tiny
 ART     ?= artifacts
 PYTHON  ?= python3
+NSYS    ?= 1
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -14,7 +16,7 @@ A       := $(ART)/$(MODEL)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
-        readme-tables summary clean help
+        readme-tables summary clean help setup-nsys
 
 help:
 	@sed -n '1,5p' Makefile
@@ -57,8 +59,12 @@ serve-demo: serve-repo
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 benchmark: quantize fp16
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART)
-profile: export
+# Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines
+setup-nsys:
+	@NSYS=$(NSYS) bash profile/setup_nsys.sh
+profile: export setup-nsys
 	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/nsys_nvtx_overhead.py --model $(MODEL) --artifacts $(ART)
 
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
@@ -74,7 +80,7 @@ summary: $(STAMP)
 
 demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary
 
-test: setup
+test: setup setup-nsys
 	$(PY) -m pytest -q tests
 
 clean:
