@@ -66,6 +66,13 @@ profile: export setup-nsys
 	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
 	$(PY) profile/nsys_nvtx_overhead.py --model $(MODEL) --artifacts $(ART)
 
+# ---- stage 4-5: benchmark the served model (two Triton servers: dynamic batching on / off) -----------------------
+.PHONY: serve-bench serve-bench-publish
+serve-bench: serve-repo
+	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART)
+serve-bench-publish: $(STAMP)
+	$(PY) profile/serving_report.py --publish --model $(MODEL) --artifacts $(ART)
+
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
 diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/pipeline_architecture.txt $(STAMP)
