@@ -7,7 +7,8 @@ The notebook reads result files only — never runs a model. Inputs, by kind:
   profile    profile/run_nsys_profile.py     -> a summary JSON under artifacts/<model>/profile/
   accuracy   convert/quantize_model.py, convert/convert_fp16.py -> artifacts/<model>/quantize/*/manifest.json
 With MACHINE set, result JSON comes from the committed results/<machine>/<model>/ instead of the artifacts tree.
-Benchmark files of other machines under results/*/<model>/ are the "other machines" (GPU next to CPU) records.
+Benchmark files of other machines and the GPU suite (profile/gpu_suite.py: results/*/<model>/gpu-suite-*.json) are
+the "GPU next to CPU" records.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Source:
 class Inputs:
     params: Params
     found: dict[str, list[Source]] = field(default_factory=dict)
-    other_machines: list[Source] = field(default_factory=list)   # benchmark files of other machines
+    other_machines: list[Source] = field(default_factory=list)   # benchmarks of other machines, GPU suites
     searched: dict[str, str] = field(default_factory=dict)
 
     def get(self, kind: str) -> list[Source]:
@@ -70,6 +71,8 @@ def classify(path: Path, doc: dict) -> str | None:
     name = path.name
     if kind == "benchmark" or schema.startswith("lmopt.benchmark") or name.startswith("benchmark-"):
         return "benchmark"
+    if kind == "gpu-suite" or name.startswith("gpu-suite-"):
+        return "gpu-suite"
     if kind.startswith("serving") or schema.startswith("lmopt.serving") or name.startswith("serving-"):
         return "serving"
     if kind.startswith("profile") or schema.startswith("lmopt.profile") or "nvtx" in doc or "nvtx_ranges" in doc:
@@ -116,12 +119,11 @@ def discover(params: Params) -> Inputs:
     # the same model's benchmarks from other machines (typically the lead's GPU runs), committed under results/
     res = Path(params.results)
     if res.is_dir():
-        for p in sorted(res.glob(f"*/{m}/benchmark-*.json")):
-            if params.machine and p.parent.parent.name == params.machine:
-                continue
+        for p in sorted([*res.glob(f"*/{m}/benchmark-*.json"), *res.glob(f"*/{m}/gpu-suite-*.json")]):
             doc = _load(p)
-            if doc and classify(p, doc) == "benchmark":
-                inp.other_machines.append(Source("benchmark", p, doc))
+            kind = classify(p, doc) if doc else None
+            if kind == "gpu-suite" or (kind == "benchmark" and p.parent.parent.name != params.machine):
+                inp.other_machines.append(Source(kind, p, doc))
     return inp
 
 
@@ -138,8 +140,9 @@ def missing_note(inp: Inputs, kind: str) -> str:
 def machine_label(doc: dict, device: str | None = None) -> str:
     m = doc.get("machine") or {}
     dev = device or (doc.get("settings") or {}).get("device", "cpu")
-    if m.get("gpu") and str(dev).startswith("cuda"):
-        return f"{m['gpu'].get('name', 'GPU')}"
+    gpu = m.get("gpu") or doc.get("gpu")
+    if gpu and str(dev).startswith("cuda"):
+        return f"{gpu.get('name', 'GPU')}"
     cpu = m.get("cpu_model") or m.get("processor") or "CPU"
     return f"{cpu}, {m.get('cpu_count', '?')} cores" if m.get("cpu_count") else cpu
 
@@ -471,6 +474,13 @@ def plot_devices(sources: list[Source], params: Params) -> bool:
     plt = _plt()
     bars = []
     for src in sources:
+        if src.kind == "gpu-suite":
+            plen = (src.doc.get("settings") or {}).get("prompt_len")
+            for r in src.doc.get("rows", []):
+                if r.get("batch") == 1 and r.get("prompt_len") == plen:
+                    bars.append((f"{machine_label(src.doc, 'cuda')[:28]}\n{r['engine']} {r['precision']}",
+                                 r["decode_ms_per_token"], r.get("floor_ms"), "cuda", src))
+            continue
         for r in ok_rows(src.doc):
             m = r["summary"].get("1") or next(iter(r["summary"].values()))
             dev = src.doc["settings"]["device"]
