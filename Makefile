@@ -75,10 +75,11 @@ serve-bench-publish: $(STAMP)
 
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
-diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py $(STAMP)
+diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/pipeline_architecture.txt $(STAMP)
 	$(PY) diagrams/pipeline_architecture.py
+# MACHINE=<tag>: plot the committed results/<tag>/<model>/ instead of this machine's artifacts
 notebook: $(STAMP)
-	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART)
+	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
 readme-tables: $(STAMP)
 	$(PY) profile/update_readme.py --artifacts $(ART)
 
