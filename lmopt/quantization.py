@@ -180,10 +180,19 @@ def modelopt_quantize(fp32_path: Path, feeds: list[dict], method: str, exclude: 
     if mo_method is None:
         raise UserError(f"ModelOpt has no '{method}' calibration — use --method minmax or entropy with "
                         "--quantizer modelopt")
-    quantize(str(fp32_path), quantize_mode="int8", calibration_data_reader=FeedReader(feeds, progress),
-             calibration_method=mo_method, calibration_eps=["cpu"], high_precision_dtype="fp32",
-             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(exclude) or None,
-             output_path=str(out_path), log_level="WARNING")
+    import shutil
+
+    # ModelOpt rewrites the model it is given in place (seen: the export's model.onnx changed size after a run),
+    # so it quantizes a private copy and the stage-1 artifact stays what its manifest says
+    with tempfile.TemporaryDirectory(prefix="lmopt-modelopt-") as d:
+        src = Path(fp32_path)
+        for f in src.parent.iterdir():
+            if f.name.startswith(src.name):
+                shutil.copy2(f, Path(d) / f.name)
+        quantize(str(Path(d) / src.name), quantize_mode="int8", calibration_data_reader=FeedReader(feeds, progress),
+                 calibration_method=mo_method, calibration_eps=["cpu"], high_precision_dtype="fp32",
+                 op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(exclude) or None,
+                 output_path=str(out_path), log_level="WARNING")
 
 
 # --- accuracy --------------------------------------------------------------------------------------------------------
