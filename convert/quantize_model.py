@@ -244,6 +244,10 @@ def quantize(*, settings: QuantizeSettings) -> dict:
             raise UserError("no INT8 model written — " + "; ".join(failures) + " — raise --max-ppl-increase or "
                             "--max-excluded, or try --method entropy/percentile")
 
+        # a quantizer that edits its input would silently invalidate stage 1 (ModelOpt did): a bug, so a traceback
+        src_entry = src_man.get("outputs", {}).get("files", {}).get(fp32_path.name)
+        if src_entry and file_entry(fp32_path)["sha256"] != src_entry["sha256"]:
+            raise RuntimeError(f"{fp32_path} changed during quantization")
         manifests = {}
         for target, r in results.items():
             variant = variant_name(target, s)
