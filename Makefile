@@ -14,7 +14,7 @@ A       := $(ART)/$(MODEL)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
-        readme-tables summary clean help
+        readme-tables publish-results summary clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -55,8 +55,11 @@ serve-demo: serve-repo
 	bash serve/demo.sh $(MODEL) $(ART)
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
+# BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16
-	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
+publish-results: $(STAMP)
+	$(PY) profile/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 profile: export
 	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
 
