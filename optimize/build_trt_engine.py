@@ -406,7 +406,14 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
         with timed(log, "deserialize + inspect", timings, "inspect_s"):
             engine = runtime.deserialize_cuda_engine(bytes(plan))
             inspector = engine.create_engine_inspector()
+            # with a context whose input shapes are set, the inspector resolves dynamic dims and prints each
+            # tensor's format/type (TensorRT's IEngineInspector docs); profile 0 at its opt shapes
+            context = engine.create_execution_context()
+            for name, v in profiles[0]["shapes"].items():
+                context.set_input_shape(name, v["opt"])
+            inspector.execution_context = context
             info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+            del inspector, context
         (tmp / "layers.json").write_text(json.dumps(info, indent=1) + "\n")
         log.info("Saving layer information to %s", final / "layers.json")
         summary = layer_precision_summary(info)
