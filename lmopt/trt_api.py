@@ -74,6 +74,7 @@ USED: dict[str, str] = {
     "IExecutionContext.set_tensor_address": "device buffers",
     "IExecutionContext.execute_async_v3": "run on a CUDA stream",
     "EngineInspector.get_engine_information": "layer information JSON",
+    "EngineInspector.execution_context": "resolve dynamic shapes/formats in the layer information",
     "LayerInformationFormat": "layer information JSON", "LayerInformationFormat.JSON": "layer information JSON",
     "TensorIOMode": "I/O tensors", "TensorIOMode.INPUT": "I/O tensors", "TensorIOMode.OUTPUT": "I/O tensors",
     "DataType": "buffer dtypes", "DataType.FLOAT": "buffer dtypes", "DataType.HALF": "buffer dtypes",

@@ -205,6 +205,7 @@ _DTYPE_PATTERNS = (("int8", re.compile(r"\bInt8\b|\bINT8\b")), ("fp8", re.compil
                    ("fp16", re.compile(r"\bHalf\b|\bFP16\b")), ("bf16", re.compile(r"\bBF16\b|\bBFloat16\b")),
                    ("fp32", re.compile(r"\bFloat\b|\bFP32\b")))
 _RANK = ["int8", "fp8", "fp16", "bf16", "fp32"]
+_DATA_MOVEMENT = re.compile(r"quantize|reformat|copy|shuffle|cast", re.IGNORECASE)  # matches Dequantize too
 
 
 def _tensor_precision(t: dict) -> str | None:
@@ -221,6 +222,7 @@ def layer_precision_summary(engine_info: dict) -> dict:
     Half or Float: it counts as INT8). Layers that only move integers or shapes count as "other"."""
     counts = {k: 0 for k in (*_RANK, "other")}
     per_type: dict[str, dict[str, int]] = {}
+    int8_compute = 0
     for layer in engine_info.get("Layers", []):
         if not isinstance(layer, dict):  # LAYER_NAMES_ONLY verbosity gives bare names
             counts["other"] += 1
@@ -230,15 +232,23 @@ def layer_precision_summary(engine_info: dict) -> dict:
         p = min(precs, key=_RANK.index) if precs else "other"
         counts[p] += 1
         kind = str(layer.get("LayerType", "?"))
+        # a lone Quantize/Reformat touching Int8 is no INT8 math (TensorRT #4554: "INT8" engines no faster than FP16)
+        # (by LayerType only: a fused GEMM's name often contains its DequantizeLinear's name)
+        if p == "int8" and not _DATA_MOVEMENT.search(kind):
+            int8_compute += 1
         per_type.setdefault(kind, {}).setdefault(p, 0)
         per_type[kind][p] += 1
-    return {"layers": sum(counts.values()), "by_precision": counts, "by_layer_type": per_type}
+    return {"layers": sum(counts.values()), "by_precision": counts, "int8_compute_layers": int8_compute,
+            "by_layer_type": per_type}
 
 
 def check_precision_proof(summary: dict, precision: str) -> None:
     if precision in ("fp16", "int8") and summary["by_precision"].get(precision, 0) == 0:
         raise UserError(f"the {precision} engine has no {precision.upper()} layer ({summary['by_precision']}) — "
                         f"the graph's precision did not survive the build; check the stage-2 graph and build.log")
+    if precision == "int8" and summary.get("int8_compute_layers", 0) == 0:
+        raise UserError("the int8 engine has INT8 tensors only in quantize/reformat layers, no INT8 math — the Q/DQ "
+                        "pairs were not fused into GEMMs; check the stage-2 Q/DQ placement and build.log")
 
 
 # ---- trtexec -------------------------------------------------------------------------------------------------------
@@ -396,7 +406,14 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
         with timed(log, "deserialize + inspect", timings, "inspect_s"):
             engine = runtime.deserialize_cuda_engine(bytes(plan))
             inspector = engine.create_engine_inspector()
+            # with a context whose input shapes are set, the inspector resolves dynamic dims and prints each
+            # tensor's format/type (TensorRT's IEngineInspector docs); profile 0 at its opt shapes
+            context = engine.create_execution_context()
+            for name, v in profiles[0]["shapes"].items():
+                context.set_input_shape(name, v["opt"])
+            inspector.execution_context = context
             info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+            del inspector, context
         (tmp / "layers.json").write_text(json.dumps(info, indent=1) + "\n")
         log.info("Saving layer information to %s", final / "layers.json")
         summary = layer_precision_summary(info)

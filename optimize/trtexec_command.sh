@@ -5,6 +5,7 @@
 #
 #   bash optimize/trtexec_command.sh --model tiny --precision fp16 --dry-run   # print the command only
 #   bash optimize/trtexec_command.sh --model tiny --precision int8             # build (needs trtexec + a GPU)
+#   ... --skip-if-unavailable: without trtexec or a GPU, print a note and exit 0 instead of an error
 #
 # Any other flag (--artifacts, --onnx, --max-batch, --max-seq-len, --opt-level, --workspace-mib, ...) is passed to
 # build_trt_engine.py --emit-trtexec. TensorRT 11's trtexec has no --fp16/--int8/--best: the graph sets precision.
@@ -19,11 +20,13 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
 dry=0
+skip=0
 args=()
 for a in "$@"; do
   case "$a" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --skip-if-unavailable) skip=1 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) args+=("$a") ;;
   esac
 done
@@ -34,15 +37,14 @@ if [ -z "$ver" ] && command -v trtexec >/dev/null 2>&1; then
   num=$(trtexec --help 2>&1 | sed -n 's/.*TensorRT v\([0-9]\{5,\}\).*/\1/p' | head -1)
   [ -n "$num" ] && ver="$((num / 10000)).$(((num % 10000) / 100))"
 fi
+unavailable() {  # one line saying what is missing; a note and exit 0 with --skip-if-unavailable (make demo)
+  if [ "$skip" = 1 ]; then echo "note: skipping the trtexec build: $1"; exit 0; fi
+  echo "error: $1" >&2
+  exit 1
+}
 if [ "$dry" = 0 ]; then
-  if ! command -v trtexec >/dev/null 2>&1; then
-    echo "error: trtexec not found on PATH — it ships with TensorRT 11 (tar/deb packages: bin/trtexec, NGC container: /usr/src/tensorrt/bin); add it to PATH or use --dry-run" >&2
-    exit 1
-  fi
-  if ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "error: no NVIDIA GPU visible (nvidia-smi -L failed) — run on a machine with an NVIDIA GPU and its driver, or use --dry-run" >&2
-    exit 1
-  fi
+  command -v trtexec >/dev/null 2>&1 || unavailable "trtexec not found on PATH — it ships with TensorRT 11 (tar/deb packages: bin/trtexec, NGC container: /usr/src/tensorrt/bin); add it to PATH, or use --dry-run"
+  nvidia-smi -L >/dev/null 2>&1 || unavailable "no NVIDIA GPU visible (nvidia-smi -L failed) — run on a machine with an NVIDIA GPU and its driver, or use --dry-run"
 fi
 ver=${ver:-11.4}
 

@@ -4,7 +4,9 @@ bindings, none of the names 11 removed is used, and lmopt/trt_api.py's list cove
 The bindings come from the `tensorrt-cu13-bindings` wheel (requirements.txt): its compiled `tensorrt.so` cannot be
 imported without libnvinfer, but its string table holds every bound name. The linker merges a string into a longer
 one that ends with it ("Builder" is stored as the tail of "IExprBuilder"), so a name counts as present when it ends
-one of the strings.
+one of the strings. That also lets a name through that only exists as the tail of another (`execution_context` of
+`create_execution_context`); the names in lmopt/trt_api.py were also read in the TensorRT 11.1 OSS bindings' source
+(python/src/infer/pyCore.cpp, python/src/parsers/pyOnnx.cpp).
 """
 from __future__ import annotations
 

@@ -141,6 +141,17 @@ def test_runtime_without_tensorrt(tmp_path):
         create_engine("trt", "tiny", precision="fp16", artifacts=tmp_path)
 
 
+@pytest.mark.skipif(shutil.which("trtexec") is not None, reason="trtexec is installed here")
+def test_trtexec_wrapper_without_trtexec(tmp_path):
+    import subprocess
+
+    cmd = ["bash", str(REPO / "optimize" / "trtexec_command.sh"), "--model", "tiny", "--artifacts", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(proc, "trtexec not found on PATH", "TensorRT 11")
+    proc = subprocess.run([*cmd, "--skip-if-unavailable"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("note: skipping the trtexec build: trtexec not found")
+
+
 def test_help_works():
     assert "--max-seq-len" in run_cli(BUILD, "--help").stdout
 

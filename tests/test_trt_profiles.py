@@ -92,6 +92,8 @@ TRT11_LAYERS = {"Layers": [
      "Outputs": [{"Name": "z", "DataType": "Half"}]},
     {"Name": "logits", "LayerType": "gemm", "Inputs": [{"Name": "z", "DataType": "Float"}],
      "Outputs": [{"Name": "logits", "DataType": "Float"}]},
+    {"Name": "x_quantize", "LayerType": "Quantize", "Inputs": [{"Name": "x", "DataType": "Float"}],
+     "Outputs": [{"Name": "x_q", "DataType": "Int8"}]},
     {"Name": "shape_math", "LayerType": "Shape", "Inputs": [{"Name": "ids", "DataType": "Int64"}],
      "Outputs": [{"Name": "n", "DataType": "Int64"}]},
 ]}
@@ -105,9 +107,13 @@ TRT10_LAYERS = {"Layers": [
 
 def test_layer_precision_summary_both_formats():
     s11 = bte.layer_precision_summary(TRT11_LAYERS)
-    assert s11["by_precision"]["int8"] == 1 and s11["by_precision"]["fp16"] == 1
-    assert s11["by_precision"]["fp32"] == 1 and s11["by_precision"]["other"] == 1 and s11["layers"] == 4
+    assert s11["by_precision"]["int8"] == 2 and s11["int8_compute_layers"] == 1  # the GEMM, not the Quantize
+    assert s11["by_precision"]["fp16"] == 1 and s11["by_precision"]["fp32"] == 1
+    assert s11["by_precision"]["other"] == 1 and s11["layers"] == 5
     bte.check_precision_proof(s11, "int8")
+    only_q = {"Layers": [TRT11_LAYERS["Layers"][3]]}
+    with pytest.raises(UserError, match="no INT8 math"):
+        bte.check_precision_proof(bte.layer_precision_summary(only_q), "int8")
     s10 = bte.layer_precision_summary(TRT10_LAYERS)
     assert s10["by_precision"]["fp16"] == 1 and s10["by_precision"]["other"] == 1
     with pytest.raises(UserError, match="has no INT8 layer"):
