@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lmopt.errors import UserError, cli_main  # noqa: E402
 from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from load_generator import LoadSettings, run_load  # noqa: E402  (light: heavy imports live in functions)
+from perf_analyzer_sweep import PerfAnalyzerSettings, run_sweep  # noqa: E402
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
@@ -42,17 +44,19 @@ CONFIGS = ("batching-on", "batching-off")
 
 @dataclass
 class ServeBenchSettings:
+    # the tools' own defaults, so one load definition holds for every script
     model: str = "tiny"
     artifacts: str = "artifacts"
     serve_variant: str = ""          # artifacts/<model>/serve/<variant>; empty = the newest one
     host: str = "127.0.0.1"
-    concurrency: str = "1,2,4,8"     # both tools
-    request_rate: str = ""           # perf_analyzer only
-    prompt_tokens: int = 32
-    max_tokens: int = 16
-    measurement_requests: int = 40   # perf_analyzer, per window
-    requests: int = 32               # load generator, measured requests per level
-    duration_s: float = 60.0         # load generator, bound per level
+    concurrency: str = LoadSettings.concurrency                           # both tools
+    request_rate: str = PerfAnalyzerSettings.request_rate                 # perf_analyzer only
+    prompt_tokens: int = LoadSettings.prompt_tokens
+    max_tokens: int = LoadSettings.max_tokens
+    measurement_requests: int = PerfAnalyzerSettings.measurement_requests
+    stability_percentage: float = PerfAnalyzerSettings.stability_percentage
+    requests: int = LoadSettings.requests                                 # load generator, per level
+    duration_s: float = LoadSettings.duration_s
     overhead_requests: int = 24      # concurrency-1 requests for the serving-overhead comparison
     startup_timeout_s: float = 180.0
 
@@ -167,8 +171,6 @@ def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
 
 
 def serve_bench(*, settings: ServeBenchSettings) -> dict:
-    from load_generator import LoadSettings, run_load
-    from perf_analyzer_sweep import PerfAnalyzerSettings, run_sweep
     from serving_common import result_path, write_result
 
     s = settings
@@ -181,7 +183,8 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     srv = man.get("settings", {})
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
-                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests)
+                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests,
+                                   stability_percentage=s.stability_percentage)
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                            prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
@@ -235,7 +238,8 @@ def _print(cmp: dict, over: dict) -> None:
               f"{c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x, p95 {c['p95_ms_on']:.1f} vs "
               f"{c['p95_ms_off']:.1f} ms)")
     for name, o in over.items():
-        print(f"overhead [{name}] p50: TTFT {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL {o['overhead_ms']['itl_p50']:+.3f} ms")
+        print(f"overhead [{name}]: TTFT p50 {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL mean "
+              f"{o['overhead_ms']['itl_mean']:+.3f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
+    p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--duration-s", type=float, default=d.duration_s)
     p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)
