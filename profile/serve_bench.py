@@ -15,10 +15,12 @@ and a copy whose config.pbtxt files lose only the `dynamic_batching { ... }` blo
 shape stay, so the clients send identical requests; Triton then runs each request alone). Both servers run at the
 same time on free loopback ports, and each tool alternates between them, so machine noise hits both alike.
 Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers.
+The tools run as subprocesses in their own session, as the server does (see _run_tool: Linux autogroup).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import socket
@@ -34,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lmopt.errors import UserError, cli_main  # noqa: E402
 from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
-from load_generator import LoadSettings, run_load  # noqa: E402  (light: heavy imports live in functions)
-from perf_analyzer_sweep import PerfAnalyzerSettings, run_sweep  # noqa: E402
+from load_generator import LoadSettings  # noqa: E402  (light: heavy imports live in functions)
+from perf_analyzer_sweep import PerfAnalyzerSettings  # noqa: E402
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
@@ -124,6 +126,35 @@ def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float):
         subprocess.run(["bash", str(RUN_TRITON), "stop", "--pid-file", str(pid_file)], capture_output=True, text=True)
 
 
+def _run_tool(script: str, settings, result_name: str) -> dict:
+    """Run a benchmark CLI with these settings in its own session; return its result file (+ "path").
+
+    Own session because Linux groups CPU time per session (autogroup): tritonserver runs under setsid
+    (serve/run_triton.sh), and a client left in a crowded session of a shared machine gets a smaller share than the
+    server, which biases latencies and the in-process baseline. On a dedicated machine this changes nothing.
+    """
+    from serving_common import result_path
+
+    argv = []
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        else:
+            argv += [flag, str(v)]
+    if log.getEffectiveLevel() > 20:
+        argv.append("-q")
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / script), *argv]
+    proc = subprocess.run(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        raise UserError(f"{script} failed: {err[-1][7:] if err else 'exit ' + str(proc.returncode)}")
+    path = result_path(settings.artifacts, settings.model, result_name)
+    return {**json.loads(path.read_text()), "path": str(path)}
+
+
 def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
     """On vs off per level: throughput ratio and p95 latency side by side; the seed's +40% claim checked."""
     rows = []
@@ -200,14 +231,17 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
         # each tool alternates between the two servers so both see the same machine
         with timed(log, "perf_analyzer sweeps", timings, "perf_analyzer_s"):
             for name in CONFIGS:
-                pa[name] = run_sweep(settings=replace(pa_base, url=urls[name], label=name))
+                pa[name] = _run_tool("perf_analyzer_sweep.py", replace(pa_base, url=urls[name], label=name),
+                                     f"pa-{name}")
         with timed(log, "streaming sweeps", timings, "streaming_s"):
             for name in CONFIGS:
-                st[name] = run_load(settings=replace(ld_base, url=urls[name], label=name))
+                st[name] = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=name),
+                                     f"stream-{name}")
         with timed(log, "serving overhead", timings, "overhead_s"):
             for name in CONFIGS:
-                r = run_load(settings=replace(ld_base, url=urls[name], label=f"overhead-{name}", concurrency="1",
-                                              requests=s.overhead_requests, in_process=True))
+                r = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=f"overhead-{name}",
+                                                           concurrency="1", requests=s.overhead_requests,
+                                                           in_process=True), f"stream-overhead-{name}")
                 over[name] = {k: v for k, v in r["overhead"].items() if k != "samples"}
                 over[name]["result"] = r["path"]
     cmp = compare(pa, st)
