@@ -35,10 +35,11 @@ $(A)/export/fp32/manifest.json: $(STAMP)
 export: $(A)/export/fp32/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
-$(A)/quantize/.int8.done: $(A)/export/fp32/manifest.json
+# one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
+$(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json &: \
+		$(A)/export/fp32/manifest.json
 	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)
-	@touch $@
-quantize: $(A)/quantize/.int8.done
+quantize: $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json
 
 $(A)/quantize/fp16/manifest.json: $(A)/export/fp32/manifest.json
 	$(PY) convert/convert_fp16.py --model $(MODEL) --artifacts $(ART)
@@ -65,12 +66,20 @@ profile: export setup-nsys
 	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
 	$(PY) profile/nsys_nvtx_overhead.py --model $(MODEL) --artifacts $(ART)
 
+# ---- stage 4-5: benchmark the served model (two Triton servers: dynamic batching on / off) -----------------------
+.PHONY: serve-bench serve-bench-publish
+serve-bench: serve-repo
+	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART)
+serve-bench-publish: $(STAMP)
+	$(PY) profile/serving_report.py --publish --model $(MODEL) --artifacts $(ART)
+
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
-diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py $(STAMP)
+diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/pipeline_architecture.txt $(STAMP)
 	$(PY) diagrams/pipeline_architecture.py
+# MACHINE=<tag>: plot the committed results/<tag>/<model>/ instead of this machine's artifacts
 notebook: $(STAMP)
-	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART)
+	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
 readme-tables: $(STAMP)
 	$(PY) profile/update_readme.py --artifacts $(ART)
 

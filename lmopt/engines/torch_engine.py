@@ -37,9 +37,9 @@ class TorchEngine(Engine):
         return logits, out.past_key_values
 
     def prefill(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, Any]:
-        from transformers import DynamicCache
-
-        return self._run(input_ids, attention_mask, position_ids, DynamicCache())
+        # past_key_values=None + use_cache lets the model build its own cache: the same call works on
+        # transformers 4.57 (CPU CI) and 5.x (the GPU machines), whose DynamicCache constructors differ
+        return self._run(input_ids, attention_mask, position_ids, None)
 
     def decode(self, state, input_ids, attention_mask, position_ids):
         return self._run(input_ids, attention_mask, position_ids, state)
@@ -48,5 +48,11 @@ class TorchEngine(Engine):
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
+    def weight_bytes(self) -> int:
+        """Bytes of parameters read per decode step (the memory-bandwidth floor's numerator)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def close(self) -> None:
         del self.model
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()

@@ -1,0 +1,376 @@
+"""Streaming load generator for the served LLM: TTFT, inter-token latency, end-to-end latency, tokens/s, requests/s.
+
+    python profile/load_generator.py --model tiny --url 127.0.0.1:8001 --concurrency 1,2,4,8
+    python profile/load_generator.py --concurrency 1 --requests 20 --in-process   # + serving overhead vs in-process
+
+Needs a running server (bash serve/run_triton.sh, or `make serve-bench`, which starts and stops it).
+
+Reads:  data/eval.txt (held-out prompts of --prompt-tokens tokens); with --in-process the same engine the server runs
+        (lmopt.engines.create_engine over the artifacts' manifests)
+Writes: artifacts/<model>/profile/serving-stream-<label>.json  (settings, every request's timestamps, summary)
+
+Why our own client: perf_analyzer times only the first response of a decoupled model (Triton server #4530,
+perf_analyzer #298). This is asyncio + tritonclient's gRPC bidirectional stream, one stream per request (as LLM
+benchmark clients do), `--concurrency` requests in flight. Bounded: each level stops after --requests measured
+requests or --duration-s seconds, whichever comes first. One pre-flight request checks the model answers before
+anything is timed; each level starts with --warmup-requests per client, excluded from the figures.
+Per request: TTFT = first token response - send; ITL = gaps between token responses; end-to-end = final response -
+send. Per level: output tokens/s and requests/s over the measured window; mean/p50/p90/p95/p99 of each. The stream
+must carry one token per response; the token count equals the token responses received or the run fails.
+
+--in-process measures, in the same run and interleaved request by request at concurrency 1, the same prompts
+through lmopt.generate on the same engine in this process: the difference is what serving costs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lmopt.errors import UserError, cli_main  # noqa: E402
+from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+
+log = get_logger("load_generator")
+
+
+@dataclass
+class LoadSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    url: str = "127.0.0.1:8001"          # gRPC; loopback by default so the network is not what is measured
+    triton_model: str = "lm_stream"      # the decoupled (streaming) model
+    label: str = "batching-on"           # names the result: serving-stream-<label>.json
+    concurrency: str = "1,2,4,8"
+    prompt_tokens: int = 32
+    max_tokens: int = 32
+    num_prompts: int = 16                # distinct held-out prompts, sent round-robin
+    requests: int = 32                   # measured requests per level (upper bound)
+    duration_s: float = 60.0             # measured seconds per level (upper bound)
+    warmup_requests: int = 1             # per client, before each level's measurement
+    request_timeout_s: float = 60.0
+    prompt_input: str = "text_input"     # tensor names of the served model
+    max_tokens_input: str = "max_tokens"
+    tokens_output: str = "token_ids"
+    in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
+    engine: str = "ort"                  # engine/precision the server runs, for --in-process
+    precision: str = "fp32"
+    threads: int = 0                     # in-process engine threads (0 = library default); match the server's
+
+
+@dataclass
+class RequestRecord:
+    prompt_index: int
+    send_s: float                  # perf_counter seconds, relative to the level's start
+    token_times_s: list            # arrival time of each token response, relative to send
+    tokens: list                   # token ids received, in order
+    token_responses: int           # responses that carried tokens
+    end_s: float | None = None     # final response, relative to send
+    error: str | None = None
+    warmup: bool = False
+
+
+_BATCH_DIM: dict[str, bool] = {}   # url/model -> whether the model's inputs carry a batch dimension
+
+
+def batch_dim(url: str, model: str) -> bool:
+    """max_batch_size > 0 means every input has a leading batch dimension: a request is [1, 1], not [1]."""
+    key = f"{url}/{model}"
+    if key not in _BATCH_DIM:
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(url) as c:
+            cfg = c.get_model_config(model, as_json=True)["config"]
+        _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
+    return _BATCH_DIM[key]
+
+
+def _make_inputs(prompt: str, s: LoadSettings):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    shape = [1, 1] if batch_dim(s.url, s.triton_model) else [1]
+    a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
+    a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
+    b = grpcclient.InferInput(s.max_tokens_input, shape, "INT32")
+    b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32).reshape(shape))
+    return [a, b]
+
+
+async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin: float) -> RequestRecord:
+    """One request over its own gRPC stream; timestamps of every response until Triton's final flag."""
+    inputs = _make_inputs(prompt, s)
+
+    async def requests():
+        # the empty final response carries triton_final_response=True: the end of a request without guessing
+        yield {"model_name": s.triton_model, "inputs": inputs, "request_id": str(index),
+               "parameters": {"triton_enable_empty_final_response": True}}
+
+    t_send = time.perf_counter()
+    rec = RequestRecord(index, t_send - t_origin, [], [], 0)
+    it = client.stream_infer(requests(), stream_timeout=s.request_timeout_s)
+    try:
+        async for result, error in it:
+            now = time.perf_counter() - t_send
+            if error is not None:
+                rec.error = str(error).splitlines()[0][:200]
+                break
+            resp = result.get_response()
+            out = result.as_numpy(s.tokens_output) if any(o.name == s.tokens_output for o in resp.outputs) else None
+            if out is not None and out.size:
+                rec.tokens.extend(int(t) for t in out.reshape(-1))
+                rec.token_times_s.append(now)
+                rec.token_responses += 1
+            final = resp.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                rec.end_s = now
+                break
+        else:
+            rec.error = rec.error or "stream ended without a final response"
+    except Exception as e:  # grpc errors (deadline, unavailable) end this request, not the run
+        rec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        it.cancel()
+    return rec
+
+
+def request_metrics(r: RequestRecord) -> dict:
+    t = r.token_times_s
+    return {"ttft_ms": t[0] * 1e3 if t else None,
+            "itl_ms": [(b - a) * 1e3 for a, b in zip(t, t[1:])],
+            "e2e_ms": r.end_s * 1e3 if r.end_s is not None else None,
+            "output_tokens": len(r.tokens)}
+
+
+def summarize_level(records: list[RequestRecord], concurrency: int, wall_s: float) -> dict:
+    from serving_common import summarize
+
+    ok = [r for r in records if r.error is None]
+    m = [request_metrics(r) for r in ok]
+    tokens = sum(x["output_tokens"] for x in m)
+    return {
+        "concurrency": concurrency, "requests": len(records), "completed": len(ok),
+        "failed": len(records) - len(ok), "wall_s": wall_s, "output_tokens": tokens,
+        "token_responses": sum(r.token_responses for r in ok),
+        "output_tok_per_s": tokens / wall_s if wall_s > 0 else None,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
+        "ttft_ms": summarize([x["ttft_ms"] for x in m if x["ttft_ms"] is not None]),
+        "itl_ms": summarize([v for x in m for v in x["itl_ms"]]),
+        "e2e_ms": summarize([x["e2e_ms"] for x in m]),
+        "tokens_per_request": summarize([x["output_tokens"] for x in m]),
+    }
+
+
+async def run_level(url: str, prompts: list[str], concurrency: int, s: LoadSettings) -> tuple[dict, list]:
+    import tritonclient.grpc.aio as aio
+
+    client = aio.InferenceServerClient(url)
+    try:
+        t_origin = time.perf_counter()
+        # warm-up: every client's first requests, excluded from the figures
+        warm = await asyncio.gather(*(stream_one(client, prompts[i % len(prompts)], i, s, t_origin)
+                                      for i in range(concurrency * s.warmup_requests)))
+        for r in warm:
+            r.warmup = True
+        issued = 0
+        records: list[RequestRecord] = []
+        t0 = time.perf_counter()
+        deadline = t0 + s.duration_s
+
+        async def client_loop():
+            nonlocal issued
+            while issued < s.requests and time.perf_counter() < deadline:
+                i = issued
+                issued += 1
+                records.append(await stream_one(client, prompts[i % len(prompts)], i, s, t0))
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return summarize_level(records, concurrency, wall), warm + records
+
+
+async def _preflight(url: str, prompt: str, s: LoadSettings) -> RequestRecord:
+    import tritonclient.grpc.aio as aio
+
+    client = aio.InferenceServerClient(url)
+    try:
+        return await stream_one(client, prompt, -1, s, time.perf_counter())
+    finally:
+        await client.close()
+
+
+def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
+    """Concurrency 1, interleaved request by request: Triton stream vs lmopt.generate on the same engine here."""
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate
+    from lmopt.models import load_tokenizer
+    from serving_common import summarize
+
+    tok = load_tokenizer(s.model)
+    engine = create_engine(s.engine, s.model, s.precision, artifacts=s.artifacts, threads=s.threads or None)
+    eos = tok.eos_token_id
+    # same stopping rule as a served request: EOS ends it, otherwise max_tokens
+    params = SamplingParams(max_new_tokens=s.max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+
+    def local(prompt: str) -> dict:
+        times: list[float] = []
+        t0 = time.perf_counter()
+        ids = tok(prompt)["input_ids"]  # tokenizing is part of what the server does per request
+        out = generate(engine, [ids], params, on_token=lambda r, t: times.append(time.perf_counter() - t0))
+        return {"ttft_ms": times[0] * 1e3, "itl_ms": [(b - a) * 1e3 for a, b in zip(times, times[1:])],
+                "e2e_ms": (time.perf_counter() - t0) * 1e3, "tokens": out.tokens[0]}
+
+    async def interleaved():
+        import tritonclient.grpc.aio as aio
+
+        # one channel for the whole run, as a real client keeps: connection setup is not per-request overhead
+        client = aio.InferenceServerClient(s.url)
+        served, inproc = [], []
+        try:
+            await stream_one(client, prompts[0], -1, s, time.perf_counter())  # warm the channel
+            local(prompts[0])  # and the in-process engine
+            for i in range(n):
+                p = prompts[i % len(prompts)]
+                rec = await stream_one(client, p, i, s, time.perf_counter())
+                if rec.error:
+                    raise UserError(f"request to {s.triton_model} failed during the overhead run: {rec.error}")
+                served.append({**request_metrics(rec), "tokens": rec.tokens})
+                inproc.append(local(p))  # blocks the loop on purpose: nothing else is in flight
+        finally:
+            await client.close()
+        return served, inproc
+
+    served, inproc = asyncio.run(interleaved())
+    engine.close()
+    same = sum(a["tokens"] == b["tokens"] for a, b in zip(served, inproc))
+    ttft_s = summarize([x["ttft_ms"] for x in served])
+    ttft_l = summarize([x["ttft_ms"] for x in inproc])
+    itl_s = summarize([v for x in served for v in x["itl_ms"]])
+    itl_l = summarize([v for x in inproc for v in x["itl_ms"]])
+    return {
+        "requests": n, "engine": s.engine, "precision": s.precision, "same_tokens": f"{same}/{n}",
+        "served": {"ttft_ms": ttft_s, "itl_ms": itl_s}, "in_process": {"ttft_ms": ttft_l, "itl_ms": itl_l},
+        # medians: robust to the scheduler hiccups a shared machine adds to either side
+        "overhead_ms": {"ttft_p50": ttft_s["p50"] - ttft_l["p50"], "itl_p50": itl_s["p50"] - itl_l["p50"],
+                        "ttft_mean": ttft_s["mean"] - ttft_l["mean"], "itl_mean": itl_s["mean"] - itl_l["mean"]},
+        "targets_ms": {"ttft": 2.0, "itl": 0.5},
+        "samples": {"served": served, "in_process": inproc},
+    }
+
+
+def run_load(*, settings: LoadSettings) -> dict:
+    from serving_common import held_out_prompts, result_path, wait_ready, write_result
+
+    s = settings
+    try:
+        levels = [int(c) for c in s.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency must be a comma list of integers (got '{s.concurrency}')") from None
+    if not levels or any(c <= 0 for c in levels):
+        raise UserError(f"--concurrency needs levels > 0 (got '{s.concurrency}')")
+    for name in ("max_tokens", "requests", "num_prompts", "prompt_tokens"):
+        if getattr(s, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
+    if s.duration_s <= 0:
+        raise UserError(f"--duration-s must be > 0 (got {s.duration_s})")
+    prompts = held_out_prompts(s.model, s.num_prompts, s.prompt_tokens)
+    wait_ready(s.url, s.triton_model, 10.0)
+    batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
+
+    pre = asyncio.run(_preflight(s.url, prompts[0], s))
+    if pre.error or not pre.tokens:
+        raise UserError(f"pre-flight request to {s.triton_model} at {s.url} failed: "
+                        f"{pre.error or 'no tokens streamed'} — check the server log")
+    log.info("pre-flight: %d tokens in %.1f ms", len(pre.tokens), (pre.end_s or 0) * 1e3)
+
+    summary, samples = [], {}
+    for c in levels:
+        row, recs = asyncio.run(run_level(s.url, prompts, c, s))
+        if row["failed"]:
+            first = next(r.error for r in recs if r.error)
+            log.warning("concurrency %d: %d of %d requests failed (first: %s)", c, row["failed"], row["requests"], first)
+        if row["output_tokens"] != row["token_responses"]:
+            raise UserError(f"the stream carried {row['output_tokens']} tokens in {row['token_responses']} responses "
+                            f"— {s.triton_model} is not streaming one token per response")
+        summary.append(row)
+        samples[str(c)] = [asdict(r) for r in recs]
+        log.info("concurrency %d: %d requests in %.1f s, TTFT p50 %.1f ms, ITL p50 %.2f ms, %.1f tok/s, %.2f req/s",
+                 c, row["completed"], row["wall_s"], row["ttft_ms"]["p50"] or 0, row["itl_ms"]["p50"] or 0,
+                 row["output_tok_per_s"] or 0, row["requests_per_s"] or 0)
+
+    extra = {"preflight": asdict(pre)}
+    if s.in_process:
+        log.info("serving overhead: %d requests, Triton vs in-process %s %s, interleaved", s.requests, s.engine,
+                 s.precision)
+        extra["overhead"] = in_process_overhead(prompts, s, s.requests)
+        o = extra["overhead"]["overhead_ms"]
+        log.info("serving overhead (p50): TTFT %+.2f ms, ITL %+.3f ms (targets +2 / +0.5 ms)", o["ttft_p50"],
+                 o["itl_p50"])
+    out = result_path(s.artifacts, s.model, f"stream-{s.label}")
+    write_result(out, "streaming_load", asdict(s), samples, summary, extra)
+    log.info("Saving results to %s", out)
+    _print_table(summary, s, extra.get("overhead"))
+    return {"path": str(out), "summary": summary, **extra}
+
+
+def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) -> None:
+    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"{'conc':>4} {'req':>4} {'fail':>4} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'e2e p50':>8} "
+          f"{'p99':>7} {'tok/s':>7} {'req/s':>6}")
+    for r in summary:
+        t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_ms"]
+        print(f"{r['concurrency']:>4} {r['completed']:>4} {r['failed']:>4} {t['p50'] or 0:>9.1f} {t['p99'] or 0:>7.1f} "
+              f"{i['p50'] or 0:>8.2f} {i['p99'] or 0:>7.2f} {e['p50'] or 0:>8.1f} {e['p99'] or 0:>7.1f} "
+              f"{r['output_tok_per_s'] or 0:>7.1f} {r['requests_per_s'] or 0:>6.2f}")
+    if overhead:
+        sv, ip, o = overhead["served"], overhead["in_process"], overhead["overhead_ms"]
+        print(f"overhead at concurrency 1 (p50, ms): TTFT served {sv['ttft_ms']['p50']:.2f} vs in-process "
+              f"{ip['ttft_ms']['p50']:.2f} ({o['ttft_p50']:+.2f}); ITL served {sv['itl_ms']['p50']:.3f} vs "
+              f"in-process {ip['itl_ms']['p50']:.3f} ({o['itl_p50']:+.3f}); same tokens {overhead['same_tokens']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = LoadSettings()
+    p.add_argument("--model", default=d.model, help="model the server runs (tokenizer, result folder, --in-process)")
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
+    p.add_argument("--triton-model", default=d.triton_model, help="served streaming (decoupled) model name")
+    p.add_argument("--label", default=d.label, help="result name: serving-stream-<label>.json")
+    p.add_argument("--concurrency", default=d.concurrency, help="comma list of requests in flight")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    p.add_argument("--requests", type=int, default=d.requests, help="measured requests per level (bound)")
+    p.add_argument("--duration-s", type=float, default=d.duration_s, help="measured seconds per level (bound)")
+    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="per client, not measured")
+    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    p.add_argument("--prompt-input", default=d.prompt_input)
+    p.add_argument("--max-tokens-input", default=d.max_tokens_input)
+    p.add_argument("--tokens-output", default=d.tokens_output)
+    p.add_argument("--in-process", action="store_true", help="also measure the same engine in-process (overhead)")
+    p.add_argument("--engine", default=d.engine, help="engine the server runs (for --in-process)")
+    p.add_argument("--precision", default=d.precision, help="precision the server runs (for --in-process)")
+    p.add_argument("--threads", type=int, default=d.threads, help="in-process engine threads (match the server)")
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    settings = LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)})
+    run_load(settings=settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

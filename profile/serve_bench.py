@@ -1,0 +1,271 @@
+"""Benchmark the served model end to end: dynamic batching on vs off, perf_analyzer and streaming sweeps, overhead.
+
+    python profile/serve_bench.py --model tiny                      # what `make serve-bench` runs
+    python profile/serve_bench.py --concurrency 1,4 --requests 8 --measurement-requests 20   # a quick look
+
+Reads:  artifacts/<model>/serve/<variant>/manifest.json + model_repository (make serve-repo); newest variant unless
+        --serve-variant names one
+Writes: artifacts/<model>/profile/serving-repos/<variant>-batching-off/  the same repository without dynamic batching
+        artifacts/<model>/profile/serving-pa-batching-{on,off}.json        perf_analyzer sweeps (perf_analyzer_sweep.py)
+        artifacts/<model>/profile/serving-stream-batching-{on,off}.json    streaming sweeps (load_generator.py)
+        artifacts/<model>/profile/serving-batching.json                    on vs off side by side, with the verdict
+
+Same model, same load, two server configs: the repository made by serve/make_model_repository.py (dynamic batching)
+and a copy whose config.pbtxt files lose only the `dynamic_batching { ... }` block (max_batch_size and every tensor
+shape stay, so the clients send identical requests; Triton then runs each request alone). Both servers run at the
+same time on free loopback ports, and each tool alternates between them, so machine noise hits both alike.
+Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lmopt.errors import UserError, cli_main  # noqa: E402
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+
+log = get_logger("serve_bench")
+RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
+CONFIGS = ("batching-on", "batching-off")
+
+
+@dataclass
+class ServeBenchSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    serve_variant: str = ""          # artifacts/<model>/serve/<variant>; empty = the newest one
+    host: str = "127.0.0.1"
+    concurrency: str = "1,2,4,8"     # both tools
+    request_rate: str = ""           # perf_analyzer only
+    prompt_tokens: int = 32
+    max_tokens: int = 16
+    measurement_requests: int = 40   # perf_analyzer, per window
+    requests: int = 32               # load generator, measured requests per level
+    duration_s: float = 60.0         # load generator, bound per level
+    overhead_requests: int = 24      # concurrency-1 requests for the serving-overhead comparison
+    startup_timeout_s: float = 180.0
+
+
+def pick_serve_variant(artifacts: str, model: str, variant: str) -> tuple[Path, dict]:
+    from lmopt.manifest import list_variants, load_stage
+    from lmopt.paths import stage_dir
+
+    if variant:
+        return load_stage(artifacts, model, "serve", variant)
+    found = list_variants(artifacts, model, "serve")
+    if not found:
+        model_arg = "" if model == "tiny" else f" MODEL={model}"
+        raise UserError(f"no model repository under {stage_dir(artifacts, model, 'serve', '')} — run: make "
+                        f"serve-repo{model_arg}")
+    name = max(found, key=lambda v: found[v].get("created", ""))
+    return stage_dir(artifacts, model, "serve", name), found[name]
+
+
+def batching_off_repository(src_repo: Path, dst: Path) -> Path:
+    """Copy a model repository with each config.pbtxt's dynamic_batching block removed (nothing else changes)."""
+    from lmopt.paths import staging_dir
+
+    block = re.compile(r"^dynamic_batching\s*\{[^{}]*\}\s*\n", re.M)
+    with staging_dir(dst) as tmp:
+        repo = tmp / "model_repository"
+        shutil.copytree(src_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+        for cfg in sorted(repo.glob("*/config.pbtxt")):
+            text, n = block.subn("# dynamic_batching removed by profile/serve_bench.py: one request per execution\n",
+                                 cfg.read_text())
+            if n != 1:
+                raise UserError(f"{cfg} has {n} dynamic_batching blocks (expected 1) — regenerate it: make serve-repo")
+            cfg.write_text(text)
+    log.info("Saving batching-off repository to %s", dst / "model_repository")
+    return dst / "model_repository"
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@contextmanager
+def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float):
+    """serve/run_triton.sh in the background on free ports; always stopped (with its backend stubs) on exit."""
+    http, grpc, metrics = free_ports(host, 3)
+    cmd = ["bash", str(RUN_TRITON), str(repo), "--background", "--pid-file", str(pid_file), "--host", host,
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--timeout", f"{timeout_s:.0f}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[:400]
+        raise UserError(f"Triton did not start on {repo}: {tail}")
+    log.info("triton up: %s (gRPC %s:%d, log %s.log)", repo, host, grpc, pid_file)
+    try:
+        yield f"{host}:{grpc}"
+    finally:
+        subprocess.run(["bash", str(RUN_TRITON), "stop", "--pid-file", str(pid_file)], capture_output=True, text=True)
+
+
+def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
+    """On vs off per level: throughput ratio and p95 latency side by side; the seed's +40% claim checked."""
+    rows = []
+    on_rows = {r["level"]: r for r in pa["batching-on"]["summary"] if r["mode"] == "concurrency"}
+    off_rows = {r["level"]: r for r in pa["batching-off"]["summary"] if r["mode"] == "concurrency"}
+    st_on = {r["concurrency"]: r for r in st["batching-on"]["summary"]}
+    st_off = {r["concurrency"]: r for r in st["batching-off"]["summary"]}
+    for level in sorted(set(on_rows) & set(off_rows)):
+        a, b = on_rows[level], off_rows[level]
+        row = {"concurrency": level}
+        if not a.get("unstable") and not b.get("unstable"):
+            row.update({
+                "pa_rps_on": a["throughput_rps"], "pa_rps_off": b["throughput_rps"],
+                "pa_throughput_ratio": a["throughput_rps"] / b["throughput_rps"],
+                "pa_p95_ms_on": a["latency_ms_p95"], "pa_p95_ms_off": b["latency_ms_p95"],
+                "pa_requests_per_execution_on": a["server_stats"]["requests_per_execution"],
+                "pa_requests_per_execution_off": b["server_stats"]["requests_per_execution"],
+            })
+        c = int(level)
+        if c in st_on and c in st_off:
+            x, y = st_on[c], st_off[c]
+            row.update({
+                "stream_tok_s_on": x["output_tok_per_s"], "stream_tok_s_off": y["output_tok_per_s"],
+                "stream_throughput_ratio": (x["output_tok_per_s"] / y["output_tok_per_s"]
+                                            if x["output_tok_per_s"] and y["output_tok_per_s"] else None),
+                "stream_e2e_p95_ms_on": x["e2e_ms"]["p95"], "stream_e2e_p95_ms_off": y["e2e_ms"]["p95"],
+                "stream_ttft_p95_ms_on": x["ttft_ms"]["p95"], "stream_ttft_p95_ms_off": y["ttft_ms"]["p95"],
+            })
+        rows.append(row)
+    measured = [r for r in rows if "pa_throughput_ratio" in r]
+    best = max(measured, key=lambda r: r["pa_throughput_ratio"], default=None)
+    claim = None
+    if best is not None:
+        ok = best["pa_throughput_ratio"] >= 1.4 and best["pa_p95_ms_on"] <= best["pa_p95_ms_off"]
+        claim = {
+            "claim": "dynamic batching improves throughput by 40% with no latency trade-off",
+            "best_concurrency": best["concurrency"], "throughput_ratio": best["pa_throughput_ratio"],
+            "p95_ms_on": best["pa_p95_ms_on"], "p95_ms_off": best["pa_p95_ms_off"],
+            "confirmed": ok,
+            "levels_with_ratio_ge_1_4_and_p95_not_worse": [r["concurrency"] for r in measured
+                                                           if r["pa_throughput_ratio"] >= 1.4
+                                                           and r["pa_p95_ms_on"] <= r["pa_p95_ms_off"]],
+        }
+    return {"rows": rows, "claim_40pct": claim}
+
+
+def serve_bench(*, settings: ServeBenchSettings) -> dict:
+    from load_generator import LoadSettings, run_load
+    from perf_analyzer_sweep import PerfAnalyzerSettings, run_sweep
+    from serving_common import result_path, write_result
+
+    s = settings
+    if not RUN_TRITON.is_file():
+        raise UserError(f"missing {RUN_TRITON} — the serve stage is not in this checkout")
+    folder, man = pick_serve_variant(s.artifacts, s.model, s.serve_variant)
+    repo_on = folder / man.get("outputs", {}).get("model_repository", "model_repository")
+    prof = result_path(s.artifacts, s.model, "x").parent
+    repo_off = batching_off_repository(repo_on, prof / "serving-repos" / f"{folder.name}-batching-off")
+    srv = man.get("settings", {})
+    pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
+                                   request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
+                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests)
+    ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
+                           prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
+                           duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
+                           precision=man.get("precision", "fp32"), threads=int(srv.get("threads", 0) or 0))
+    timings: dict[str, float] = {}
+    pa, st, over = {}, {}, {}
+    with ExitStack() as stack:
+        urls = {}
+        with timed(log, "start both servers", timings, "startup_s"):
+            for name, repo in zip(CONFIGS, (repo_on, repo_off)):
+                urls[name] = stack.enter_context(triton_server(repo, s.host, prof / f".triton-{name}.pid",
+                                                               s.startup_timeout_s))
+        # each tool alternates between the two servers so both see the same machine
+        with timed(log, "perf_analyzer sweeps", timings, "perf_analyzer_s"):
+            for name in CONFIGS:
+                pa[name] = run_sweep(settings=replace(pa_base, url=urls[name], label=name))
+        with timed(log, "streaming sweeps", timings, "streaming_s"):
+            for name in CONFIGS:
+                st[name] = run_load(settings=replace(ld_base, url=urls[name], label=name))
+        with timed(log, "serving overhead", timings, "overhead_s"):
+            for name in CONFIGS:
+                r = run_load(settings=replace(ld_base, url=urls[name], label=f"overhead-{name}", concurrency="1",
+                                              requests=s.overhead_requests, in_process=True))
+                over[name] = {k: v for k, v in r["overhead"].items() if k != "samples"}
+                over[name]["result"] = r["path"]
+    cmp = compare(pa, st)
+    summary = {**cmp, "overhead_c1": over,
+               "results": {"perf_analyzer": {k: v["path"] for k, v in pa.items()},
+                           "streaming": {k: v["path"] for k, v in st.items()}}}
+    out = result_path(s.artifacts, s.model, "batching")
+    write_result(out, "serving_batching_comparison", asdict(s), {}, summary,
+                 {"serve_variant": folder.name, "serve_manifest": str(folder / "manifest.json"),
+                  "repositories": {"batching-on": str(repo_on), "batching-off": str(repo_off)},
+                  "timings_s": timings})
+    log.info("Saving results to %s", out)
+    _print(cmp, over)
+    return {"path": str(out), **summary}
+
+
+def _print(cmp: dict, over: dict) -> None:
+    print("dynamic batching on vs off (perf_analyzer, lm; streaming, lm_stream)")
+    print(f"{'conc':>4} {'req/s on':>9} {'off':>7} {'x':>5} {'p95 on':>8} {'off':>7} {'tok/s on':>9} {'off':>7} {'x':>5}")
+    for r in cmp["rows"]:
+        print(f"{r['concurrency']:>4g} {r.get('pa_rps_on', 0):>9.2f} {r.get('pa_rps_off', 0):>7.2f} "
+              f"{r.get('pa_throughput_ratio', 0):>5.2f} {r.get('pa_p95_ms_on', 0):>8.1f} {r.get('pa_p95_ms_off', 0):>7.1f} "
+              f"{r.get('stream_tok_s_on') or 0:>9.1f} {r.get('stream_tok_s_off') or 0:>7.1f} "
+              f"{r.get('stream_throughput_ratio') or 0:>5.2f}")
+    c = cmp["claim_40pct"]
+    if c:
+        print(f"seed's +40% claim: {'confirmed' if c['confirmed'] else 'refuted'} (best: concurrency "
+              f"{c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x, p95 {c['p95_ms_on']:.1f} vs "
+              f"{c['p95_ms_off']:.1f} ms)")
+    for name, o in over.items():
+        print(f"overhead [{name}] p50: TTFT {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL {o['overhead_ms']['itl_p50']:+.3f} ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ServeBenchSettings()
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    p.add_argument("--serve-variant", default=d.serve_variant, help="serve variant folder (default: newest)")
+    p.add_argument("--host", default=d.host, help="address both servers bind to")
+    p.add_argument("--concurrency", default=d.concurrency)
+    p.add_argument("--request-rate", default=d.request_rate, help="perf_analyzer request-rate levels ('' = none)")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
+    p.add_argument("--requests", type=int, default=d.requests)
+    p.add_argument("--duration-s", type=float, default=d.duration_s)
+    p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)
+    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    settings = ServeBenchSettings(**{f.name: getattr(args, f.name) for f in fields(ServeBenchSettings)})
+    serve_bench(settings=settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

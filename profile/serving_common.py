@@ -1,0 +1,111 @@
+"""Helpers shared by the serving benchmarks (perf_analyzer_sweep.py, load_generator.py, serve_bench.py).
+
+Not a stage: no CLI. Holds what the three scripts must agree on — prompts drawn from the held-out text, the
+summary statistics (mean/p50/p90/p95/p99), the self-describing result envelope written under
+artifacts/<model>/profile/serving-*.json, and Triton's per-model statistics (to show whether requests were batched).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmopt.errors import UserError
+
+RESULT_PREFIX = "serving-"
+SCHEMA_VERSION = 1
+
+
+def summarize(xs: Sequence[float]) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p95, p99, min, max of raw samples (linear-interpolated percentiles, like numpy)."""
+    import numpy as np
+
+    if len(xs) == 0:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "min": None,
+                "max": None}
+    a = np.asarray(xs, dtype=np.float64)
+    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
+    return {"count": int(a.size), "mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p95": float(p95),
+            "p99": float(p99), "min": float(a.min()), "max": float(a.max())}
+
+
+def held_out_prompts(model: str, n: int, prompt_tokens: int) -> list[str]:
+    """`n` prompts of about `prompt_tokens` tokens each: consecutive windows of the held-out eval text, decoded.
+
+    Realistic inputs matter: perf_analyzer's random data would be out-of-vocabulary ids or random bytes.
+    """
+    from lmopt.data import builtin_text, token_windows
+    from lmopt.models import load_tokenizer
+
+    if n <= 0 or prompt_tokens <= 0:
+        raise UserError(f"need at least one prompt of at least one token (got {n} x {prompt_tokens})")
+    tok = load_tokenizer(model)
+    windows = token_windows(tok, builtin_text("eval"), n, prompt_tokens, "the held-out eval text (data/eval.txt)")
+    return [tok.decode(w, skip_special_tokens=True) for w in windows]
+
+
+def result_path(artifacts: str | os.PathLike, model: str, name: str) -> Path:
+    from lmopt.paths import model_slug
+
+    return Path(artifacts) / model_slug(model) / "profile" / f"{RESULT_PREFIX}{name}.json"
+
+
+def write_result(path: Path, kind: str, settings: dict, samples: Any, summary: Any, extra: dict | None = None) -> Path:
+    """Self-describing result JSON (machine, versions, command, settings, raw samples, summary), written atomically."""
+    from lmopt.manifest import machine_info, now_iso, package_versions
+
+    doc = {
+        "schema": SCHEMA_VERSION, "kind": kind, "created": now_iso(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "machine": machine_info(),
+        "versions": package_versions("tritonclient", "nvidia-pytriton", "onnxruntime", "numpy"),
+        "settings": settings, **(extra or {}), "summary": summary, "samples": samples,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def model_stats(url: str, model: str) -> dict[str, int]:
+    """Triton's cumulative counters for one model: requests (inference_count) and model executions.
+
+    execution_count < inference_count means the dynamic batcher grouped requests into one execute() call.
+    """
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as c:
+        st = c.get_inference_statistics(model_name=model, as_json=True)
+    m = st["model_stats"][0]
+    return {"inference_count": int(m.get("inference_count", 0)), "execution_count": int(m.get("execution_count", 0)),
+            "success_count": int(m.get("inference_stats", {}).get("success", {}).get("count", 0))}
+
+
+def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, float | int | None]:
+    d = {k: after[k] - before[k] for k in before}
+    d["requests_per_execution"] = round(d["inference_count"] / d["execution_count"], 3) if d["execution_count"] else None
+    return d
+
+
+def wait_ready(url: str, model: str, timeout_s: float) -> None:
+    """Wait until the server answers and `model` is ready, or fail with what to run."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with grpcclient.InferenceServerClient(url) as c:
+                if c.is_server_live() and c.is_model_ready(model):
+                    return
+                last = f"model {model} not ready"
+        except InferenceServerException as e:
+            last = str(e).splitlines()[0][:120]
+        time.sleep(0.3)
+    raise UserError(f"no ready Triton model '{model}' at {url} ({last}) — start the server first: "
+                    "bash serve/run_triton.sh (or run make serve-bench, which starts it)")

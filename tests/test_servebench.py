@@ -1,0 +1,141 @@
+"""Serving benchmarks (profile/serve_bench.py, perf_analyzer_sweep.py, load_generator.py, serving_report.py):
+one brief real run against two real Triton servers (dynamic batching on / off), result files checked for schema and
+consistency; one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, read_json, run_cli
+
+PROFILE = REPO / "profile"
+
+
+@pytest.fixture(scope="module")
+def serve_repo(tiny_export, artifacts):
+    """The built-in model's fp32 model repository (made by the serve stage's own script)."""
+    folder = artifacts / "tiny" / "serve" / "ort-fp32-cpu"
+    if not (folder / "manifest.json").is_file():
+        run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(artifacts), "--precision",
+                "fp32")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench(serve_repo, artifacts):
+    """A brief serve_bench run: seconds per level, both tools, both server configs, the overhead comparison."""
+    proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
+                   serve_repo.name, "--concurrency", "1,2", "--max-tokens", "8", "--prompt-tokens", "16",
+                   "--measurement-requests", "6", "--requests", "6", "--duration-s", "20",
+                   "--overhead-requests", "3", timeout=600)
+    return artifacts / "tiny" / "profile", proc
+
+
+def _envelope(doc: dict, kind: str):
+    assert doc["kind"] == kind and doc["schema"] == 1
+    for key in ("machine", "versions", "command", "settings", "summary", "samples", "created"):
+        assert key in doc, key
+    assert doc["versions"]["tritonclient"] == "2.51.0"
+
+
+def test_perf_analyzer_results(bench):
+    prof, _ = bench
+    for cfg in ("on", "off"):
+        doc = read_json(prof / f"serving-pa-batching-{cfg}.json")
+        _envelope(doc, "perf_analyzer")
+        assert [r["level"] for r in doc["summary"]] == [1, 2]
+        for r in doc["summary"]:
+            st = r["server_stats"]
+            # perf_analyzer really sent these requests to this server, and Triton counted them
+            assert st["inference_count"] >= doc["settings"]["measurement_requests"]
+            if r.get("unstable"):
+                continue
+            assert r["throughput_rps"] > 0
+            assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"] <= r["latency_ms_p99"]
+            if cfg == "off":  # without the dynamic batcher every execution is one request
+                assert st["requests_per_execution"] == 1.0
+            else:
+                assert st["requests_per_execution"] >= 1.0
+        assert (prof / "serving-pa-batching-on" / "input_data.json").is_file()
+        data = json.loads((prof / "serving-pa-batching-on" / "input_data.json").read_text())["data"]
+        assert len(data) == doc["settings"]["num_prompts"] and all(d["text_input"]["content"][0] for d in data)
+
+
+def test_streaming_results_consistent(bench):
+    prof, _ = bench
+    for cfg in ("on", "off"):
+        doc = read_json(prof / f"serving-stream-batching-{cfg}.json")
+        _envelope(doc, "streaming_load")
+        s = doc["settings"]
+        assert doc["preflight"]["tokens"] and doc["preflight"]["error"] is None
+        for row in doc["summary"]:
+            recs = [r for r in doc["samples"][str(row["concurrency"])] if not r["warmup"]]
+            assert row["failed"] == 0 and row["completed"] == len(recs) <= s["requests"]
+            # tokens counted = tokens received: one token per stream response, none lost or invented
+            assert row["output_tokens"] == sum(len(r["tokens"]) for r in recs) == row["token_responses"]
+            for r in recs:
+                assert 0 < len(r["tokens"]) <= s["max_tokens"]
+                assert len(r["token_times_s"]) == len(r["tokens"])
+                assert 0 < r["token_times_s"][0] <= r["token_times_s"][-1] <= r["end_s"]
+            assert row["ttft_ms"]["p50"] > 0 and row["itl_ms"]["p50"] > 0 and row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
+            assert row["output_tok_per_s"] > 0 and row["requests_per_s"] > 0
+            assert row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+
+
+def test_batching_comparison_and_overhead(bench):
+    prof, proc = bench
+    doc = read_json(prof / "serving-batching.json")
+    _envelope(doc, "serving_batching_comparison")
+    rows = doc["summary"]["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        if "pa_throughput_ratio" in r:
+            assert r["pa_throughput_ratio"] == pytest.approx(r["pa_rps_on"] / r["pa_rps_off"])
+        assert r["stream_throughput_ratio"] > 0
+    for cfg in ("batching-on", "batching-off"):
+        o = doc["summary"]["overhead_c1"][cfg]
+        assert o["requests"] == 3 and o["same_tokens"] == "3/3"  # greedy: served tokens = in-process tokens
+        assert o["served"]["ttft_ms"]["p50"] > 0 and o["in_process"]["ttft_ms"]["p50"] > 0
+        assert o["overhead_ms"]["ttft_p50"] == pytest.approx(o["served"]["ttft_ms"]["p50"]
+                                                             - o["in_process"]["ttft_ms"]["p50"])
+    off_cfg = (prof / "serving-repos" / "ort-fp32-cpu-batching-off" / "model_repository" / "lm" / "config.pbtxt")
+    assert "dynamic_batching {" not in off_cfg.read_text() and "max_batch_size" in off_cfg.read_text()
+    assert "seed's +40% claim" in proc.stdout
+    # both servers stopped: their pid files are gone
+    assert not list(prof.glob(".triton-*.pid"))
+
+
+def test_report_renders_published_results(bench, tmp_path):
+    prof, _ = bench
+    art = prof.parent.parent
+    run_cli("profile/serving_report.py", "--publish", "--model", "tiny", "--artifacts", str(art), "--results",
+            str(tmp_path / "results"))
+    published = list((tmp_path / "results").glob("*/tiny/serving-batching.json"))
+    assert len(published) == 1
+    import sys
+
+    sys.path.insert(0, str(PROFILE))
+    import serving_report
+
+    text = serving_report.render(tmp_path / "results")
+    assert "| concurrency |" in text and "Serving overhead" in text and "perf_analyzer" in text
+    assert "<!--" not in text  # update_readme.py owns the markers
+    doc = read_json(published[0])
+    first = doc["summary"]["rows"][0]
+    if "pa_rps_on" in first:
+        assert f"{first['pa_rps_on']:.1f}" in text  # the table's numbers are the file's numbers
+    assert "No serving results" in serving_report.render(tmp_path / "empty")
+
+
+def test_bad_input_one_line_errors(tmp_path):
+    proc = run_cli("profile/serve_bench.py", "--artifacts", str(tmp_path), check=False)
+    assert_one_line_error(proc, "make serve-repo")
+    proc = run_cli("profile/load_generator.py", "--concurrency", "0", "--artifacts", str(tmp_path), check=False)
+    assert_one_line_error(proc, "--concurrency")
+    proc = run_cli("profile/perf_analyzer_sweep.py", "--concurrency", "x", "--artifacts", str(tmp_path), check=False)
+    assert_one_line_error(proc, "--concurrency")
+    proc = run_cli("profile/serving_report.py", "--publish", "--artifacts", str(tmp_path), check=False)
+    assert_one_line_error(proc, "make serve-bench")
+    for script in ("serve_bench.py", "load_generator.py", "perf_analyzer_sweep.py", "serving_report.py"):
+        assert "--artifacts" in run_cli(f"profile/{script}", "--help").stdout
