@@ -76,7 +76,7 @@ def _resolve_profiler(s: ProfileSettings) -> str:
     return s.profiler
 
 
-def _not_traced(traced: list[str], profiler: str, device: str) -> list[str]:
+def _not_traced(traced: list[str], profiler: str, device: str, engine: str) -> list[str]:
     gpu = device.startswith("cuda")
     notes = []
     if "cuda_kernels" not in traced:
@@ -89,6 +89,8 @@ def _not_traced(traced: list[str], profiler: str, device: str) -> list[str]:
             notes.append("CUDA kernels: the PyTorch profiler recorded none (CUPTI unavailable?)")
     if profiler == "torch":
         notes.append("OS runtime calls (osrt): only nsys traces them")
+        if engine != "torch":
+            notes.append(f"per-op CPU time of the {engine} engine: the PyTorch profiler sees only PyTorch ops")
     if profiler == "nsys":
         notes.append("per-op CPU time: nsys records only our NVTX ranges and OS calls (--profiler torch lists ops)")
     return notes
@@ -216,7 +218,7 @@ def profile(*, settings: ProfileSettings) -> dict:
             "figures": {"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
                         "tokens_per_s": round(n_tok / res["wall_s"], 2),
                         "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
-            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device),
+            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device, s.engine),
             "pinned_vs_pageable": pinned,
             "files": sorted(p.name for p in tmp.iterdir()),
         }
