@@ -424,9 +424,12 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
         kern = (summ.get("kernels") or {}).get("by_name") or []
         ncols = 3 if kern else 2
         fig, axes = plt.subplots(1, ncols, figsize=(6.2 * ncols, 0.45 * len(items) + 2.4))
-        names = [n for n, _ in items]
+        # a range nested in another work range (d2h inside decode_step) is already counted in its parent's time
+        work = set(nv.get("work_ranges") or [])
+        nested = {n: [p for p in (st.get("parents") or []) if p in work] for n, st in items}
+        names = [n if n in work or not nested[n] else f"{n}\n(inside {', '.join(nested[n])})" for n, _ in items]
         tot = [st["total_ms"] for _, st in items]
-        bars = axes[0].barh(names, tot, color="tab:blue")
+        bars = axes[0].barh(names, tot, color=["tab:blue" if n in work else "tab:gray" for n, _ in items])
         for bar, t in zip(bars, tot):
             share = f" ({t / wall:.0%} of wall)" if wall else ""
             axes[0].annotate(f"{t:.1f} ms{share}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
@@ -441,7 +444,7 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
         y = np.arange(len(items))
         axes[1].barh(y - 0.2, mean, 0.4, label="mean")
         axes[1].barh(y + 0.2, p90, 0.4, label="p90")
-        axes[1].set_yticks(y, [f"{n} (x{st['count']})" for n, st in items], fontsize=8)
+        axes[1].set_yticks(y, [f"{n} (x{st['count']})" for n, st in items], fontsize=9)
         axes[1].set_xscale("log")
         axes[1].set_xlabel("time per call (ms, log scale)")
         axes[1].set_ylabel("NVTX range (calls)")
@@ -454,9 +457,11 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
             axes[2].set_ylabel("CUDA kernel")
             axes[2].set_title("GPU kernels by total time")
         st = src.doc.get("settings") or {}
-        fig.suptitle(f"{params.model}: where the time goes ({src.doc.get('profiler', '?')} profile of "
-                     f"{src.doc.get('engine', st.get('engine', '?'))} on {machine_label(src.doc, st.get('device'))})",
-                     y=1.02)
+        eng = src.doc.get("engine", st.get("engine", "?"))
+        if isinstance(eng, dict):
+            eng = f"{eng.get('engine', '?')} {eng.get('precision', '')}"
+        fig.suptitle(f"{params.model}: where the time goes ({src.doc.get('profiler', '?')} profile of {eng} on "
+                     f"{machine_label(src.doc, st.get('device'))})", y=1.02)
         nt = src.doc.get("not_traced")
         lines = [provenance(src.doc, src.path, st.get("device"))]
         if nt:
