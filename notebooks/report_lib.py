@@ -222,6 +222,11 @@ def _label_of(doc: dict) -> str:
     return str((doc.get("settings") or {}).get("label") or "default")
 
 
+def _is_overhead(doc: dict) -> bool:
+    """The serving-overhead runs (concurrency 1, Triton vs in-process) are not points of a concurrency sweep."""
+    return bool(doc.get("overhead")) or _label_of(doc).startswith("overhead")
+
+
 def plot_serving_throughput(sources: list[Source], params: Params) -> bool:
     """Throughput and p95 latency vs concurrency, one line per server config (label: batching-on/off), one row of
     panels per tool (perf_analyzer: non-streaming requests; streaming load generator: decoupled model)."""
@@ -236,8 +241,13 @@ def plot_serving_throughput(sources: list[Source], params: Params) -> bool:
     fig, axes = plt.subplots(len(present), 2, figsize=(12, 4.3 * len(present)), squeeze=False)
     stamps, used = [], []
     for (kind, title, tput_key, p95_key, unit), (ax_t, ax_l) in zip(present, axes):
-        for src in [s for s in sources if s.doc.get("kind") == kind]:
-            rows = [r for r in src.doc.get("summary", []) if r.get("mode", "concurrency") == "concurrency"]
+        for src in [s for s in sources if s.doc.get("kind") == kind and not _is_overhead(s.doc)]:
+            allrows = [r for r in src.doc.get("summary", []) if r.get("mode", "concurrency") == "concurrency"]
+            # perf_analyzer marks levels where it found no stable window: no number to plot there
+            rows = [r for r in allrows if not r.get("unstable") and r.get(tput_key) is not None]
+            bad = [f"{r.get('level', r.get('concurrency')):g}" for r in allrows if r not in rows]
+            if bad:
+                print(f"{src.path.name}: no stable measurement at concurrency {', '.join(bad)} (not plotted)")
             if not rows:
                 continue
             lvl = [r.get("level", r.get("concurrency")) for r in rows]
@@ -274,32 +284,40 @@ def _print_batching_ratio(sources: list[Source]) -> None:
                            ("streaming_load", "requests_per_s", None)):
         by = {}
         for s in sources:
-            if s.doc.get("kind") == kind:
+            if s.doc.get("kind") == kind and not _is_overhead(s.doc):
                 by[_label_of(s.doc)] = {r.get("level", r.get("concurrency")): r for r in s.doc.get("summary", [])
-                                        if r.get("mode", "concurrency") == "concurrency"}
+                                        if r.get("mode", "concurrency") == "concurrency" and not r.get("unstable")
+                                        and r.get(key) is not None}
         on = next((v for k, v in by.items() if "on" in k.split("-")[-1]), None)
         off = next((v for k, v in by.items() if "off" in k.split("-")[-1]), None)
         if not on or not off:
             continue
-        shared = sorted(set(on) & set(off))
-        if not shared:
-            continue
-        c = shared[-1]
-        a, b = on[c], off[c]
-        pa = a.get(p95) if p95 else (a.get("e2e_ms") or {}).get("p95")
-        pb = b.get(p95) if p95 else (b.get("e2e_ms") or {}).get("p95")
-        print(f"{kind}: at concurrency {c:g}, batching on / off throughput = {a[key]:.2f} / {b[key]:.2f} = "
-              f"{a[key] / b[key]:.2f}x; p95 {pa:.1f} ms vs {pb:.1f} ms")
+        for c in sorted(set(on) & set(off)):
+            a, b = on[c], off[c]
+            pa = a.get(p95) if p95 else (a.get("e2e_ms") or {}).get("p95")
+            pb = b.get(p95) if p95 else (b.get("e2e_ms") or {}).get("p95")
+            print(f"{kind}: concurrency {c:g}: batching on / off throughput {a[key]:.2f} / {b[key]:.2f} = "
+                  f"{a[key] / b[key]:.2f}x; p95 {pa:.1f} vs {pb:.1f} ms")
+    for s in sources:
+        claim = (s.doc.get("summary") or {}).get("claim_40pct") if isinstance(s.doc.get("summary"), dict) else None
+        if claim:
+            print(f"verdict ({s.path.name}): '{claim.get('claim')}' — "
+                  f"{'confirmed' if claim.get('confirmed') else 'refuted'} (best: concurrency "
+                  f"{claim.get('best_concurrency')}, {claim.get('throughput_ratio', float('nan')):.2f}x, p95 "
+                  f"{claim.get('p95_ms_on')} vs {claim.get('p95_ms_off')} ms)")
 
 
 def plot_streaming(sources: list[Source], params: Params) -> bool:
     """TTFT and inter-token latency (p50 solid, p99 dashed) vs concurrency per server config."""
     plt = _plt()
-    stream = [s for s in sources if s.doc.get("kind") == "streaming_load"]
+    import numpy as np
+
+    stream = [s for s in sources if s.doc.get("kind") == "streaming_load" and not _is_overhead(s.doc)]
+    over = [s for s in sources if s.doc.get("kind") == "streaming_load" and (s.doc.get("overhead") or {}).get("served")]
     if not stream:
         print("no streaming load-generator result (serving-stream-*.json) — run: make serve-bench")
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = plt.subplots(1, 4 if over else 3, figsize=(21 if over else 16, 4.4))
     stamps = []
     for i, src in enumerate(stream):
         rows = src.doc.get("summary", [])
@@ -311,6 +329,30 @@ def plot_streaming(sources: list[Source], params: Params) -> bool:
             ax.plot(c, [r[key]["p99"] for r in rows], "s--", color=color, label=f"{lab} p99")
         axes[2].plot(c, [r["output_tok_per_s"] for r in rows], "o-", color=color, label=lab)
         stamps.append(f"{lab}: {provenance(src.doc, src.path)}")
+    if over:
+        ax = axes[3]
+        labels, x = [], np.arange(2)
+        w = 0.8 / (len(over) + 1)
+        o0 = over[0].doc["overhead"]
+        inproc = [o0["in_process"]["ttft_ms"]["p50"], o0["in_process"]["itl_ms"]["p50"]]
+        bars = [ax.bar(x - 0.4 + w / 2, inproc, w, color="gray", label=f"in-process {o0.get('engine', '')} "
+                                                                     f"{o0.get('precision', '')}")]
+        for i, src in enumerate(over):
+            o = src.doc["overhead"]
+            vals = [o["served"]["ttft_ms"]["p50"], o["served"]["itl_ms"]["p50"]]
+            bars.append(ax.bar(x - 0.4 + w * (i + 1.5), vals, w, color=f"C{i}",
+                               label=f"Triton [{_label_of(src.doc).replace('overhead-', '')}]"))
+            stamps.append(f"{_label_of(src.doc)}: {provenance(src.doc, src.path)}")
+        for bs in bars:
+            for bar in bs:
+                ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, ["TTFT p50", "ITL p50"])
+        ax.set_xlabel("metric at concurrency 1")
+        ax.set_title(f"serving overhead: Triton vs in-process ({o0.get('requests', '?')} requests)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.set_ylabel("latency (ms)")
     for ax, t, y in ((axes[0], "time to first token", "TTFT (ms)"),
                      (axes[1], "inter-token latency", "ITL (ms)"),
                      (axes[2], "output tokens per second (all streams)", "output throughput (tokens/s)")):
@@ -324,9 +366,9 @@ def plot_streaming(sources: list[Source], params: Params) -> bool:
                  f"{s0.get('max_tokens', '?')} output tokens — {machine_label(stream[0].doc)}", y=1.02)
     stamp(fig, stamps)
     fig.tight_layout()
-    save(fig, "streaming_ttft_itl", [s.path for s in stream], params)
+    save(fig, "streaming_ttft_itl", [s.path for s in stream + over], params)
     plt.show()
-    for src in stream:
+    for src in over:
         o = src.doc.get("overhead")
         if o and o.get("overhead_ms"):
             om = o["overhead_ms"]
@@ -424,9 +466,12 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
         kern = (summ.get("kernels") or {}).get("by_name") or []
         ncols = 3 if kern else 2
         fig, axes = plt.subplots(1, ncols, figsize=(6.2 * ncols, 0.45 * len(items) + 2.4))
-        names = [n for n, _ in items]
+        # a range nested in another work range (d2h inside decode_step) is already counted in its parent's time
+        work = set(nv.get("work_ranges") or [])
+        nested = {n: [p for p in (st.get("parents") or []) if p in work] for n, st in items}
+        names = [n if n in work or not nested[n] else f"{n}\n(inside {', '.join(nested[n])})" for n, _ in items]
         tot = [st["total_ms"] for _, st in items]
-        bars = axes[0].barh(names, tot, color="tab:blue")
+        bars = axes[0].barh(names, tot, color=["tab:blue" if n in work else "tab:gray" for n, _ in items])
         for bar, t in zip(bars, tot):
             share = f" ({t / wall:.0%} of wall)" if wall else ""
             axes[0].annotate(f"{t:.1f} ms{share}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
@@ -441,7 +486,7 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
         y = np.arange(len(items))
         axes[1].barh(y - 0.2, mean, 0.4, label="mean")
         axes[1].barh(y + 0.2, p90, 0.4, label="p90")
-        axes[1].set_yticks(y, [f"{n} (x{st['count']})" for n, st in items], fontsize=8)
+        axes[1].set_yticks(y, [f"{n} (x{st['count']})" for n, st in items], fontsize=9)
         axes[1].set_xscale("log")
         axes[1].set_xlabel("time per call (ms, log scale)")
         axes[1].set_ylabel("NVTX range (calls)")
@@ -454,9 +499,11 @@ def plot_nvtx(sources: list[Source], params: Params) -> bool:
             axes[2].set_ylabel("CUDA kernel")
             axes[2].set_title("GPU kernels by total time")
         st = src.doc.get("settings") or {}
-        fig.suptitle(f"{params.model}: where the time goes ({src.doc.get('profiler', '?')} profile of "
-                     f"{src.doc.get('engine', st.get('engine', '?'))} on {machine_label(src.doc, st.get('device'))})",
-                     y=1.02)
+        eng = src.doc.get("engine", st.get("engine", "?"))
+        if isinstance(eng, dict):
+            eng = f"{eng.get('engine', '?')} {eng.get('precision', '')}"
+        fig.suptitle(f"{params.model}: where the time goes ({src.doc.get('profiler', '?')} profile of {eng} on "
+                     f"{machine_label(src.doc, st.get('device'))})", y=1.02)
         nt = src.doc.get("not_traced")
         lines = [provenance(src.doc, src.path, st.get("device"))]
         if nt:
