@@ -6,6 +6,7 @@
 #                on vs off (profile/serve_bench.py)
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: all three
+#   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
 #
 # Writes OUTDIR/gpu-results.tar.gz (every result JSON, small) and OUTDIR/gpu-all.log. Large files (ONNX, traces)
 # stay in $WORK (default /tmp/gpuwork). Needs onnxruntime-gpu for the ONNX rows, nvidia-pytriton and
@@ -33,6 +34,18 @@ for part in $PARTS; do
       cp "$WORK/profile-llama-1b/summary.json" "$WORK/results/profile-torch-llama-1b-cuda.json" 2>/dev/null ;;
     triton)
       say "triton (llama-1b, torch fp16, KIND_GPU)"
+      if [ -n "${NUMPY1_DIR:-}" ]; then
+        # Triton 2.51's Python-backend stub is built against the NumPy 1.x C API: under NumPy 2 it misreads BYTES
+        # input tensors ("unpack_from requires a buffer of at least 134744076 bytes"), and the stub dies. With a
+        # NumPy 1.26 first on the path, scipy/scikit-learn built for NumPy 2 no longer import, so hide them from
+        # transformers (importlib.util.find_spec returns None for a None entry in sys.modules).
+        cat > "$NUMPY1_DIR/sitecustomize.py" <<'PYEOF'
+import sys
+for _name in ("sklearn", "scipy"):
+    sys.modules.setdefault(_name, None)
+PYEOF
+        export PYTHONPATH="$NUMPY1_DIR${PYTHONPATH:+:$PYTHONPATH}"
+      fi
       "$PY" serve/make_model_repository.py --model llama-1b --engine torch --precision fp16 --device cuda \
         --artifacts "$WORK/art" 2>&1 | tail -5 | tee -a "$LOG"
       PYTHON="$PY" timeout 480 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
