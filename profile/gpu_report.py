@@ -45,4 +45,37 @@ def render(results_dir: str | Path) -> str:
         for k, v in d.get("skipped", {}).items():
             out.append(f"\n- not measured: `{k}` — {v}")
         out.append("")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + render_profiles(results_dir)
+
+
+def render_profiles(results_dir: str | Path) -> str:
+    """Where the time goes: the PyTorch-profiler summaries of GPU decode loops (profile/run_nsys_profile.py)."""
+    out = []
+    for p in sorted(Path(results_dir).glob("*/*/profile-torch-*cuda*.summary.json")):
+        d = json.loads(p.read_text())
+        s, f, st = d["summary"], d["figures"], d["settings"]
+        steps = s["nvtx"]["ranges"].get("decode_step", {}).get("count") or 1
+        k = s["cuda_kernels"]
+        kernel_ms_per_step = k["total_ms"] / (steps + s["nvtx"]["ranges"].get("prefill", {}).get("count", 0))
+        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {st['batch']}, "
+                   f"eager decode** ({d['machine'].get('gpu', {}).get('name', '?')}, {d['created'][:10]}, "
+                   f"`{' '.join(d['command'])}`; data: `{p}`)\n")
+        out.append(f"- decode step: {f['decode_step_mean_ms']:.2f} ms mean wall, of which GPU kernels "
+                   f"{kernel_ms_per_step:.2f} ms ({k['kernels'] / steps:.0f} kernels per step, launch → start "
+                   f"{s['launch_to_start']['p50_us']:.1f} µs median): the GPU is idle "
+                   f"{1 - kernel_ms_per_step / f['decode_step_mean_ms']:.0%} of the step, waiting for Python and "
+                   f"kernel launches — the overhead a CUDA graph removes.")
+        d2h = s["memcpy"].get("DtoH")
+        if d2h:
+            out.append(f"- device → host: {d2h['count']} copies, {d2h['bytes'] / 1e6:.1f} MB (the logits read back "
+                       f"for host-side sampling), {d2h['total_ms']:.1f} ms of copy time in total.")
+        pvp = d.get("pinned_vs_pageable", {})
+        if pvp.get("status") == "measured":
+            out.append("\n| host → device copy | bytes | pageable GPU ms | pinned GPU ms | pinned speed-up |")
+            out.append("|---|---:|---:|---:|---:|")
+            for name, c in pvp["cases"].items():
+                out.append(f"| {name} | {c['bytes']:,} | {c['pageable']['gpu_ms_median']:.3f} | "
+                           f"{c['pinned']['gpu_ms_median']:.3f} | "
+                           f"{c['pageable']['gpu_ms_median'] / c['pinned']['gpu_ms_median']:.2f}x |")
+        out.append("")
+    return "\n".join(out) + ("\n" if out else "")
