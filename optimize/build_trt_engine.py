@@ -170,6 +170,13 @@ def inspect_onnx(path: Path) -> dict:
     }
 
 
+def graph_weight_bytes(path: Path) -> int:
+    """Bytes of the graph's file(s), model.onnx + external data: the weights a decode step reads, in the precision
+    the engine runs them (the benchmark's memory-bandwidth floor)."""
+    files = [path, *path.parent.glob(path.name + "_data"), *path.parent.glob(path.name + ".data")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def check_graph_precision(path: Path, info: dict, precision: str) -> None:
     """Strong typing builds what the graph says: refuse graphs that cannot give the asked-for precision, instead of
     building an engine that silently stays FP32 (rf-detr #1453)."""
@@ -424,7 +431,8 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
 
         with timed(log, "validation vs ONNX Runtime", timings, "validate_s"):
             trt_engine = TrtEngine(engine, s.precision, variant=final.name, source=str(final / "model.plan"),
-                                   max_positions=int(shape["max_positions"]), vocab_size=int(shape["vocab_size"]))
+                                   max_positions=int(shape["max_positions"]), vocab_size=int(shape["vocab_size"]),
+                                   weights=graph_weight_bytes(onnx_path))
             checks = validate_engine(trt_engine, onnx_path, s, shape)
             trt_engine.close()
         checks.print(log)
@@ -441,7 +449,7 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
             "outputs": {"engine": "model.plan", "layer_info": "layers.json", "build_log": "build.log",
                         "files": files},
             "profiles": profiles, "limits": resolved_lengths(shape, s),
-            "graph": graph, "layer_precision": summary,
+            "graph": graph, "layer_precision": summary, "weight_bytes": graph_weight_bytes(onnx_path),
             "engine_info": {"num_layers": engine.num_layers, "num_profiles": engine.num_optimization_profiles,
                             "device_memory_bytes": int(engine.device_memory_size_v2),
                             "plan_bytes": files["model.plan"]["bytes"]},

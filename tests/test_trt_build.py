@@ -170,7 +170,8 @@ def test_real_fp16_build_and_runtime(trt_graphs, artifacts):
     from lmopt.engines import create_engine
     from lmopt.generate import SamplingParams, generate
 
-    eng = create_engine("trt", "tiny", precision="fp16", artifacts=artifacts)
+    eng = create_engine("trt", "tiny", precision="fp16", device="cuda", artifacts=artifacts)
+    assert eng.weight_bytes() == man["weight_bytes"] > 0
     out = generate(eng, [[5, 6, 7, 8], [9, 10]], SamplingParams(max_new_tokens=8))
     assert [len(t) for t in out.tokens] == [8, 8] or "stop" in out.finish_reasons
     eng.close()

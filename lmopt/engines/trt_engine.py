@@ -25,8 +25,9 @@ PREFILL, DECODE = 0, 1
 
 class TrtEngine(Engine):
     def __init__(self, engine, precision: str, variant: str = "", source: str = "", max_positions: int = 2048,
-                 vocab_size: int = -1, device: str = "cuda"):
-        """`engine` is a deserialized ICudaEngine (the builder passes the one it just built)."""
+                 vocab_size: int = -1, device: str = "cuda", weights: int = 0):
+        """`engine` is a deserialized ICudaEngine (the builder passes the one it just built); `weights` the bytes
+        of the graph it was built from (0 = unknown)."""
         from .. import trt_api
 
         trt = trt_api.import_tensorrt()
@@ -73,6 +74,7 @@ class TrtEngine(Engine):
         # TensorRT wants a non-null address even for the zero-length past of a prefill
         self._dummy = torch.zeros(64, dtype=torch.uint8, device=self.device)
         self.info = EngineInfo("trt", precision, "cuda", variant, source, max_positions, vocab_size)
+        self._weights = int(weights)
 
     @classmethod
     def from_artifacts(cls, artifacts, model: str, precision: str, **kw) -> "TrtEngine":
@@ -109,7 +111,7 @@ class TrtEngine(Engine):
         shape = man.get("model_shape", {})
         eng = cls(engine, precision, variant=variant, source=str(plan),
                   max_positions=int(shape.get("max_positions", 2048)), vocab_size=int(shape.get("vocab_size", -1)),
-                  **kw)
+                  weights=int(man.get("weight_bytes", 0)), **kw)
         eng._runtime = runtime  # the engine must not outlive its runtime
         return eng
 
@@ -161,6 +163,10 @@ class TrtEngine(Engine):
 
     def decode(self, state, input_ids, attention_mask, position_ids):
         return self._run(DECODE, input_ids, attention_mask, position_ids, state)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the ONNX graph the engine was built from (its weights in the engine's precision; 0 = unknown)."""
+        return self._weights
 
     def release(self, state) -> None:
         # dropping the references hands the KV buffers back to torch's caching allocator
