@@ -16,7 +16,7 @@ A       := $(ART)/$(MODEL)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
-        readme-tables summary clean help setup-nsys
+        readme-tables publish-results summary clean help setup-nsys
 
 help:
 	@sed -n '1,5p' Makefile
@@ -57,8 +57,11 @@ serve-demo: serve-repo
 	bash serve/demo.sh $(MODEL) $(ART)
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
+# BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16
-	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
+publish-results: $(STAMP)
+	$(PY) profile/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 # Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines
 setup-nsys:
 	@NSYS=$(NSYS) bash profile/setup_nsys.sh

@@ -65,6 +65,7 @@ class QuantizeSettings:
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
     compare_quantizers: bool = False
+    speed_check: bool = False          # time ORT FP32 vs the CPU INT8 graph (64 decode tokens) into the manifest
     threads: int = 0
 
 
@@ -205,6 +206,14 @@ def quantize(*, settings: QuantizeSettings) -> dict:
             with timed(log, f"{target}: accuracy report"):
                 acc = ev.full(res["path"])
             res.update(accuracy=acc, coverage=coverage, seconds=round(time.perf_counter() - t0, 2))
+            if s.speed_check and target == "onnxruntime":
+                from lmopt.quantization import decode_speed
+
+                with timed(log, "speed check (ORT FP32 vs INT8 decode)"):
+                    res["speed"] = decode_speed(fp32_path, res["path"], eval_windows[0][:32], 64, 3,
+                                                s.threads or None, shape.get("max_positions", 2048))
+                log.info("decode ms/token: FP32 %.2f, INT8 %.2f (%.2fx)", res["speed"]["median_ms"]["fp32"],
+                         res["speed"]["median_ms"]["int8"], res["speed"]["int8_speedup"])
             results[target] = res
 
         rows = {"fp32": {"ppl": round(ev.ref_ppl, 4), "ppl_increase_pct": 0.0, "top1_agreement": 1.0,
@@ -235,6 +244,10 @@ def quantize(*, settings: QuantizeSettings) -> dict:
             raise UserError("no INT8 model written — " + "; ".join(failures) + " — raise --max-ppl-increase or "
                             "--max-excluded, or try --method entropy/percentile")
 
+        # a quantizer that edits its input would silently invalidate stage 1 (ModelOpt did): a bug, so a traceback
+        src_entry = src_man.get("outputs", {}).get("files", {}).get(fp32_path.name)
+        if src_entry and file_entry(fp32_path)["sha256"] != src_entry["sha256"]:
+            raise RuntimeError(f"{fp32_path} changed during quantization")
         manifests = {}
         for target, r in results.items():
             variant = variant_name(target, s)
@@ -266,6 +279,7 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                                    "all": r["exclude"]},
                     "sensitivity": r["sweep"],
                     "int8_fallback": r["coverage"],
+                    "speed_check": r.get("speed"),
                 }
                 write_manifest(tmp, manifest)
             manifests[variant] = manifest
@@ -400,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
     p.add_argument("--compare-quantizers", action="store_true",
                    help="only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON")
+    p.add_argument("--speed-check", action="store_true",
+                   help="also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest")
     p.add_argument("--threads", type=int, default=d.threads)
     add_verbosity_args(p)
     return p
@@ -407,11 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args)
     try:
         args.max_ppl_increase = float(args.max_ppl_increase)
     except ValueError:
         raise UserError(f"--max-ppl-increase must be a number (percent), got {args.max_ppl_increase!r}") from None
+    setup_logging(args)
     settings = QuantizeSettings(**{f.name: getattr(args, f.name) for f in fields(QuantizeSettings)})
     t0 = time.time()
     quantize(settings=settings)

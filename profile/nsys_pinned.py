@@ -21,10 +21,14 @@ def _cases(model: str, batch: int, seq: int, precision: str) -> dict[str, list[i
     sh = model_shape(load_config(model))
     elt = 2 if precision in ("fp16", "bf16") else 4
     kv = batch * sh["num_kv_heads"] * seq * sh["head_dim"] * elt
+    long_ctx = min(2048, sh["max_positions"])
+    kv_long = batch * sh["num_kv_heads"] * long_ctx * sh["head_dim"] * elt
     return {
         # input_ids [B,1], position_ids [B,1], attention_mask [B, seq]: int64
         "decode_step_inputs": [batch * 8, batch * 8, batch * seq * 8],
         "kv_cache_all_layers": [kv] * (2 * sh["num_layers"]),
+        # the same KV cache at a long context, where bandwidth rather than per-copy latency decides
+        f"kv_cache_all_layers_ctx{long_ctx}": [kv_long] * (2 * sh["num_layers"]),
     }
 
 

@@ -9,6 +9,7 @@ memcpy [(kind, start, end, bytes, stream, note)], launches [(api_start, gpu_star
 """
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 from collections import defaultdict
@@ -78,7 +79,9 @@ def events_from_nsys_sqlite(path: str | Path, domain: str = "lmopt") -> dict:
 
 def events_from_chrome_trace(path: str | Path) -> dict:
     """Events from a PyTorch profiler Chrome trace (timestamps in us there)."""
-    data = json.loads(Path(path).read_text())
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    data = json.loads(raw)
     items = data["traceEvents"] if isinstance(data, dict) else data
     ev: dict = {"ranges": [], "kernels": [], "memcpy": [], "launches": [], "cpu_ops": [], "traced": ["cpu_ops"]}
     api_start: dict[int, int] = {}

@@ -11,7 +11,7 @@ Reads:  the engine's inputs (--engine ort: artifacts/<model>/export/fp32 or quan
         the model itself)
 Writes: artifacts/<model>/profile/<profiler>-<engine>-<precision>-<device>/ (or --out DIR):
         summary.json (machine, versions, command, settings, raw round times, summary), run.nsys-rep and the
-        `nsys stats` CSVs (nsys), trace.json Chrome trace (torch; open in chrome://tracing or Perfetto),
+        `nsys stats` CSVs (nsys), trace.json.gz Chrome trace (torch; open in https://ui.perfetto.dev or chrome://tracing),
         manifest.json last
 
 Only steady state is captured: warm-up rounds run first, outside the NVTX range `profile` that nsys's capture range
@@ -76,7 +76,7 @@ def _resolve_profiler(s: ProfileSettings) -> str:
     return s.profiler
 
 
-def _not_traced(traced: list[str], profiler: str, device: str) -> list[str]:
+def _not_traced(traced: list[str], profiler: str, device: str, engine: str) -> list[str]:
     gpu = device.startswith("cuda")
     notes = []
     if "cuda_kernels" not in traced:
@@ -89,6 +89,8 @@ def _not_traced(traced: list[str], profiler: str, device: str) -> list[str]:
             notes.append("CUDA kernels: the PyTorch profiler recorded none (CUPTI unavailable?)")
     if profiler == "torch":
         notes.append("OS runtime calls (osrt): only nsys traces them")
+        if engine != "torch":
+            notes.append(f"per-op CPU time of the {engine} engine: the PyTorch profiler sees only PyTorch ops")
     if profiler == "nsys":
         notes.append("per-op CPU time: nsys records only our NVTX ranges and OS calls (--profiler torch lists ops)")
     return notes
@@ -118,6 +120,10 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
     log.info("running: %s", " ".join(cmd))
     with timed(log, "nsys profile", timings, "nsys_profile_s"):
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode in (124, 137):
+            # the 2022.4 agent sometimes spins after the app exited (ENVIRONMENT.md); a second run has gone through
+            log.warning("nsys profile hit --nsys-timeout %d s; trying once more", s.nsys_timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
     rep = tmp / "run.nsys-rep"
     if proc.returncode != 0 or not wall_json.is_file():
         tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]
@@ -167,7 +173,7 @@ def _torch_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, 
             res = warmup_and_measure(s, on_measure=prof)
     finally:
         set_range_hook(None)
-    trace = tmp / "trace.json"
+    trace = tmp / "trace.json.gz"   # gzip: a GPU decode loop is ~10^5 events; Perfetto opens .json.gz as is
     prof.export_chrome_trace(str(trace))
     log.info("Saving Chrome trace to %s", trace)
     return res, events_from_chrome_trace(trace)
@@ -212,7 +218,7 @@ def profile(*, settings: ProfileSettings) -> dict:
             "figures": {"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
                         "tokens_per_s": round(n_tok / res["wall_s"], 2),
                         "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
-            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device),
+            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device, s.engine),
             "pinned_vs_pageable": pinned,
             "files": sorted(p.name for p in tmp.iterdir()),
         }

@@ -15,10 +15,12 @@ and a copy whose config.pbtxt files lose only the `dynamic_batching { ... }` blo
 shape stay, so the clients send identical requests; Triton then runs each request alone). Both servers run at the
 same time on free loopback ports, and each tool alternates between them, so machine noise hits both alike.
 Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers.
+The tools run as subprocesses in their own session, as the server does (see _run_tool: Linux autogroup).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import socket
@@ -34,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lmopt.errors import UserError, cli_main  # noqa: E402
 from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from load_generator import LoadSettings  # noqa: E402  (light: heavy imports live in functions)
+from perf_analyzer_sweep import PerfAnalyzerSettings  # noqa: E402
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
@@ -42,17 +46,19 @@ CONFIGS = ("batching-on", "batching-off")
 
 @dataclass
 class ServeBenchSettings:
+    # the tools' own defaults, so one load definition holds for every script
     model: str = "tiny"
     artifacts: str = "artifacts"
     serve_variant: str = ""          # artifacts/<model>/serve/<variant>; empty = the newest one
     host: str = "127.0.0.1"
-    concurrency: str = "1,2,4,8"     # both tools
-    request_rate: str = ""           # perf_analyzer only
-    prompt_tokens: int = 32
-    max_tokens: int = 16
-    measurement_requests: int = 40   # perf_analyzer, per window
-    requests: int = 32               # load generator, measured requests per level
-    duration_s: float = 60.0         # load generator, bound per level
+    concurrency: str = LoadSettings.concurrency                           # both tools
+    request_rate: str = PerfAnalyzerSettings.request_rate                 # perf_analyzer only
+    prompt_tokens: int = LoadSettings.prompt_tokens
+    max_tokens: int = LoadSettings.max_tokens
+    measurement_requests: int = PerfAnalyzerSettings.measurement_requests
+    stability_percentage: float = PerfAnalyzerSettings.stability_percentage
+    requests: int = LoadSettings.requests                                 # load generator, per level
+    duration_s: float = LoadSettings.duration_s
     overhead_requests: int = 24      # concurrency-1 requests for the serving-overhead comparison
     startup_timeout_s: float = 180.0
 
@@ -120,6 +126,35 @@ def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float):
         subprocess.run(["bash", str(RUN_TRITON), "stop", "--pid-file", str(pid_file)], capture_output=True, text=True)
 
 
+def _run_tool(script: str, settings, result_name: str) -> dict:
+    """Run a benchmark CLI with these settings in its own session; return its result file (+ "path").
+
+    Own session because Linux groups CPU time per session (autogroup): tritonserver runs under setsid
+    (serve/run_triton.sh), and a client left in a crowded session of a shared machine gets a smaller share than the
+    server, which biases latencies and the in-process baseline. On a dedicated machine this changes nothing.
+    """
+    from serving_common import result_path
+
+    argv = []
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        else:
+            argv += [flag, str(v)]
+    if log.getEffectiveLevel() > 20:
+        argv.append("-q")
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / script), *argv]
+    proc = subprocess.run(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        raise UserError(f"{script} failed: {err[-1][7:] if err else 'exit ' + str(proc.returncode)}")
+    path = result_path(settings.artifacts, settings.model, result_name)
+    return {**json.loads(path.read_text()), "path": str(path)}
+
+
 def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
     """On vs off per level: throughput ratio and p95 latency side by side; the seed's +40% claim checked."""
     rows = []
@@ -167,8 +202,6 @@ def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
 
 
 def serve_bench(*, settings: ServeBenchSettings) -> dict:
-    from load_generator import LoadSettings, run_load
-    from perf_analyzer_sweep import PerfAnalyzerSettings, run_sweep
     from serving_common import result_path, write_result
 
     s = settings
@@ -181,7 +214,8 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     srv = man.get("settings", {})
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
-                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests)
+                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests,
+                                   stability_percentage=s.stability_percentage)
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                            prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
@@ -197,14 +231,17 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
         # each tool alternates between the two servers so both see the same machine
         with timed(log, "perf_analyzer sweeps", timings, "perf_analyzer_s"):
             for name in CONFIGS:
-                pa[name] = run_sweep(settings=replace(pa_base, url=urls[name], label=name))
+                pa[name] = _run_tool("perf_analyzer_sweep.py", replace(pa_base, url=urls[name], label=name),
+                                     f"pa-{name}")
         with timed(log, "streaming sweeps", timings, "streaming_s"):
             for name in CONFIGS:
-                st[name] = run_load(settings=replace(ld_base, url=urls[name], label=name))
+                st[name] = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=name),
+                                     f"stream-{name}")
         with timed(log, "serving overhead", timings, "overhead_s"):
             for name in CONFIGS:
-                r = run_load(settings=replace(ld_base, url=urls[name], label=f"overhead-{name}", concurrency="1",
-                                              requests=s.overhead_requests, in_process=True))
+                r = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=f"overhead-{name}",
+                                                           concurrency="1", requests=s.overhead_requests,
+                                                           in_process=True), f"stream-overhead-{name}")
                 over[name] = {k: v for k, v in r["overhead"].items() if k != "samples"}
                 over[name]["result"] = r["path"]
     cmp = compare(pa, st)
@@ -235,7 +272,8 @@ def _print(cmp: dict, over: dict) -> None:
               f"{c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x, p95 {c['p95_ms_on']:.1f} vs "
               f"{c['p95_ms_off']:.1f} ms)")
     for name, o in over.items():
-        print(f"overhead [{name}] p50: TTFT {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL {o['overhead_ms']['itl_p50']:+.3f} ms")
+        print(f"overhead [{name}]: TTFT p50 {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL mean "
+              f"{o['overhead_ms']['itl_mean']:+.3f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
+    p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--duration-s", type=float, default=d.duration_s)
     p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)

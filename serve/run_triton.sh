@@ -106,6 +106,7 @@ import socket, sys
 host, ports = sys.argv[1], sys.argv[2:]
 for name, port in zip(("--http-port", "--grpc-port", "--metrics-port"), ports):
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not block a server
     try:
         s.bind((host, int(port)))
     except OSError as e:

@@ -36,10 +36,9 @@ def test_fp16_graph_keeps_accuracy_and_fp32_islands(tiny_export):
         find_onnx(artifacts, "tiny", "fp16", "onnxruntime")   # FP16 on CPU is no faster: not offered to ORT
 
 
-@pytest.mark.parametrize("value,needle", [("-0.5", ">= 0"), ("abc", "must be a number")])
-def test_fp16_bad_budget(value, needle, tmp_path):
-    proc = run_cli(SCRIPT, "--artifacts", str(tmp_path), "--max-ppl-increase", value, check=False)
-    assert_one_line_error(proc, needle)
+def test_fp16_bad_budget(tmp_path):
+    proc = run_cli(SCRIPT, "--artifacts", str(tmp_path), "--max-ppl-increase", "-0.5", check=False)
+    assert_one_line_error(proc, ">= 0")
 
 
 def test_fp16_missing_export(tmp_path):

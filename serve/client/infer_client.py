@@ -1,0 +1,330 @@
+"""Stage 5: send prompts to the Triton server (serve/run_triton.sh), print the text, time to first token and total
+per request, and check the served greedy tokens against the in-process engine (PASS/FAIL).
+
+    python serve/client/infer_client.py --prompt "The list" --check                       # HTTP, unary (model lm)
+    python serve/client/infer_client.py --protocol grpc --stream --prompt "def f(" --prompt "The" --concurrency 2
+    python serve/client/infer_client.py --api generate --stream --prompt "The"           # HTTP generate_stream (SSE)
+    python serve/client/infer_client.py --temperature 0.8 --top-k 40 --top-p 0.9 --seed 1 --prompt "The"
+
+Protocols and APIs: --protocol http|grpc with --api infer (KServe v2 infer; --stream = gRPC bidirectional stream to
+lm_stream) or --api generate (HTTP only: /v2/models/lm/generate, or lm_stream/generate_stream with --stream).
+Streaming prints tokens as they arrive (one prompt at a time on screen; with --concurrency > 1 the text is printed
+when each request completes).
+
+Reads:  the server; for --check the serve manifest artifacts/<model>/serve/<variant>/manifest.json (which engine and
+        precision the server runs) and the same engine in-process through lmopt.engines
+Writes: --out FILE (optional): JSON with settings, per-request results (tokens, ttft_s, total_s) and the check
+Exit code: 0, or 1 when --check fails or a request fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from lmopt.errors import UserError, cli_main  # noqa: E402
+from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+
+log = get_logger("client")
+
+
+@dataclass
+class ClientSettings:
+    prompt: list[str] = field(default_factory=lambda: ["The list"])
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    protocol: str = "http"           # http | grpc
+    api: str = "infer"               # infer | generate (HTTP generate / generate_stream endpoints)
+    stream: bool = False             # lm_stream (one response per token) instead of lm
+    concurrency: int = 1             # prompts in flight at once
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str = ""
+    check: bool = False              # compare greedy tokens with the in-process engine
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    variant: str = ""                # serve variant to check against (default: the only/newest one)
+    timeout: float = 120.0
+    out: str = ""
+
+
+def _inputs(mod, s: ClientSettings, prompt: str):
+    """KServe v2 input tensors for tritonclient.http or .grpc (shape [1, 1]: batch dim + one value)."""
+    import numpy as np
+
+    def t(name, arr, dtype):
+        x = mod.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(arr)
+        return x
+
+    ins = [t("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
+           t("max_tokens", np.array([[s.max_tokens]], dtype=np.int32), "INT32"),
+           t("temperature", np.array([[s.temperature]], dtype=np.float32), "FP32"),
+           t("top_k", np.array([[s.top_k]], dtype=np.int32), "INT32"),
+           t("top_p", np.array([[s.top_p]], dtype=np.float32), "FP32")]
+    if s.seed is not None:
+        ins.append(t("seed", np.array([[s.seed]], dtype=np.int64), "INT64"))
+    if s.stop:
+        ins.append(t("stop", np.array([[s.stop.encode()]], dtype=np.object_), "BYTES"))
+    return ins
+
+
+def _gen_body(s: ClientSettings, prompt: str) -> bytes:
+    body = {"text_input": prompt, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_k": s.top_k,
+            "top_p": s.top_p}
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.stop:
+        body["stop"] = s.stop
+    return json.dumps(body).encode()
+
+
+def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
+    """One request; returns {prompt, text, tokens, ttft_s, total_s, error}. on_piece(text) gets streamed pieces."""
+    t0 = time.perf_counter()
+    res = {"prompt": prompt, "text": "", "tokens": [], "ttft_s": None, "total_s": None, "error": None}
+
+    def piece(text, ids):
+        if res["ttft_s"] is None:
+            res["ttft_s"] = time.perf_counter() - t0
+        res["text"] += text
+        res["tokens"].extend(int(i) for i in ids)
+        if on_piece is not None:
+            on_piece(text)
+
+    try:
+        if s.api == "generate":
+            _generate_http(s, prompt, piece)
+        elif s.protocol == "grpc" and s.stream:
+            _stream_grpc(s, prompt, piece)
+        else:
+            _infer_unary(s, prompt, piece)
+    except Exception as e:  # server errors are results to report, not crashes
+        res["error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    res["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _infer_unary(s: ClientSettings, prompt: str, piece):
+    import numpy as np
+
+    if s.stream:
+        raise UserError("streaming over the infer API needs gRPC — use --protocol grpc, or --api generate")
+    if s.protocol == "grpc":
+        import tritonclient.grpc as mod
+
+        client = mod.InferenceServerClient(f"{s.host}:{s.grpc_port}")
+    else:
+        import tritonclient.http as mod
+
+        client = mod.InferenceServerClient(f"{s.host}:{s.http_port}", network_timeout=s.timeout)
+    r = client.infer("lm", _inputs(mod, s, prompt))
+    text = r.as_numpy("text_output").reshape(-1)[0]
+    piece(text.decode() if isinstance(text, bytes) else str(text), np.asarray(r.as_numpy("token_ids")).reshape(-1))
+    client.close()
+
+
+def _stream_grpc(s: ClientSettings, prompt: str, piece):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    q: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"{s.host}:{s.grpc_port}")
+    client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=s.timeout)
+    try:
+        client.async_stream_infer("lm_stream", _inputs(grpcclient, s, prompt), enable_empty_final_response=True)
+        while True:
+            result, error = q.get(timeout=s.timeout)
+            if error is not None:
+                raise RuntimeError(str(error))
+            final = result.get_response().parameters.get("triton_final_response")
+            text = result.as_numpy("text_output")
+            if text is not None:
+                t = text.reshape(-1)[0]
+                piece(t.decode() if isinstance(t, bytes) else str(t), result.as_numpy("token_ids").reshape(-1))
+            if final is not None and final.bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _generate_http(s: ClientSettings, prompt: str, piece):
+    import http.client
+
+    if s.protocol != "http":
+        raise UserError("the generate endpoints are HTTP only — use --protocol http")
+    conn = http.client.HTTPConnection(s.host, s.http_port, timeout=s.timeout)
+    path = "/v2/models/lm_stream/generate_stream" if s.stream else "/v2/models/lm/generate"
+    conn.request("POST", path, body=_gen_body(s, prompt), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    try:
+        if not s.stream:
+            body = json.loads(resp.read())
+            if resp.status != 200 or "error" in body:
+                raise RuntimeError(body.get("error", f"HTTP {resp.status}"))
+            piece(body["text_output"], body["token_ids"])
+            return
+        if resp.status != 200:
+            raise RuntimeError(json.loads(resp.read()).get("error", f"HTTP {resp.status}"))
+        for line in resp:  # server-sent events: "data: {...}" lines
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            ev = json.loads(line[5:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"])
+            ids = ev.get("token_ids", [])
+            piece(ev.get("text_output", ""), ids if isinstance(ids, list) else [ids])
+    finally:
+        conn.close()
+
+
+def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[int]], dict]:
+    """Greedy tokens of the in-process engine the server runs (engine/precision from the serve manifest)."""
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate_text
+    from lmopt.manifest import list_variants
+    from lmopt.models import load_tokenizer
+
+    variants = list_variants(s.artifacts, s.model, "serve")
+    if not variants:
+        raise UserError(f"no serve manifest for {s.model} under {s.artifacts} — run: make serve-repo")
+    if s.variant:
+        if s.variant not in variants:
+            raise UserError(f"no serve variant '{s.variant}' (have: {', '.join(variants)}) — pass one of them")
+        man = variants[s.variant]
+    else:
+        man = max(variants.values(), key=lambda m: m.get("created", ""))
+    device = "cuda" if man["device"] == "cuda" else "cpu"
+    engine = create_engine(man["engine"], s.model, man["precision"], device=device, artifacts=s.artifacts)
+    tok = load_tokenizer(s.model)
+    toks = []
+    for p in prompts:  # one at a time: the reference is batch 1
+        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_tokens,
+                                                                stop_strings=(s.stop,) if s.stop else ()))
+        toks.append(out.tokens[0])
+    engine.close()
+    return toks, man
+
+
+def run_client(*, settings: ClientSettings) -> dict:
+    s = settings
+    if s.protocol not in ("http", "grpc"):
+        raise UserError(f"unknown --protocol '{s.protocol}' — use http or grpc")
+    if s.api not in ("infer", "generate"):
+        raise UserError(f"unknown --api '{s.api}' — use infer or generate")
+    if s.api == "generate" and s.protocol != "http":
+        raise UserError("the generate endpoints are HTTP only — use --protocol http")
+    if s.stream and s.api == "infer" and s.protocol != "grpc":
+        raise UserError("streaming over the infer API needs gRPC — use --protocol grpc, or --api generate")
+    if s.check and s.temperature > 0:
+        raise UserError("--check compares greedy tokens — drop --temperature (or set it to 0)")
+    if not s.prompt:
+        raise UserError("no prompt — pass --prompt TEXT")
+    _check_server(s)
+    live = s.stream and s.concurrency == 1
+    lock = threading.Lock()
+
+    def one(p):
+        if live:
+            print(f"> {p}", end="", flush=True)
+        r = request_once(s, p, (lambda t: print(t, end="", flush=True)) if live else None)
+        with lock:
+            if live:
+                print()
+            elif r["error"] is None:
+                print(f"> {p}{r['text']}")
+            if r["error"]:
+                print(f"request failed: {r['error']}")
+            if r["ttft_s"] is not None:
+                print(f"  [{len(r['tokens'])} tokens, time to first token {r['ttft_s'] * 1e3:.1f} ms, "
+                      f"total {r['total_s'] * 1e3:.1f} ms]")
+        return r
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, s.concurrency)) as pool:
+        results = list(pool.map(one, s.prompt))
+    wall = time.perf_counter() - t0
+    failed = [r for r in results if r["error"]]
+    report = {"settings": asdict(s), "results": results, "wall_s": wall, "failed": len(failed)}
+    if s.check:
+        ref, man = reference_tokens(s, s.prompt)
+        same = [r["error"] is None and r["tokens"] == t for r, t in zip(results, ref)]
+        report["check"] = {"variant": man["variant"], "passed": all(same), "per_prompt": same, "reference": ref}
+        for p, ok, r, t in zip(s.prompt, same, results, ref):
+            if not ok:
+                print(f"  mismatch for {p!r}: served {r['tokens']} vs in-process {t}")
+        print(f"{'PASS' if all(same) else 'FAIL'}: served greedy tokens "
+              f"{'equal' if all(same) else 'differ from'} the in-process {man['engine']} {man['precision']} engine "
+              f"({sum(same)}/{len(same)} prompts)")
+    if s.out:
+        Path(s.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.out).write_text(json.dumps(report, indent=2) + "\n")
+        log.info("Saving results to %s", s.out)
+    return report
+
+
+def _check_server(s: ClientSettings) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://{s.host}:{s.http_port}/v2/health/ready", timeout=5)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"no ready Triton server at http://{s.host}:{s.http_port} ({getattr(e, 'reason', e)}) — "
+                        "start it: bash serve/run_triton.sh <model_repository>") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ClientSettings()
+    p.add_argument("--prompt", action="append", help=f"prompt text (repeat for several; default {d.prompt})")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--http-port", type=int, default=d.http_port)
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    p.add_argument("--protocol", default=d.protocol, help="http | grpc")
+    p.add_argument("--api", default=d.api, help="infer (KServe v2) | generate (HTTP generate endpoints)")
+    p.add_argument("--stream", action="store_true", help="stream tokens from lm_stream")
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stop", default=d.stop, help="stop string")
+    p.add_argument("--check", action="store_true", help="compare greedy tokens with the in-process engine")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--artifacts", default=d.artifacts)
+    p.add_argument("--variant", default=d.variant, help="serve variant for --check (default: newest)")
+    p.add_argument("--timeout", type=float, default=d.timeout)
+    p.add_argument("--out", default=d.out, help="write results JSON here")
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    vals = {f.name: getattr(args, f.name) for f in fields(ClientSettings)}
+    if vals["prompt"] is None:
+        vals["prompt"] = ClientSettings().prompt
+    report = run_client(settings=ClientSettings(**vals))
+    return 1 if report["failed"] or not report.get("check", {}).get("passed", True) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,315 @@
+"""Stage 4-5 (serve/): the real Triton server on free ports, started once for this module and stopped at the end.
+
+Unary and streaming requests over HTTP and gRPC (and the generate endpoints) must return the in-process engine's
+greedy tokens; the metrics port counts them; the dynamic batcher really batches; bad requests get an error naming
+the problem while the server keeps serving; a client that leaves mid-stream cancels its request; no process is left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_one_line_error, read_json, run_cli
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+RUN = REPO / "serve" / "run_triton.sh"
+VARIANT = "ort-fp32-cpu"
+CAP = 64  # --max-tokens-cap of the test repository
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class Server:
+    def __init__(self, artifacts: Path, repo: Path, tmp: Path):
+        self.artifacts, self.repo = artifacts, repo
+        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.pid_file = tmp / "triton.pid"
+        self.log = tmp / "triton.log"
+
+    def start(self):
+        proc = subprocess.run(["bash", str(RUN), str(self.repo), "--background", "--pid-file", str(self.pid_file),
+                               "--log-file", str(self.log), "--http-port", str(self.http), "--grpc-port",
+                               str(self.grpc), "--metrics-port", str(self.metrics), "--timeout", "240"],
+                              text=True, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"http://127.0.0.1:{self.http}" in proc.stdout and "lm_stream" in proc.stdout
+        self.pgid = int(self.pid_file.read_text())
+
+    def stop(self):
+        proc = subprocess.run(["bash", str(RUN), "stop", "--pid-file", str(self.pid_file)], text=True,
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def client_args(self, *extra: str) -> list[str]:
+        return ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--artifacts", str(self.artifacts),
+                "--variant", VARIANT, *extra]
+
+    def stats(self, model: str) -> dict:
+        return json.load(urllib.request.urlopen(self.url(f"/v2/models/{model}/stats")))["model_stats"][0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, artifacts, tmp_path_factory):
+    run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(artifacts), "--precision",
+            "fp32", "--max-tokens-cap", str(CAP), "--default-max-tokens", "8")
+    srv = Server(artifacts, artifacts / "tiny" / "serve" / VARIANT / "model_repository",
+                 tmp_path_factory.mktemp("triton"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        # the whole process group is gone: server and every backend stub
+        deadline = time.time() + 10
+        while _group_alive(srv.pgid) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = _group_alive(srv.pgid)
+        if alive:
+            os.killpg(srv.pgid, signal.SIGKILL)
+        assert not alive, "processes left after run_triton.sh stop"
+        assert not srv.pid_file.exists()
+
+
+def _http(mod_name="http"):
+    import tritonclient.grpc as g
+    import tritonclient.http as h
+
+    return h if mod_name == "http" else g
+
+
+def _inputs(mod, text, **opt):
+    dt = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
+          "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
+    ins = []
+    x = mod.InferInput("text_input", [1, 1], "BYTES")
+    x.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+    ins.append(x)
+    for k, v in opt.items():
+        t, npt = dt[k]
+        y = mod.InferInput(k, [1, 1], t)
+        y.set_data_from_numpy(np.array([[v]], dtype=npt))
+        ins.append(y)
+    return ins
+
+
+def _infer(server, text, protocol="http", **opt):
+    mod = _http(protocol)
+    c = mod.InferenceServerClient(f"127.0.0.1:{server.http if protocol == 'http' else server.grpc}")
+    try:
+        return c.infer("lm", _inputs(mod, text, **opt)).as_numpy("token_ids").reshape(-1).tolist()
+    finally:
+        c.close()
+
+
+def _post(server, path, body: bytes):
+    req = urllib.request.Request(server.url(path), data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_repository_is_generated_with_manifest(server):
+    folder = server.repo.parent
+    man = read_json(folder / "manifest.json")
+    assert man["stage"] == "serve" and man["precision"] == "fp32" and man["instance_kind"] == "KIND_CPU"
+    lm = (server.repo / "lm" / "config.pbtxt").read_text()
+    st = (server.repo / "lm_stream" / "config.pbtxt").read_text()
+    assert "decoupled: false" in lm and "decoupled: true" in st
+    assert "dynamic_batching" in lm and "kind: KIND_CPU" in lm
+    assert re.search(r'key: "max_tokens_cap" value: \{ string_value: "64" \}', lm)
+    assert (folder / "README.md").is_file()
+
+
+@pytest.mark.parametrize("mode", [
+    ["--protocol", "http"],                                   # KServe v2 infer over HTTP, unary
+    ["--protocol", "grpc"],                                   # unary over gRPC
+    ["--protocol", "grpc", "--stream"],                       # gRPC bidirectional stream, one response per token
+    ["--api", "generate", "--stream"],                        # HTTP generate_stream (server-sent events)
+])
+def test_served_greedy_tokens_equal_in_process_engine(server, mode):
+    proc = run_cli("serve/client/infer_client.py", *server.client_args(
+        *mode, "--check", "--max-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
+    assert "PASS: served greedy tokens equal the in-process ort fp32 engine (2/2 prompts)" in proc.stdout
+    assert "time to first token" in proc.stdout
+
+
+def test_streaming_sends_one_response_per_token_then_final(server):
+    import tritonclient.grpc as g
+
+    q: queue.Queue = queue.Queue()
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    c.async_stream_infer("lm_stream", _inputs(g, "The list", max_tokens=6), enable_empty_final_response=True)
+    responses = []
+    while True:
+        result, error = q.get(timeout=60)
+        assert error is None, error
+        final = result.get_response().parameters["triton_final_response"].bool_param
+        ids = result.as_numpy("token_ids")
+        responses.append((final, None if ids is None else ids.reshape(-1).tolist()))
+        if final:
+            break
+    c.stop_stream()
+    c.close()
+    tokens = [r[1] for r in responses if not r[0]]
+    assert all(len(t) == 1 for t in tokens) and len(tokens) == 6  # tiny does not emit EOS this early
+    assert responses[-1] == (True, None)
+    assert sum(tokens, []) == _infer(server, "The list", max_tokens=6)
+
+
+def test_sampling_settings_and_seed(server):
+    a = _infer(server, "The", max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = _infer(server, "The", max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    greedy = _infer(server, "The", max_tokens=10)
+    assert a == b and len(a) == 10
+    assert len(_infer(server, "The")) == 8  # default_max_tokens of the repository
+
+
+def test_metrics_count_requests(server):
+    def count():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics").read().decode()
+        m = re.search(r'^nv_inference_request_success\{model="lm",version="1"\} (\d+)', text, re.M)
+        return int(m.group(1)) if m else 0
+
+    before = count()
+    for i in range(3):
+        _infer(server, f"Count {i}", max_tokens=2)
+    deadline = time.time() + 10  # metrics are refreshed on an interval
+    while count() < before + 3 and time.time() < deadline:
+        time.sleep(0.5)
+    assert count() == before + 3
+
+
+def test_dynamic_batching_groups_concurrent_requests(server):
+    s0 = server.stats("lm")
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: _infer(server, f"Batch {i}", max_tokens=8), range(16)))
+    s1 = server.stats("lm")
+    n_inf = s1["inference_count"] - s0["inference_count"]
+    n_exec = s1["execution_count"] - s0["execution_count"]
+    assert all(len(o) == 8 for o in outs) and n_inf == 16
+    assert n_exec < n_inf, f"{n_exec} executions for {n_inf} requests: not batched"
+
+
+BAD_HTTP = [
+    ("empty prompt", "/v2/models/lm/generate", {"text_input": ""}, "empty prompt"),
+    ("prompt over context", "/v2/models/lm/generate", {"text_input": "word " * 600}, "exceeds the context length"),
+    ("max_tokens 0", "/v2/models/lm/generate", {"text_input": "x", "max_tokens": 0}, "max_tokens must be > 0"),
+    ("max_tokens negative", "/v2/models/lm_stream/generate_stream", {"text_input": "x", "max_tokens": -3},
+     "max_tokens must be > 0"),
+    ("max_tokens over cap", "/v2/models/lm/generate", {"text_input": "x", "max_tokens": CAP + 1},
+     f"above this server's cap of {CAP}"),
+    ("top_p out of range", "/v2/models/lm/generate", {"text_input": "x", "top_p": 1.5}, "top_p"),
+    ("wrong JSON type", "/v2/models/lm/generate", {"text_input": "x", "max_tokens": "many"}, "data"),
+    ("unknown model", "/v2/models/nope/generate", {"text_input": "x"}, "unknown model"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_HTTP, ids=[c[0] for c in BAD_HTTP])
+def test_bad_request_gets_error_naming_it(server, case):
+    _, path, body, needle = case
+    status, text = _post(server, path, json.dumps(body).encode())
+    assert status >= 400 or '"error"' in text, text
+    assert needle.lower() in text.lower(), text
+    assert len(_infer(server, "Still serving", max_tokens=2)) == 2
+
+
+def test_malformed_json_and_wrong_tensor_type_or_shape(server):
+    from tritonclient.utils import InferenceServerException
+    import tritonclient.grpc as g
+
+    status, text = _post(server, "/v2/models/lm/generate", b'{"text_input": "x", ')
+    assert status >= 400 and "JSON" in text  # Triton 2.51 answers 500 here, with the parse error
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    x = _inputs(g, "The")[0]
+    wrong_type = g.InferInput("max_tokens", [1, 1], "INT64")
+    wrong_type.set_data_from_numpy(np.array([[4]], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="max_tokens.*INT64.*expects 'INT32'"):
+        c.infer("lm", [x, wrong_type])
+    wrong_shape = g.InferInput("text_input", [1, 2], "BYTES")
+    wrong_shape.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="unexpected shape for input 'text_input'"):
+        c.infer("lm", [wrong_shape])
+    with pytest.raises(InferenceServerException, match="max_tokens 1000 is above"):
+        c.infer("lm", _inputs(g, "The", max_tokens=1000))
+    c.close()
+    assert len(_infer(server, "Still serving", protocol="grpc", max_tokens=2)) == 2
+
+
+def test_client_disconnect_mid_stream_cancels_request(server):
+    import tritonclient.grpc as g
+
+    q: queue.Queue = queue.Queue()
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    c.async_stream_infer("lm_stream", _inputs(g, "The", max_tokens=CAP), request_id="leaves-early")
+    for _ in range(2):
+        result, error = q.get(timeout=60)
+        assert error is None
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    # an HTTP SSE client that closes its socket after the first event
+    s = socket.create_connection(("127.0.0.1", server.http))
+    body = json.dumps({"text_input": "The", "max_tokens": CAP}).encode()
+    s.sendall(b"POST /v2/models/lm_stream/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert b"data:" in s.recv(4096)
+    s.close()
+    deadline = time.time() + 30
+    pat = re.compile(r"request 'leaves-early' cancelled after (\d+) tokens")
+    while not pat.search(server.log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    m = pat.search(server.log.read_text())
+    assert m and int(m.group(1)) < CAP, "the server generated the whole answer for a client that left"
+    assert len(_infer(server, "Still serving", max_tokens=2)) == 2
+
+
+def test_user_errors_are_one_line(tmp_path):
+    proc = run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(tmp_path / "a"),
+                   "--precision", "fp32", check=False)
+    assert_one_line_error(proc, "export/fp32/manifest.json", "make export")
+    assert not list((tmp_path / "a").rglob("model_repository"))
+    proc = run_cli("serve/make_model_repository.py", "--engine", "onnx", check=False)
+    assert_one_line_error(proc, "unknown --engine")
+    proc = subprocess.run(["bash", str(RUN), str(tmp_path / "none")], text=True, capture_output=True)
+    assert_one_line_error(proc, "does not exist", "make serve-repo")
+    port = _free_ports(1)[0]
+    proc = run_cli("serve/client/infer_client.py", "--http-port", str(port), check=False)
+    assert_one_line_error(proc, "no ready Triton server", "run_triton.sh")
