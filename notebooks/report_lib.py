@@ -218,6 +218,12 @@ def _plt():
     return plt
 
 
+def MaxNLocator(**kw):
+    from matplotlib.ticker import MaxNLocator as _M
+
+    return _M(**kw)
+
+
 def _label_of(doc: dict) -> str:
     return str((doc.get("settings") or {}).get("label") or "default")
 
@@ -265,6 +271,7 @@ def plot_serving_throughput(sources: list[Source], params: Params) -> bool:
         ax_l.set_xlabel("concurrency (requests in flight)")
         ax_l.set_ylabel("p95 end-to-end latency (ms)")
         for ax in (ax_t, ax_l):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(title="server config", fontsize=8)
             ax.set_ylim(bottom=0)
     first = sources[0].doc
@@ -357,6 +364,7 @@ def plot_streaming(sources: list[Source], params: Params) -> bool:
                      (axes[1], "inter-token latency", "ITL (ms)"),
                      (axes[2], "output tokens per second (all streams)", "output throughput (tokens/s)")):
         ax.set_title(t)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("concurrency (streams in flight)")
         ax.set_ylabel(y)
         ax.set_ylim(bottom=0)
