@@ -113,7 +113,7 @@ instance_group [ {{ count: {s.instances} kind: {kind} }} ]
 
 def make_repository(*, settings: RepoSettings) -> dict:
     from lmopt.engines import ENGINES, PRECISIONS, find_onnx, onnx_file
-    from lmopt.manifest import file_entry, load_stage, package_versions, write_manifest
+    from lmopt.manifest import file_entry, list_variants, package_versions, write_manifest
     from lmopt.models import load_tokenizer
     from lmopt.paths import REPO_ROOT, check_writable, model_slug, stage_dir, staging_dir
 
@@ -139,8 +139,18 @@ def make_repository(*, settings: RepoSettings) -> dict:
         inputs["onnx"] = file_entry(onnx_file(folder, man))
         inputs["onnx_manifest"] = str(folder / "manifest.json")
     elif s.engine == "trt":
-        folder, _ = load_stage(s.artifacts, s.model, "engine", f"trt11-{precision}")
-        inputs["engine_manifest"] = str(folder / "manifest.json")
+        if s.device != "cuda":
+            raise UserError("TensorRT engines run on the GPU — add --device cuda")
+        # the server picks the engine of the installed TensorRT version (TrtEngine.from_artifacts); here we only
+        # check that stage 3 produced one of this precision, through the manifests
+        found = {v: m for v, m in list_variants(s.artifacts, s.model, "engine").items()
+                 if m.get("precision") == precision and m.get("engine") == "tensorrt"}
+        if not found:
+            model_arg = "" if s.model == "tiny" else f" MODEL={s.model}"
+            raise UserError(f"no {precision} TensorRT engine under {stage_dir(s.artifacts, s.model, 'engine', '')} — "
+                            f"run: make engine{model_arg}")
+        inputs["engine_manifests"] = [str(stage_dir(s.artifacts, s.model, "engine", v) / "manifest.json")
+                                      for v in sorted(found)]
     tok = load_tokenizer(s.model)  # fails here, with one line, rather than inside the server
 
     variant = f"{s.engine}-{precision}-{'gpu' if s.device == 'cuda' else 'cpu'}"
