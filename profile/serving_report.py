@@ -120,7 +120,7 @@ def _section(folder: Path) -> str:
                     f"concurrency {c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x requests/s at p95 "
                     f"{c['p95_ms_on']:.1f} ms (on) vs {c['p95_ms_off']:.1f} ms (off). It holds at concurrency "
                     f"{', '.join(f'{x:g}' for x in held) or 'none'}; not at {', '.join(f'{x:g}' for x in failed) or 'none'}"
-                    + (" (at concurrency 1 there is nothing to batch: the batcher's queue delay is pure cost)."
+                    + (" (with one request in flight there is nothing to batch: one request per execution)."
                        if 1 in failed else "."), ""]
     over = cmp_doc["summary"].get("overhead_c1") or {}
     if over:
