@@ -1,11 +1,13 @@
 # The pipeline, stage by stage. Targets are the stages' manifests, so `make` reruns only what is stale.
 #   make demo    - create .venv, install pinned requirements, run every stage on the built-in model, print a summary
 #   make test    - same setup, then the test suite
-# Variables: MODEL (default tiny), ART (artifacts root), PYTHON (interpreter that creates .venv)
+# Variables: MODEL (default tiny), ART (artifacts root), PYTHON (interpreter that creates .venv),
+#            NSYS=0 to decline the Nsight Systems install (profiling then uses the PyTorch profiler)
 
 MODEL   ?= tiny
 ART     ?= artifacts
 PYTHON  ?= python3
+NSYS    ?= 1
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
@@ -14,7 +16,7 @@ A       := $(ART)/$(MODEL)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
-        readme-tables summary clean help
+        readme-tables publish-results summary clean help setup-nsys
 
 help:
 	@sed -n '1,5p' Makefile
@@ -33,10 +35,11 @@ $(A)/export/fp32/manifest.json: $(STAMP)
 export: $(A)/export/fp32/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
-$(A)/quantize/.int8.done: $(A)/export/fp32/manifest.json
+# one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
+$(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json &: \
+		$(A)/export/fp32/manifest.json
 	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)
-	@touch $@
-quantize: $(A)/quantize/.int8.done
+quantize: $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json
 
 $(A)/quantize/fp16/manifest.json: $(A)/export/fp32/manifest.json
 	$(PY) convert/convert_fp16.py --model $(MODEL) --artifacts $(ART)
@@ -54,10 +57,17 @@ serve-demo: serve-repo
 	bash serve/demo.sh $(MODEL) $(ART)
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
+# BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16
-	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART)
-profile: export
+	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
+publish-results: $(STAMP)
+	$(PY) profile/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
+# Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines
+setup-nsys:
+	@NSYS=$(NSYS) bash profile/setup_nsys.sh
+profile: export setup-nsys
 	$(PY) profile/run_nsys_profile.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/nsys_nvtx_overhead.py --model $(MODEL) --artifacts $(ART)
 
 # ---- stage 4-5: benchmark the served model (two Triton servers: dynamic batching on / off) -----------------------
 .PHONY: serve-bench serve-bench-publish
@@ -68,10 +78,11 @@ serve-bench-publish: $(STAMP)
 
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
-diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py $(STAMP)
+diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/pipeline_architecture.txt $(STAMP)
 	$(PY) diagrams/pipeline_architecture.py
+# MACHINE=<tag>: plot the committed results/<tag>/<model>/ instead of this machine's artifacts
 notebook: $(STAMP)
-	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART)
+	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
 readme-tables: $(STAMP)
 	$(PY) profile/update_readme.py --artifacts $(ART)
 
@@ -80,7 +91,7 @@ summary: $(STAMP)
 
 demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary
 
-test: setup
+test: setup setup-nsys
 	$(PY) -m pytest -q tests
 
 clean:

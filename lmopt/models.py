@@ -126,12 +126,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         cfg = load_config(spec)
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     else:
         cfg = load_config(spec)
         check_supported(cfg, spec)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(m.path) if m.path else spec, torch_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(m.path) if m.path else spec, dtype=torch_dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load weights of '{spec}' ({_first_line(e)}) — pass a folder with "
                             "model.safetensors or pytorch_model.bin")

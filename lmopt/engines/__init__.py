@@ -83,10 +83,30 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         max_pos = man.get("model_shape", {}).get("max_positions") or model_shape(load_config(model))["max_positions"]
         return OrtEngine(onnx_file(folder, man), precision, device, threads, variant=folder.name,
                          max_positions=max_pos, **kwargs)
+    reason = trt_unavailable_reason(device)
+    if reason:
+        raise UserError(f"cannot run engine 'trt': {reason}")
     from .trt_engine import TrtEngine  # noqa: PLC0415  (needs the tensorrt package)
 
     return TrtEngine.from_artifacts(artifacts, model, precision, **kwargs)
 
 
+def trt_unavailable_reason(device: str = "cuda") -> str | None:
+    """Why TensorRT engines cannot run here (one line with the fix), or None when they can be tried."""
+    import importlib.util
+
+    if not device.startswith("cuda"):
+        return "TensorRT needs an NVIDIA GPU — pass --device cuda on a GPU machine"
+    try:
+        have_trt = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):
+        have_trt = False
+    if not have_trt:
+        return "TensorRT not installed — pip install tensorrt-cu13 from NVIDIA's package index (or use an NGC container)"
+    if importlib.util.find_spec(__name__ + ".trt_engine") is None:
+        return "this checkout has no TensorRT runtime (lmopt/engines/trt_engine.py)"
+    return None
+
+
 __all__ = ["Engine", "EngineInfo", "ENGINES", "PRECISIONS", "create_engine", "find_onnx", "onnx_file",
-           "read_manifest"]
+           "read_manifest", "trt_unavailable_reason"]

@@ -40,5 +40,9 @@ class Engine:
     def close(self) -> None:
         """Free the engine itself."""
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (0 = unknown); used for the memory-bandwidth floor."""
+        return 0
+
     def synchronize(self) -> None:
         """Wait for queued device work (timers call this)."""

@@ -30,6 +30,7 @@ def make_session(path: str | os.PathLike, device: str = "cpu", threads: int | No
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     if optimized_model_path:
         so.optimized_model_filepath = str(optimized_model_path)
     for k, v in (extra_config or {}).items():
@@ -69,6 +70,7 @@ class OrtEngine(Engine):
         vocab = self.session.get_outputs()[0].shape[-1]
         self.info = EngineInfo("ort", precision, device, variant, str(onnx_path), max_positions,
                                int(vocab) if isinstance(vocab, int) else -1)
+        self.onnx_path = Path(onnx_path)
 
     # --- CPU path: numpy in, numpy out -------------------------------------------------------------
     def _feeds(self, input_ids, attention_mask, position_ids):
@@ -101,7 +103,6 @@ class OrtEngine(Engine):
         outs = io.get_outputs()
         with nvtx_range("d2h"):
             logits = outs[0].numpy()[:, -1, :].astype(np.float32)
-        del ort
         return logits, outs[1:]
 
     def prefill(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, Any]:
@@ -120,6 +121,17 @@ class OrtEngine(Engine):
         if self.device.startswith("cuda"):
             return self._run_cuda(feeds, state)
         return self._run_cpu(feeds, state)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the graph's initializers on disk (model.onnx + external data): read once per decode step."""
+        files = [self.onnx_path, *self.onnx_path.parent.glob(self.onnx_path.name + "_data"),
+                 *self.onnx_path.parent.glob(self.onnx_path.name + ".data")]
+        return sum(f.stat().st_size for f in files if f.is_file())
+
+    def release(self, state) -> None:
+        # drop the references so device OrtValues go back to the arena before the next generation
+        if isinstance(state, list):
+            state.clear()
 
     def close(self) -> None:
         del self.session

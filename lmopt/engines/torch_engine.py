@@ -11,6 +11,7 @@ from .base import Engine, EngineInfo
 
 
 class TorchEngine(Engine):
+    extra: dict = {}  # extra forward kwargs; class default keeps engines built with __new__ (export validation) working
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
         import torch
 
@@ -22,6 +23,12 @@ class TorchEngine(Engine):
         self.model = load_model(model, dtype=dtype, device=device)
         shape = model_shape(self.model.config)
         self.info = EngineInfo("torch", precision, device, "hf", model, shape["max_positions"], shape["vocab_size"])
+        # only the last position's logits are used: skip the LM head elsewhere, as HF generate() does
+        # (matters for TTFT with a large vocabulary); older/other architectures lack the argument
+        import inspect
+
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters \
+            else {}
 
     def _run(self, input_ids, attention_mask, position_ids, past):
         t = self.torch
@@ -31,15 +38,15 @@ class TorchEngine(Engine):
                 mask = t.from_numpy(attention_mask).to(self.device)
                 pos = t.from_numpy(position_ids).to(self.device)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                             use_cache=True)
+                             use_cache=True, **self.extra)
             with nvtx_range("d2h"):
                 logits = out.logits[:, -1, :].float().cpu().numpy()
         return logits, out.past_key_values
 
     def prefill(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, Any]:
-        from transformers import DynamicCache
-
-        return self._run(input_ids, attention_mask, position_ids, DynamicCache())
+        # past_key_values=None + use_cache lets the model build its own cache: the same call works on
+        # transformers 4.57 (CPU CI) and 5.x (the GPU machines), whose DynamicCache constructors differ
+        return self._run(input_ids, attention_mask, position_ids, None)
 
     def decode(self, state, input_ids, attention_mask, position_ids):
         return self._run(input_ids, attention_mask, position_ids, state)
@@ -48,5 +55,11 @@ class TorchEngine(Engine):
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
+    def weight_bytes(self) -> int:
+        """Bytes of parameters read per decode step (the memory-bandwidth floor's numerator)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def close(self) -> None:
         del self.model
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()

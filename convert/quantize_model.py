@@ -1,0 +1,439 @@
+"""Stage 2: INT8 Q/DQ quantization with calibration, an automatic accuracy budget and a fallback check.
+
+    python convert/quantize_model.py --model tiny                        # both INT8 graphs, 1% perplexity budget
+    python convert/quantize_model.py --model tiny --max-ppl-increase 0.1 # stricter: the sensitivity sweep picks
+                                                                         # which MatMul groups stay FP32
+    python convert/quantize_model.py --model tiny --target onnxruntime --method entropy --calib-text my.txt
+    python convert/quantize_model.py --model tiny --compare-quantizers  # ModelOpt vs ONNX Runtime for TensorRT
+
+Reads:  artifacts/<model>/export/fp32/{manifest.json, model.onnx, tokenizer}  (stage 1, hash-checked)
+        calibration text: --calib-text FILE or the built-in calibration split (data/calib.txt)
+        evaluation text: always the built-in held-out split (data/eval.txt), never the calibration text
+Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.json}    for TensorRT (S8S8)
+        artifacts/<model>/quantize/int8-cpu-u8s8-<method>/{model.onnx, manifest.json}   for ONNX Runtime CPU (U8S8)
+        with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
+
+Why two INT8 graphs: TensorRT needs symmetric int8 Q/DQ pairs on MatMul inputs; ONNX Runtime's AVX2 CPU kernels
+are U8S8 and leave signed-activation MatMuls in float with a DequantizeLinear on every call (README, Stage 2).
+
+Calibration: N windows x sequence length from the text, each fed as a prefill and as a second half with the KV cache
+of its first half (the past_key_values paths need ranges too). Methods minmax / entropy / percentile.
+Accuracy budget: when INT8 perplexity rises more than --max-ppl-increase percent over FP32, every MatMul group
+(a decoder layer, or the LM head) is kept in FP32 alone and re-scored; the most sensitive groups are then kept in
+FP32, fewest first, until the budget holds. If none meets it, exit 1 and write nothing.
+Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
+share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmopt.errors import UserError, cli_main  # noqa: E402
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+
+log = get_logger("quantize")
+
+TARGETS = ("all", "tensorrt", "onnxruntime")
+QUANTIZERS = ("ort", "modelopt")
+
+
+@dataclass
+class QuantizeSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    target: str = "all"                # which INT8 graphs: all | tensorrt | onnxruntime
+    quantizer: str = "ort"             # TensorRT graph made by ONNX Runtime's QDQ quantizer or NVIDIA ModelOpt
+    method: str = "minmax"             # calibration: minmax | entropy | percentile
+    calib_text: str | None = None      # None = built-in calibration split
+    calib_samples: int = 16
+    calib_seq_len: int = 128
+    eval_samples: int = 8              # held-out windows for perplexity / top-1 / |Δlogits|
+    eval_seq_len: int = 128
+    greedy_prompts: int = 4
+    greedy_tokens: int = 32
+    max_ppl_increase: float = 1.0      # percent, relative to FP32 perplexity
+    max_excluded: int = -1             # most MatMul groups the budget may keep in FP32 (-1 = half of them)
+    sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
+    exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
+    compare_quantizers: bool = False
+    speed_check: bool = False          # time ORT FP32 vs the CPU INT8 graph (64 decode tokens) into the manifest
+    threads: int = 0
+
+
+def check_settings(s: QuantizeSettings) -> None:
+    if not (s.max_ppl_increase >= 0):  # also catches NaN
+        raise UserError(f"--max-ppl-increase must be a percentage >= 0 (got {s.max_ppl_increase})")
+    for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "greedy_prompts",
+                 "greedy_tokens"):
+        if getattr(s, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
+    if s.calib_seq_len < 2:
+        raise UserError("--calib-seq-len must be >= 2 (a prefill and a KV-cache half are fed)")
+    if s.quantizer == "modelopt" and s.target == "onnxruntime":
+        raise UserError("--quantizer modelopt makes the TensorRT graph only — use --target tensorrt")
+    for p in s.exclude:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"--exclude {p!r} is not a valid regular expression ({e})") from None
+
+
+def variant_name(target: str, s: QuantizeSettings) -> str:
+    from lmopt.quantization import PRESETS
+
+    q = "-modelopt" if target == "tensorrt" and s.quantizer == "modelopt" else ""
+    return f"{PRESETS[target].prefix}{q}-{s.method}"
+
+
+def sweep_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
+    """MatMul groups the sensitivity sweep ranks: one per decoder layer (+ LM head), or one per MatMul."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = re.search(r"(?:layers|h)\.(\d+)/", n)
+        key = n if granularity == "node" or not m else f"layer {m.group(1)}"
+        groups.setdefault(key, []).append(n)
+    return groups
+
+
+class _Target:
+    """Makes candidate INT8 graphs of one target into a scratch folder and scores them."""
+
+    def __init__(self, target, s, fp32_path, feeds, evaluator, work: Path, calibrations: dict):
+        from lmopt.quantization import PRESETS
+
+        self.target, self.s, self.fp32_path, self.feeds, self.ev = target, s, fp32_path, feeds, evaluator
+        self.preset = PRESETS[target]
+        self.work, self.calibrations, self.n = work, calibrations, 0
+        self.use_modelopt = target == "tensorrt" and s.quantizer == "modelopt"
+
+    def calibration(self):
+        from tqdm import tqdm
+
+        from lmopt.quantization import Calibration
+
+        key = (self.s.method, self.preset.activation_symmetric)
+        if key not in self.calibrations:
+            with timed(log, f"calibration ({self.s.method}, {len(self.feeds)} feeds)"), \
+                    tqdm(total=len(self.feeds), desc="calibration", unit="feed", leave=False) as bar:
+                self.calibrations[key] = Calibration(self.fp32_path, self.feeds, self.s.method,
+                                                     self.preset.activation_symmetric, bar)
+        return self.calibrations[key]
+
+    def make(self, exclude: list[str]) -> Path:
+        self.n += 1
+        out = self.work / f"{self.target}-{self.n}.onnx"
+        if self.use_modelopt:
+            from tqdm import tqdm
+
+            from lmopt.quantization import modelopt_quantize
+
+            with tqdm(total=len(self.feeds), desc="ModelOpt calibration", unit="feed", leave=False) as bar:
+                modelopt_quantize(self.fp32_path, self.feeds, self.s.method, exclude, out, bar)
+        else:
+            self.calibration().quantize(self.preset, exclude, out)
+        return out
+
+
+def quantize(*, settings: QuantizeSettings) -> dict:
+    """Build the INT8 variants of `settings.target`; returns {variant: manifest}. Nothing is written unless every
+    requested variant meets the accuracy budget and runs MatMuls in INT8."""
+    from lmopt.data import builtin_text, read_text, token_windows
+    from lmopt.engines import find_onnx, onnx_file
+    from lmopt.engines.ort_engine import make_session
+    from lmopt.manifest import file_entry, package_versions, write_manifest
+    from lmopt.paths import check_writable, stage_dir, staging_dir
+    from lmopt.quantization import (ALWAYS_EXCLUDE, PRESETS, Evaluator, accuracy_table, calibration_feeds,
+                                    int8_coverage, matmul_nodes, pick_nodes, qdq_coverage)
+    from lmopt.validate import Checklist
+
+    s = settings
+    check_settings(s)
+    check_writable(s.artifacts)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
+    fp32_path = onnx_file(src_folder, src_man)     # size + sha256 against the export manifest
+    shape = src_man.get("model_shape", {})
+    calib_text, calib_source = read_text(s.calib_text, "calib")
+    if not calib_text.strip():
+        raise UserError(f"calibration text {calib_source} is empty — pass a text file with at least "
+                        f"{s.calib_samples * s.calib_seq_len} tokens, or omit --calib-text")
+    import onnx
+    from transformers import AutoTokenizer
+
+    fp32_session = make_session(fp32_path, threads=s.threads or None)   # a corrupt graph fails here, in one line
+    tokenizer = AutoTokenizer.from_pretrained(str(src_folder))
+
+    calib_windows = token_windows(tokenizer, calib_text, s.calib_samples, s.calib_seq_len, f"calibration text "
+                                  f"({calib_source})")
+    eval_windows = token_windows(tokenizer, builtin_text("eval"), s.eval_samples, s.eval_seq_len, "evaluation text")
+    prompts = [w[:16] for w in eval_windows[: s.greedy_prompts]]
+    with timed(log, "calibration feeds (prefill + KV cache)", timings, "calibration_feeds_s"):
+        feeds = calibration_feeds(fp32_session, calib_windows)
+    with timed(log, "FP32 reference (perplexity, greedy tokens)", timings, "fp32_reference_s"):
+        ev = Evaluator(fp32_path, eval_windows, prompts, s.greedy_tokens, shape.get("max_positions", 2048))
+    log.info("FP32 perplexity on %d held-out tokens: %.4f", sum(len(w) for w in eval_windows), ev.ref_ppl)
+
+    names = matmul_nodes(onnx.load(str(fp32_path), load_external_data=False))
+    forced = pick_nodes(names, [ALWAYS_EXCLUDE.pattern])
+    user = pick_nodes(names, s.exclude)
+    if s.exclude and not user:
+        raise UserError(f"--exclude {' '.join(s.exclude)} matches no MatMul/Gemm node — node names look like "
+                        f"{names[0]!r}")
+    base_excl = sorted(set(forced) | set(user))
+    targets = ["tensorrt", "onnxruntime"] if s.target == "all" else [s.target]
+    if s.compare_quantizers:
+        return compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man)
+
+    results = {}
+    calibrations: dict = {}
+    with tempfile.TemporaryDirectory(prefix="lmopt-quant-") as work:
+        for target in targets:
+            t0 = time.perf_counter()
+            tg = _Target(target, s, fp32_path, feeds, ev, Path(work), calibrations)
+            res = budget_search(tg, names, base_excl, ev, s)
+            coverage = {"onnxruntime": int8_coverage(res["path"], shape, s.eval_seq_len),
+                        "tensorrt": qdq_coverage(res["path"], shape, s.eval_seq_len)}
+            with timed(log, f"{target}: accuracy report"):
+                acc = ev.full(res["path"])
+            res.update(accuracy=acc, coverage=coverage, seconds=round(time.perf_counter() - t0, 2))
+            if s.speed_check and target == "onnxruntime":
+                from lmopt.quantization import decode_speed
+
+                with timed(log, "speed check (ORT FP32 vs INT8 decode)"):
+                    res["speed"] = decode_speed(fp32_path, res["path"], eval_windows[0][:32], 64, 3,
+                                                s.threads or None, shape.get("max_positions", 2048))
+                log.info("decode ms/token: FP32 %.2f, INT8 %.2f (%.2fx)", res["speed"]["median_ms"]["fp32"],
+                         res["speed"]["median_ms"]["int8"], res["speed"]["int8_speedup"])
+            results[target] = res
+
+        rows = {"fp32": {"ppl": round(ev.ref_ppl, 4), "ppl_increase_pct": 0.0, "top1_agreement": 1.0,
+                         "max_abs_dlogits": 0.0, "greedy_agreement": 1.0}}
+        rows.update({variant_name(t, s): r["accuracy"] for t, r in results.items()})
+        print(accuracy_table(rows), flush=True)
+
+        failures = []
+        checklists = {}
+        for target, r in results.items():
+            own = r["coverage"][target]
+            ck = Checklist(f"quantize validation ({variant_name(target, s)} vs FP32)")
+            ck.add("perplexity increase % within budget", r["accuracy"]["ppl_increase_pct"] <= s.max_ppl_increase,
+                   r["accuracy"]["ppl_increase_pct"], s.max_ppl_increase,
+                   f"{len(r['budget_exclusions'])} group(s) kept FP32 by the budget")
+            ck.add(f"MatMuls running INT8 on {target}", own["matmuls_int8"] > 0,
+                   f"{own['matmuls_int8']}/{own['matmuls_int8'] + own['matmuls_float']}", None,
+                   f"{100 * own['int8_flop_fraction']:.1f}% of MatMul FLOPs per token")
+            ck.print(log)
+            checklists[target] = ck
+            if not r["met"]:
+                failures.append(f"{target}: best Δppl {r['accuracy']['ppl_increase_pct']:+.3f}% > budget "
+                                f"{s.max_ppl_increase}% with {len(r['budget_exclusions'])} group(s) in FP32 "
+                                f"(at most {r['max_excluded']} allowed)")
+            elif own["matmuls_int8"] == 0:
+                failures.append(f"{target}: no MatMul runs in INT8 (all fell back to float)")
+        if failures:
+            raise UserError("no INT8 model written — " + "; ".join(failures) + " — raise --max-ppl-increase or "
+                            "--max-excluded, or try --method entropy/percentile")
+
+        # a quantizer that edits its input would silently invalidate stage 1 (ModelOpt did): a bug, so a traceback
+        src_entry = src_man.get("outputs", {}).get("files", {}).get(fp32_path.name)
+        if src_entry and file_entry(fp32_path)["sha256"] != src_entry["sha256"]:
+            raise RuntimeError(f"{fp32_path} changed during quantization")
+        manifests = {}
+        for target, r in results.items():
+            variant = variant_name(target, s)
+            final = stage_dir(s.artifacts, s.model, "quantize", variant)
+            with staging_dir(final) as tmp:
+                model_out = tmp / "model.onnx"
+                Path(r["path"]).replace(model_out)
+                log.info("Saving ONNX model to %s", final / "model.onnx")
+                payload = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
+                manifest = {
+                    "stage": "quantize", "variant": variant, "model": src_man.get("model", s.model),
+                    "precision": "int8", "targets": list(PRESETS[target].targets),
+                    # the pipeline's own choice per precision+target; other methods/quantizers are for comparison
+                    "default": s.method == QuantizeSettings.method and s.quantizer == QuantizeSettings.quantizer,
+                    "quantizer": "modelopt" if (target == "tensorrt" and s.quantizer == "modelopt")
+                    else "onnxruntime.quantization QDQQuantizer",
+                    "preset": asdict(PRESETS[target]),
+                    "outputs": {"onnx": "model.onnx", "files": {n: file_entry(tmp / n) for n in payload}},
+                    "model_shape": shape,
+                    "inputs": {"onnx": file_entry(fp32_path), "export_manifest": str(src_folder / "manifest.json"),
+                               "calibration_text": calib_source, "evaluation_text": "builtin:eval"},
+                    "settings": asdict(s),
+                    "versions": package_versions("onnx", "onnxruntime", "nvidia-modelopt", "transformers"),
+                    "timings_s": {**timings, f"{target}_total_s": r["seconds"],
+                                  "stage_total_s": round(time.perf_counter() - t_start, 2)},
+                    "validation": checklists[target].to_dict(),
+                    "accuracy": r["accuracy"],
+                    "exclusions": {"always": forced, "user": user, "budget": r["budget_exclusions"],
+                                   "all": r["exclude"]},
+                    "sensitivity": r["sweep"],
+                    "int8_fallback": r["coverage"],
+                    "speed_check": r.get("speed"),
+                }
+                write_manifest(tmp, manifest)
+            manifests[variant] = manifest
+            log.info("%s: %s", variant, final)
+    return manifests
+
+
+def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: QuantizeSettings) -> dict:
+    """Full INT8 first; if it breaks the budget, a leave-one-group-in-FP32 sweep ranks the groups and the most
+    sensitive are kept in FP32, fewest first, until the budget holds."""
+    from tqdm import tqdm
+
+    with timed(log, f"{tg.target}: quantize + score"):
+        path = tg.make(base_excl)
+        ppl = ev.ppl(path)
+    d = ev.delta_pct(ppl)
+    log.info("%s: INT8 perplexity %.4f (%+.3f%% vs FP32 %.4f; budget %.3f%%)", tg.target, ppl, d, ev.ref_ppl,
+             s.max_ppl_increase)
+    groups = sweep_groups([n for n in names if n not in base_excl], s.sweep_granularity)
+    max_excl = len(groups) // 2 if s.max_excluded < 0 else min(s.max_excluded, len(groups))
+    out = {"path": path, "exclude": base_excl, "budget_exclusions": [], "met": d <= s.max_ppl_increase,
+           "max_excluded": max_excl,
+           "sweep": {"ran": False, "reason": "full INT8 met the budget", "full_int8_ppl_increase_pct": round(d, 4)}}
+    if out["met"]:
+        return out
+    if max_excl == 0:
+        out["sweep"] = {"ran": False, "reason": "--max-excluded 0", "full_int8_ppl_increase_pct": round(d, 4)}
+        return out
+
+    table = []
+    t0 = time.perf_counter()
+    for g, members in tqdm(groups.items(), desc=f"sensitivity sweep ({tg.target})", unit="group"):
+        p = ev.ppl(tg.make(base_excl + members))
+        table.append({"group": g, "nodes": len(members), "ppl_with_group_fp32": round(p, 4),
+                      "ppl_increase_pct": round(ev.delta_pct(p), 4)})
+    table.sort(key=lambda r: r["ppl_increase_pct"])   # most sensitive first: keeping it FP32 helps most
+    steps = []
+    best = (d, path, [])
+    for k in range(1, max_excl + 1):
+        chosen = [r["group"] for r in table[:k]]
+        excl = base_excl + [n for g in chosen for n in groups[g]]
+        p_path = tg.make(excl)
+        dk = ev.delta_pct(ev.ppl(p_path))
+        steps.append({"kept_fp32": chosen, "ppl_increase_pct": round(dk, 4)})
+        log.info("%s: %d group(s) in FP32 (%s): %+.3f%%", tg.target, k, ", ".join(chosen), dk)
+        if dk < best[0]:
+            best = (dk, p_path, chosen)
+        if dk <= s.max_ppl_increase:
+            best = (dk, p_path, chosen)
+            out.update(path=p_path, exclude=excl, budget_exclusions=chosen, met=True)
+            break
+    else:
+        out.update(path=best[1], budget_exclusions=best[2],
+                   exclude=base_excl + [n for g in best[2] for n in groups[g]])
+    out["sweep"] = {"ran": True, "granularity": s.sweep_granularity, "full_int8_ppl_increase_pct": round(d, 4),
+                    "table": table, "steps": steps, "chosen_exclusions": out["budget_exclusions"],
+                    "seconds": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> dict:
+    """TensorRT graph from ModelOpt vs ONNX Runtime's QDQ quantizer: accuracy, time, what ORT runs in INT8."""
+    from lmopt.manifest import file_entry, machine_info, now_iso, package_versions
+    from lmopt.paths import stage_dir
+    from lmopt.quantization import PRESETS, Calibration, int8_coverage, modelopt_quantize, qdq_coverage
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="lmopt-cmp-") as work:
+        for q in QUANTIZERS:
+            out = Path(work) / f"{q}.onnx"
+            t0 = time.perf_counter()
+            if q == "ort":
+                Calibration(fp32_path, feeds, s.method, True).quantize(PRESETS["tensorrt"], base_excl, out)
+            else:
+                modelopt_quantize(fp32_path, feeds, s.method, base_excl, out)
+            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ev.ppl(out)
+            t_eval = time.perf_counter() - t1
+            rows[q] = {"quantize_s": round(dt, 2), "accuracy": ev.full(out),
+                       "ort_cpu_ppl_eval_s": round(t_eval, 3),
+                       "int8_on_onnxruntime_cpu": int8_coverage(out, shape, s.eval_seq_len),
+                       "int8_on_tensorrt_graph": qdq_coverage(out, shape, s.eval_seq_len),
+                       "bytes": Path(out).stat().st_size}
+            log.info("%s: %.1f s, Δppl %+.3f%%, ORT INT8 MatMuls %d/%d", q, dt, rows[q]["accuracy"]["ppl_increase_pct"],
+                     rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"],
+                     rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"]
+                     + rows[q]["int8_on_onnxruntime_cpu"]["matmuls_float"])
+    result = {"kind": "quantizer-comparison", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+              "machine": machine_info(),
+              "versions": package_versions("onnx", "onnxruntime", "nvidia-modelopt"),
+              "model": src_man.get("model", s.model), "model_shape": shape, "input": file_entry(fp32_path),
+              "settings": asdict(s), "preset": asdict(PRESETS["tensorrt"]), "excluded": base_excl,
+              "note": "ort_cpu_ppl_eval_s times the same perplexity pass on ONNX Runtime CPU; ModelOpt's graph keeps "
+                      "MatMuls float with DequantizeLinear on ORT CPU, which is fine for TensorRT",
+              "quantizers": rows}
+    folder = stage_dir(s.artifacts, s.model, "profile", "quantize")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "quantizer-comparison.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("Saving result to %s", path)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = QuantizeSettings()
+    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    p.add_argument("--target", default=d.target, choices=TARGETS, help="which INT8 graph(s) to build")
+    p.add_argument("--quantizer", default=d.quantizer, choices=QUANTIZERS,
+                   help="who makes the TensorRT graph (the CPU graph is always ONNX Runtime's)")
+    p.add_argument("--method", default=d.method, choices=("minmax", "entropy", "percentile"),
+                   help="calibration method")
+    p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
+    p.add_argument("--greedy-prompts", type=int, default=d.greedy_prompts)
+    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
+    # a string, parsed in main, so a bad value gets the stage's one-line error rather than argparse's usage dump
+    p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
+                   help="accuracy budget: max perplexity increase over FP32, in percent")
+    p.add_argument("--max-excluded", type=int, default=d.max_excluded,
+                   help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
+    p.add_argument("--sweep-granularity", default=d.sweep_granularity, choices=("layer", "node"))
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
+    p.add_argument("--compare-quantizers", action="store_true",
+                   help="only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON")
+    p.add_argument("--speed-check", action="store_true",
+                   help="also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest")
+    p.add_argument("--threads", type=int, default=d.threads)
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.max_ppl_increase = float(args.max_ppl_increase)
+    except ValueError:
+        raise UserError(f"--max-ppl-increase must be a number (percent), got {args.max_ppl_increase!r}") from None
+    setup_logging(args)
+    settings = QuantizeSettings(**{f.name: getattr(args, f.name) for f in fields(QuantizeSettings)})
+    t0 = time.time()
+    quantize(settings=settings)
+    log.info("done in %.1f s", time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 10 in one go, on a machine with an NVIDIA GPU and torch (CUDA):
+#   1. suite   - profile/gpu_suite.py: HF generate vs static-KV CUDA graph vs ONNX Runtime CUDA EP, against the floor
+#   2. profile - profile/run_nsys_profile.py --profiler torch: kernels, memcpy, launch gaps, pinned vs pageable
+#   3. triton  - Triton (KIND_GPU, DLPack) on the Llama-1B shape: streaming load generator + perf_analyzer, batching
+#                on vs off (profile/serve_bench.py)
+#
+#   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: all three
+#   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
+#
+# Writes OUTDIR/gpu-results.tar.gz (every result JSON, small) and OUTDIR/gpu-all.log. Large files (ONNX, traces)
+# stay in $WORK (default /tmp/gpuwork). Needs onnxruntime-gpu for the ONNX rows, nvidia-pytriton and
+# tritonclient 2.51.0 for the Triton part; each part that cannot run says why and the others go on.
+set -uo pipefail
+OUTDIR="${1:?usage: gpu_all.sh OUTDIR [parts]}"; shift
+PARTS="${*:-suite profile triton}"
+PY="${PYTHON:-python3}"
+WORK="${WORK:-/tmp/gpuwork}"
+mkdir -p "$OUTDIR" "$WORK/results"
+export PYTHONUNBUFFERED=1
+LOG="$OUTDIR/gpu-all.log"
+say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+for part in $PARTS; do
+  case "$part" in
+    suite)
+      say "suite"
+      timeout 420 "$PY" profile/gpu_suite.py --out "$WORK/suite" 2>&1 | grep -v -i warning | tee -a "$LOG" | grep "gpu_suite" | tail -40
+      cp "$WORK"/suite/*.json "$WORK/results/" 2>/dev/null ;;
+    profile)
+      say "profile (torch profiler, llama-1b)"
+      timeout 300 "$PY" profile/run_nsys_profile.py --profiler torch --device cuda --engine torch --precision fp16 \
+        --model llama-1b --out "$WORK/profile-llama-1b" 2>&1 | tail -40 | tee -a "$LOG"
+      cp "$WORK/profile-llama-1b/summary.json" "$WORK/results/profile-torch-llama-1b-cuda.json" 2>/dev/null ;;
+    triton)
+      say "triton (llama-1b, torch fp16, KIND_GPU)"
+      if [ -n "${NUMPY1_DIR:-}" ]; then
+        # Triton 2.51's Python-backend stub is built against the NumPy 1.x C API: under NumPy 2 it misreads BYTES
+        # input tensors ("unpack_from requires a buffer of at least 134744076 bytes"), and the stub dies. With a
+        # NumPy 1.26 first on the path, scipy/scikit-learn built for NumPy 2 no longer import, so hide them from
+        # transformers (importlib.util.find_spec returns None for a None entry in sys.modules).
+        cat > "$NUMPY1_DIR/sitecustomize.py" <<'PYEOF'
+import sys
+for _name in ("sklearn", "scipy"):
+    sys.modules.setdefault(_name, None)
+PYEOF
+        export PYTHONPATH="$NUMPY1_DIR${PYTHONPATH:+:$PYTHONPATH}"
+      fi
+      "$PY" serve/make_model_repository.py --model llama-1b --engine torch --precision fp16 --device cuda \
+        --artifacts "$WORK/art" 2>&1 | tail -5 | tee -a "$LOG"
+      PYTHON="$PY" timeout 480 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
+        --concurrency 1,4,16 --requests 48 --duration-s 20 2>&1 | tail -60 | tee -a "$LOG"
+      cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/" 2>/dev/null ;;
+    *) echo "unknown part $part" >&2 ;;
+  esac
+done
+tar -czf "$OUTDIR/gpu-results.tar.gz" -C "$WORK/results" . && say "wrote $OUTDIR/gpu-results.tar.gz"
+ls -la "$WORK/results" | tee -a "$LOG"

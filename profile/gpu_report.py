@@ -1,0 +1,81 @@
+"""Render the README's GPU section from committed gpu-suite result files (results/<machine>/<model>/gpu-suite-*.json,
+written by profile/gpu_suite.py). Imported by profile/update_readme.py: `render(results_dir) -> str`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagraph": "PyTorch static KV + CUDA graph",
+                "ort-cuda": "ONNX Runtime CUDA EP (IO binding)"}
+
+
+def load(results_dir: str | Path) -> list[dict]:
+    docs = []
+    for p in sorted(Path(results_dir).glob("*/*/gpu-suite-*.json")):
+        d = json.loads(p.read_text())
+        d["_path"] = str(p)
+        docs.append(d)
+    return docs
+
+
+def render(results_dir: str | Path) -> str:
+    docs = load(results_dir)
+    if not docs:
+        return "_No GPU results committed yet — run `python profile/gpu_suite.py` on a GPU and copy the JSON to results/._\n"
+    out = []
+    for d in docs:
+        g = d["gpu"]
+        out.append(f"**{d['model']}** — {g['name']}, driver {g.get('driver')}, CUDA {g.get('torch_cuda')}, "
+                   f"torch {d['versions'].get('torch')}, onnxruntime-gpu {d['versions'].get('onnxruntime-gpu')}; "
+                   f"{d['created'][:10]}; copy bandwidth {d['copy_bandwidth_gbs']:.0f} GB/s (read+write); "
+                   f"`{' '.join(d['command'])}`; data: `{d['_path']}`\n")
+        out.append("| engine (FP16) | batch | prompt | TTFT ms | decode ms/token | tokens/s | floor ms/token | × floor "
+                   "| vs HF generate | greedy agreement |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        base = {(r["batch"], r["prompt_len"]): r["decode_ms_per_token"] for r in d["rows"]
+                if r["engine"] == "torch-generate"}
+        for r in d["rows"]:
+            b = base.get((r["batch"], r["prompt_len"]))
+            speed = f"{b / r['decode_ms_per_token']:.2f}x" if b else "–"
+            agree = r.get("greedy_agreement_vs_torch")
+            out.append(f"| {ENGINE_NAMES.get(r['engine'], r['engine'])} | {r['batch']} | {r['prompt_len']} | "
+                       f"{r['ttft_ms']:.2f} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | "
+                       f"{r['floor_ms']:.3f} | {r['ratio_to_floor']:.1f} | {speed} | "
+                       f"{'–' if agree is None else f'{agree:.0%}'} |")
+        for k, v in d.get("skipped", {}).items():
+            out.append(f"\n- not measured: `{k}` — {v}")
+        out.append("")
+    return "\n".join(out) + "\n" + render_profiles(results_dir)
+
+
+def render_profiles(results_dir: str | Path) -> str:
+    """Where the time goes: the PyTorch-profiler summaries of GPU decode loops (profile/run_nsys_profile.py)."""
+    out = []
+    for p in sorted(Path(results_dir).glob("*/*/profile-torch-*cuda*.summary.json")):
+        d = json.loads(p.read_text())
+        s, f, st = d["summary"], d["figures"], d["settings"]
+        steps = s["nvtx"]["ranges"].get("decode_step", {}).get("count") or 1
+        k = s["cuda_kernels"]
+        kernel_ms_per_step = k["total_ms"] / (steps + s["nvtx"]["ranges"].get("prefill", {}).get("count", 0))
+        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {st['batch']}, "
+                   f"eager decode** ({d['machine'].get('gpu', {}).get('name', '?')}, {d['created'][:10]}, "
+                   f"`{' '.join(d['command'])}`; data: `{p}`)\n")
+        out.append(f"- decode step: {f['decode_step_mean_ms']:.2f} ms mean wall, of which GPU kernels "
+                   f"{kernel_ms_per_step:.2f} ms ({k['kernels'] / steps:.0f} kernels per step, launch → start "
+                   f"{s['launch_to_start']['p50_us']:.1f} µs median): the GPU is idle "
+                   f"{1 - kernel_ms_per_step / f['decode_step_mean_ms']:.0%} of the step, waiting for Python and "
+                   f"kernel launches — the overhead a CUDA graph removes.")
+        d2h = s["memcpy"].get("DtoH")
+        if d2h:
+            out.append(f"- device → host: {d2h['count']} copies, {d2h['bytes'] / 1e6:.1f} MB (the logits read back "
+                       f"for host-side sampling), {d2h['total_ms']:.1f} ms of copy time in total.")
+        pvp = d.get("pinned_vs_pageable", {})
+        if pvp.get("status") == "measured":
+            out.append("\n| host → device copy | bytes | pageable GPU ms | pinned GPU ms | pinned speed-up |")
+            out.append("|---|---:|---:|---:|---:|")
+            for name, c in pvp["cases"].items():
+                out.append(f"| {name} | {c['bytes']:,} | {c['pageable']['gpu_ms_median']:.3f} | "
+                           f"{c['pinned']['gpu_ms_median']:.3f} | "
+                           f"{c['pageable']['gpu_ms_median'] / c['pinned']['gpu_ms_median']:.2f}x |")
+        out.append("")
+    return "\n".join(out) + ("\n" if out else "")

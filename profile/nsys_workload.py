@@ -1,0 +1,102 @@
+"""The workload `run_nsys_profile.py` profiles: text generation with one engine, warm-up first, then measured rounds.
+
+    python profile/nsys_workload.py --settings settings.json --wall-out wall.json   # what nsys runs (not by hand)
+
+Reads:  settings.json (a ProfileSettings written by run_nsys_profile.py); the engine's artifacts (ort: the export or
+        quantize manifest; torch: the model itself)
+Writes: wall.json — the measured wall time of the steady-state rounds, their decode-step counts and the tokens
+
+The measured rounds run inside one NVTX range `profile` (nsys captures only that range: warm-up stays outside), each
+round inside `generate`; the generation loop's own ranges (tokenize, prefill, h2d, d2h, sample, decode_step,
+detokenize) sit under it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT_RANGE = "profile"
+ROUND_RANGE = "generate"
+
+
+def prepare(s):
+    """(engine, tokenizer, text prompts, sampling params) for a ProfileSettings."""
+    from lmopt.data import builtin_text
+    from lmopt.engines import create_engine
+    from lmopt.errors import UserError
+    from lmopt.generate import SamplingParams
+    from lmopt.models import load_tokenizer
+
+    if s.batch < 1 or s.prompt_len < 1 or s.max_new_tokens < 2 or s.rounds < 1 or s.warmup < 0:
+        raise UserError("need --batch >= 1, --prompt-len >= 1, --max-new-tokens >= 2, --rounds >= 1, --warmup >= 0")
+    engine = create_engine(s.engine, s.model, precision=s.precision, device=s.device, artifacts=s.artifacts,
+                           threads=s.threads or None)
+    tok = load_tokenizer(s.model)
+    ids = tok(builtin_text("eval"), verbose=False)["input_ids"]
+    # different real text per row, the same every run
+    prompts = [tok.decode(ids[i * 97: i * 97 + s.prompt_len]) for i in range(s.batch)]
+    # a stop id no model emits: every round runs exactly max_new_tokens (generate_text would add EOS otherwise), so
+    # the decode-step count is known and rounds are comparable
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, stop_token_ids=(-1,))
+    return engine, tok, prompts, params
+
+
+def run_rounds(engine, tok, prompts, params, rounds: int) -> dict:
+    from lmopt.generate import generate_text
+    from lmopt.nvtx_ranges import nvtx_range
+
+    walls, steps, tokens = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with nvtx_range(ROUND_RANGE):
+            _, out = generate_text(engine, tok, prompts, params)
+            engine.synchronize()
+        walls.append(time.perf_counter() - t0)
+        steps.append(len(out.step_s))
+        tokens.append(out.new_tokens)
+    return {"round_wall_s": walls, "wall_s": sum(walls), "decode_steps": steps, "new_tokens": tokens}
+
+
+def warmup_and_measure(s, on_measure=None) -> dict:
+    """Warm up outside the `profile` range, then run the measured rounds inside it. `on_measure` is an optional
+    context manager (the PyTorch profiler) entered around the measured part only."""
+    from contextlib import nullcontext
+
+    from lmopt.nvtx_ranges import nvtx_range
+
+    engine, tok, prompts, params = prepare(s)
+    t0 = time.perf_counter()
+    run_rounds(engine, tok, prompts, params, s.warmup)
+    warm_s = time.perf_counter() - t0
+    with on_measure if on_measure is not None else nullcontext():
+        with nvtx_range(ROOT_RANGE):
+            res = run_rounds(engine, tok, prompts, params, s.rounds)
+    res["warmup_s"] = warm_s
+    res["engine"] = vars(engine.info)
+    engine.close()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", required=True, help="settings JSON written by run_nsys_profile.py")
+    p.add_argument("--wall-out", required=True, help="where to write the measured wall times")
+    args = p.parse_args(argv)
+    from run_nsys_profile import ProfileSettings  # noqa: PLC0415  (same folder)
+
+    s = ProfileSettings(**json.loads(Path(args.settings).read_text()))
+    res = warmup_and_measure(s)
+    Path(args.wall_out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lmopt.errors import cli_main
+
+    sys.exit(cli_main(main))

@@ -1,0 +1,301 @@
+"""Stage 7: profile text generation (NVTX ranges + Nsight Systems or the PyTorch profiler) and write a summary a person
+can act on: time per NVTX range, CUDA kernel time by name, memcpy H2D/D2H time and bytes, CPU launch -> GPU start
+gaps, multi-stream overlap, and pinned vs pageable host->device copies.
+
+    python profile/run_nsys_profile.py --model tiny                        # nsys when installed (make setup-nsys)
+    python profile/run_nsys_profile.py --model tiny --profiler torch       # PyTorch profiler, CPU op summary
+    python profile/run_nsys_profile.py --profiler torch --device cuda --engine torch --precision fp16 \\
+        --model llama-1b --out results/gpu/profile-llama-1b                 # GPU: kernels, memcpy, pinned vs pageable
+
+Reads:  the engine's inputs (--engine ort: artifacts/<model>/export/fp32 or quantize/* manifests; --engine torch:
+        the model itself)
+Writes: artifacts/<model>/profile/<profiler>-<engine>-<precision>-<device>/ (or --out DIR):
+        summary.json (machine, versions, command, settings, raw round times, summary), run.nsys-rep and the
+        `nsys stats` CSVs (nsys), trace.json.gz Chrome trace (torch; open in https://ui.perfetto.dev or chrome://tracing),
+        manifest.json last
+
+Only steady state is captured: warm-up rounds run first, outside the NVTX range `profile` that nsys's capture range
+(-c nvtx) and the PyTorch profiler bracket. nsys traces `nvtx,osrt` (+`cuda` with --device cuda); Debian's nsys
+2022.4 cannot trace CUDA 13 kernels (its CUPTI is 11.8), which the summary says; --profiler torch (CUPTI of the
+installed torch) is the way to kernel timelines there. The summary's `nvtx.work_ranges_share_of_wall` checks that the
+ranges explain the measured wall time (within 10%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lmopt.errors import UserError, cli_main  # noqa: E402
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+
+log = get_logger("profile")
+PROFILERS = ("auto", "nsys", "torch")
+
+
+@dataclass
+class ProfileSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    engine: str = "ort"            # ort | torch | trt
+    precision: str = "fp32"
+    device: str = "cpu"
+    profiler: str = "auto"         # auto = nsys when on PATH, else torch
+    batch: int = 1
+    prompt_len: int = 32
+    max_new_tokens: int = 32
+    warmup: int = 2                # rounds before the capture range (not profiled)
+    rounds: int = 5                # profiled rounds
+    threads: int = 0               # engine threads (0 = library default)
+    pinned_repeats: int = 30       # copies per mode in the pinned vs pageable comparison (GPU only)
+    nsys_timeout: int = 900        # seconds; the nsys agent has been seen spinning after the app exited
+    out: str = ""                  # output folder (default artifacts/<model>/profile/<variant>)
+
+
+def _variant(s: ProfileSettings, profiler: str) -> str:
+    return f"{profiler}-{s.engine}-{s.precision}-{s.device.replace(':', '')}"
+
+
+def _resolve_profiler(s: ProfileSettings) -> str:
+    if s.profiler not in PROFILERS:
+        raise UserError(f"unknown profiler '{s.profiler}' — use one of {', '.join(PROFILERS)}")
+    has_nsys = shutil.which("nsys") is not None
+    if s.profiler == "nsys" and not has_nsys:
+        raise UserError("nsys is not on PATH — run: make setup-nsys (Debian 12), or pass --profiler torch")
+    if s.profiler == "auto":
+        return "nsys" if has_nsys else "torch"
+    return s.profiler
+
+
+def _not_traced(traced: list[str], profiler: str, device: str, engine: str) -> list[str]:
+    gpu = device.startswith("cuda")
+    notes = []
+    if "cuda_kernels" not in traced:
+        if not gpu:
+            notes.append("CUDA kernels, memcpy, launch gaps, stream overlap: no GPU in this run (--device cpu)")
+        elif profiler == "nsys":
+            notes.append("CUDA kernels and memcpy: this nsys recorded none — Debian's nsys 2022.4 (CUPTI 11.8) cannot "
+                         "trace CUDA 13; use --profiler torch or a newer Nsight Systems")
+        else:
+            notes.append("CUDA kernels: the PyTorch profiler recorded none (CUPTI unavailable?)")
+    if profiler == "torch":
+        notes.append("OS runtime calls (osrt): only nsys traces them")
+        if engine != "torch":
+            notes.append(f"per-op CPU time of the {engine} engine: the PyTorch profiler sees only PyTorch ops")
+    if profiler == "nsys":
+        notes.append("per-op CPU time: nsys records only our NVTX ranges and OS calls (--profiler torch lists ops)")
+    return notes
+
+
+def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, dict]:
+    """Run the workload under nsys; return (raw workload results, events)."""
+    from nsys_summary import events_from_nsys_sqlite
+    from nsys_workload import ROOT_RANGE
+
+    from lmopt.nvtx_ranges import AVAILABLE, DOMAIN
+
+    if not AVAILABLE:
+        raise UserError("the nvtx package is missing, so nsys would see no ranges — pip install nvtx==0.2.11")
+    (tmp / "settings.json").write_text(json.dumps(asdict(s)))
+    wall_json = tmp / "workload.json"
+    trace = "nvtx,osrt,cuda" if s.device.startswith("cuda") else "nvtx,osrt"
+    cmd = ["timeout", "-k", "5", str(s.nsys_timeout), "nsys", "profile", "-t", trace, "--sample=none",
+           "--cpuctxsw=none", "-c", "nvtx", "-p", f"{ROOT_RANGE}@{DOMAIN}",
+           # stop = keep the app running after the range (the default stop-shutdown kills it before it reports)
+           "--capture-range-end=stop",
+           # our range names are plain strings, not registered ones: let nsys match them
+           "-e", "NSYS_NVTX_PROFILER_REGISTER_ONLY=0,LMOPT_NVTX=1",
+           "-o", str(tmp / "run"), "--force-overwrite=true",
+           sys.executable, str(Path(__file__).resolve().parent / "nsys_workload.py"),
+           "--settings", str(tmp / "settings.json"), "--wall-out", str(wall_json)]
+    log.info("running: %s", " ".join(cmd))
+    with timed(log, "nsys profile", timings, "nsys_profile_s"):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode in (124, 137):
+            # the 2022.4 agent sometimes spins after the app exited (ENVIRONMENT.md); a second run has gone through
+            log.warning("nsys profile hit --nsys-timeout %d s; trying once more", s.nsys_timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+    rep = tmp / "run.nsys-rep"
+    if proc.returncode != 0 or not wall_json.is_file():
+        tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])[-1]
+        err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        if err:  # the workload's own one-line user error (missing export etc.)
+            raise UserError(err[-1][len("error:"):].strip())
+        if proc.returncode in (124, 137):
+            raise UserError(f"nsys profile ran past --nsys-timeout {s.nsys_timeout} s — raise it or lower --rounds")
+        raise RuntimeError(f"nsys profile failed (exit {proc.returncode}): {tail}\n{proc.stderr[-3000:]}")
+    if not rep.is_file():
+        raise UserError("nsys wrote no .nsys-rep (QdstrmImporter not found?) — run: make setup-nsys, which links it")
+    log.info("Saving Nsight Systems report to %s", rep)
+    reports = ["nvtxsum", "osrtsum"] + (["cudaapisum", "gpukernsum", "gpumemtimesum", "gpumemsizesum"]
+                                        if s.device.startswith("cuda") else [])
+    with timed(log, "nsys stats", timings, "nsys_stats_s"):
+        st = subprocess.run(["nsys", "stats", "-r", ",".join(reports), "-f", "csv", "--force-export=true",
+                             "-o", str(tmp / "stats"), str(rep)], capture_output=True, text=True)
+    sqlite = tmp / "run.sqlite"
+    if st.returncode != 0 or not sqlite.is_file():
+        raise RuntimeError(f"nsys stats failed (exit {st.returncode}): {st.stderr[-2000:]}")
+    events = events_from_nsys_sqlite(sqlite, DOMAIN)
+    sqlite.unlink()  # derived from the .nsys-rep, and large
+    for f in ("settings.json",):
+        (tmp / f).unlink()
+    res = json.loads(wall_json.read_text())
+    wall_json.unlink()
+    return res, events
+
+
+def _torch_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, dict]:
+    import torch
+    from nsys_summary import events_from_chrome_trace
+    from nsys_workload import warmup_and_measure
+
+    from lmopt.nvtx_ranges import set_range_hook
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if s.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but torch sees no GPU — use --device cpu or a CUDA build of torch")
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    # record_function is set during warm-up too, so the measured rounds run the same code path
+    set_range_hook(torch.profiler.record_function)
+    try:
+        prof = torch.profiler.profile(activities=acts)
+        with timed(log, "workload under the PyTorch profiler", timings, "torch_profile_s"):
+            res = warmup_and_measure(s, on_measure=prof)
+    finally:
+        set_range_hook(None)
+    trace = tmp / "trace.json.gz"   # gzip: a GPU decode loop is ~10^5 events; Perfetto opens .json.gz as is
+    prof.export_chrome_trace(str(trace))
+    log.info("Saving Chrome trace to %s", trace)
+    return res, events_from_chrome_trace(trace)
+
+
+def profile(*, settings: ProfileSettings) -> dict:
+    from nsys_pinned import pinned_vs_pageable
+    from nsys_summary import summarize
+    from nsys_workload import ROOT_RANGE
+
+    from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
+    from lmopt.models import resolve
+    from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
+
+    s = settings
+    resolve(s.model)
+    profiler = _resolve_profiler(s)
+    if s.profiler == "auto" and profiler == "torch":
+        log.warning("nsys not on PATH (make setup-nsys installs it): using the PyTorch profiler")
+    check_writable(s.artifacts)
+    final = Path(s.out) if s.out else stage_dir(s.artifacts, s.model, "profile", _variant(s, profiler))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with staging_dir(final) as tmp:
+        if profiler == "nsys":
+            res, events = _nsys_profile(s, tmp, timings)
+        else:
+            res, events = _torch_profile(s, tmp, timings)
+        summary = summarize(events, ROOT_RANGE, res["wall_s"])
+        with timed(log, "pinned vs pageable copies", timings, "pinned_s"):
+            pinned = pinned_vs_pageable(s.model, s.batch, s.prompt_len + s.max_new_tokens, s.precision, s.device,
+                                        s.pinned_repeats)
+        dec = summary["nvtx"]["ranges"].get("decode_step", {})
+        n_tok = sum(res["new_tokens"])
+        result = {
+            "kind": "profile", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "machine": machine_info(),
+            "versions": {**package_versions("torch", "onnxruntime", "transformers", "nvtx"),
+                         "nsys": _nsys_version() if profiler == "nsys" else None},
+            "settings": asdict(s), "profiler": profiler, "engine": res["engine"],
+            "raw": {k: res[k] for k in ("round_wall_s", "decode_steps", "new_tokens", "warmup_s")},
+            "figures": {"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
+                        "tokens_per_s": round(n_tok / res["wall_s"], 2),
+                        "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
+            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device, s.engine),
+            "pinned_vs_pageable": pinned,
+            "files": sorted(p.name for p in tmp.iterdir()),
+        }
+        (tmp / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        log.info("Saving profile summary to %s", final / "summary.json")
+        _log_findings(result)
+        write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
+                             "settings": asdict(s), "profiler": profiler,
+                             "outputs": {"summary": "summary.json", "files": result["files"] + ["summary.json"]},
+                             "versions": result["versions"], "timings_s": {**timings,
+                                                                           "total_s": time.perf_counter() - t0}})
+    log.info("profile finished: %s", final)
+    return result
+
+
+def _nsys_version() -> str | None:
+    try:
+        return subprocess.run(["nsys", "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+
+
+def _log_findings(r: dict) -> None:
+    n = r["summary"]["nvtx"]
+    log.info("%d rounds, %.3f s wall, %.1f tokens/s", len(r["raw"]["round_wall_s"]), r["figures"]["wall_s"],
+             r["figures"]["tokens_per_s"])
+    for name, st in list(n["ranges"].items())[:10]:
+        log.info("  %-12s x%-5d total %9.2f ms  mean %8.3f ms  p90 %8.3f ms", name, st["count"], st["total_ms"],
+                 st["mean_ms"], st["p90_ms"])
+    if "work_ranges_share_of_wall" in n:
+        log.info("ranges %s add up to %.1f%% of the measured wall time", "+".join(n["work_ranges"]),
+                 100 * n["work_ranges_share_of_wall"])
+    k = r["summary"].get("cuda_kernels")
+    if k:
+        log.info("CUDA: %d kernels, %.2f ms; top: %s", k["kernels"], k["total_ms"], k["by_name"][0]["name"][:80])
+    for note in r["not_traced"]:
+        log.info("not traced: %s", note)
+    p = r["pinned_vs_pageable"]
+    if p.get("status") == "measured":
+        for case, row in p["cases"].items():
+            log.info("pinned vs pageable %s (%d B): GPU %.3f vs %.3f ms (%.2fx)", case, row["bytes"],
+                     row["pinned"]["gpu_ms_median"], row["pageable"]["gpu_ms_median"], row["pinned_speedup_gpu"])
+    else:
+        log.info("pinned vs pageable: %s", p.get("status"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ProfileSettings()
+    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
+    p.add_argument("--precision", default=d.precision, help="fp32 | fp16 | int8")
+    p.add_argument("--device", default=d.device, help="cpu | cuda")
+    p.add_argument("--profiler", default=d.profiler, choices=PROFILERS,
+                   help="nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens per row")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per round (exactly)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="rounds before the capture (not profiled)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="profiled rounds")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--pinned-repeats", type=int, default=d.pinned_repeats)
+    p.add_argument("--nsys-timeout", type=int, default=d.nsys_timeout)
+    p.add_argument("--out", default=d.out, help="output folder (default artifacts/<model>/profile/<variant>)")
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    settings = ProfileSettings(**{f.name: getattr(args, f.name) for f in fields(ProfileSettings)})
+    profile(settings=settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
