@@ -60,6 +60,7 @@ class LoadSettings:
     in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
     engine: str = "ort"                  # engine/precision the server runs, for --in-process
     precision: str = "fp32"
+    device: str = "cpu"                  # device the server's engine runs on, for --in-process
     threads: int = 0                     # in-process engine threads (0 = library default); match the server's
 
 
@@ -214,7 +215,8 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
     from serving_common import summarize
 
     tok = load_tokenizer(s.model)
-    engine = create_engine(s.engine, s.model, s.precision, artifacts=s.artifacts, threads=s.threads or None)
+    engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,
+                           threads=s.threads or None)
     eos = tok.eos_token_id
     # same stopping rule as a served request: EOS ends it, otherwise max_tokens
     params = SamplingParams(max_new_tokens=s.max_tokens, stop_token_ids=(eos,) if eos is not None else ())
@@ -361,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="also measure the same engine in-process (overhead)")
     p.add_argument("--engine", default=d.engine, help="engine the server runs (for --in-process)")
     p.add_argument("--precision", default=d.precision, help="precision the server runs (for --in-process)")
+    p.add_argument("--device", default=d.device, help="device the server runs on (for --in-process)")
     p.add_argument("--threads", type=int, default=d.threads, help="in-process engine threads (match the server)")
     add_verbosity_args(p)
     return p

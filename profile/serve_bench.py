@@ -219,7 +219,7 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                            prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
-                           precision=man.get("precision", "fp32"), threads=int(srv.get("threads", 0) or 0))
+                           precision=man.get("precision", "fp32"), device=man.get("device", "cpu"), threads=int(srv.get("threads", 0) or 0))
     timings: dict[str, float] = {}
     pa, st, over = {}, {}, {}
     with ExitStack() as stack:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from dataclasses import dataclass, fields
@@ -39,16 +38,6 @@ class ReportSettings:
     publish: bool = False
     model: str = "tiny"
     artifacts: str = "artifacts"
-
-
-def machine_tag(machine: dict) -> str:
-    """Folder name for results of one machine: the GPU's name when there is one, else CPU model and core count."""
-    if machine.get("gpu"):
-        name = machine["gpu"].get("name", "gpu")
-    else:
-        name = f"cpu-{machine.get('cpu_model', machine.get('processor', 'unknown'))}-{machine.get('cpu_count', 0)}c"
-    name = re.sub(r"\(r\)|\(tm\)|processor|\d+-core|cpu @.*", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "machine"
 
 
 def _load(p: Path) -> dict:
@@ -120,7 +109,7 @@ def _section(folder: Path) -> str:
                     f"concurrency {c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x requests/s at p95 "
                     f"{c['p95_ms_on']:.1f} ms (on) vs {c['p95_ms_off']:.1f} ms (off). It holds at concurrency "
                     f"{', '.join(f'{x:g}' for x in held) or 'none'}; not at {', '.join(f'{x:g}' for x in failed) or 'none'}"
-                    + (" (at concurrency 1 there is nothing to batch: the batcher's queue delay is pure cost)."
+                    + (" (with one request in flight there is nothing to batch: one request per execution)."
                        if 1 in failed else "."), ""]
     over = cmp_doc["summary"].get("overhead_c1") or {}
     if over:
@@ -162,7 +151,9 @@ def publish(*, settings: ReportSettings) -> Path:
     if not cmp_path.is_file():
         model_arg = "" if settings.model == "tiny" else f" MODEL={settings.model}"
         raise UserError(f"missing {cmp_path} — run: make serve-bench{model_arg}")
-    dst = Path(settings.results) / machine_tag(_load(cmp_path)["machine"]) / cmp_path.parent.parent.name
+    from publish_results import machine_tag  # one naming of machine folders for every committed result
+
+    dst = Path(settings.results) / machine_tag(_load(cmp_path)) / cmp_path.parent.parent.name
     dst.mkdir(parents=True, exist_ok=True)
     for p in sorted(prof.glob("serving-*.json")):
         shutil.copy2(p, dst / p.name)
