@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -30,12 +32,12 @@ def setup_logging(args: argparse.Namespace | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*[Tt]race.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
+    # importing transformers here would cost seconds in every CLI start; the variable covers a later import
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def get_logger(name: str) -> logging.Logger:
