@@ -22,6 +22,7 @@ def bench_result(tiny_export, artifacts):
 def test_benchmark_result_file(bench_result):
     r, stdout = bench_result
     assert r["schema"] == "lmopt.benchmark/1" and r["model"] == "tiny"
+    assert len(r["load_average"]["start"]) == 3 and "load average" in stdout
     for key in ("machine", "versions", "command", "settings", "rows", "created"):
         assert r[key]
     assert r["baseline"] == {"engine": "torch", "precision": "fp32"}
