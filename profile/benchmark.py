@@ -338,7 +338,9 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "e2e_tokens_per_s": "batch x new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
-            "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth",
+            "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth; weight bytes are "
+                                  "the parameters (torch) or the ONNX file (ort), which stores a tied embedding twice, "
+                                  "so the ort floor of a tied model is an upper bound",
             "engine_rss_mb": "process RSS growth while this row loaded and ran its warm-up (rows share a process)",
         },
         "rows": rows,
