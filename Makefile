@@ -84,7 +84,7 @@ diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/p
 notebook: $(STAMP)
 	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
 readme-tables: $(STAMP)
-	$(PY) profile/update_readme.py --artifacts $(ART)
+	$(PY) profile/update_readme.py --readme README.md --results results
 
 summary: $(STAMP)
 	$(PY) profile/summarize_artifacts.py --model $(MODEL) --artifacts $(ART)

@@ -275,6 +275,10 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         rows[i]["samples"] = {str(b): {k: {"ttft_s": [], "step_s": [], "total_s": []} for k in prompts}
                               for b in batches}
         rows[i]["tokens"] = {}
+    # other processes' load is the main source of noise on a shared machine: record it next to the numbers
+    import os
+
+    load_start = [round(x, 2) for x in os.getloadavg()]
     runs = [(i, b, k) for i in live for b in batches for k in prompts]
     total = (s.warmup + s.repeats) * len(runs)
     with tqdm(total=total, desc="benchmark", unit="run", disable=None) as bar:
@@ -325,6 +329,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         "baseline": {"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
         "copy_bandwidth_gbs": round(bw, 2) if bw else None,
         "peak_rss_process_mb": round(peak_rss_mb(), 1),
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
+                         "cpu_count": os.cpu_count()},
         "definitions": {
             "ttft_s": "prefill of the whole prompt + sampling the first token (host logits)",
             "step_s": "one decode step: forward with KV cache + sampling (host logits)",
@@ -332,7 +338,9 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "e2e_tokens_per_s": "batch x new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
-            "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth",
+            "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth; weight bytes are "
+                                  "the parameters (torch) or the ONNX file (ort), which stores a tied embedding twice, "
+                                  "so the ort floor of a tied model is an upper bound",
             "engine_rss_mb": "process RSS growth while this row loaded and ran its warm-up (rows share a process)",
         },
         "rows": rows,
@@ -411,7 +419,10 @@ def render_table(result: dict, markdown: bool = False) -> str:
                f"{s['new_tokens']} new tokens, greedy; speedup = baseline p50 step / row p50 step "
                f"(baseline {result['baseline']['engine']} {result['baseline']['precision']})"
                + (f"; floor at {result['copy_bandwidth_gbs']} GB/s copy bandwidth" if result.get("copy_bandwidth_gbs")
-                  else ""))
+                  else "")
+               + (f"; 1-min load average {result['load_average']['start'][0]} at start, "
+                  f"{result['load_average']['end'][0]} at end ({result['load_average']['cpu_count']} cores)"
+                  if result.get("load_average") else ""))
     if markdown:
         lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in body]

@@ -29,6 +29,11 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
              if m.get("precision") == precision and target in m.get("targets", [])}
     if not found:
         where = stage_dir(artifacts, model, "quantize", "")
+        other = sorted({t for m in list_variants(artifacts, model, "quantize").values()
+                        if m.get("precision") == precision for t in m.get("targets", [])})
+        if other:  # e.g. the FP16 graph is built for TensorRT only: rebuilding it would not help
+            raise UserError(f"the {precision} ONNX under {where} is made for {', '.join(other)} only, not {target} "
+                            f"— use --engine {'trt' if 'tensorrt' in other else 'ort'} for {precision}")
         model_arg = "" if model == "tiny" else f" MODEL={model}"
         raise UserError(f"no {precision} ONNX for {target} under {where} — run: make "
                         f"{_PRECISION_TARGET[precision]}{model_arg}")
