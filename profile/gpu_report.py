@@ -42,6 +42,15 @@ def render(results_dir: str | Path) -> str:
                        f"{r['ttft_ms']:.2f} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | "
                        f"{r['floor_ms']:.3f} | {r['ratio_to_floor']:.1f} | {speed} | "
                        f"{'–' if agree is None else f'{agree:.0%}'} |")
+        b1 = [r for r in d["rows"] if r["batch"] == 1 and r["prompt_len"] == d["settings"]["prompt_len"]]
+        base1 = base.get((1, d["settings"]["prompt_len"]))
+        if b1 and base1:
+            best = min(b1, key=lambda r: r["decode_ms_per_token"])
+            out.append(f"\nBatch 1, prompt {best['prompt_len']}: fastest decode is "
+                       f"{ENGINE_NAMES.get(best['engine'], best['engine'])} at {best['decode_ms_per_token']:.3f} ms/token "
+                       f"= {base1 / best['decode_ms_per_token']:.1f}x HF generate and {best['ratio_to_floor']:.1f}x the "
+                       f"bandwidth floor ({best['floor']['bytes'] / 1e9:.2f} GB read per token / "
+                       f"{d['copy_bandwidth_gbs']:.0f} GB/s = {best['floor_ms']:.3f} ms).")
         for k, v in d.get("skipped", {}).items():
             out.append(f"\n- not measured: `{k}` — {v}")
         out.append("")
