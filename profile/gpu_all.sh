@@ -7,6 +7,8 @@
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: all three
 #   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
+# The Triton part sends prompts as token ids (PROMPT_INPUT=input_ids, the default here): STRING inputs crashed the
+# Python-backend stub on the H200 machine with NumPy 2.5 and 1.26 alike (results/nvidia-h200/triton-gpu-attempt.log).
 #
 # Writes OUTDIR/gpu-results.tar.gz (every result JSON, small) and OUTDIR/gpu-all.log. Large files (ONNX, traces)
 # stay in $WORK (default /tmp/gpuwork). Needs onnxruntime-gpu for the ONNX rows, nvidia-pytriton and
@@ -49,7 +51,8 @@ PYEOF
       "$PY" serve/make_model_repository.py --model llama-1b --engine torch --precision fp16 --device cuda \
         --artifacts "$WORK/art" 2>&1 | tail -5 | tee -a "$LOG"
       PYTHON="$PY" timeout 480 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
-        --concurrency 1,4,16 --requests 48 --duration-s 20 2>&1 | tail -60 | tee -a "$LOG"
+        --concurrency 1,4,16 --requests 48 --duration-s 20 --prompt-input "${PROMPT_INPUT:-input_ids}" 2>&1 \
+        | tail -60 | tee -a "$LOG"
       cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/" 2>/dev/null ;;
     *) echo "unknown part $part" >&2 ;;
   esac

@@ -54,7 +54,7 @@ class LoadSettings:
     duration_s: float = 60.0             # measured seconds per level (upper bound)
     warmup_requests: int = 1             # per client, before each level's measurement
     request_timeout_s: float = 60.0
-    prompt_input: str = "text_input"     # tensor names of the served model
+    prompt_input: str = "text_input"     # tensor names of the served model ("input_ids": send token ids)
     max_tokens_input: str = "max_tokens"
     tokens_output: str = "token_ids"
     in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
@@ -91,13 +91,29 @@ def batch_dim(url: str, model: str) -> bool:
     return _BATCH_DIM[key]
 
 
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(model: str):
+    if model not in _TOKENIZERS:
+        from lmopt.models import load_tokenizer
+
+        _TOKENIZERS[model] = load_tokenizer(model)
+    return _TOKENIZERS[model]
+
+
 def _make_inputs(prompt: str, s: LoadSettings):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     shape = [1, 1] if batch_dim(s.url, s.triton_model) else [1]
-    a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
-    a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
+    if s.prompt_input == "input_ids":  # token ids instead of text: the client tokenizes (no STRING tensor)
+        ids = np.array(_tokenizer(s.model)(prompt)["input_ids"], dtype=np.int64)
+        a = grpcclient.InferInput("input_ids", [1, ids.size] if len(shape) == 2 else [ids.size], "INT64")
+        a.set_data_from_numpy(ids.reshape(1, -1) if len(shape) == 2 else ids)
+    else:
+        a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
+        a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
     b = grpcclient.InferInput(s.max_tokens_input, shape, "INT32")
     b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32).reshape(shape))
     return [a, b]

@@ -92,8 +92,16 @@ def perf_analyzer_env() -> tuple[str, dict[str, str]]:
 
 def write_input_data(path: Path, prompts: list[str], s: PerfAnalyzerSettings) -> Path:
     """perf_analyzer --input-data JSON: one entry per prompt (shape excludes the batch dimension)."""
-    data = [{s.prompt_input: {"content": [p], "shape": [1]},
-             s.max_tokens_input: {"content": [s.max_tokens], "shape": [1]}} for p in prompts]
+    if s.prompt_input == "input_ids":  # the prompt as token ids (no STRING tensor)
+        from lmopt.models import load_tokenizer
+
+        tok = load_tokenizer(s.model)
+        enc = [tok(p)["input_ids"] for p in prompts]
+        data = [{"input_ids": {"content": ids, "shape": [len(ids)]},
+                 s.max_tokens_input: {"content": [s.max_tokens], "shape": [1]}} for ids in enc]
+    else:
+        data = [{s.prompt_input: {"content": [p], "shape": [1]},
+                 s.max_tokens_input: {"content": [s.max_tokens], "shape": [1]}} for p in prompts]
     path.write_text(json.dumps({"data": data}, indent=1) + "\n")
     return path
 

@@ -61,6 +61,7 @@ class ServeBenchSettings:
     duration_s: float = LoadSettings.duration_s
     overhead_requests: int = 24      # concurrency-1 requests for the serving-overhead comparison
     startup_timeout_s: float = 180.0
+    prompt_input: str = LoadSettings.prompt_input   # "input_ids": both tools send token ids instead of text
 
 
 def pick_serve_variant(artifacts: str, model: str, variant: str) -> tuple[Path, dict]:
@@ -215,9 +216,10 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
                                    max_tokens=s.max_tokens, measurement_requests=s.measurement_requests,
-                                   stability_percentage=s.stability_percentage)
+                                   stability_percentage=s.stability_percentage, prompt_input=s.prompt_input)
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                            prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
+                           prompt_input=s.prompt_input,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
                            precision=man.get("precision", "fp32"), device=man.get("device", "cpu"), threads=int(srv.get("threads", 0) or 0))
     timings: dict[str, float] = {}
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=d.duration_s)
     p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)
     p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
+    p.add_argument("--prompt-input", default=d.prompt_input,
+                   help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
     add_verbosity_args(p)
     return p
 

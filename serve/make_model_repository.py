@@ -89,7 +89,9 @@ dynamic_batching {{
 model_transaction_policy {{ decoupled: {"true" if decoupled else "false"} }}
 
 input [
-  {{ name: "text_input"  data_type: TYPE_STRING dims: [ 1 ] }},
+  # the prompt: text, or token ids already tokenized by the client (exactly one of the two per request)
+  {{ name: "text_input"  data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "input_ids"   data_type: TYPE_INT64  dims: [ -1 ] optional: true allow_ragged_batch: true }},
   # optional sampling settings; absent = greedy, default_max_tokens, no stop string
   {{ name: "max_tokens"  data_type: TYPE_INT32  dims: [ 1 ] optional: true }},
   {{ name: "temperature" data_type: TYPE_FP32   dims: [ 1 ] optional: true }},

@@ -7,9 +7,14 @@ The same file serves both models; config.pbtxt decides which:
   lm_stream  decoupled: one response per generated token, then an empty response flagged FINAL; requests batched
              the same way; a cancelled request (client gone, stream closed) stops its row at the next token.
 
-Inputs  (per request; batch dim added by Triton): text_input STRING [1]; optional max_tokens INT32 [1],
-        temperature FP32 [1], top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
-Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text), token_ids INT64 [-1]
+Inputs  (per request; batch dim added by Triton): text_input STRING [1] or input_ids INT64 [-1] (the prompt already
+        tokenized; exactly one of the two); optional max_tokens INT32 [1], temperature FP32 [1], top_k INT32 [1],
+        top_p FP32 [1], seed INT64 [1], stop STRING [1]
+Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text; only for text_input requests),
+         token_ids INT64 [-1]
+A request that sends input_ids gets token_ids only: no STRING tensor crosses the backend boundary. That is the path
+that works with Triton 2.51's Python-backend stub on the GPU machine we measured, where decoding a STRING input
+crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
 
 Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, ...).
 """
@@ -61,14 +66,29 @@ class TritonPythonModel:
             return pb_utils.Tensor.from_dlpack("token_ids", torch.from_numpy(arr.copy()))
         return pb_utils.Tensor("token_ids", arr)
 
+    def _values(self, t):
+        """A numeric input as a flat numpy array, read through DLPack when outputs use it too (the path that worked
+        on the GPU machine); STRING tensors have no DLPack form and always come through as_numpy()."""
+        if self.use_dlpack:
+            try:
+                import torch
+
+                return torch.utils.dlpack.from_dlpack(t.to_dlpack()).reshape(-1).cpu().numpy()
+            except Exception:  # BYTES tensors (and older stubs) have no DLPack export
+                pass
+        return t.as_numpy().reshape(-1)
+
     def _response(self, text, ids, batched):
-        # BYTES (string) tensors have no DLPack form: text is always a numpy object array
-        t = np.array([text.encode("utf-8")], dtype=np.object_)
+        """`text` None (an input_ids request): token_ids only."""
         ids = list(ids)
         if batched:  # max_batch_size > 0: outputs carry the batch dim of the request (1)
-            t = t.reshape(1, 1)
             ids = [ids]
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", t), self._ids_tensor(ids)])
+        outputs = [self._ids_tensor(ids)]
+        if text is not None:
+            # BYTES (string) tensors have no DLPack form: text is always a numpy object array
+            t = np.array([text.encode("utf-8")], dtype=np.object_)
+            outputs.insert(0, pb_utils.Tensor("text_output", t.reshape(1, 1) if batched else t))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     # ---- request parsing: every problem becomes an error response naming it -------------------------------------
     def _parse(self, request):
@@ -78,14 +98,24 @@ class TritonPythonModel:
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
                 return default
-            a = t.as_numpy().reshape(-1)
+            a = self._values(t)
             if a.size != 1:
                 raise ValueError(f"input '{name}' must hold one value per request, got {a.size}")
             v = a[0]
             return v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
 
+        id_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
         text = scalar("text_input", None)
-        if text is None or not str(text).strip():
+        if id_tensor is not None and text is not None:
+            raise ValueError("send the prompt once: either 'text_input' or 'input_ids', not both")
+        if id_tensor is not None:
+            prompt_ids = [int(x) for x in self._values(id_tensor)]
+            vocab = self.engine.info.vocab_size
+            if not prompt_ids:
+                raise ValueError("empty prompt: 'input_ids' holds no token")
+            if vocab > 0 and not all(0 <= t < vocab for t in prompt_ids):
+                raise ValueError(f"'input_ids' holds a token id outside the vocabulary [0, {vocab})")
+        elif text is None or not str(text).strip():
             raise ValueError("empty prompt: 'text_input' must contain some text")
         max_tokens = int(scalar("max_tokens", self.default_max_tokens))
         if max_tokens <= 0:
@@ -103,11 +133,11 @@ class TritonPythonModel:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
             raise ValueError(str(e)) from None
-        ids = self.tokenizer(str(text))["input_ids"]
+        ids = prompt_ids if id_tensor is not None else self.tokenizer(str(text))["input_ids"]
         ctx = self.engine.info.max_positions
         if len(ids) + max_tokens > ctx:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context length {ctx}")
-        return ids, p
+        return ids, p, id_tensor is None
 
     def execute(self, requests):
         from lmopt.generate import generate
@@ -115,11 +145,11 @@ class TritonPythonModel:
         batched = True  # both configs set max_batch_size > 0 (dynamic batching)
         senders = [r.get_response_sender() for r in requests] if self.decoupled else None
         responses = [None] * len(requests)
-        rows, prompts, params = [], [], []
+        rows, prompts, params, wants_text = [], [], [], []
         for i, r in enumerate(requests):
             try:
-                ids, p = self._parse(r)
-                rows.append(i), prompts.append(ids), params.append(p)
+                ids, p, want_text = self._parse(r)
+                rows.append(i), prompts.append(ids), params.append(p), wants_text.append(want_text)
             except ValueError as e:
                 err = pb_utils.InferenceResponse(error=_invalid_arg(str(e)))
                 if self.decoupled:
@@ -143,7 +173,7 @@ class TritonPythonModel:
                     full = tok.decode(toks, skip_special_tokens=True)
                     piece, emitted[r] = full[len(emitted[r]):], full
                     try:
-                        senders[rows[r]].send(self._response(piece, [token], batched))
+                        senders[rows[r]].send(self._response(piece if wants_text[r] else None, [token], batched))
                     except Exception:  # the stream is gone: treat as cancellation
                         cancelled[r] = True
                         return True
@@ -180,7 +210,7 @@ class TritonPythonModel:
                     for s in params[r].stop_strings:  # cut at the stop string, as generate_text does
                         if s and s in text:
                             text = text[: text.index(s)]
-                    responses[i] = self._response(text, out.tokens[r], batched)
+                    responses[i] = self._response(text if wants_text[r] else None, out.tokens[r], batched)
         return None if self.decoupled else responses
 
     def finalize(self):
