@@ -32,7 +32,7 @@ def test_fp16_graph_keeps_accuracy_and_fp32_islands(tiny_export):
     # the RMSNorm reductions and Softmax stayed FP32
     kept = man["precision_counts"]["fp32_by_op"]
     assert kept.get("ReduceMean", 0) > 0 and kept.get("Softmax", 0) > 0
-    with pytest.raises(Exception, match="no fp16 ONNX for onnxruntime"):
+    with pytest.raises(Exception, match="fp16 ONNX .* not onnxruntime"):
         find_onnx(artifacts, "tiny", "fp16", "onnxruntime")   # FP16 on CPU is no faster: not offered to ORT
 
 
