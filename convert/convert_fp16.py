@@ -193,10 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.max_ppl_increase = float(args.max_ppl_increase)
-    except ValueError:
-        raise UserError(f"--max-ppl-increase must be a number (percent), got {args.max_ppl_increase!r}") from None
+    from lmopt.quantization import parse_budget
+
+    args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
     settings = Fp16Settings(**{f.name: getattr(args, f.name) for f in fields(Fp16Settings)})
     t0 = time.time()

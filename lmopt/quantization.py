@@ -22,6 +22,14 @@ import numpy as np
 from .errors import UserError
 
 
+def parse_budget(value) -> float:
+    """--max-ppl-increase as a float (percent); a word instead of a number is the user's mistake, not a traceback."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--max-ppl-increase must be a number (percent), got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class QuantPreset:
     prefix: str                  # variant name prefix; the calibration method is appended
