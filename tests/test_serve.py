@@ -311,7 +311,13 @@ def test_client_disconnect_mid_stream_cancels_request(server):
     body = json.dumps({"text_input": "The", "max_tokens": CAP}).encode()
     s.sendall(b"POST /v2/models/lm_stream/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert b"data:" in s.recv(4096)
+    # the headers and the first event can arrive in separate packets: read until the first event
+    s.settimeout(60)
+    got = b""
+    while b"data:" not in got:
+        chunk = s.recv(4096)
+        assert chunk, f"stream closed before the first event: {got[-300:]!r}"
+        got += chunk
     s.close()
     deadline = time.time() + 30
     pat = re.compile(r"request 'leaves-early' cancelled after (\d+) tokens")
