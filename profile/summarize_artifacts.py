@@ -93,6 +93,8 @@ def _result_line(path: Path) -> str:
         r = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
         return "unreadable"
+    if not isinstance(r, dict):  # e.g. the notebook's figures.json: a list of figure records
+        return f"{len(r)} entries" if isinstance(r, list) else type(r).__name__
     if r.get("kind") == "benchmark":
         parts = []
         for row in r["rows"]:
