@@ -37,7 +37,11 @@ def prepare(s):
     engine = create_engine(s.engine, s.model, precision=s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None)
     tok = load_tokenizer(s.model)
-    ids = tok(builtin_text("eval"), verbose=False)["input_ids"]
+    text = builtin_text("eval")
+    try:  # verbose=False: the whole text is longer than the model's context, which is fine for slicing prompts
+        ids = tok(text, verbose=False)["input_ids"]
+    except TypeError:  # a tokenizer without the flag
+        ids = tok(text)["input_ids"]
     # different real text per row, the same every run
     prompts = [tok.decode(ids[i * 97: i * 97 + s.prompt_len]) for i in range(s.batch)]
     # a stop id no model emits: every round runs exactly max_new_tokens (generate_text would add EOS otherwise), so
