@@ -338,14 +338,19 @@ def int8_coverage(path: Path, shape: dict, ctx: int = 128) -> dict:
             flops[kind] += 2 * int(np.prod(inits[w]) or 1)
         else:
             flops[kind] += _attn_flops(shape, ctx)
+    return {**_coverage("onnxruntime CPUExecutionProvider (graph after ORT optimisation)", counts, flops, ctx),
+            "op_types": dict(sorted(ops.items()))}
+
+
+def _coverage(engine: str, counts: dict, flops: dict, ctx: int) -> dict:
+    """MatMuls and per-token MatMul FLOPs in INT8 vs float, as the manifests' int8_fallback records them."""
     total = counts["int8"] + counts["float"]
     ftotal = flops["int8"] + flops["float"]
-    return {"engine": "onnxruntime CPUExecutionProvider (graph after ORT optimisation)",
-            "matmuls_int8": counts["int8"], "matmuls_float": counts["float"],
+    return {"engine": engine, "matmuls_int8": counts["int8"], "matmuls_float": counts["float"],
             "int8_ratio": round(counts["int8"] / total, 4) if total else 0.0,
             "flops_per_token_int8": flops["int8"], "flops_per_token_float": flops["float"],
             "int8_flop_fraction": round(flops["int8"] / ftotal, 4) if ftotal else 0.0,
-            "attention_context_for_flops": ctx, "op_types": dict(sorted(ops.items()))}
+            "attention_context_for_flops": ctx}
 
 
 def qdq_coverage(path: Path, shape: dict, ctx: int = 128) -> dict:
@@ -372,14 +377,7 @@ def qdq_coverage(path: Path, shape: dict, ctx: int = 128) -> dict:
             flops[kind] += 2 * int(np.prod(dims[-2:] if len(dims) >= 2 else dims) or 1)
         else:
             flops[kind] += _attn_flops(shape, ctx)
-    total = counts["int8"] + counts["float"]
-    ftotal = flops["int8"] + flops["float"]
-    return {"engine": "TensorRT (Q/DQ pairs on both MatMul inputs in the graph)",
-            "matmuls_int8": counts["int8"], "matmuls_float": counts["float"],
-            "int8_ratio": round(counts["int8"] / total, 4) if total else 0.0,
-            "flops_per_token_int8": flops["int8"], "flops_per_token_float": flops["float"],
-            "int8_flop_fraction": round(flops["int8"] / ftotal, 4) if ftotal else 0.0,
-            "attention_context_for_flops": ctx}
+    return _coverage("TensorRT (Q/DQ pairs on both MatMul inputs in the graph)", counts, flops, ctx)
 
 
 def decode_speed(fp32_path: Path, int8_path: Path, prompt: list[int], new_tokens: int = 64, rounds: int = 3,
