@@ -43,13 +43,11 @@ class ExportSettings:
 
 
 def export(*, settings: ExportSettings) -> dict:
-    import numpy as np
     import torch
 
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.models import check_supported, load_config, load_model, load_tokenizer, model_shape, resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
-    from lmopt.validate import Checklist
 
     s = settings
     spec = resolve(s.model)

@@ -156,8 +156,7 @@ def model_shape(cfg) -> dict[str, Any]:
     head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
     return dict(model_type=cfg.model_type, num_layers=n_layers, num_heads=n_heads, num_kv_heads=kv_heads,
-                head_dim=head_dim, hidden_size=hidden, vocab_size=cfg.vocab_size, max_positions=max_pos,
-                uses_position_ids=cfg.model_type != "gpt2" or True)
+                head_dim=head_dim, hidden_size=hidden, vocab_size=cfg.vocab_size, max_positions=max_pos)
 
 
 def _first_line(e: Exception) -> str:

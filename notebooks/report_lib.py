@@ -338,7 +338,7 @@ def plot_streaming(sources: list[Source], params: Params) -> bool:
         stamps.append(f"{lab}: {provenance(src.doc, src.path)}")
     if over:
         ax = axes[3]
-        labels, x = [], np.arange(2)
+        x = np.arange(2)
         w = 0.8 / (len(over) + 1)
         o0 = over[0].doc["overhead"]
         inproc = [o0["in_process"]["ttft_ms"]["p50"], o0["in_process"]["itl_ms"]["p50"]]

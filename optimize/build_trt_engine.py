@@ -318,7 +318,6 @@ def build_engine(*, settings: EngineSettings) -> dict | None:
     from lmopt import trt_api
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.paths import check_writable, model_slug, staging_dir
-    from lmopt.validate import Checklist
 
     s = settings
     if s.precision not in PRECISIONS:

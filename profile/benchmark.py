@@ -195,7 +195,6 @@ def agreement(a: list[int], b: list[int]) -> float:
 
 # ---- the benchmark -----------------------------------------------------------------------------------------------
 def benchmark(*, settings: BenchmarkSettings) -> dict:
-    import numpy as np
     from tqdm import tqdm
 
     from lmopt.data import builtin_text

@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, assert_one_line_error, no_partial, read_json, run_cli
 

@@ -88,7 +88,6 @@ class OrtEngine(Engine):
 
     # --- CUDA path: IO binding, KV cache as device OrtValues ----------------------------------------
     def _run_cuda(self, feeds: dict, past: list):
-        import onnxruntime as ort
 
         io = self.session.io_binding()
         with nvtx_range("h2d"):
