@@ -25,12 +25,11 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
-    found = {v: m for v, m in list_variants(artifacts, model, "quantize").items()
-             if m.get("precision") == precision and target in m.get("targets", [])}
+    variants = list_variants(artifacts, model, "quantize")
+    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
     if not found:
         where = stage_dir(artifacts, model, "quantize", "")
-        other = sorted({t for m in list_variants(artifacts, model, "quantize").values()
-                        if m.get("precision") == precision for t in m.get("targets", [])})
+        other = sorted({t for m in variants.values() if m.get("precision") == precision for t in m.get("targets", [])})
         if other:  # e.g. the FP16 graph is built for TensorRT only: rebuilding it would not help
             raise UserError(f"the {precision} ONNX under {where} is made for {', '.join(other)} only, not {target} "
                             f"— use --engine {'trt' if 'tensorrt' in other else 'ort'} for {precision}")
