@@ -1,0 +1,83 @@
+"""The slot interface: what in-flight batching needs from an engine.
+
+An engine with slots owns a fixed pool of KV-cache slots. Each request lives in one slot with its own length, so the
+rows of one decode step may sit at different positions. The scheduler (lmopt.scheduler) drives it:
+
+    slot = engine.alloc_slot()                       # None when every slot is taken
+    out = engine.prefill_slot(slot, prompt_ids)      # appends tokens to the slot's cache; may be called again with
+                                                     # the next chunk of a long prompt (chunked prefill)
+    first = out.argmax()[0]                          # greedy on the device; out.row(0) gives host logits to sample
+    out = engine.decode_slots([s0, s1, ...], [t0, t1, ...])   # one token per slot, each at its own position
+    engine.free_slot(slot)                           # request finished or cancelled: the slot is reusable at once
+
+Positions are the engine's business: a slot's next position is its current length (`slot_length`). Logits stay on
+the engine's device until asked for: `StepLogits.argmax()` moves one id per row to the host, `row(i)` one row of
+float32 logits (for seeded sampling on the host, shared with lmopt.generate.sample_next). On a GPU this keeps a
+[64, 128256] logits tensor from crossing PCIe every step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import Engine
+
+
+class StepLogits:
+    """Logits of the last position of each row of one step (prefill: one row; decode: one row per slot)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def argmax(self) -> np.ndarray:
+        """Greedy next token per row, int64 [rows] on the host."""
+        raise NotImplementedError
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i as float32 [vocab] on the host."""
+        raise NotImplementedError
+
+
+class HostLogits(StepLogits):
+    """StepLogits over a host array (engines that compute on the CPU)."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def argmax(self) -> np.ndarray:
+        return np.argmax(self.logits, axis=-1).astype(np.int64)
+
+    def row(self, i: int) -> np.ndarray:
+        return np.asarray(self.logits[i], dtype=np.float32)
+
+
+class SlotEngine(Engine):
+    """An Engine with a fixed pool of KV-cache slots (see the module docstring for the calling order)."""
+
+    num_slots: int
+    max_prefill_chunk: int = 512   # the scheduler splits longer prompts into chunks of at most this many tokens
+
+    def alloc_slot(self) -> int | None:
+        raise NotImplementedError
+
+    def free_slot(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens held in the slot's cache (= the position of the next token)."""
+        raise NotImplementedError
+
+    def free_slots(self) -> int:
+        raise NotImplementedError
+
+    def prefill_slot(self, slot: int, token_ids: Sequence[int]) -> StepLogits:
+        """Append `token_ids` to the slot's cache (positions slot_length .. +n-1); logits of the last one."""
+        raise NotImplementedError
+
+    def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int]) -> StepLogits:
+        """One token per slot, appended at each slot's own position; one logits row per slot, in order."""
+        raise NotImplementedError
