@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 10 in one go, on a machine with an NVIDIA GPU and torch (CUDA):
+# Every GPU measurement in one go, on a machine with an NVIDIA GPU and torch (CUDA):
 #   1. suite   - profile/gpu_suite.py: HF generate vs static-KV CUDA graph vs ONNX Runtime CUDA EP, against the floor
 #   2. profile - profile/run_nsys_profile.py --profiler torch: kernels, memcpy, launch gaps, pinned vs pageable
 #   3. triton  - Triton (KIND_GPU, DLPack) on the Llama-1B shape: streaming load generator + perf_analyzer, batching

@@ -1,4 +1,4 @@
-"""GPU figures in one run (issue 10): PyTorch eager (HF generate, the baseline), PyTorch with a static KV cache
+"""GPU figures in one run: PyTorch eager (HF generate, the baseline), PyTorch with a static KV cache
 captured in a CUDA graph, and ONNX Runtime CUDA EP FP16 with IO binding, each against the memory-bandwidth floor.
 
     python profile/gpu_suite.py --models tiny,gpt2-124m,llama-1b --out artifacts/gpu

@@ -11,7 +11,7 @@ Writes: artifacts/<model>/profile/serving-pa-<label>/input_data.json  (perf_anal
         artifacts/<model>/profile/serving-pa-<label>.json               (result: settings, raw CSV rows, summary)
 
 perf_analyzer comes from the pinned tritonclient 2.51.0 wheel (the only one whose binary runs on glibc 2.36, see
-../shared/ENVIRONMENT.md); its libb64/libcudart are linked from nvidia_pytriton.libs into a folder inside the venv
+docs/ENVIRONMENT.md); its libb64/libcudart are linked from nvidia_pytriton.libs into a folder inside the venv
 by `perf_analyzer_env()`, so nothing is set up by hand. One perf_analyzer run per level, so Triton's statistics
 (requests vs model executions: the dynamic batcher at work) are recorded per level. perf_analyzer only sees the
 first response of a decoupled model (Triton server #4530), so streaming metrics come from load_generator.py.

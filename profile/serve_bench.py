@@ -156,7 +156,7 @@ def _run_tool(script: str, settings, result_name: str) -> dict:
 
 
 def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
-    """On vs off per level: throughput ratio and p95 latency side by side; the seed's +40% claim checked."""
+    """On vs off per level: throughput ratio and p95 latency side by side; the "+40% throughput from dynamic batching" claim checked."""
     rows = []
     on_rows = {r["level"]: r for r in pa["batching-on"]["summary"] if r["mode"] == "concurrency"}
     off_rows = {r["level"]: r for r in pa["batching-off"]["summary"] if r["mode"] == "concurrency"}
@@ -269,7 +269,7 @@ def _print(cmp: dict, over: dict) -> None:
               f"{r.get('stream_throughput_ratio') or 0:>5.2f}")
     c = cmp["claim_40pct"]
     if c:
-        print(f"seed's +40% claim: {'confirmed' if c['confirmed'] else 'refuted'} (best: concurrency "
+        print(f"dynamic-batching +40% claim: {'confirmed' if c['confirmed'] else 'refuted'} (best: concurrency "
               f"{c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x, p95 {c['p95_ms_on']:.1f} vs "
               f"{c['p95_ms_off']:.1f} ms)")
     for name, o in over.items():

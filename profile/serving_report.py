@@ -105,7 +105,7 @@ def _section(folder: Path) -> str:
             measured = [r["concurrency"] for r in cmp_doc["summary"]["rows"] if "pa_rps_on" in r]
             failed = [x for x in measured if x not in held]
             verdict = "holds" if c["confirmed"] else "does not hold"
-            out += [f"The seed's claim (\"+40% throughput, no latency trade-off\") {verdict} at its best level here: "
+            out += [f"The dynamic-batching claim (\"+40% throughput, no latency trade-off\") {verdict} at its best level here: "
                     f"concurrency {c['best_concurrency']:g}, {c['throughput_ratio']:.2f}x requests/s at p95 "
                     f"{c['p95_ms_on']:.1f} ms (on) vs {c['p95_ms_off']:.1f} ms (off). It holds at concurrency "
                     f"{', '.join(f'{x:g}' for x in held) or 'none'}; not at {', '.join(f'{x:g}' for x in failed) or 'none'}"

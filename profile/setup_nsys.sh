@@ -6,7 +6,7 @@
 #
 # Idempotent: does nothing when nsys and its importer are already in place. Never fails the build: when it cannot
 # install (not Debian 12, not root, no package access) it says why and exits 0, and the profile tests skip with the
-# reason. Facts behind each step: ../shared/ENVIRONMENT.md ("Nsight Systems and NVTX").
+# reason. Facts behind each step: docs/ENVIRONMENT.md ("Nsight Systems and NVTX").
 set -euo pipefail
 
 say() { echo "setup-nsys: $*"; }

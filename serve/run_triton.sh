@@ -10,7 +10,7 @@
 # Env:     PYTHON (default .venv/bin/python: its version picks the backend stub, 3.8-3.13), TRITONSERVER (binary)
 #
 # Which tritonserver: the one on PATH (NGC container) when present, else the Triton 2.51.0 bundled in the
-# nvidia-pytriton wheel (requirements.txt), run directly as ../shared/ENVIRONMENT.md describes: a backend folder
+# nvidia-pytriton wheel (requirements.txt), run directly as docs/ENVIRONMENT.md describes: a backend folder
 # B/python/{libtriton_python.so, triton_python_backend_utils.py, triton_python_backend_stub for this Python},
 # LD_LIBRARY_PATH with nvidia_pytriton.libs (the stub's relative RPATH no longer applies) and the folder holding
 # libpython3.X.so (pyenv/python.org builds ship it; else Debian's libpython3.X package), and the venv's bin first

@@ -103,7 +103,7 @@ def test_batching_comparison_and_overhead(bench):
                                                              - o["in_process"]["ttft_ms"]["p50"])
     off_cfg = (prof / "serving-repos" / "ort-fp32-cpu-batching-off" / "model_repository" / "lm" / "config.pbtxt")
     assert "dynamic_batching {" not in off_cfg.read_text() and "max_batch_size" in off_cfg.read_text()
-    assert "seed's +40% claim" in proc.stdout
+    assert "dynamic-batching +40% claim" in proc.stdout
     # both servers stopped: their pid files are gone
     assert not list(prof.glob(".triton-*.pid"))
 

@@ -58,7 +58,7 @@ class TritonPythonModel:
 
     # ---- outputs: the one place that decides DLPack or numpy ---------------------------------------------------
     def _ids_tensor(self, ids):
-        """token_ids output. DLPack first: on the GPU machines numpy-built outputs failed (shared/ENVIRONMENT.md)."""
+        """token_ids output. DLPack first: on the GPU machines numpy-built outputs failed (docs/ENVIRONMENT.md, "Triton Inference Server without a container")."""
         arr = np.asarray(ids, dtype=np.int64)
         if self.use_dlpack:
             import torch
