@@ -10,6 +10,7 @@ Random presets are created on the fly from a fixed seed (never committed) and us
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class ModelSpec:
     path: Path | None  # folder with config.json (builtin, local) or None
 
 
+@functools.lru_cache(maxsize=64)
 def resolve(spec: str) -> ModelSpec:
     """Classify a --model value, with a one-line error for paths that cannot be a model."""
     if not spec:
@@ -77,10 +79,9 @@ def resolve(spec: str) -> ModelSpec:
             raise UserError(f"{spec} has no config.json — pass a Hugging Face model folder "
                             "(save_pretrained output) or 'tiny'")
         return ModelSpec(spec, "local", p.resolve())
-    if "/" in spec:
-        return ModelSpec(spec, "hub", None)
-    raise UserError(f"unknown model '{spec}' — use 'tiny', a preset ({', '.join(PRESETS)}), "
-                    "a local model folder, or a hub id like org/name")
+    # anything else is a hub id: org/name, or a legacy id without an organisation (gpt2, distilgpt2, gpt2-medium),
+    # loaded from the local Hugging Face cache or the hub; load_config says in one line when neither has it
+    return ModelSpec(spec, "hub", None)
 
 
 def load_config(spec: str):
@@ -97,6 +98,10 @@ def load_config(spec: str):
     try:
         return AutoConfig.from_pretrained(str(m.path) if m.path else spec)
     except (OSError, ValueError) as e:
+        if m.kind == "hub":
+            raise UserError(f"unknown model '{spec}': not a preset, a local folder, or a model in the local Hugging "
+                            f"Face cache or on the hub ({_first_line(e)}) — use 'tiny', a preset "
+                            f"({', '.join(PRESETS)}), a local model folder, or a hub id you can reach") from None
         raise UserError(f"cannot load config of '{spec}' ({_first_line(e)}) — pass a local model folder or 'tiny'")
 
 

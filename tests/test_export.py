@@ -90,8 +90,24 @@ def test_unwritable_artifacts_dir(tmp_path):
 
 
 def test_unknown_model_name(tmp_path):
-    proc = run_cli("convert/export_onnx.py", "--model", "no-such-preset", "--artifacts", str(tmp_path), check=False)
-    assert_one_line_error(proc, "unknown model")
+    # offline: a bare name that is neither a preset nor in the local Hugging Face cache is refused in one line
+    proc = run_cli("convert/export_onnx.py", "--model", "no-such-preset", "--artifacts", str(tmp_path), check=False,
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert_one_line_error(proc, "unknown model 'no-such-preset'", "local Hugging Face cache")
+
+
+def test_legacy_hub_id_loads_from_local_cache(tmp_path):
+    """`--model gpt2` (a hub id without an organisation) loads from the local Hugging Face cache."""
+    from lmopt.models import load_model, load_tokenizer
+
+    snap = tmp_path / "hub" / "models--gpt2" / "snapshots" / "0123abc"
+    load_model("gpt2-test").save_pretrained(snap)
+    load_tokenizer("gpt2-test").save_pretrained(snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abc")
+    proc = run_cli("convert/export_onnx.py", "--model", "gpt2", "--artifacts", str(tmp_path / "art"),
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    _check_manifest(tmp_path / "art" / "gpt2" / "export" / "fp32")  # validated like any export: 32/32 greedy
 
 
 def test_help_works():
