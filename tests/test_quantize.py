@@ -2,7 +2,6 @@
 the fallback check, the hand-off to the engines, and one-line errors for bad input."""
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def test_budget_sweep_chooses_exclusions(strict_quantize):
     if not sweep["ran"] and full is not None and full <= 0.1:
         # INT8 kernels differ by CPU: with AVX-512 VNNI full INT8 of the built-in model can already meet 0.1%
         # (it was +0.2% on AVX2), and then there is nothing to sweep. The built-in model's flat predictions make
-        # its perplexity a weak gate (see README, Models).
+        # its perplexity a weak gate (held-out perplexity 229.7 in models/tiny/training.json).
         pytest.skip(f"full INT8 already within the 0.1% budget on this CPU (Δppl {full:+.3f}%): no sweep to check")
     assert sweep["ran"] is True and full > 0.1
     # every group scored, most sensitive (largest gain when kept FP32) first
@@ -118,10 +117,12 @@ def test_impossible_budget_writes_nothing(tiny_export, tmp_path):
     _copy_export(tiny_export, art)
     proc = run_cli(SCRIPT, "--artifacts", str(art), "--target", "onnxruntime", "--max-ppl-increase", "0",
                    "--max-excluded", "0", check=False)
-    met = re.search(r"within budget = (-?[0-9.]+) \(limit 0\)", proc.stdout)
-    if proc.returncode == 0 and met and float(met.group(1)) <= 0:
-        # on some CPUs (AVX-512 VNNI kernels) INT8 lowers the built-in model's perplexity: a budget of 0 is met
-        pytest.skip(f"INT8 meets a 0% budget on this CPU (Δppl {met.group(1)}%): no impossible budget to test")
+    written = art / "tiny" / "quantize" / CPU / "manifest.json"
+    if proc.returncode == 0 and written.is_file():
+        full = read_json(written)["sensitivity"]["full_int8_ppl_increase_pct"]
+        if full <= 0:
+            # on some CPUs (AVX-512 VNNI kernels) INT8 lowers the built-in model's perplexity: a budget of 0 is met
+            pytest.skip(f"INT8 meets a 0% budget on this CPU (Δppl {full:+.3f}%): no impossible budget to test")
     assert_one_line_error(proc, "no INT8 model written", "budget")
     assert not (art / "tiny" / "quantize").exists() or not any((art / "tiny" / "quantize").iterdir())
     assert no_partial(art)

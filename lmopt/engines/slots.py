@@ -71,7 +71,7 @@ class SlotEngine(Engine):
         """Tokens held in the slot's cache (= the position of the next token)."""
         raise NotImplementedError
 
-    def free_slots(self) -> int:
+    def num_free_slots(self) -> int:
         raise NotImplementedError
 
     def prefill_slot(self, slot: int, token_ids: Sequence[int]) -> StepLogits:
