@@ -3,6 +3,7 @@
     create_engine("torch", "tiny", precision="fp32")          # PyTorch eager, the baseline
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
     create_engine("trt", "tiny", precision="fp16", device="cuda")   # stage-3 TensorRT engine
+    create_engine("compiled", "llama-1b", precision="fp16", device="cuda")   # static KV slots + CUDA graphs
 """
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from ..manifest import MANIFEST, list_variants, load_stage, read_manifest
 from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES = ("torch", "ort", "trt", "compiled")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 # which stage/make target produces each ONNX precision
 _PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 
 
 def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime") -> tuple[Path, dict]:
     """(folder, manifest) of the ONNX graph of `precision` made for `target` ("onnxruntime" or "tensorrt")."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
+    if precision not in _PRECISION_TARGET:
+        raise UserError(f"no ONNX graph is built for precision '{precision}' — use one of {', '.join(_PRECISION_TARGET)}")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
     variants = list_variants(artifacts, model, "quantize")
@@ -71,11 +72,17 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         raise UserError(f"unknown engine '{engine}' — use one of {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
+    if engine == "compiled":
+        from .compiled import CompiledEngine
+
+        return CompiledEngine(model, precision, device, threads, **kwargs)
+    if precision == "bf16" and engine != "torch":
+        raise UserError(f"engine '{engine}' has no bf16 build — use --engine compiled or torch for bf16")
     if engine == "torch":
         if precision == "int8":
             raise UserError("the PyTorch baseline runs fp32 or fp16, not int8 — use --engine ort for INT8")
-        if precision == "fp16" and not device.startswith("cuda"):
-            raise UserError("PyTorch fp16 needs a GPU (--device cuda) — use fp32 on CPU")
+        if precision in ("fp16", "bf16") and not device.startswith("cuda"):
+            raise UserError(f"PyTorch {precision} needs a GPU (--device cuda) — use fp32 on CPU")
         from .torch_engine import TorchEngine
 
         return TorchEngine(model, precision, device, threads)

@@ -1,0 +1,210 @@
+"""The compiled engine on the CPU (eager; the same decode step the GPU compiles and captures): logits against the
+Hugging Face model, greedy tokens against the PyTorch engine, slots at different positions in one step, chunked
+prefill, slot reuse, one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, read_json, run_cli
+from lmopt.engines import create_engine
+from lmopt.errors import UserError
+from lmopt.generate import SamplingParams, generate
+from lmopt.models import load_model
+
+MODELS = ["tiny", "llama-test", "gpt2-test"]
+
+
+def prompts(n: int, length: int, seed: int = 0, vocab: int = 4096) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=length - 3 * i).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def engines(request):
+    torch.set_num_threads(2)
+    comp = create_engine("compiled", request.param, "fp32", num_slots=6)
+    ref = create_engine("torch", request.param, "fp32")
+    yield request.param, comp, ref
+    comp.close()
+
+
+def test_logits_match_hf(engines):
+    name, comp, _ = engines
+    hf = load_model(name)
+    ids = prompts(1, 40, seed=3)[0]
+    slot = comp.alloc_slot()
+    try:
+        got = comp.prefill_slot(slot, ids)
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(got.row(0) - want).max() < 1e-4
+        assert int(got.argmax()[0]) == int(np.argmax(want))
+        toks = ids + [int(got.argmax()[0])]
+        step = comp.decode_slots([slot], [toks[-1]])
+        with torch.no_grad():
+            want = hf(torch.tensor([toks])).logits[0, -1].numpy()
+        assert np.abs(step.row(0) - want).max() < 1e-4
+    finally:
+        comp.free_slot(slot)
+
+
+def test_greedy_tokens_equal_torch_engine(engines):
+    _, comp, ref = engines
+    ps = prompts(3, 24, seed=1)
+    p = SamplingParams(max_new_tokens=32)
+    a, b = generate(comp, ps, p), generate(ref, ps, p)
+    assert a.tokens == b.tokens
+    assert all(len(t) == 32 for t in a.tokens)
+    assert comp.num_free_slots() == comp.num_slots      # generate() gave every slot back
+
+
+def test_sampled_tokens_equal_torch_engine(engines):
+    _, comp, ref = engines
+    ps = prompts(2, 16, seed=2)
+    p = [SamplingParams(max_new_tokens=12, temperature=0.8, top_k=50, seed=7), SamplingParams(max_new_tokens=12)]
+    assert generate(comp, ps, p).tokens == generate(ref, ps, p).tokens
+
+
+def test_plain_engine_interface(engines):
+    """prefill/decode/release with left padding, as the benchmark calls it."""
+    from lmopt.generate import pad_batch
+
+    _, comp, ref = engines
+    ps = prompts(2, 12, seed=4)
+    ids, mask, pos = pad_batch(ps, 0)
+    la, sa = comp.prefill(ids, mask, pos)
+    lb, sb = ref.prefill(ids, mask, pos)
+    assert np.abs(la - lb).max() < 1e-4
+    nxt = la.argmax(-1)[:, None]
+    mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    da, _ = comp.decode(sa, nxt, mask, pos[:, -1:] + 1)
+    db, _ = ref.decode(sb, nxt, mask, pos[:, -1:] + 1)
+    assert np.abs(da - db).max() < 1e-4
+    comp.release(sa)
+    assert comp.num_free_slots() == comp.num_slots
+
+
+def _alone(comp, prompt: list[int], n: int) -> list[int]:
+    s = comp.alloc_slot()
+    try:
+        tok = int(comp.prefill_slot(s, prompt).argmax()[0])
+        out = [tok]
+        for _ in range(n - 1):
+            tok = int(comp.decode_slots([s], [tok]).argmax()[0])
+            out.append(tok)
+        return out
+    finally:
+        comp.free_slot(s)
+
+
+def test_rows_at_different_positions_in_one_step(engines):
+    """Three requests of different lengths, started at different times, decoded together (out of slot order, one
+    slot left idle inside the batch bucket) give each request's own tokens."""
+    _, comp, _ = engines
+    ps = prompts(3, 30, seed=5)
+    n = 10
+    alone = [_alone(comp, p, n) for p in ps]
+    slots = [comp.alloc_slot() for _ in range(4)]          # slot 1 stays idle: a hole in the bucket
+    use = [slots[0], slots[2], slots[3]]
+    toks: list[list[int]] = [[], [], []]
+    for r in range(3):
+        toks[r].append(int(comp.prefill_slot(use[r], ps[r]).argmax()[0]))
+    # request 0 runs two steps alone first, so the rows sit at different offsets from their prompts too
+    for _ in range(2):
+        toks[0].append(int(comp.decode_slots([use[0]], [toks[0][-1]]).argmax()[0]))
+    while len(toks[2]) < n:
+        rows = [r for r in (2, 0, 1) if len(toks[r]) < n]
+        out = comp.decode_slots([use[r] for r in rows], [toks[r][-1] for r in rows]).argmax()
+        for i, r in enumerate(rows):
+            toks[r].append(int(out[i]))
+    assert [comp.slot_length(use[r]) for r in range(3)] == [len(ps[r]) + n - 1 for r in range(3)]
+    for s in slots:
+        comp.free_slot(s)
+    assert toks == alone
+
+
+def test_chunked_prefill_equals_one_shot(engines):
+    _, comp, _ = engines
+    p = prompts(1, 45, seed=6)[0]
+    a, b = comp.alloc_slot(), comp.alloc_slot()
+    try:
+        one = comp.prefill_slot(a, p).row(0)
+        for chunk in (p[:16], p[16:17], p[17:40], p[40:]):
+            last = comp.prefill_slot(b, chunk)
+        assert comp.slot_length(b) == len(p)
+        assert np.abs(last.row(0) - one).max() < 1e-4
+        ta = comp.decode_slots([a, b], [5, 5]).argmax()
+        assert ta[0] == ta[1]
+    finally:
+        comp.free_slot(a)
+        comp.free_slot(b)
+
+
+def test_free_and_reuse(engines):
+    _, comp, _ = engines
+    ps = prompts(2, 20, seed=8)
+    want = _alone(comp, ps[1], 6)
+    s0, s1 = comp.alloc_slot(), comp.alloc_slot()
+    assert (s0, s1) == (0, 1)
+    comp.prefill_slot(s0, ps[0])
+    comp.free_slot(s0)                          # cancelled: its stale cache must not leak into the next request
+    assert comp.alloc_slot() == 0               # the lowest free id comes back first
+    assert comp.slot_length(0) == 0
+    got = [int(comp.prefill_slot(0, ps[1]).argmax()[0])]
+    for _ in range(5):
+        got.append(int(comp.decode_slots([0], [got[-1]]).argmax()[0]))
+    comp.free_slot(0)
+    comp.free_slot(s1)
+    assert got == want
+    with pytest.raises(ValueError):
+        comp.free_slot(s1)                      # double free is a bug, not a user error
+
+
+def test_errors():
+    comp = create_engine("compiled", "llama-test", "fp32", num_slots=2, max_len=64)
+    held = [comp.alloc_slot(), comp.alloc_slot()]
+    assert comp.alloc_slot() is None and comp.num_free_slots() == 0
+    with pytest.raises(UserError, match="slots"):
+        comp.prefill(np.ones((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), np.zeros((1, 4), np.int64))
+    comp.free_slot(held[1])
+    with pytest.raises(UserError, match="does not fit"):
+        comp.prefill_slot(held[0], list(range(1, 66)))
+    comp.prefill_slot(held[0], list(range(1, 60)))
+    with pytest.raises(UserError, match="does not fit"):
+        comp.prefill_slot(held[0], list(range(1, 10)))    # the cached 59 + 9 exceed 64 positions
+    with pytest.raises(UserError, match="vocabulary"):
+        comp.decode_slots([held[0]], [10**6])
+    with pytest.raises(UserError, match="GPU"):
+        create_engine("compiled", "llama-test", "fp16", device="cpu")
+    with pytest.raises(UserError, match="int8"):
+        create_engine("compiled", "llama-test", "int8")
+
+
+def test_unsupported_architecture():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from lmopt.engines.static_decoder import StaticDecoder
+
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, vocab_size=128))
+    with pytest.raises(UserError, match="not supported by the compiled engine"):
+        StaticDecoder.from_hf(hf, torch.float32, "cpu")
+
+
+def test_gpu_check_script_on_cpu(tmp_path):
+    out = tmp_path / "r.json"
+    run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--precision", "fp32",
+            "--batches", "1,4", "--prompt-len", "16", "--long-prompt-len", "64", "--new-tokens", "8", "--reps", "1",
+            "--out", str(out))
+    r = read_json(out)
+    assert r["kind"] == "compiled-engine-check"
+    assert r["validation"]["ok"] and r["validation"]["greedy_agreement_vs_hf"] == 1.0
+    assert [row["batch"] for row in r["decode"]] == [1, 4]
+    assert all(row["ms_per_step"] > 0 and row["floor_ms"] > 0 for row in r["decode"])
+    assert r["ttft"]["prompt_len"] == 64 and r["ttft"]["ms"] > 0
+    bad = run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--out",
+                  str(tmp_path / "x.json"), check=False)
+    assert_one_line_error(bad, "fp16", "GPU")
+    assert not (tmp_path / "x.json").exists()
