@@ -115,6 +115,7 @@ class CompiledEngine(SlotEngine):
                     setattr(dc, name, max(getattr(dc, name), n))
             self._step = torch.compile(self.model.decode, fullgraph=True, dynamic=False)
         self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.compile_error: str | None = None
         self._pool = None
         B = self.batch_buckets[-1]
         self._ids = torch.zeros(B, dtype=torch.long, device=device)
@@ -241,8 +242,19 @@ class CompiledEngine(SlotEngine):
         s = t.cuda.Stream()
         s.wait_stream(t.cuda.current_stream())
         with t.cuda.stream(s):
-            for _ in range(3):
-                self._step(ids, pos, L)
+            try:
+                for _ in range(3):
+                    self._step(ids, pos, L)
+            except Exception as e:
+                if not self.use_compile:
+                    raise
+                # a compiler failure costs speed, not the run: capture the eager step instead, and say so
+                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log.warning("torch.compile failed (%s); capturing the eager decode step instead", self.compile_error)
+                self.use_compile, self._step = False, self.model.decode
+                self._graphs.clear()
+                for _ in range(3):
+                    self._step(ids, pos, L)
         t.cuda.current_stream().wait_stream(s)
         if self._pool is None:
             self._pool = t.cuda.graph_pool_handle()

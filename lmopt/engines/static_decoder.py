@@ -146,16 +146,19 @@ class StaticDecoder(nn.Module):
                 raise UserError(f"GPT-2 activation '{act}' is not supported by the compiled engine (gelu_new only) "
                                 "— use --engine torch")
             tr = hf.transformer
+
+            def lin(mod):  # HF's Conv1D stores [in, out]; F.linear wants [out, in]
+                return mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+
             n_heads = c.n_head
             cfg = dict(n_layers=c.n_layer, n_heads=n_heads, n_kv=n_heads, head_dim=c.n_embd // n_heads,
                        eps=c.layer_norm_epsilon, vocab=c.vocab_size, max_positions=c.n_positions)
             m = cls("gpt2", cfg)
             for blk, h in zip(m.layers, tr.h):
-                # Conv1D stores [in, out]; F.linear wants [out, in]
-                blk.wqkv, blk.bqkv = t(h.attn.c_attn.weight.t()), t(h.attn.c_attn.bias)
-                blk.wo, blk.bo = t(h.attn.c_proj.weight.t()), t(h.attn.c_proj.bias)
-                blk.w1, blk.b1 = t(h.mlp.c_fc.weight.t()), t(h.mlp.c_fc.bias)
-                blk.w2, blk.b2 = t(h.mlp.c_proj.weight.t()), t(h.mlp.c_proj.bias)
+                blk.wqkv, blk.bqkv = t(lin(h.attn.c_attn)), t(h.attn.c_attn.bias)
+                blk.wo, blk.bo = t(lin(h.attn.c_proj)), t(h.attn.c_proj.bias)
+                blk.w1, blk.b1 = t(lin(h.mlp.c_fc)), t(h.mlp.c_fc.bias)
+                blk.w2, blk.b2 = t(lin(h.mlp.c_proj)), t(h.mlp.c_proj.bias)
                 blk.n1w, blk.n1b, blk.n2w, blk.n2b = t(h.ln_1.weight), t(h.ln_1.bias), t(h.ln_2.weight), t(h.ln_2.bias)
             m.emb, m.pos_emb = t(tr.wte.weight), t(tr.wpe.weight)
             m.norm_w, m.norm_b = t(tr.ln_f.weight), t(tr.ln_f.bias)

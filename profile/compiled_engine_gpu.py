@@ -1,0 +1,295 @@
+"""Check and time the compiled engine on one model: logits and greedy tokens against the Hugging Face model, decode
+speed at several batch sizes, time to first token for a long prompt, each against the memory-bandwidth floor.
+
+    python profile/compiled_engine_gpu.py --model llama-1b                       # on a GPU (fp16)
+    python profile/compiled_engine_gpu.py --model llama-test --device cpu --precision fp32   # CPU smoke run
+
+Reads:  the model (built-in weights, a preset made with seeded random weights, or a local HF folder)
+Writes: --out (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json): machine, GPU, versions,
+        command, settings, validation, raw step times, summary rows
+
+Figures: the HF model's last-token logits vs the engine's after a prompt of --prompt-len (max |diff| against a
+tolerance scaled by the logits' range; a miss fails the run after the JSON is written), greedy agreement over
+--parity-tokens tokens; decode ms per step and tokens/s at each batch (prompt --prompt-len, --new-tokens steps, host
+sync every step as a streaming server does), after the batch's CUDA graph is captured; TTFT (prefill + first token
+on the host) for one --long-prompt-len prompt. Floor = weight bytes one step reads / device read bandwidth measured
+in the same run (a read-only reduction over a large buffer); the KV-cache bytes the step reads are reported beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+
+log = get_logger("compiled_engine_gpu")
+
+
+@dataclass
+class CheckSettings:
+    model: str = "llama-1b"
+    device: str = "cuda"
+    precision: str = "fp16"
+    batches: str = "1,8,32,64"
+    prompt_len: int = 128
+    long_prompt_len: int = 2048
+    new_tokens: int = 64
+    reps: int = 3                 # timed repetitions per cell, after one warm-up
+    num_slots: int = 64
+    max_len: int = 0              # 0: long prompt + new tokens, capped at the model's context
+    compile: str = "auto"         # auto (on for CUDA) | on | off
+    cuda_graphs: str = "auto"     # auto (on for CUDA) | on | off
+    parity_tokens: int = 32
+    out: str = ""
+
+
+# relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
+_TOL = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 2e-2)}
+
+
+def read_bandwidth_gbs(device: str) -> dict:
+    """Bytes per second a reduction reads from device memory (the floor's denominator)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    nbytes = (1 << 30) if cuda else (256 << 20)
+    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    reps = 20 if cuda else 5
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        a.sum()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a.sum()
+    sync()
+    dt = (time.perf_counter() - t) / reps
+    del a
+    return {"read_gbs": nbytes / dt / 1e9, "buffer_bytes": nbytes, "reps": reps}
+
+
+def gpu_info() -> dict:
+    import subprocess
+
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
+            "torch_cuda": torch.version.cuda}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20).stdout.strip()
+        info["driver"] = q
+    except Exception as e:  # nvidia-smi missing: keep going, say so
+        info["driver"] = f"unknown ({type(e).__name__})"
+    return info
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, min(vocab, 32000), size=(n, length)).tolist()
+
+
+def validate(engine, hf, s: CheckSettings) -> dict:
+    """Engine vs HF model: last-token logits after a prompt, and greedy tokens."""
+    import numpy as np
+    import torch
+
+    from lmopt.generate import SamplingParams, generate
+
+    prompt = make_prompts(1, s.prompt_len, engine.info.vocab_size, seed=1)[0]
+    slot = engine.alloc_slot()
+    try:
+        got = engine.prefill_slot(slot, prompt).row(0)
+    finally:
+        engine.free_slot(slot)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=s.device)
+        want = hf(input_ids=ids).logits[0, -1].float().cpu().numpy()
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.parity_tokens,
+                          min_new_tokens=s.parity_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref_tokens = ref[0, len(prompt):].tolist()
+    ours = generate(engine, [prompt], SamplingParams(max_new_tokens=s.parity_tokens)).tokens[0]
+    diff = float(np.abs(got - want).max())
+    rtol, atol = _TOL[s.precision]
+    tol = atol + rtol * float(np.abs(want).max())
+    agree = sum(a == b for a, b in zip(ref_tokens, ours)) / max(1, len(ref_tokens))
+    first_diverge = next((i for i, (a, b) in enumerate(zip(ref_tokens, ours)) if a != b), None)
+    res = {"prompt_len": len(prompt), "max_abs_logit_diff": diff, "max_abs_logit": float(np.abs(want).max()),
+           "tolerance": tol, "top1_equal": int(np.argmax(got)) == int(np.argmax(want)),
+           "greedy_agreement_vs_hf": agree, "first_divergence": first_diverge, "tokens_hf": ref_tokens,
+           "tokens_engine": ours, "ok": diff <= tol}
+    log.info("[%s] logits vs HF: max |diff| %.3g (tolerance %.3g); greedy agreement %.2f over %d tokens",
+             "ok" if res["ok"] else "FAIL", diff, tol, agree, len(ref_tokens))
+    return res
+
+
+def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
+    t0 = time.perf_counter()
+    engine.capture([batch], s.prompt_len + s.new_tokens)
+    capture_s = time.perf_counter() - t0
+    prompts = make_prompts(batch, s.prompt_len, engine.info.vocab_size, seed=2)
+    medians, raw = [], []
+    for rep in range(s.reps + 1):                     # rep 0 warms up
+        slots = [engine.alloc_slot() for _ in range(batch)]
+        try:
+            toks = engine.prefill_slots(slots, prompts).argmax()
+            engine.synchronize()
+            steps = []
+            for _ in range(s.new_tokens - 1):
+                ts = time.perf_counter()
+                toks = engine.decode_slots(slots, toks.tolist()).argmax()   # host sync, as a server streams
+                steps.append(time.perf_counter() - ts)
+        finally:
+            for sl in slots:
+                engine.free_slot(sl)
+        if rep:
+            medians.append(statistics.median(steps))
+            raw.append(steps)
+    ms = statistics.median(medians) * 1e3
+    ctx = s.prompt_len + s.new_tokens // 2
+    kv_bytes = batch * ctx * engine.model.kv_bytes_per_token()
+    row = {"batch": batch, "prompt_len": s.prompt_len, "new_tokens": s.new_tokens, "ms_per_step": ms,
+           "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor["floor_ms"],
+           "ratio_to_floor": ms / floor["floor_ms"], "kv_bytes_read_mean": kv_bytes,
+           "floor_with_kv_ms": (floor["weight_bytes"] + kv_bytes) / floor["read_bytes_per_ms"],
+           "capture_s": capture_s, "raw_step_s": raw}
+    log.info("batch %-3d decode %.3f ms/step, %.0f tokens/s, %.2fx the %.3f ms floor (graph ready in %.1f s)",
+             batch, ms, row["tokens_per_s"], row["ratio_to_floor"], floor["floor_ms"], capture_s)
+    return row
+
+
+def time_ttft(engine, length: int, s: CheckSettings) -> dict:
+    prompt = make_prompts(1, length, engine.info.vocab_size, seed=3)[0]
+    times = []
+    for rep in range(s.reps + 1):
+        engine.synchronize()
+        t = time.perf_counter()
+        slot = engine.alloc_slot()
+        try:
+            int(engine.prefill_slot(slot, prompt).argmax()[0])
+            if rep:
+                times.append(time.perf_counter() - t)
+        finally:
+            engine.free_slot(slot)
+    ms = statistics.median(times) * 1e3
+    log.info("TTFT %d-token prompt: %.2f ms", length, ms)
+    return {"prompt_len": length, "ms": ms, "raw_s": times}
+
+
+def run_check(*, settings: CheckSettings) -> Path:
+    s = settings
+    try:
+        import torch
+    except ImportError:
+        raise UserError("torch is not installed — pip install torch") from None
+    from lmopt.engines.compiled import CompiledEngine
+    from lmopt.manifest import machine_info, now_iso, package_versions
+    from lmopt.models import load_model
+    from lmopt.paths import stage_dir
+
+    cuda = s.device.startswith("cuda")
+    if s.precision in ("fp16", "bf16") and not cuda:
+        raise UserError(f"{s.precision} needs a GPU — pass --precision fp32 with --device cpu")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
+    batches = [int(b) for b in s.batches.split(",") if b]
+    if not batches or max(batches) > s.num_slots:
+        raise UserError(f"batches {s.batches} need at most --num-slots {s.num_slots} rows — raise --num-slots")
+    out = Path(s.out) if s.out else stage_dir("artifacts", s.model, "profile", "") / \
+        f"compiled-engine-{s.precision}-{'cuda' if cuda else 'cpu'}.json"
+    flag = {"auto": None, "on": True, "off": False}
+    t0 = time.perf_counter()
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
+    hf = load_model(s.model, dtype=dtype, device=s.device)
+    ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
+    max_len = s.max_len or min(ctx, max(s.long_prompt_len, s.prompt_len) + s.new_tokens)
+    engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,
+                            compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs], hf_model=hf)
+    load_s = time.perf_counter() - t0
+    bw = read_bandwidth_gbs(s.device)
+    wbytes = engine.weight_bytes()
+    floor = {"weight_bytes": wbytes, "read_gbs": bw["read_gbs"], "read_bytes_per_ms": bw["read_gbs"] * 1e6,
+             "floor_ms": wbytes / (bw["read_gbs"] * 1e6)}
+    log.info("weights read per step %.1f MB; read bandwidth %.0f GB/s; floor %.3f ms/step", wbytes / 1e6,
+             bw["read_gbs"], floor["floor_ms"])
+    doc: dict = {"kind": "compiled-engine-check", "created": now_iso(),
+                 "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "machine": machine_info(),
+                 "gpu": gpu_info() if cuda else None,
+                 "versions": package_versions("torch", "transformers", "numpy", "safetensors", "triton"),
+                 "settings": asdict(s), "engine": {"compile": engine.use_compile, "cuda_graphs": engine.use_graphs,
+                                                    "num_slots": engine.num_slots, "max_len": engine.max_len,
+                                                    "batch_buckets": engine.batch_buckets,
+                                                    "kv_buckets": engine.kv_buckets},
+                 "complete": False, "load_s": load_s, "bandwidth": bw, "floor": floor, "errors": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every cell: a run cut short still leaves what it measured
+        doc["elapsed_s"] = time.perf_counter() - t0
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, out)
+
+    doc["validation"] = validate(engine, hf, s)
+    save()
+    del hf
+    if cuda:
+        torch.cuda.empty_cache()
+    doc["decode"] = []
+    for b in batches:
+        try:
+            doc["decode"].append(time_decode(engine, b, s, floor))
+        except torch.cuda.OutOfMemoryError as e:
+            doc["errors"][f"decode/b{b}"] = f"out of memory: {str(e)[:200]}"
+            torch.cuda.empty_cache()
+        doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
+        save()
+    if s.long_prompt_len <= engine.max_len:
+        doc["ttft"] = time_ttft(engine, s.long_prompt_len, s)
+    else:
+        doc["ttft"] = None
+        doc["errors"]["ttft"] = f"prompt {s.long_prompt_len} exceeds the engine's {engine.max_len} positions"
+    doc["ttft_short"] = time_ttft(engine, s.prompt_len, s)
+    doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
+    doc["complete"] = True
+    save()
+    log.info("Saving results to %s", out)
+    engine.close()
+    if not doc["validation"]["ok"]:
+        v = doc["validation"]
+        raise UserError(f"engine logits differ from the HF model by {v['max_abs_logit_diff']:.3g} (tolerance "
+                        f"{v['tolerance']:.3g}); the measurements are in {out} — this is a bug to report")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(CheckSettings):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    run_check(settings=CheckSettings(**{f.name: getattr(args, f.name) for f in fields(CheckSettings)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
