@@ -46,6 +46,7 @@ class CheckSettings:
     max_len: int = 0              # 0: long prompt + new tokens, capped at the model's context
     compile: str = "auto"         # auto (on for CUDA) | on | off
     cuda_graphs: str = "auto"     # auto (on for CUDA) | on | off
+    decode_attention: str = "matmul"   # matmul (scores, softmax, sum) | sdpa (one fused kernel)
     parity_tokens: int = 32
     out: str = ""
 
@@ -218,7 +219,8 @@ def run_check(*, settings: CheckSettings) -> Path:
     ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
     max_len = s.max_len or min(ctx, max(s.long_prompt_len, s.prompt_len) + s.new_tokens)
     engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,
-                            compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs], hf_model=hf)
+                            compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs],
+                            decode_attention=s.decode_attention, hf_model=hf)
     load_s = time.perf_counter() - t0
     bw = read_bandwidth_gbs(s.device)
     wbytes = engine.weight_bytes()
@@ -231,6 +233,7 @@ def run_check(*, settings: CheckSettings) -> Path:
                  "gpu": gpu_info() if cuda else None,
                  "versions": package_versions("torch", "transformers", "numpy", "safetensors", "triton"),
                  "settings": asdict(s), "engine": {"compile": engine.use_compile, "cuda_graphs": engine.use_graphs,
+                                                    "decode_attention": s.decode_attention,
                                                     "num_slots": engine.num_slots, "max_len": engine.max_len,
                                                     "batch_buckets": engine.batch_buckets,
                                                     "kv_buckets": engine.kv_buckets},

@@ -66,7 +66,7 @@ class SlotState:
 class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, hf_model=None):
+                 cuda_graphs: bool | None = None, decode_attention: str = "matmul", hf_model=None):
         import torch
 
         if precision not in _DTYPES:
@@ -91,6 +91,9 @@ class CompiledEngine(SlotEngine):
         with torch.inference_mode():
             self.model = StaticDecoder.from_hf(hf, dtype, device)
         del hf
+        if decode_attention not in ("matmul", "sdpa"):
+            raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
+        self.model.decode_attention = decode_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or ctx, ctx)
         self.num_slots = num_slots or (64 if cuda else 8)
@@ -118,9 +121,10 @@ class CompiledEngine(SlotEngine):
         self.compile_error: str | None = None
         self._pool = None
         B = self.batch_buckets[-1]
-        self._ids = torch.zeros(B, dtype=torch.long, device=device)
-        self._pos = torch.full((B,), self.max_len, dtype=torch.long, device=device)
+        # the step's inputs, ids and positions, live in one buffer so a step uploads them with one copy
         self._host = torch.zeros((2, B), dtype=torch.long, pin_memory=cuda)
+        self._dev = torch.zeros((2, B), dtype=torch.long, device=device)
+        self._ids, self._pos = self._dev[0], self._dev[1]
         self._h2d_done = torch.cuda.Event() if cuda else None
         self._free = list(range(self.num_slots))      # a heap: the lowest free id first keeps decode rows packed
         self._used = [False] * self.num_slots
@@ -213,8 +217,7 @@ class CompiledEngine(SlotEngine):
         host[0, slots] = ids
         host[1, slots] = [self._len[s] for s in slots]
         with t.inference_mode():
-            self._ids[:B].copy_(self._host[0, :B], non_blocking=True)
-            self._pos[:B].copy_(self._host[1, :B], non_blocking=True)
+            self._dev.copy_(self._host, non_blocking=True)
             if self._h2d_done is not None:
                 self._h2d_done.record()
             if self.use_graphs:

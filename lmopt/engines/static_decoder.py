@@ -76,13 +76,18 @@ class Block(nn.Module):
         self.v_cache[rows, :, pos] = v
         kc = self.k_cache[:B, :, :kv_len]                                # [B, KV, L, D] (a view)
         vc = self.v_cache[:B, :, :kv_len]
-        # grouped-query attention without expanding the cache: the G query heads of one KV head share its reads
+        # grouped-query attention without expanding the cache: the G query heads of one KV head are treated as G
+        # queries of that head, so each KV head is read once
         g = self.n_heads // self.n_kv
         qg = q.view(B, self.n_kv, g, self.head_dim)
-        s = torch.matmul(qg, kc.transpose(-1, -2)).float() * (self.head_dim ** -0.5)   # [B, KV, G, L]
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-        p = torch.softmax(s, dim=-1).to(q.dtype)
-        a = torch.matmul(p, vc).reshape(B, self.n_heads * self.head_dim)
+        if mask.dtype == torch.bool:       # three kernels: scores, masked softmax (fp32), weighted sum
+            s = torch.matmul(qg, kc.transpose(-1, -2)).float() * (self.head_dim ** -0.5)   # [B, KV, G, L]
+            s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+            p = torch.softmax(s, dim=-1).to(q.dtype)
+            a = torch.matmul(p, vc)
+        else:                              # an additive mask: one fused attention kernel (SDPA, memory-efficient)
+            a = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask[:, None, None, :].expand(B, 1, g, kv_len))
+        a = a.reshape(B, self.n_heads * self.head_dim)
         x = x + F.linear(a, self.wo, self.bo)
         return x + self._mlp(self._norm(x, self.n2w, self.n2b))
 
@@ -122,6 +127,7 @@ class StaticDecoder(nn.Module):
             self.register_buffer(name, None, persistent=False)
         self.num_slots = 0
         self.max_len = 0
+        self.decode_attention = "matmul"      # or "sdpa" (see Block.decode)
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -257,6 +263,8 @@ class StaticDecoder(nn.Module):
         else:
             cos, sin = self.cos[pos_c], self.sin[pos_c]
         mask = torch.arange(kv_len, device=ids.device)[None, :] <= pos[:, None]   # [B, L]
+        if self.decode_attention == "sdpa":
+            mask = torch.zeros(mask.shape, dtype=self.emb.dtype, device=ids.device).masked_fill(~mask, float("-inf"))
         for blk in self.layers:
             x = blk.decode(x, cos, sin, rows, pos, mask, kv_len)
         logits = self._head(x)
