@@ -46,8 +46,9 @@ class CheckSettings:
     max_len: int = 0              # 0: long prompt + new tokens, capped at the model's context
     compile: str = "auto"         # auto (on for CUDA) | on | off
     cuda_graphs: str = "auto"     # auto (on for CUDA) | on | off
-    decode_attention: str = "matmul"   # matmul (scores, softmax, sum) | sdpa (one fused kernel)
+    decode_attention: str = "sdpa"     # sdpa (one fused kernel) | matmul (scores, softmax, sum)
     parity_tokens: int = 32
+    profile_steps: int = 0        # > 0: profile this many batch-1 decode steps (kernels per step, GPU idle share)
     out: str = ""
 
 
@@ -191,6 +192,51 @@ def time_ttft(engine, length: int, s: CheckSettings) -> dict:
     return {"prompt_len": length, "ms": ms, "raw_s": times}
 
 
+def profile_decode(engine, s: CheckSettings, step_ms: float | None) -> dict:
+    """Kernels per batch-1 decode step and the share of the step the GPU is idle, from the PyTorch profiler
+    (CUPTI; it sees the kernels a replayed CUDA graph launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = make_prompts(1, s.prompt_len, engine.info.vocab_size, seed=4)
+    slot = engine.alloc_slot()
+    try:
+        toks = engine.prefill_slots([slot], prompt).argmax()
+        for _ in range(3):
+            toks = engine.decode_slots([slot], toks.tolist()).argmax()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(s.profile_steps):
+                toks = engine.decode_slots([slot], toks.tolist()).argmax()
+            wall = (time.perf_counter() - t) / s.profile_steps
+    finally:
+        engine.free_slot(slot)
+    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:                      # union of kernel intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    per_name: dict[str, list[float]] = {}
+    for e in kernels:
+        per_name.setdefault(e.name[:120], []).append(e.time_range.end - e.time_range.start)
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    n = s.profile_steps
+    busy_ms = busy / 1e3 / n
+    ref = step_ms or wall * 1e3
+    res = {"steps": n, "kernels_per_step": len(kernels) / n, "memcpy_per_step": (len(dev) - len(kernels)) / n,
+           "gpu_busy_ms_per_step": busy_ms, "step_ms_unprofiled": step_ms, "step_ms_profiled": wall * 1e3,
+           "gpu_idle_share": max(0.0, 1 - busy_ms / ref) if kernels else None,
+           "top_kernels": [{"name": k, "calls_per_step": len(v) / n, "ms_per_step": sum(v) / 1e3 / n}
+                           for k, v in top]}
+    log.info("profile: %.0f kernels per step, GPU busy %.3f ms of a %.3f ms step (idle %.0f%%)",
+             res["kernels_per_step"], busy_ms, ref, 100 * (res["gpu_idle_share"] or 0))
+    return res
+
+
 def run_check(*, settings: CheckSettings) -> Path:
     s = settings
     try:
@@ -266,6 +312,9 @@ def run_check(*, settings: CheckSettings) -> Path:
         doc["ttft"] = None
         doc["errors"]["ttft"] = f"prompt {s.long_prompt_len} exceeds the engine's {engine.max_len} positions"
     doc["ttft_short"] = time_ttft(engine, s.prompt_len, s)
+    if s.profile_steps > 0:
+        b1 = next((r["ms_per_step"] for r in doc["decode"] if r["batch"] == 1), None)
+        doc["profile"] = profile_decode(engine, s, b1)
     doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
     doc["complete"] = True
     save()

@@ -66,7 +66,7 @@ class SlotState:
 class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, decode_attention: str = "matmul", hf_model=None):
+                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None):
         import torch
 
         if precision not in _DTYPES:
