@@ -56,12 +56,12 @@ def test_rows_that_cannot_run_say_why(bench_result):
 
 def test_publish_and_readme_tables(bench_result, artifacts, tmp_path):
     results = tmp_path / "results"
-    run_cli("profile/publish_results.py", "--artifacts", str(artifacts), "--results", str(results))
+    run_cli("report/publish_results.py", "--artifacts", str(artifacts), "--results", str(results))
     published = list(results.glob("*/tiny/benchmark-cpu.json"))
     assert len(published) == 1 and published[0].parent.parent.name.startswith("cpu-")
     readme = tmp_path / "README.md"
     shutil.copyfile(REPO / "README.md", readme)
-    run_cli("profile/update_readme.py", "--readme", str(readme), "--results", str(results))
+    run_cli("report/update_readme.py", "--readme", str(readme), "--results", str(results))
     text = readme.read_text()
     section = text.split("<!-- BEGIN before-vs-after")[1].split("<!-- END before-vs-after -->")[0]
     r = bench_result[0]
@@ -73,11 +73,11 @@ def test_publish_and_readme_tables(bench_result, artifacts, tmp_path):
     training = json.loads((REPO / "models" / "tiny" / "training.json").read_text())
     assert f"{training['eval_perplexity']:.1f}" in tiny
     # a second run changes nothing, and --check agrees
-    run_cli("profile/update_readme.py", "--readme", str(readme), "--results", str(results), "--check")
+    run_cli("report/update_readme.py", "--readme", str(readme), "--results", str(results), "--check")
 
 
 def test_summary_lists_stages(bench_result, artifacts):
-    proc = run_cli("profile/summarize_artifacts.py", "--artifacts", str(artifacts))
+    proc = run_cli("report/summarize_artifacts.py", "--artifacts", str(artifacts))
     assert "export:" in proc.stdout and "fp32: [ok]" in proc.stdout
     assert "benchmark-cpu.json" in proc.stdout and "ort fp32" in proc.stdout
 

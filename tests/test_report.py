@@ -114,9 +114,7 @@ def test_empty_or_unlabelled_figure_is_refused(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import sys
-    sys.path.insert(0, str(REPO / "notebooks"))
-    import report_lib as R
+    from lmopt.report import notebook as R
 
     p = R.Params(report_dir=str(tmp_path))
     fig, ax = plt.subplots()

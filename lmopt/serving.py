@@ -1,6 +1,7 @@
-"""Helpers shared by the serving benchmarks (perf_analyzer_sweep.py, load_generator.py, serve_bench.py).
+"""What the serving benchmarks share (profile/perf_analyzer_sweep.py, load_generator.py, serve_bench.py).
 
-Not a stage: no CLI. Holds what the three scripts must agree on — prompts drawn from the held-out text, the
+Holds what the three scripts must agree on — their settings (so the orchestrator builds them without importing
+another script), prompts drawn from the held-out text, the
 summary statistics (mean/p50/p90/p95/p99), the self-describing result envelope written under
 artifacts/<model>/profile/serving-*.json, and Triton's per-model statistics (to show whether requests were batched).
 """
@@ -10,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +19,53 @@ from lmopt.errors import UserError
 
 RESULT_PREFIX = "serving-"
 SCHEMA_VERSION = 1
+
+
+# The settings of the two measuring tools live here, beside what they share, so the orchestrator
+# (profile/serve_bench.py) can build them without importing another script.
+@dataclass
+class LoadSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    url: str = "127.0.0.1:8001"          # gRPC; loopback by default so the network is not what is measured
+    triton_model: str = "lm_stream"      # the decoupled (streaming) model
+    label: str = "batching-on"           # names the result: serving-stream-<label>.json
+    concurrency: str = "1,2,4,8"
+    prompt_tokens: int = 32
+    max_tokens: int = 16
+    num_prompts: int = 16                # distinct held-out prompts, sent round-robin
+    requests: int = 32                   # measured requests per level (upper bound)
+    duration_s: float = 60.0             # measured seconds per level (upper bound)
+    warmup_requests: int = 1             # per client, before each level's measurement
+    request_timeout_s: float = 60.0
+    prompt_input: str = "text_input"     # tensor names of the served model ("input_ids": send token ids)
+    max_tokens_input: str = "max_tokens"
+    tokens_output: str = "token_ids"
+    in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
+    engine: str = "ort"                  # engine/precision the server runs, for --in-process
+    precision: str = "fp32"
+    device: str = "cpu"                  # device the server's engine runs on, for --in-process
+    threads: int = 0                     # in-process engine threads (0 = library default); match the server's
+
+
+@dataclass
+class PerfAnalyzerSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    url: str = "127.0.0.1:8001"           # gRPC endpoint; loopback so the network is not what is measured
+    triton_model: str = "lm"              # the non-streaming (dynamically batched) model
+    label: str = "batching-on"            # names the result: serving-pa-<label>.json
+    concurrency: str = "1,2,4,8"          # comma list; empty = skip the concurrency sweep
+    request_rate: str = ""                # comma list of requests/s; empty = skip the request-rate sweep
+    prompt_tokens: int = 32
+    max_tokens: int = 16
+    num_prompts: int = 16                 # distinct prompts in the input-data file, sent round-robin
+    prompt_input: str = "text_input"      # input tensor names of the served model
+    max_tokens_input: str = "max_tokens"
+    measurement_requests: int = 40        # count_windows: requests per measurement window
+    stability_percentage: float = 100.0   # a shared 2-core machine rarely meets perf_analyzer's default 10 %
+    max_trials: int = 6
+    timeout_s: float = 300.0              # per perf_analyzer run
 
 
 def summarize(xs: Sequence[float]) -> dict[str, float | int | None]:
