@@ -7,18 +7,15 @@ artifacts/<model>/profile/serving-*.json, and Triton's per-model statistics (to 
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lmopt.errors import UserError
 
 RESULT_PREFIX = "serving-"
-SCHEMA_VERSION = 1
 
 
 # The settings of the two measuring tools live here, beside what they share, so the orchestrator
@@ -68,19 +65,6 @@ class PerfAnalyzerSettings:
     timeout_s: float = 300.0              # per perf_analyzer run
 
 
-def summarize(xs: Sequence[float]) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p95, p99, min, max of raw samples (linear-interpolated percentiles, like numpy)."""
-    import numpy as np
-
-    if len(xs) == 0:
-        return {"count": 0, "mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "min": None,
-                "max": None}
-    a = np.asarray(xs, dtype=np.float64)
-    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
-    return {"count": int(a.size), "mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p95": float(p95),
-            "p99": float(p99), "min": float(a.min()), "max": float(a.max())}
-
-
 def held_out_prompts(model: str, n: int, prompt_tokens: int) -> list[str]:
     """`n` prompts of about `prompt_tokens` tokens each: consecutive windows of the held-out eval text, decoded.
 
@@ -103,21 +87,13 @@ def result_path(artifacts: str | os.PathLike, model: str, name: str) -> Path:
 
 
 def write_result(path: Path, kind: str, settings: dict, samples: Any, summary: Any, extra: dict | None = None) -> Path:
-    """Self-describing result JSON (machine, versions, command, settings, raw samples, summary), written atomically."""
-    from lmopt.manifest import machine_info, now_iso, package_versions
+    """The serving benchmarks' result file: lmopt.results' envelope, written atomically."""
+    from lmopt import results
 
-    doc = {
-        "schema": SCHEMA_VERSION, "kind": kind, "created": now_iso(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "machine": machine_info(),
-        "versions": package_versions("tritonclient", "nvidia-pytriton", "onnxruntime", "numpy"),
-        "settings": settings, **(extra or {}), "summary": summary, "samples": samples,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    doc = results.envelope(kind, settings=settings, summary=summary, samples=samples,
+                           versions=results.versions("tritonclient", "nvidia-pytriton", "onnxruntime", "numpy"),
+                           **(extra or {}))
+    return results.write_json(path, doc)
 
 
 def model_stats(url: str, model: str) -> dict[str, int]:

@@ -138,7 +138,7 @@ def request_metrics(r: RequestRecord) -> dict:
 
 
 def summarize_level(records: list[RequestRecord], concurrency: int, wall_s: float) -> dict:
-    from lmopt.serving import summarize
+    from lmopt.results import stats as summarize
 
     ok = [r for r in records if r.error is None]
     m = [request_metrics(r) for r in ok]
@@ -201,7 +201,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
     from lmopt.engines import create_engine
     from lmopt.generate import SamplingParams, generate
     from lmopt.models import load_tokenizer
-    from lmopt.serving import summarize
+    from lmopt.results import stats as summarize
 
     tok = load_tokenizer(s.model)
     engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,

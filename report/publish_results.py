@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from dataclasses import dataclass, fields
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from lmopt.errors import UserError, cli_main
 from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.results import machine_tag
 
 log = get_logger("publish")
 
@@ -34,20 +34,6 @@ class PublishSettings:
     results: str = "results"
     model: str = ""            # empty = every model under --artifacts
     kind: str = "benchmark"    # benchmark | serving
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
-
-
-def machine_tag(result: dict) -> str:
-    """A short, stable folder name for the machine a result came from."""
-    m = result.get("machine", {})
-    if m.get("gpu") and str(result.get("settings", {}).get("device", "cpu")).startswith("cuda"):
-        return _slug(m["gpu"]["name"])
-    cpu = m.get("cpu_model") or m.get("processor") or "cpu"
-    words = [w for w in _slug(re.sub(r"\(.*?\)|processor|\d+-core", "", cpu, flags=re.I)).split("-") if w][:2]
-    return "cpu-" + "-".join(words) + f"-{m.get('cpu_count', '?')}c"
 
 
 PATTERNS = {"benchmark": ("benchmark-*.json", "benchmark"), "serving": ("serving-*.json", "serve-bench")}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lmopt.errors import UserError, cli_main
 from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.report import stat_ms
 
 log = get_logger("summary")
 STAGE_ORDER = ("export", "quantize", "engine", "serve", "profile")
@@ -101,7 +102,7 @@ def _result_line(path: Path) -> str:
                 parts.append(f"{row['engine']} {row['precision']}: skipped")
                 continue
             b1 = row["summary"].get("1") or next(iter(row["summary"].values()))
-            parts.append(f"{row['engine']} {row['precision']}: {b1['step_s']['p50'] * 1e3:.2f} ms/token"
+            parts.append(f"{row['engine']} {row['precision']}: {stat_ms(b1, 'step')['p50']:.2f} ms/token"
                          + (f" ({b1['decode_speedup_vs_baseline']:.2f}x)" if b1.get("decode_speedup_vs_baseline")
                             else ""))
         return f"{r['created'][:16]} — " + "; ".join(parts)

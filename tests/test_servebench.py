@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, read_json, run_cli
+from lmopt.results import SCHEMA_VERSION
 
 
 
@@ -34,7 +35,7 @@ def bench(serve_repo, artifacts):
 
 
 def _envelope(doc: dict, kind: str):
-    assert doc["kind"] == kind and doc["schema"] == 1
+    assert doc["kind"] == kind and doc["schema"] == SCHEMA_VERSION
     for key in ("machine", "versions", "command", "settings", "summary", "samples", "created"):
         assert key in doc, key
     assert doc["versions"]["tritonclient"] == "2.51.0"

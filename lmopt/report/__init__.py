@@ -43,6 +43,15 @@ def collect(results_dir: str | Path, kinds: Iterable[str] | None = None) -> list
     return docs
 
 
+def stat_ms(summary: dict, name: str) -> dict:
+    """Latency statistics `name` of a summary, in milliseconds: `<name>_ms` (current files), or `<name>_s` of files
+    written before statistics moved to milliseconds, scaled. E.g. stat_ms(m, "step")["p50"]."""
+    if f"{name}_ms" in summary:
+        return summary[f"{name}_ms"]
+    old = summary[f"{name}_s"]
+    return {k: (v * 1e3 if isinstance(v, (int, float)) and k not in ("n", "count") else v) for k, v in old.items()}
+
+
 def _sections() -> dict[str, Callable[[Path], str]]:
     from lmopt.report import benchmark, gpu, serving, tiny
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmopt.report import stat_ms
+
 
 def _ms(x) -> str:
-    return "—" if x is None else (f"{x * 1e3:.1f}" if x * 1e3 >= 10 else f"{x * 1e3:.2f}")
+    return "—" if x is None else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
 
 
 def render_table(result: dict, markdown: bool = False) -> str:
@@ -23,8 +25,8 @@ def render_table(result: dict, markdown: bool = False) -> str:
             continue
         for b, m in r["summary"].items():
             body.append([r["engine"], f"{r['precision']}" + (f" ({r['variant']})" if r["variant"] not in ("hf", r["precision"]) else ""),
-                         b, _ms(m["ttft_short_s"]["p50"]), _ms(m["ttft_long_s"]["p50"]), _ms(m["step_s"]["p50"]),
-                         _ms(m["step_s"]["p90"]), _ms(m["step_s"]["p99"]),
+                         b, _ms(stat_ms(m, "ttft_short")["p50"]), _ms(stat_ms(m, "ttft_long")["p50"]),
+                         _ms(stat_ms(m, "step")["p50"]), _ms(stat_ms(m, "step")["p90"]), _ms(stat_ms(m, "step")["p99"]),
                          f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "—",
                          f"{m['decode_speedup_vs_baseline']:.2f}x" if m.get("decode_speedup_vs_baseline") else "—",
                          f"{m['agreement_vs_baseline']:.0%}" if m.get("agreement_vs_baseline") is not None else "—",
