@@ -163,7 +163,8 @@ def profile(*, settings: ProfileSettings) -> dict:
     from lmopt.profiling.nsys_summary import summarize
     from lmopt.profiling.workload import ROOT_RANGE
 
-    from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
+    from lmopt.manifest import write_manifest
+    from lmopt.results import envelope, versions, write_json
     from lmopt.models import resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
@@ -187,21 +188,20 @@ def profile(*, settings: ProfileSettings) -> dict:
                                         s.pinned_repeats)
         dec = summary["nvtx"]["ranges"].get("decode_step", {})
         n_tok = sum(res["new_tokens"])
-        result = {
-            "kind": "profile", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-            "machine": machine_info(),
-            "versions": {**package_versions("torch", "onnxruntime", "transformers", "nvtx"),
-                         "nsys": _nsys_version() if profiler == "nsys" else None},
-            "settings": asdict(s), "profiler": profiler, "engine": res["engine"],
-            "raw": {k: res[k] for k in ("round_wall_s", "decode_steps", "new_tokens", "warmup_s")},
-            "figures": {"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
-                        "tokens_per_s": round(n_tok / res["wall_s"], 2),
-                        "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
-            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device, s.engine),
-            "pinned_vs_pageable": pinned,
-            "files": sorted(p.name for p in tmp.iterdir()),
-        }
-        (tmp / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        result = envelope(
+            "profile", settings=asdict(s),
+            versions={**versions("torch", "onnxruntime", "transformers", "nvtx"),
+                      "nsys": _nsys_version() if profiler == "nsys" else None},
+            profiler=profiler, engine=res["engine"],
+            raw={k: res[k] for k in ("round_wall_s", "decode_steps", "new_tokens", "warmup_s")},
+            figures={"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
+                     "tokens_per_s": round(n_tok / res["wall_s"], 2),
+                     "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
+            summary=summary, not_traced=_not_traced(events["traced"], profiler, s.device, s.engine),
+            pinned_vs_pageable=pinned,
+            files=sorted(p.name for p in tmp.iterdir()),
+        )
+        write_json(tmp / "summary.json", result)
         log.info("Saving profile summary to %s", final / "summary.json")
         _log_findings(result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
