@@ -32,6 +32,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 
+from lmopt import cli
 from lmopt.errors import UserError, cli_main
 from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
 from lmopt.profiling.workload import ProfileSettings
@@ -245,36 +246,23 @@ def _log_findings(r: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ProfileSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision, help="fp32 | fp16 | int8")
-    p.add_argument("--device", default=d.device, help="cpu | cuda")
-    p.add_argument("--profiler", default=d.profiler, choices=PROFILERS,
-                   help="nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens per row")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per round (exactly)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="rounds before the capture (not profiled)")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="profiled rounds")
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--pinned-repeats", type=int, default=d.pinned_repeats)
-    p.add_argument("--nsys-timeout", type=int, default=d.nsys_timeout)
-    p.add_argument("--out", default=d.out, help="output folder (default artifacts/<model>/profile/<variant>)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, ProfileSettings, help={
+        "engine": "ort | torch | trt",
+        "precision": "fp32 | fp16 | int8",
+        "device": "cpu | cuda",
+        "profiler": "nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed",
+        "prompt_len": "prompt tokens per row",
+        "max_new_tokens": "tokens per round (exactly)",
+        "warmup": "rounds before the capture (not profiled)",
+        "rounds": "profiled rounds",
+        "out": "output folder (default artifacts/<model>/profile/<variant>)",
+    }, choices={"profiler": PROFILERS})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = ProfileSettings(**{f.name: getattr(args, f.name) for f in fields(ProfileSettings)})
-    profile(settings=settings)
-    return 0
+main = cli.main_for(build_parser, ProfileSettings, profile)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

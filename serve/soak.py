@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import sys
 import threading
 import time
@@ -63,46 +62,30 @@ def _rss_mb(pgid: int) -> float | None:
 
 
 def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: threading.Lock):
-    import numpy as np
-    import tritonclient.grpc as g
+    from lmopt.triton_client import GenRequest, GrpcStream
 
-    q: queue.Queue = queue.Queue()
-    c = g.InferenceServerClient(f"{s.host}:{s.grpc_port}")
-    c.start_stream(callback=lambda result, error: q.put((result, error)))
     n = 0
-    try:
+    with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
-            prompt = PROMPTS[(idx + n) % len(PROMPTS)]
-            x = g.InferInput("text_input", [1, 1], "BYTES")
-            x.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-            m = g.InferInput("max_tokens", [1, 1], "INT32")
-            m.set_data_from_numpy(np.array([[s.max_tokens]], dtype=np.int32))
+            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_tokens)
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None}
             t0 = time.perf_counter()
-            c.async_stream_infer("lm_stream", [x, m], request_id=f"c{idx}-{n}", enable_empty_final_response=True)
             try:
-                while True:
-                    result, error = q.get(timeout=s.timeout)
-                    if error is not None:
-                        rec["error"] = str(error).splitlines()[0]
-                        break
-                    if result.as_numpy("token_ids") is not None:
+                for piece in st.generate(req, request_id=f"c{idx}-{n}"):
+                    if piece.token_ids:
                         rec["tokens"] += 1
                         if rec["ttft_s"] is None:
                             rec["ttft_s"] = time.perf_counter() - t0
-                    if result.get_response().parameters["triton_final_response"].bool_param:
-                        break
-            except queue.Empty:
-                rec["error"] = f"no response for {s.timeout} s"
+            except RuntimeError as e:
+                rec["error"] = str(e).splitlines()[0]
+            except TimeoutError as e:
+                rec["error"] = str(e)
             rec["total_s"] = time.perf_counter() - t0
             with lock:
                 records.append(rec)
             n += 1
             if rec["error"] and "no response" in rec["error"]:
                 break  # the stream is in an unknown state
-    finally:
-        c.stop_stream()
-        c.close()
 
 
 def run_load(*, settings: LoadSettings) -> dict:
