@@ -26,14 +26,14 @@ fastest a memory-bound decode step could be on this machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 
 log = get_logger("benchmark")
 
@@ -329,35 +329,26 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = BenchmarkSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--engines", default=d.engines, help="comma-separated subset of torch,ort,trt")
-    p.add_argument("--precisions", default=d.precisions, help="comma-separated subset of fp32,int8,fp16")
-    p.add_argument("--batch-sizes", default=d.batch_sizes, help="comma-separated batch sizes")
-    p.add_argument("--short-prompt", type=int, default=d.short_prompt, help="tokens of the short prompt")
-    p.add_argument("--long-prompt", type=int, default=d.long_prompt, help="tokens of the long prompt")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="repetitions run before measuring")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="measured repetitions")
-    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (0 = library default)")
-    p.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb,
-                   help="MB copied by the bandwidth probe for the floor (0 = skip)")
-    p.add_argument("--out", default=d.out, help="result file (default artifacts/<model>/profile/benchmark-<device>.json)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, BenchmarkSettings, help={
+        "device": "cpu or cuda",
+        "engines": "comma-separated subset of torch,ort,trt",
+        "precisions": "comma-separated subset of fp32,int8,fp16",
+        "batch_sizes": "comma-separated batch sizes",
+        "short_prompt": "tokens of the short prompt",
+        "long_prompt": "tokens of the long prompt",
+        "new_tokens": "tokens generated per run",
+        "warmup": "repetitions run before measuring",
+        "repeats": "measured repetitions",
+        "threads": "intra-op threads (0 = library default)",
+        "bandwidth_mb": "MB copied by the bandwidth probe for the floor (0 = skip)",
+        "out": "result file (default artifacts/<model>/profile/benchmark-<device>.json)",
+    })
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in fields(BenchmarkSettings)})
-    benchmark(settings=settings)
-    return 0
+main = cli.main_for(build_parser, BenchmarkSettings, benchmark)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

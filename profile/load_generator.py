@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.serving import LoadSettings
 
 log = get_logger("load_generator")
@@ -310,41 +310,26 @@ def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    p.add_argument("--model", default=d.model, help="model the server runs (tokenizer, result folder, --in-process)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="served streaming (decoupled) model name")
-    p.add_argument("--label", default=d.label, help="result name: serving-stream-<label>.json")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of requests in flight")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--requests", type=int, default=d.requests, help="measured requests per level (bound)")
-    p.add_argument("--duration-s", type=float, default=d.duration_s, help="measured seconds per level (bound)")
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="per client, not measured")
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
-    p.add_argument("--prompt-input", default=d.prompt_input)
-    p.add_argument("--max-tokens-input", default=d.max_tokens_input)
-    p.add_argument("--tokens-output", default=d.tokens_output)
-    p.add_argument("--in-process", action="store_true", help="also measure the same engine in-process (overhead)")
-    p.add_argument("--engine", default=d.engine, help="engine the server runs (for --in-process)")
-    p.add_argument("--precision", default=d.precision, help="precision the server runs (for --in-process)")
-    p.add_argument("--device", default=d.device, help="device the server runs on (for --in-process)")
-    p.add_argument("--threads", type=int, default=d.threads, help="in-process engine threads (match the server)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings, help={
+        "url": "Triton gRPC host:port",
+        "triton_model": "served streaming (decoupled) model name",
+        "label": "result name: serving-stream-<label>.json",
+        "concurrency": "comma list of requests in flight",
+        "requests": "measured requests per level (bound)",
+        "duration_s": "measured seconds per level (bound)",
+        "warmup_requests": "per client, not measured",
+        "in_process": "also measure the same engine in-process (overhead)",
+        "engine": "engine the server runs (for --in-process)",
+        "precision": "precision the server runs (for --in-process)",
+        "device": "device the server runs on (for --in-process)",
+        "threads": "in-process engine threads (match the server)",
+    })
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)})
-    run_load(settings=settings)
-    return 0
+main = cli.main_for(build_parser, LoadSettings, run_load)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("nvtx-overhead")
 
@@ -178,32 +178,16 @@ def _p10_p90(ratios: list[float]) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = OverheadSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--pairs", type=int, default=d.pairs)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--budget", type=float, default=d.budget)
-    p.add_argument("--out", default=d.out, help="output folder")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, OverheadSettings, help={
+        "engine": "ort | torch | trt",
+        "out": "output folder",
+    })
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    measure(settings=OverheadSettings(**{f.name: getattr(args, f.name) for f in fields(OverheadSettings)}))
-    return 0
+main = cli.main_for(build_parser, OverheadSettings, measure)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -25,12 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.serving import PerfAnalyzerSettings
 
 log = get_logger("perf_analyzer")
@@ -215,36 +216,21 @@ def _print_table(summary: list[dict], s: PerfAnalyzerSettings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = PerfAnalyzerSettings()
-    p.add_argument("--model", default=d.model, help="model the server runs (for its tokenizer and result folder)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="served non-streaming model name")
-    p.add_argument("--label", default=d.label, help="result name: serving-pa-<label>.json")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of concurrency levels ('' = none)")
-    p.add_argument("--request-rate", default=d.request_rate, help="comma list of request rates/s ('' = none)")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--prompt-input", default=d.prompt_input, help="name of the model's prompt input tensor")
-    p.add_argument("--max-tokens-input", default=d.max_tokens_input, help="name of the model's max-tokens input")
-    p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
-    p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
-    p.add_argument("--max-trials", type=int, default=d.max_trials)
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s)
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, PerfAnalyzerSettings, help={
+        "url": "Triton gRPC host:port",
+        "triton_model": "served non-streaming model name",
+        "label": "result name: serving-pa-<label>.json",
+        "concurrency": "comma list of concurrency levels ('' = none)",
+        "request_rate": "comma list of request rates/s ('' = none)",
+        "prompt_input": "name of the model's prompt input tensor",
+        "max_tokens_input": "name of the model's max-tokens input",
+    })
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = PerfAnalyzerSettings(**{f.name: getattr(args, f.name) for f in fields(PerfAnalyzerSettings)})
-    run_sweep(settings=settings)
-    return 0
+main = cli.main_for(build_parser, PerfAnalyzerSettings, run_sweep)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -28,13 +28,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 
 from lmopt import cli
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 from lmopt.profiling.workload import ProfileSettings
 
 log = get_logger("profile")

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 from lmopt.serving import LoadSettings, PerfAnalyzerSettings
 
 log = get_logger("serve_bench")
@@ -275,13 +276,12 @@ def _print(cmp: dict, over: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = ServeBenchSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--serve-variant", default=d.serve_variant, help="serve variant folder (default: newest)")
-    p.add_argument("--host", default=d.host, help="address both servers bind to")
+    cli.add_settings(p, ServeBenchSettings, help={
+        "serve_variant": "serve variant folder (default: newest)",
+        "host": "address both servers bind to",
+    }, skip=("concurrency", "request_rate", "prompt_tokens", "max_tokens", "measurement_requests", "stability_percentage", "requests", "duration_s", "prompt_input"))
     p.add_argument("--concurrency", default=d.concurrency)
     p.add_argument("--request-rate", default=d.request_rate, help="perf_analyzer request-rate levels ('' = none)")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
@@ -290,21 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--duration-s", type=float, default=d.duration_s)
-    p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)
-    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
     p.add_argument("--prompt-input", default=d.prompt_input,
-                   help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
-    add_verbosity_args(p)
+                       help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = ServeBenchSettings(**{f.name: getattr(args, f.name) for f in fields(ServeBenchSettings)})
-    serve_bench(settings=settings)
-    return 0
+main = cli.main_for(build_parser, ServeBenchSettings, serve_bench)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

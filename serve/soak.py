@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("serve-load")
 
@@ -182,22 +182,17 @@ def _r(x):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    for f in fields(LoadSettings):
-        kind = type(getattr(d, f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(d, f.name))
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    res = run_load(settings=LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)}))
+    res = run_load(settings=cli.settings_from(LoadSettings, args))
     return 1 if res["summary"]["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("client")
 
@@ -251,30 +251,19 @@ def _check_server(s: ClientSettings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = ClientSettings()
+    cli.add_settings(p, ClientSettings, help={
+        "protocol": "http | grpc",
+        "api": "infer (KServe v2) | generate (HTTP generate endpoints)",
+        "stream": "stream tokens from lm_stream",
+        "stop": "stop string",
+        "check": "compare greedy tokens with the in-process engine",
+        "variant": "serve variant for --check (default: newest)",
+        "out": "write results JSON here",
+    }, skip=("prompt", "seed"))
     p.add_argument("--prompt", action="append", help=f"prompt text (repeat for several; default {d.prompt})")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--http-port", type=int, default=d.http_port)
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
-    p.add_argument("--protocol", default=d.protocol, help="http | grpc")
-    p.add_argument("--api", default=d.api, help="infer (KServe v2) | generate (HTTP generate endpoints)")
-    p.add_argument("--stream", action="store_true", help="stream tokens from lm_stream")
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--stop", default=d.stop, help="stop string")
-    p.add_argument("--check", action="store_true", help="compare greedy tokens with the in-process engine")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--variant", default=d.variant, help="serve variant for --check (default: newest)")
-    p.add_argument("--timeout", type=float, default=d.timeout)
-    p.add_argument("--out", default=d.out, help="write results JSON here")
-    add_verbosity_args(p)
     return p
 
 
@@ -289,4 +278,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)
