@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "method": "calibration method",
         "compare_quantizers": "only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON",
         "speed_check": "also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest",
-    }, choices={"target": TARGETS, "quantizer": QUANTIZERS, "method": ("minmax", "entropy", "percentile"), "sweep_granularity": ("layer", "node")}, skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
+    }, choices={"target": TARGETS, "quantizer": QUANTIZERS, "method": ("minmax", "entropy", "percentile"),
+                "sweep_granularity": ("layer", "node")},
+        skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
                        help="accuracy budget: max perplexity increase over FP32, in percent")

@@ -29,7 +29,7 @@ class LoadSettings:
     label: str = "batching-on"           # names the result: serving-stream-<label>.json
     concurrency: str = "1,2,4,8"
     prompt_tokens: int = 32
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     num_prompts: int = 16                # distinct held-out prompts, sent round-robin
     requests: int = 32                   # measured requests per level (upper bound)
     duration_s: float = 60.0             # measured seconds per level (upper bound)
@@ -55,7 +55,7 @@ class PerfAnalyzerSettings:
     concurrency: str = "1,2,4,8"          # comma list; empty = skip the concurrency sweep
     request_rate: str = ""                # comma list of requests/s; empty = skip the request-rate sweep
     prompt_tokens: int = 32
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     num_prompts: int = 16                 # distinct prompts in the input-data file, sent round-robin
     prompt_input: str = "text_input"      # input tensor names of the served model
     max_tokens_input: str = "max_tokens"

@@ -66,8 +66,8 @@ def _request(prompt: str, s: LoadSettings):
 
     names = {"max_tokens": s.max_tokens_input}
     if s.prompt_input == "input_ids":
-        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_tokens, names=names)
-    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
+        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_new_tokens, names=names)
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, names={**names, "text_input": s.prompt_input})
 
 
 async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin: float) -> RequestRecord:
@@ -186,7 +186,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
                            threads=s.threads or None)
     eos = tok.eos_token_id
     # same stopping rule as a served request: EOS ends it, otherwise max_tokens
-    params = SamplingParams(max_new_tokens=s.max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, stop_token_ids=(eos,) if eos is not None else ())
 
     def local(prompt: str) -> dict:
         times: list[float] = []
@@ -294,7 +294,7 @@ def run_load(*, settings: LoadSettings) -> dict:
 
 
 def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) -> None:
-    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_new_tokens}")
     print(f"{'conc':>4} {'req':>4} {'fail':>4} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'e2e p50':>8} "
           f"{'p99':>7} {'tok/s':>7} {'req/s':>6}")
     for r in summary:

@@ -37,10 +37,10 @@ class OverheadSettings:
     engine: str = "ort"
     precision: str = "fp32"
     device: str = "cpu"
-    batch: int = 1
+    batch_size: int = 1
     prompt_len: int = 32
     max_new_tokens: int = 32
-    pairs: int = 40                # annotated/bare pairs of rounds
+    repeats: int = 40              # measured pairs of rounds (one annotated, one bare)
     warmup: int = 2
     threads: int = 1               # 1: the engine runs on the timed thread, so its CPU time is all of the work
     budget: float = 0.02           # the annotated loop may be at most this much slower
@@ -61,8 +61,8 @@ def measure(*, settings: OverheadSettings) -> dict:
     s = settings
     if not nvtx_ranges.AVAILABLE:
         raise UserError("the nvtx package is missing, so there is nothing to measure — pip install nvtx==0.2.11")
-    if s.pairs < 2:
-        raise UserError("--pairs must be >= 2")
+    if s.repeats < 2:
+        raise UserError("--repeats must be >= 2")
     check_writable(s.artifacts)
     ps = ProfileSettings(**{f.name: getattr(s, f.name) for f in fields(ProfileSettings) if hasattr(s, f.name)})
     engine, tok, prompts, params = prepare(ps)
@@ -96,7 +96,7 @@ def measure(*, settings: OverheadSettings) -> dict:
     on, off, on_cpu, off_cpu = [], [], [], []
     prev = nvtx_ranges.ENABLED
     try:
-        for i in tqdm(range(s.pairs), desc="pairs", disable=None):
+        for i in tqdm(range(s.repeats), desc="pairs", disable=None):
             order = (True, False) if i % 2 == 0 else (False, True)
             for mode in order:
                 nvtx_ranges.set_enabled(mode)
@@ -163,7 +163,7 @@ def measure(*, settings: OverheadSettings) -> dict:
                              "settings": asdict(s), "outputs": {"result": "result.json"}})
     r = result["summary"]
     log.info("annotated %.2f ms vs bare %.2f ms per round (%d pairs, %d ranges per round)", 1e3 * r["annotated_median_s"],
-             1e3 * r["bare_median_s"], s.pairs, ranges_per_round)
+             1e3 * r["bare_median_s"], s.repeats, ranges_per_round)
     log.info("overhead measured on CPU time %+.2f%% (95%% interval %+.2f%%..%+.2f%%), on wall time %+.2f%%, "
              "predicted %+.3f%% (%.2f us per range): %s the %.0f%% budget", 100 * measured, *(100 * x for x in
              r["overhead_measured_ci95"]), 100 * measured_wall, 100 * predicted,

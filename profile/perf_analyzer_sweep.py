@@ -1,7 +1,7 @@
 """Benchmark the served non-streaming model with Triton's real perf_analyzer: concurrency and request-rate sweeps.
 
     python profile/perf_analyzer_sweep.py --model tiny --url 127.0.0.1:8001 --label batching-on
-    python profile/perf_analyzer_sweep.py --concurrency 1,2,4,8 --request-rate 2,4 --max-tokens 16
+    python profile/perf_analyzer_sweep.py --concurrency 1,2,4,8 --request-rate 2,4 --max-new-tokens 16
 
 Needs a running server (bash serve/run_triton.sh, or `make serve-bench`, which starts and stops it).
 
@@ -79,9 +79,9 @@ def write_input_data(path: Path, prompts: list[str], s: PerfAnalyzerSettings) ->
         from lmopt.models import load_tokenizer
 
         tok = load_tokenizer(s.model)
-        reqs = [GenRequest(input_ids=tok(p)["input_ids"], max_tokens=s.max_tokens, names=names) for p in prompts]
+        reqs = [GenRequest(input_ids=tok(p)["input_ids"], max_tokens=s.max_new_tokens, names=names) for p in prompts]
     else:
-        reqs = [GenRequest(prompt=p, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
+        reqs = [GenRequest(prompt=p, max_tokens=s.max_new_tokens, names={**names, "text_input": s.prompt_input})
                 for p in prompts]
     write_json(path, {"data": [perf_analyzer_entry(r) for r in reqs]})
     return path
@@ -138,8 +138,8 @@ def run_sweep(*, settings: PerfAnalyzerSettings) -> dict:
     rates = _levels(s.request_rate, "request-rate")
     if not conc and not rates:
         raise UserError("nothing to run — give --concurrency and/or --request-rate levels")
-    if s.max_tokens <= 0:
-        raise UserError(f"--max-tokens must be > 0 (got {s.max_tokens})")
+    if s.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be > 0 (got {s.max_new_tokens})")
     binary, env = perf_analyzer_env()
     wait_ready(s.url, s.triton_model, 10.0)
     out_json = result_path(s.artifacts, s.model, f"pa-{s.label}")
@@ -204,7 +204,7 @@ def run_sweep(*, settings: PerfAnalyzerSettings) -> dict:
 
 
 def _print_table(summary: list[dict], s: PerfAnalyzerSettings) -> None:
-    print(f"perf_analyzer {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"perf_analyzer {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_new_tokens}")
     print(f"{'mode':>12} {'level':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/exec':>8}")
     for r in summary:
         if r.get("unstable"):

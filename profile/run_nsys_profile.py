@@ -111,7 +111,7 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
         if err:  # the workload's own one-line user error (missing export etc.)
             raise UserError(err[-1][len("error:"):].strip())
         if proc.returncode in (124, 137):
-            raise UserError(f"nsys profile ran past --nsys-timeout {s.nsys_timeout} s — raise it or lower --rounds")
+            raise UserError(f"nsys profile ran past --nsys-timeout {s.nsys_timeout} s — raise it or lower --repeats")
         raise RuntimeError(f"nsys profile failed (exit {proc.returncode}): {tail}\n{proc.stderr[-3000:]}")
     if not rep.is_file():
         raise UserError("nsys wrote no .nsys-rep (QdstrmImporter not found?) — run: make setup-nsys, which links it")
@@ -185,7 +185,7 @@ def profile(*, settings: ProfileSettings) -> dict:
             res, events = _torch_profile(s, tmp, timings)
         summary = summarize(events, ROOT_RANGE, res["wall_s"])
         with timed(log, "pinned vs pageable copies", timings, "pinned_s"):
-            pinned = pinned_vs_pageable(s.model, s.batch, s.prompt_len + s.max_new_tokens, s.precision, s.device,
+            pinned = pinned_vs_pageable(s.model, s.batch_size, s.prompt_len + s.max_new_tokens, s.precision, s.device,
                                         s.pinned_repeats)
         dec = summary["nvtx"]["ranges"].get("decode_step", {})
         n_tok = sum(res["new_tokens"])
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt_len": "prompt tokens per row",
         "max_new_tokens": "tokens per round (exactly)",
         "warmup": "rounds before the capture (not profiled)",
-        "rounds": "profiled rounds",
+        "repeats": "profiled rounds",
         "out": "output folder (default artifacts/<model>/profile/<variant>)",
     }, choices={"profiler": PROFILERS})
     return p

@@ -51,7 +51,7 @@ class ServeBenchSettings:
     concurrency: str = LoadSettings.concurrency                           # both tools
     request_rate: str = PerfAnalyzerSettings.request_rate                 # perf_analyzer only
     prompt_tokens: int = LoadSettings.prompt_tokens
-    max_tokens: int = LoadSettings.max_tokens
+    max_new_tokens: int = LoadSettings.max_new_tokens
     measurement_requests: int = PerfAnalyzerSettings.measurement_requests
     stability_percentage: float = PerfAnalyzerSettings.stability_percentage
     requests: int = LoadSettings.requests                                 # load generator, per level
@@ -212,10 +212,10 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     srv = man.get("settings", {})
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
-                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests,
+                                   max_new_tokens=s.max_new_tokens, measurement_requests=s.measurement_requests,
                                    stability_percentage=s.stability_percentage, prompt_input=s.prompt_input)
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
-                           prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
+                           prompt_tokens=s.prompt_tokens, max_new_tokens=s.max_new_tokens, requests=s.requests,
                            prompt_input=s.prompt_input,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
                            precision=man.get("precision", "fp32"), device=man.get("device", "cpu"), threads=int(srv.get("threads", 0) or 0))
@@ -281,11 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_settings(p, ServeBenchSettings, help={
         "serve_variant": "serve variant folder (default: newest)",
         "host": "address both servers bind to",
-    }, skip=("concurrency", "request_rate", "prompt_tokens", "max_tokens", "measurement_requests", "stability_percentage", "requests", "duration_s", "prompt_input"))
+    }, skip=("concurrency", "request_rate", "prompt_tokens", "max_new_tokens", "measurement_requests",
+             "stability_percentage", "requests", "duration_s", "prompt_input"))
     p.add_argument("--concurrency", default=d.concurrency)
     p.add_argument("--request-rate", default=d.request_rate, help="perf_analyzer request-rate levels ('' = none)")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
     p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
     p.add_argument("--requests", type=int, default=d.requests)

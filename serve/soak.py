@@ -34,7 +34,7 @@ PROMPTS = ["The list", "def f(", "A class attribute", "The import statement", "E
 class LoadSettings:
     clients: int = 64
     duration: float = 30.0           # seconds each client keeps sending
-    max_tokens: int = 32
+    max_new_tokens: int = 32
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     http_port: int = 8000
@@ -67,7 +67,7 @@ def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: thr
     n = 0
     with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
-            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_tokens)
+            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_new_tokens)
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None}
             t0 = time.perf_counter()
             try:

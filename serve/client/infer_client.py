@@ -44,7 +44,7 @@ class ClientSettings:
     api: str = "infer"               # infer | generate (HTTP generate / generate_stream endpoints)
     stream: bool = False             # lm_stream (one response per token) instead of lm
     concurrency: int = 1             # prompts in flight at once
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -61,8 +61,8 @@ class ClientSettings:
 def _request(s: ClientSettings, prompt: str):
     from lmopt.triton_client import GenRequest
 
-    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                      seed=s.seed, stop=s.stop or None)
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, seed=s.seed, stop=s.stop or None)
 
 
 def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
@@ -175,7 +175,7 @@ def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[i
     tok = load_tokenizer(s.model)
     toks = []
     for p in prompts:  # one at a time: the reference is batch 1
-        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_tokens,
+        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_new_tokens,
                                                                 stop_strings=(s.stop,) if s.stop else ()))
         toks.append(out.tokens[0])
     engine.close()
