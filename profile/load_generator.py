@@ -246,7 +246,7 @@ def run_load(*, settings: LoadSettings) -> dict:
         raise UserError(f"--concurrency must be a comma list of integers (got '{s.concurrency}')") from None
     if not levels or any(c <= 0 for c in levels):
         raise UserError(f"--concurrency needs levels > 0 (got '{s.concurrency}')")
-    for name in ("max_tokens", "requests", "num_prompts", "prompt_tokens"):
+    for name in ("max_new_tokens", "requests", "num_prompts", "prompt_tokens"):
         if getattr(s, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
     if s.duration_s <= 0:
