@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = Fp16Settings()
     cli.add_settings(p, Fp16Settings, skip=("max_ppl_increase", "keep_fp32_ops"))
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                       help="accuracy budget: max perplexity increase over FP32, in percent")
+                   help="accuracy budget: max perplexity increase over FP32, in percent")
     p.add_argument("--keep-fp32-ops", nargs="*", default=d.keep_fp32_ops, metavar="OP",
-                       help="op types kept in FP32")
+                   help="op types kept in FP32")
     return p
 
 

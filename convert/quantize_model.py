@@ -393,11 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
         skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                       help="accuracy budget: max perplexity increase over FP32, in percent")
+                   help="accuracy budget: max perplexity increase over FP32, in percent")
     p.add_argument("--max-excluded", type=int, default=d.max_excluded,
-                       help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
+                   help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                       help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
+                   help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
     return p
 
 

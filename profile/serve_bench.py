@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--duration-s", type=float, default=d.duration_s)
     p.add_argument("--prompt-input", default=d.prompt_input,
-                       help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
+                   help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
     return p
 
 

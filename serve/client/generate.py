@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "threads": "intra-op threads (0 = library default)",
     }, skip=("prompt", "seed", "stop"))
     p.add_argument("--prompt", action="append", default=None,
-                       help=f"prompt text; repeat for a batch (default: {d.prompt[0]!r})")
+                   help=f"prompt text; repeat for a batch (default: {d.prompt[0]!r})")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (same seed, same engine, same text)")
     p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
     return p
