@@ -35,7 +35,7 @@ class ExportSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     opset: int = 18
-    atol: float = 1e-4            # max |Δlogits| vs PyTorch in FP32
+    atol: float = 1e-4            # max |Δlogits| accepted vs PyTorch
     decode_steps: int = 8         # decode steps with KV cache compared logit by logit
     greedy_tokens: int = 32       # greedy tokens that must be identical
     threads: int = 0              # ONNX Runtime / torch threads (0 = library default)
@@ -203,9 +203,7 @@ def _cache_layers(cache):
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, ExportSettings, help={
-        "atol": "max |Δlogits| accepted vs PyTorch",
-    })
+    cli.add_settings(p, ExportSettings)
     return p
 
 

@@ -35,23 +35,23 @@ VALIDATION_PRESETS = {"fp32": (1e-3, 1.0), "fp16": (0.1, 0.9), "int8": (2.0, 0.5
 class EngineSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    precision: str = "fp16"
+    precision: str = "fp16"        # which stage-2 graph to build from (the graph decides the engine's precision)
     onnx: str = ""                 # explicit ONNX file instead of the stage-2 output found through its manifest
     min_batch: int = 1
     opt_batch: int = 1             # the batch TensorRT tunes kernels for
     max_batch: int = 8
-    max_seq_len: int = 0           # prompt + generated tokens; 0 = the model's context, at most 1024
+    max_seq_len: int = 0           # prompt + generated tokens (0 = the model's context, at most 1024)
     opt_prompt_len: int = 0        # prefill length tuned for; 0 = max_seq_len // 4
     opt_past_len: int = 0          # decode past length tuned for; 0 = max_seq_len // 2
     workspace_mib: int = 4096      # workspace memory-pool limit
     opt_level: int = 3             # builder optimization level 0..5 (TensorRT's default is 3)
     timing_cache: str = ""         # "" = artifacts/<model>/engine/timing-trt<ver>.cache
     greedy_tokens: int = 32
-    atol: float = 0.0              # 0 = VALIDATION_PRESETS[precision]
-    min_agreement: float = 0.0     # 0 = VALIDATION_PRESETS[precision]
-    skip_if_unavailable: bool = False
+    atol: float = 0.0              # max |Δlogits| vs ONNX Runtime (0 = per precision)
+    min_agreement: float = 0.0     # fraction of greedy tokens that must match (0 = per precision)
+    skip_if_unavailable: bool = False  # without TensorRT or a GPU, print a note and exit 0 (make demo)
     emit_trtexec: bool = False     # print the equivalent trtexec command and exit (optimize/trtexec_command.sh)
-    trt_version: str = ""          # for --emit-trtexec without TensorRT here: the version trtexec will be (e.g. 11.4)
+    trt_version: str = ""  # with --emit-trtexec: TensorRT version for the engine folder name when it is not installed
 
 
 # ---- shapes ----------------------------------------------------------------------------------------------------------
@@ -279,21 +279,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The build's arguments, shared by optimize/build_trt_engine.py and the trtexec wrapper's record step."""
     from lmopt import cli
 
-    cli.add_settings(p, EngineSettings, help={
-        "precision": "which stage-2 graph to build from (the graph decides the engine's precision)",
-        "onnx": "build from this ONNX file instead of the stage-2 output",
-        "max_seq_len": "prompt + generated tokens (0 = the model's context, at most 1024)",
-        "opt_prompt_len": "0 = max-seq-len / 4",
-        "opt_past_len": "0 = max-seq-len / 2",
-        "workspace_mib": "workspace memory-pool limit",
-        "opt_level": "builder optimization level 0..5",
-        "timing_cache": "timing cache file (read and updated)",
-        "atol": "max |Δlogits| vs ONNX Runtime (0 = per precision)",
-        "min_agreement": "fraction of greedy tokens that must match (0 = per precision)",
-        "skip_if_unavailable": "without TensorRT or a GPU, print a note and exit 0 (make demo)",
-        "emit_trtexec": "print the equivalent trtexec command and exit",
-        "trt_version": "with --emit-trtexec: TensorRT version for the engine folder name when it is not installed",
-    }, choices={"precision": PRECISIONS}, verbosity=False)
+    cli.add_settings(p, EngineSettings, choices={"precision": PRECISIONS}, verbosity=False)
 
 
 def record_trtexec_build(folder: Path, s: EngineSettings, onnx_path: Path, upstream: dict, shape: dict, graph: dict,

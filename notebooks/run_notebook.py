@@ -36,8 +36,8 @@ class NotebookSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     results: str = "results"          # committed results root (results/<machine>/<model>/)
-    machine: str = ""                 # "" = this machine's artifacts; else a results/<machine> tag
-    out: str = ""                     # default artifacts/<model>/report
+    machine: str = ""                 # read results/<machine>/<model>/ instead of this machine's artifacts
+    out: str = ""                     # report folder (default artifacts/<model>/report)
     notebook: str = str(NOTEBOOK)
     cell_timeout: int = 300           # seconds per cell
 
@@ -117,12 +117,7 @@ def run_notebook(*, settings: NotebookSettings) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     d = NotebookSettings()
-    cli.add_settings(p, NotebookSettings, help={
-        "results": "committed results root (results/<machine>/<model>/)",
-        "machine": "read results/<machine>/<model>/ instead of this machine's artifacts",
-        "out": "report folder (default artifacts/<model>/report)",
-        "cell_timeout": "seconds per cell",
-    }, skip=("notebook",))
+    cli.add_settings(p, NotebookSettings, skip=("notebook",))
     p.add_argument("--notebook", default=d.notebook, help="notebook to execute")
     return p
 

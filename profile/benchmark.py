@@ -42,18 +42,18 @@ log = get_logger("benchmark")
 class BenchmarkSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    device: str = "cpu"                      # cpu | cuda
-    engines: str = "torch,ort,trt"
-    precisions: str = "fp32,int8,fp16"
-    batch_sizes: str = "1,4"
-    short_prompt: int = 16                   # tokens
+    device: str = "cpu"                      # cpu or cuda
+    engines: str = "torch,ort,trt"           # comma-separated subset of torch,ort,trt
+    precisions: str = "fp32,int8,fp16"       # comma-separated subset of fp32,int8,fp16
+    batch_sizes: str = "1,4"                 # comma-separated batch sizes
+    short_prompt: int = 16                   # tokens of the short prompt
     long_prompt: int = 256                   # tokens (capped to the context minus --max-new-tokens)
     max_new_tokens: int = 32                    # generated per run (1 prefill token + max_new_tokens-1 decode steps)
-    warmup: int = 1                          # repetitions not recorded
+    warmup: int = 1                          # repetitions run before measuring
     repeats: int = 5                         # recorded repetitions
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
     bandwidth_mb: int = 256                  # buffer size for the copy-bandwidth probe (0 = skip the floor)
-    out: str = ""                            # default artifacts/<model>/profile/benchmark-<device>.json
+    out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
 
 # rows in table order; the first one available is the "before" baseline for its device
@@ -330,20 +330,7 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, BenchmarkSettings, help={
-        "device": "cpu or cuda",
-        "engines": "comma-separated subset of torch,ort,trt",
-        "precisions": "comma-separated subset of fp32,int8,fp16",
-        "batch_sizes": "comma-separated batch sizes",
-        "short_prompt": "tokens of the short prompt",
-        "long_prompt": "tokens of the long prompt",
-        "max_new_tokens": "tokens generated per run",
-        "warmup": "repetitions run before measuring",
-        "repeats": "measured repetitions",
-        "threads": "intra-op threads (0 = library default)",
-        "bandwidth_mb": "MB copied by the bandwidth probe for the floor (0 = skip)",
-        "out": "result file (default artifacts/<model>/profile/benchmark-<device>.json)",
-    })
+    cli.add_settings(p, BenchmarkSettings)
     return p
 
 

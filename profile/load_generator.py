@@ -311,20 +311,7 @@ def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, LoadSettings, help={
-        "url": "Triton gRPC host:port",
-        "triton_model": "served streaming (decoupled) model name",
-        "label": "result name: serving-stream-<label>.json",
-        "concurrency": "comma list of requests in flight",
-        "requests": "measured requests per level (bound)",
-        "duration_s": "measured seconds per level (bound)",
-        "warmup_requests": "per client, not measured",
-        "in_process": "also measure the same engine in-process (overhead)",
-        "engine": "engine the server runs (for --in-process)",
-        "precision": "precision the server runs (for --in-process)",
-        "device": "device the server runs on (for --in-process)",
-        "threads": "in-process engine threads (match the server)",
-    })
+    cli.add_settings(p, LoadSettings)
     return p
 
 

@@ -34,7 +34,7 @@ log = get_logger("nvtx-overhead")
 class OverheadSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    engine: str = "ort"
+    engine: str = "ort"            # ort | torch | trt
     precision: str = "fp32"
     device: str = "cpu"
     batch_size: int = 1
@@ -44,7 +44,7 @@ class OverheadSettings:
     warmup: int = 2
     threads: int = 1               # 1: the engine runs on the timed thread, so its CPU time is all of the work
     budget: float = 0.02           # the annotated loop may be at most this much slower
-    out: str = ""
+    out: str = ""                  # output folder
 
 
 def measure(*, settings: OverheadSettings) -> dict:
@@ -179,10 +179,7 @@ def _p10_p90(ratios: list[float]) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, OverheadSettings, help={
-        "engine": "ort | torch | trt",
-        "out": "output folder",
-    })
+    cli.add_settings(p, OverheadSettings)
     return p
 
 

@@ -217,15 +217,7 @@ def _print_table(summary: list[dict], s: PerfAnalyzerSettings) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, PerfAnalyzerSettings, help={
-        "url": "Triton gRPC host:port",
-        "triton_model": "served non-streaming model name",
-        "label": "result name: serving-pa-<label>.json",
-        "concurrency": "comma list of concurrency levels ('' = none)",
-        "request_rate": "comma list of request rates/s ('' = none)",
-        "prompt_input": "name of the model's prompt input tensor",
-        "max_tokens_input": "name of the model's max-tokens input",
-    })
+    cli.add_settings(p, PerfAnalyzerSettings)
     return p
 
 

@@ -247,17 +247,7 @@ def _log_findings(r: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, ProfileSettings, help={
-        "engine": "ort | torch | trt",
-        "precision": "fp32 | fp16 | int8",
-        "device": "cpu | cuda",
-        "profiler": "nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed",
-        "prompt_len": "prompt tokens per row",
-        "max_new_tokens": "tokens per round (exactly)",
-        "warmup": "rounds before the capture (not profiled)",
-        "repeats": "profiled rounds",
-        "out": "output folder (default artifacts/<model>/profile/<variant>)",
-    }, choices={"profiler": PROFILERS})
+    cli.add_settings(p, ProfileSettings, choices={"profiler": PROFILERS})
     return p
 
 

@@ -47,7 +47,7 @@ class ServeBenchSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     serve_variant: str = ""          # artifacts/<model>/serve/<variant>; empty = the newest one
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"                                               # address both servers bind to
     concurrency: str = LoadSettings.concurrency                           # both tools
     request_rate: str = PerfAnalyzerSettings.request_rate                 # perf_analyzer only
     prompt_tokens: int = LoadSettings.prompt_tokens
@@ -278,10 +278,7 @@ def _print(cmp: dict, over: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     d = ServeBenchSettings()
-    cli.add_settings(p, ServeBenchSettings, help={
-        "serve_variant": "serve variant folder (default: newest)",
-        "host": "address both servers bind to",
-    }, skip=("concurrency", "request_rate", "prompt_tokens", "max_new_tokens", "measurement_requests",
+    cli.add_settings(p, ServeBenchSettings, skip=("concurrency", "request_rate", "prompt_tokens", "max_new_tokens", "measurement_requests",
              "stability_percentage", "requests", "duration_s", "prompt_input"))
     p.add_argument("--concurrency", default=d.concurrency)
     p.add_argument("--request-rate", default=d.request_rate, help="perf_analyzer request-rate levels ('' = none)")

@@ -31,9 +31,9 @@ log = get_logger("publish")
 @dataclass
 class PublishSettings:
     artifacts: str = "artifacts"
-    results: str = "results"
+    results: str = "results"   # committed results folder
     model: str = ""            # empty = every model under --artifacts
-    kind: str = "benchmark"    # benchmark | serving
+    kind: str = "benchmark"    # which results to publish
 
 
 PATTERNS = {"benchmark": ("benchmark-*.json", "benchmark"), "serving": ("serving-*.json", "serve-bench")}
@@ -80,10 +80,7 @@ def publish(*, settings: PublishSettings) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, PublishSettings, help={
-        "results": "committed results folder",
-        "kind": "which results to publish",
-    }, choices={"kind": tuple(PATTERNS)})
+    cli.add_settings(p, PublishSettings, choices={"kind": tuple(PATTERNS)})
     return p
 
 

@@ -31,9 +31,9 @@ MARKER = re.compile(r"(<!-- BEGIN ([\w-]+)[^>]*-->)(.*?)(<!-- END \2 -->)", re.S
 
 @dataclass
 class ReadmeSettings:
-    readme: str = "README.md"
-    results: str = "results"
-    check: bool = False
+    readme: str = "README.md"           # README to update in place
+    results: str = "results"            # committed results folder
+    check: bool = False                 # only check: exit 1 if the README is stale
 
 
 def update(*, settings: ReadmeSettings) -> bool:
@@ -72,11 +72,7 @@ def update(*, settings: ReadmeSettings) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, ReadmeSettings, help={
-        "readme": "README to update in place",
-        "results": "committed results folder",
-        "check": "only check: exit 1 if the README is stale",
-    })
+    cli.add_settings(p, ReadmeSettings)
     return p
 
 

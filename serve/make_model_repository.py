@@ -200,12 +200,7 @@ HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, RepoSettings, help={
-        "engine": "ort | torch | trt",
-        "precision": "auto | fp32 | fp16 | int8",
-        "device": "cpu (KIND_CPU) or cuda (KIND_GPU)",
-        "output_transport": "auto | dlpack | numpy",
-    })
+    cli.add_settings(p, RepoSettings)
     return p
 
 

@@ -28,12 +28,12 @@ class ProfileSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     engine: str = "ort"            # ort | torch | trt
-    precision: str = "fp32"
-    device: str = "cpu"
-    profiler: str = "auto"         # auto = nsys when on PATH, else torch
+    precision: str = "fp32"        # fp32 | fp16 | int8
+    device: str = "cpu"            # cpu | cuda
+    profiler: str = "auto"  # nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed
     batch_size: int = 1
-    prompt_len: int = 32
-    max_new_tokens: int = 32
+    prompt_len: int = 32           # prompt tokens per row
+    max_new_tokens: int = 32       # tokens per round (exactly)
     warmup: int = 2                # rounds before the capture range (not profiled)
     repeats: int = 5               # profiled rounds
     threads: int = 0               # engine threads (0 = library default)

@@ -27,20 +27,20 @@ log = get_logger("generate")
 class GenerateSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    engine: str = "torch"
-    precision: str = "fp32"
-    device: str = "cpu"
+    engine: str = "torch"           # torch, ort or trt
+    precision: str = "fp32"         # fp32, int8 or fp16
+    device: str = "cpu"             # cpu or cuda
     prompt: list[str] = field(default_factory=lambda: ["The built-in function"])
     max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False        # generate exactly max_new_tokens (benchmarks, parity checks)
-    stream: bool = False
-    json: bool = False
-    threads: int = 0
+    stream: bool = False            # print each token as it is generated
+    json: bool = False              # print one JSON object (token ids, texts, timings)
+    threads: int = 0                # intra-op threads (0 = library default)
 
 
 def run_generate(*, settings: GenerateSettings) -> dict:
@@ -83,18 +83,7 @@ def run_generate(*, settings: GenerateSettings) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     d = GenerateSettings()
-    cli.add_settings(p, GenerateSettings, help={
-        "engine": "torch, ort or trt",
-        "precision": "fp32, int8 or fp16",
-        "device": "cpu or cuda",
-        "temperature": "0 = greedy",
-        "top_k": "0 = off",
-        "top_p": "1 = off",
-        "ignore_eos": "do not stop at the tokenizer's EOS token",
-        "stream": "print each token as it is generated",
-        "json": "print one JSON object (token ids, texts, timings)",
-        "threads": "intra-op threads (0 = library default)",
-    }, skip=("prompt", "seed", "stop"))
+    cli.add_settings(p, GenerateSettings, skip=("prompt", "seed", "stop"))
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text; repeat for a batch (default: {d.prompt[0]!r})")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (same seed, same engine, same text)")

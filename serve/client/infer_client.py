@@ -49,13 +49,13 @@ class ClientSettings:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop: str = ""
+    stop: str = ""                   # stop string
     check: bool = False              # compare greedy tokens with the in-process engine
     model: str = "tiny"
     artifacts: str = "artifacts"
     variant: str = ""                # serve variant to check against (default: the only/newest one)
     timeout: float = 120.0
-    out: str = ""
+    out: str = ""                    # write results JSON here
 
 
 def _request(s: ClientSettings, prompt: str):
@@ -253,15 +253,7 @@ def _check_server(s: ClientSettings) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     d = ClientSettings()
-    cli.add_settings(p, ClientSettings, help={
-        "protocol": "http | grpc",
-        "api": "infer (KServe v2) | generate (HTTP generate endpoints)",
-        "stream": "stream tokens from lm_stream",
-        "stop": "stop string",
-        "check": "compare greedy tokens with the in-process engine",
-        "variant": "serve variant for --check (default: newest)",
-        "out": "write results JSON here",
-    }, skip=("prompt", "seed"))
+    cli.add_settings(p, ClientSettings, skip=("prompt", "seed"))
     p.add_argument("--prompt", action="append", help=f"prompt text (repeat for several; default {d.prompt})")
     p.add_argument("--seed", type=int, default=d.seed)
     return p
