@@ -1,33 +1,33 @@
 """Check and time the compiled engine on one model: logits and greedy tokens against the Hugging Face model, decode
 speed at several batch sizes, time to first token for a long prompt, each against the memory-bandwidth floor.
 
-    python profile/compiled_engine_gpu.py --model llama-1b                       # on a GPU (fp16)
+    python profile/compiled_engine_gpu.py --model llama-1b --profile-steps 20      # on a GPU (fp16)
     python profile/compiled_engine_gpu.py --model llama-test --device cpu --precision fp32   # CPU smoke run
 
 Reads:  the model (built-in weights, a preset made with seeded random weights, or a local HF folder)
 Writes: --out (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json): machine, GPU, versions,
         command, settings, validation, raw step times, summary rows
 
-Figures: the HF model's last-token logits vs the engine's after a prompt of --prompt-len (max |diff| against a
+Figures: the HF model's last-token logits vs the engine's after a prompt of --short-prompt (max |diff| against a
 tolerance scaled by the logits' range; a miss fails the run after the JSON is written), greedy agreement over
---parity-tokens tokens; decode ms per step and tokens/s at each batch (prompt --prompt-len, --new-tokens steps, host
-sync every step as a streaming server does), after the batch's CUDA graph is captured; TTFT (prefill + first token
-on the host) for one --long-prompt-len prompt. Floor = weight bytes one step reads / device read bandwidth measured
-in the same run (a read-only reduction over a large buffer); the KV-cache bytes the step reads are reported beside it.
+--parity-tokens tokens; decode ms per step and tokens/s at each batch (prompt --short-prompt, --max-new-tokens - 1
+steps, host sync every step as a streaming server does), after the batch's CUDA graph is captured; TTFT (prefill +
+first token on the host) for one --long-prompt prompt; with --profile-steps, kernels per batch-1 step and the GPU's
+idle share. Floor (`floor_ms`, `ratio_to_floor`) = weight bytes one step reads / device read bandwidth measured in
+the same run (a read-only reduction over a large buffer); `floor_step` beside it is lmopt.results' common floor
+(weights + KV cache at the mean context / copy bandwidth).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt import results as R
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("compiled_engine_gpu")
 
@@ -36,20 +36,20 @@ log = get_logger("compiled_engine_gpu")
 class CheckSettings:
     model: str = "llama-1b"
     device: str = "cuda"
-    precision: str = "fp16"
-    batches: str = "1,8,32,64"
-    prompt_len: int = 128
-    long_prompt_len: int = 2048
-    new_tokens: int = 64
-    reps: int = 3                 # timed repetitions per cell, after one warm-up
-    num_slots: int = 64
-    max_len: int = 0              # 0: long prompt + new tokens, capped at the model's context
-    compile: str = "auto"         # auto (on for CUDA) | on | off
-    cuda_graphs: str = "auto"     # auto (on for CUDA) | on | off
-    decode_attention: str = "sdpa"     # sdpa (one fused kernel) | matmul (scores, softmax, sum)
-    parity_tokens: int = 32
-    profile_steps: int = 0        # > 0: profile this many batch-1 decode steps (kernels per step, GPU idle share)
-    out: str = ""
+    precision: str = "fp16"                 # fp16 | bf16 on a GPU, fp32 on the CPU
+    batch_sizes: str = "1,8,32,64"
+    short_prompt: int = 128                 # prompt tokens of the decode cells and the validation
+    long_prompt: int = 2048                 # prompt tokens of the TTFT cell (skipped when over the context)
+    max_new_tokens: int = 64                # decode steps per cell + 1
+    repeats: int = 3
+    num_slots: int = 64                     # KV-cache slots (the largest decode batch)
+    max_len: int = 0                        # positions per slot (0: long prompt + new tokens, capped at the context)
+    compile: str = "auto"                   # auto (on for CUDA) | on | off
+    cuda_graphs: str = "auto"               # auto (on for CUDA) | on | off
+    decode_attention: str = "sdpa"          # sdpa (one fused kernel) | matmul (scores, softmax, sum)
+    parity_tokens: int = 32                 # greedy tokens compared with the HF model
+    profile_steps: int = 0                  # > 0: profile this many batch-1 decode steps (kernels, GPU idle share)
+    out: str = ""                           # result file (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json)
 
 
 # relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
@@ -112,7 +112,7 @@ def validate(engine, hf, s: CheckSettings) -> dict:
 
     from lmopt.generate import SamplingParams, generate
 
-    prompt = make_prompts(1, s.prompt_len, engine.info.vocab_size, seed=1)[0]
+    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=1)[0]
     slot = engine.alloc_slot()
     try:
         got = engine.prefill_slot(slot, prompt).row(0)
@@ -141,17 +141,17 @@ def validate(engine, hf, s: CheckSettings) -> dict:
 
 def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
     t0 = time.perf_counter()
-    engine.capture([batch], s.prompt_len + s.new_tokens)
+    engine.capture([batch], s.short_prompt + s.max_new_tokens)
     capture_s = time.perf_counter() - t0
-    prompts = make_prompts(batch, s.prompt_len, engine.info.vocab_size, seed=2)
+    prompts = make_prompts(batch, s.short_prompt, engine.info.vocab_size, seed=2)
     medians, raw = [], []
-    for rep in range(s.reps + 1):                     # rep 0 warms up
+    for rep in range(s.repeats + 1):                  # rep 0 warms up
         slots = [engine.alloc_slot() for _ in range(batch)]
         try:
             toks = engine.prefill_slots(slots, prompts).argmax()
             engine.synchronize()
             steps = []
-            for _ in range(s.new_tokens - 1):
+            for _ in range(s.max_new_tokens - 1):
                 ts = time.perf_counter()
                 toks = engine.decode_slots(slots, toks.tolist()).argmax()   # host sync, as a server streams
                 steps.append(time.perf_counter() - ts)
@@ -162,12 +162,18 @@ def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
             medians.append(statistics.median(steps))
             raw.append(steps)
     ms = statistics.median(medians) * 1e3
-    ctx = s.prompt_len + s.new_tokens // 2
-    kv_bytes = batch * ctx * engine.model.kv_bytes_per_token()
-    row = {"batch": batch, "prompt_len": s.prompt_len, "new_tokens": s.new_tokens, "ms_per_step": ms,
+    ctx = s.short_prompt + s.max_new_tokens // 2
+    m = engine.model
+    shape = {"num_layers": m.cfg["n_layers"], "num_kv_heads": m.cfg["n_kv"], "head_dim": m.cfg["head_dim"]}
+    kv_bytes = R.kv_bytes(shape, batch, ctx, m.emb.element_size())
+    row = {"batch": batch, "prompt_len": s.short_prompt, "new_tokens": s.max_new_tokens, "ms_per_step": ms,
            "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor["floor_ms"],
            "ratio_to_floor": ms / floor["floor_ms"], "kv_bytes_read_mean": kv_bytes,
            "floor_with_kv_ms": (floor["weight_bytes"] + kv_bytes) / floor["read_bytes_per_ms"],
+           # the project's common floor (lmopt.results): weights + KV at the mean context / copy bandwidth
+           "floor_step": R.step_floor(floor["weight_bytes"], shape, batch, ctx, m.emb.element_size(),
+                                      floor["copy_gbs"]),
+           "step_ms": R.stats([x for st in raw for x in st], scale=1e3),
            "capture_s": capture_s, "raw_step_s": raw}
     log.info("batch %-3d decode %.3f ms/step, %.0f tokens/s, %.2fx the %.3f ms floor (graph ready in %.1f s)",
              batch, ms, row["tokens_per_s"], row["ratio_to_floor"], floor["floor_ms"], capture_s)
@@ -177,7 +183,7 @@ def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
 def time_ttft(engine, length: int, s: CheckSettings) -> dict:
     prompt = make_prompts(1, length, engine.info.vocab_size, seed=3)[0]
     times = []
-    for rep in range(s.reps + 1):
+    for rep in range(s.repeats + 1):
         engine.synchronize()
         t = time.perf_counter()
         slot = engine.alloc_slot()
@@ -198,7 +204,7 @@ def profile_decode(engine, s: CheckSettings, step_ms: float | None) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    prompt = make_prompts(1, s.prompt_len, engine.info.vocab_size, seed=4)
+    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=4)
     slot = engine.alloc_slot()
     try:
         toks = engine.prefill_slots([slot], prompt).argmax()
@@ -244,7 +250,6 @@ def run_check(*, settings: CheckSettings) -> Path:
     except ImportError:
         raise UserError("torch is not installed — pip install torch") from None
     from lmopt.engines.compiled import CompiledEngine
-    from lmopt.manifest import machine_info, now_iso, package_versions
     from lmopt.models import load_model
     from lmopt.paths import stage_dir
 
@@ -253,9 +258,16 @@ def run_check(*, settings: CheckSettings) -> Path:
         raise UserError(f"{s.precision} needs a GPU — pass --precision fp32 with --device cpu")
     if cuda and not torch.cuda.is_available():
         raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
-    batches = [int(b) for b in s.batches.split(",") if b]
-    if not batches or max(batches) > s.num_slots:
-        raise UserError(f"batches {s.batches} need at most --num-slots {s.num_slots} rows — raise --num-slots")
+    if s.decode_attention not in ("sdpa", "matmul"):
+        raise UserError(f"--decode-attention {s.decode_attention} is unknown — use sdpa or matmul")
+    if s.compile not in ("auto", "on", "off") or s.cuda_graphs not in ("auto", "on", "off"):
+        raise UserError("--compile and --cuda-graphs take auto, on or off")
+    try:
+        batches = [int(b) for b in s.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {s.batch_sizes!r} is not a comma-separated list of integers") from None
+    if not batches or min(batches) < 1 or max(batches) > s.num_slots:
+        raise UserError(f"--batch-sizes {s.batch_sizes} need 1..{s.num_slots} rows each — raise --num-slots")
     out = Path(s.out) if s.out else stage_dir("artifacts", s.model, "profile", "") / \
         f"compiled-engine-{s.precision}-{'cuda' if cuda else 'cpu'}.json"
     flag = {"auto": None, "on": True, "off": False}
@@ -263,34 +275,30 @@ def run_check(*, settings: CheckSettings) -> Path:
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
     hf = load_model(s.model, dtype=dtype, device=s.device)
     ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
-    max_len = s.max_len or min(ctx, max(s.long_prompt_len, s.prompt_len) + s.new_tokens)
+    max_len = s.max_len or min(ctx, max(s.long_prompt, s.short_prompt) + s.max_new_tokens)
     engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,
                             compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs],
                             decode_attention=s.decode_attention, hf_model=hf)
     load_s = time.perf_counter() - t0
     bw = read_bandwidth_gbs(s.device)
+    bw["copy_gbs"] = R.copy_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (256 << 20))
     wbytes = engine.weight_bytes()
     floor = {"weight_bytes": wbytes, "read_gbs": bw["read_gbs"], "read_bytes_per_ms": bw["read_gbs"] * 1e6,
-             "floor_ms": wbytes / (bw["read_gbs"] * 1e6)}
-    log.info("weights read per step %.1f MB; read bandwidth %.0f GB/s; floor %.3f ms/step", wbytes / 1e6,
-             bw["read_gbs"], floor["floor_ms"])
-    doc: dict = {"kind": "compiled-engine-check", "created": now_iso(),
-                 "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "machine": machine_info(),
-                 "gpu": gpu_info() if cuda else None,
-                 "versions": package_versions("torch", "transformers", "numpy", "safetensors", "triton"),
-                 "settings": asdict(s), "engine": {"compile": engine.use_compile, "cuda_graphs": engine.use_graphs,
+             "floor_ms": wbytes / (bw["read_gbs"] * 1e6), "copy_gbs": bw["copy_gbs"]}
+    log.info("weights read per step %.1f MB; read bandwidth %.0f GB/s (copy %.0f GB/s); floor %.3f ms/step",
+             wbytes / 1e6, bw["read_gbs"], bw["copy_gbs"], floor["floor_ms"])
+    doc: dict = R.envelope("compiled-engine-check", settings=asdict(s),
+                           versions=R.versions("torch", "transformers", "numpy", "safetensors", "triton"),
+                           gpu=gpu_info() if cuda else None, engine={"compile": engine.use_compile, "cuda_graphs": engine.use_graphs,
                                                     "decode_attention": s.decode_attention,
                                                     "num_slots": engine.num_slots, "max_len": engine.max_len,
                                                     "batch_buckets": engine.batch_buckets,
                                                     "kv_buckets": engine.kv_buckets},
-                 "complete": False, "load_s": load_s, "bandwidth": bw, "floor": floor, "errors": {}}
-    out.parent.mkdir(parents=True, exist_ok=True)
+                           complete=False, load_s=load_s, bandwidth=bw, floor=floor, errors={})
 
-    def save():  # after every cell: a run cut short still leaves what it measured
+    def save():  # after every cell (atomically): a run cut short still leaves what it measured, complete=false
         doc["elapsed_s"] = time.perf_counter() - t0
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, out)
+        R.write_json(out, doc)
 
     doc["validation"] = validate(engine, hf, s)
     save()
@@ -306,12 +314,12 @@ def run_check(*, settings: CheckSettings) -> Path:
             torch.cuda.empty_cache()
         doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
         save()
-    if s.long_prompt_len <= engine.max_len:
-        doc["ttft"] = time_ttft(engine, s.long_prompt_len, s)
+    if s.long_prompt <= engine.max_len:
+        doc["ttft"] = time_ttft(engine, s.long_prompt, s)
     else:
         doc["ttft"] = None
-        doc["errors"]["ttft"] = f"prompt {s.long_prompt_len} exceeds the engine's {engine.max_len} positions"
-    doc["ttft_short"] = time_ttft(engine, s.prompt_len, s)
+        doc["errors"]["ttft"] = f"prompt {s.long_prompt} exceeds the engine's {engine.max_len} positions"
+    doc["ttft_short"] = time_ttft(engine, s.short_prompt, s)
     if s.profile_steps > 0:
         b1 = next((r["ms_per_step"] for r in doc["decode"] if r["batch"] == 1), None)
         doc["profile"] = profile_decode(engine, s, b1)
@@ -327,21 +335,14 @@ def run_check(*, settings: CheckSettings) -> Path:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(CheckSettings):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    add_verbosity_args(p)
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_settings(p, CheckSettings, choices={"compile": ("auto", "on", "off"), "cuda_graphs": ("auto", "on", "off"),
+                                                "decode_attention": ("sdpa", "matmul")})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    run_check(settings=CheckSettings(**{f.name: getattr(args, f.name) for f in fields(CheckSettings)}))
-    return 0
-
+main = cli.main_for(build_parser, CheckSettings, run_check)
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -210,15 +210,20 @@ def test_unsupported_architecture():
 def test_gpu_check_script_on_cpu(tmp_path):
     out = tmp_path / "r.json"
     run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--precision", "fp32",
-            "--batches", "1,4", "--prompt-len", "16", "--long-prompt-len", "64", "--new-tokens", "8", "--reps", "1",
-            "--out", str(out))
+            "--batch-sizes", "1,4", "--short-prompt", "16", "--long-prompt", "64", "--max-new-tokens", "8",
+            "--repeats", "1", "--profile-steps", "2", "--out", str(out))
     r = read_json(out)
-    assert r["kind"] == "compiled-engine-check"
+    assert r["kind"] == "compiled-engine-check" and r["complete"]
     assert r["validation"]["ok"] and r["validation"]["greedy_agreement_vs_hf"] == 1.0
     assert [row["batch"] for row in r["decode"]] == [1, 4]
-    assert all(row["ms_per_step"] > 0 and row["floor_ms"] > 0 for row in r["decode"])
+    assert all(row["ms_per_step"] > 0 and row["floor_ms"] > 0 and row["step_ms"]["count"] == 7
+               and row["floor_step"]["kv_bytes"] > 0 for row in r["decode"])
     assert r["ttft"]["prompt_len"] == 64 and r["ttft"]["ms"] > 0
     bad = run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--out",
                   str(tmp_path / "x.json"), check=False)
     assert_one_line_error(bad, "fp16", "GPU")
+    assert not (tmp_path / "x.json").exists()
+    bad = run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--precision", "fp32", "--model", "llama-test",
+                  "--batch-sizes", "1,128", "--out", str(tmp_path / "x.json"), check=False)
+    assert_one_line_error(bad, "--num-slots")
     assert not (tmp_path / "x.json").exists()
