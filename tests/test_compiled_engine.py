@@ -196,6 +196,42 @@ def test_errors():
         create_engine("compiled", "llama-test", "int8")
 
 
+def _small_hf(kind: str):
+    import transformers as T
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if kind == "qwen2":            # q/k/v biases
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**common)).eval()
+    if kind == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**common)).eval()
+    # Llama 3 rope scaling, untied head
+    rs = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+    return T.LlamaForCausalLM(T.LlamaConfig(**common, rope_scaling=rs, tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama3-rope-untied"])
+def test_other_llama_family_configs_match_hf(kind):
+    from lmopt.engines.static_decoder import StaticDecoder
+
+    hf = _small_hf(kind)
+    m = StaticDecoder.from_hf(hf, torch.float32, "cpu")
+    m.allocate_cache(2, 200)
+    ids = torch.randint(0, 512, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = m.prefill([1], ids, [0], [150])[0]
+        want = hf(ids).logits[0, -1]
+        assert (got - want).abs().max() < 1e-4
+        nxt = int(want.argmax())
+        pos = torch.tensor([m.max_len, 150])                 # row 0 idle (scratch column), row 1 = slot 1
+        step, greedy = m.decode(torch.tensor([0, nxt]), pos, 200)
+        want = hf(torch.cat([ids, torch.tensor([[nxt]])], dim=1)).logits[0, -1]
+    assert (step[1] - want).abs().max() < 1e-4
+    assert int(greedy[1]) == int(want.argmax())
+
+
 def test_unsupported_architecture():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

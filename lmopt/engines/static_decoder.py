@@ -201,8 +201,13 @@ class StaticDecoder(nn.Module):
         m.norm_w = t(body.norm.weight)
         head = hf.get_output_embeddings().weight
         m.head = m.emb if head is body.embed_tokens.weight else t(head)
-        # HF's own inverse frequencies (and attention scaling) carry every rope-scaling variant the config names
+        # HF's own inverse frequencies (and attention scaling) carry the static rope-scaling variants (linear, llama3,
+        # yarn); the ones that change the frequencies with the sequence length need HF's runtime update
         rot = body.rotary_emb
+        rope_type = getattr(rot, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise UserError(f"rope scaling '{rope_type}' changes with the sequence length, which the compiled engine "
+                            "does not implement — use --engine torch for this model")
         m._inv_freq = rot.inv_freq.detach().float().to(device)
         m._rope_scale = float(getattr(rot, "attention_scaling", 1.0))
         return m
