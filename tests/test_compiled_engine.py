@@ -67,6 +67,24 @@ def test_sampled_tokens_equal_torch_engine(engines):
     assert generate(comp, ps, p).tokens == generate(ref, ps, p).tokens
 
 
+def test_stop_tokens_and_cancellation_like_torch_engine(engines):
+    """generate()'s slot path ends rows the way the padded path does: stop token, cancellation, own max length."""
+    _, comp, ref = engines
+    ps = prompts(3, 18, seed=10)
+    first = generate(ref, ps, SamplingParams(max_new_tokens=12)).tokens
+    stop = first[0][4]                                        # row 0 stops at its 5th token
+    p = [SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)), SamplingParams(max_new_tokens=12),
+         SamplingParams(max_new_tokens=5)]
+
+    def cancel_row1(row, tok):
+        return row == 1 and tok == first[1][2]                 # row 1 cancelled at its 3rd token
+
+    a, b = generate(comp, ps, p, on_token=cancel_row1), generate(ref, ps, p, on_token=cancel_row1)
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
+    assert a.finish_reasons[0] == "stop" and a.finish_reasons[1] == "cancelled" and len(a.tokens[2]) == 5
+    assert comp.num_free_slots() == comp.num_slots
+
+
 def test_plain_engine_interface(engines):
     """prefill/decode/release with left padding, as the benchmark calls it."""
     from lmopt.generate import pad_batch

@@ -262,7 +262,8 @@ class CompiledEngine(SlotEngine):
         if self._pool is None:
             self._pool = t.cuda.graph_pool_handle()
         g = t.cuda.CUDAGraph()
-        with t.cuda.graph(g, pool=self._pool):
+        # thread_local: a serving thread that touches CUDA while this one captures does not break the capture
+        with t.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             out = self._step(ids, pos, L)
         ids.copy_(saved[0])
         pos.copy_(saved[1])
