@@ -3,6 +3,7 @@
     create_engine("torch", "tiny", precision="fp32")          # PyTorch eager, the baseline
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
     create_engine("trt", "tiny", precision="fp16", device="cuda")   # stage-3 TensorRT engine
+    create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")   # static KV cache + CUDA graphs
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from ..manifest import MANIFEST, list_variants, load_stage, read_manifest
 from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES = ("torch", "ort", "trt", "cudagraph")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # which stage/make target produces each ONNX precision
 _PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 
@@ -23,6 +24,8 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
     """(folder, manifest) of the ONNX graph of `precision` made for `target` ("onnxruntime" or "tensorrt")."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
+    if precision not in _PRECISION_TARGET:
+        raise UserError(f"there is no {precision} ONNX stage — use fp32, fp16 or int8 with ONNX Runtime or TensorRT")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
     variants = list_variants(artifacts, model, "quantize")
@@ -76,9 +79,17 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
             raise UserError("the PyTorch baseline runs fp32 or fp16, not int8 — use --engine ort for INT8")
         if precision == "fp16" and not device.startswith("cuda"):
             raise UserError("PyTorch fp16 needs a GPU (--device cuda) — use fp32 on CPU")
+        if precision == "bf16" and not device.startswith("cuda"):
+            raise UserError("PyTorch bf16 is measured on a GPU here (--device cuda) — use fp32 on CPU")
         from .torch_engine import TorchEngine
 
         return TorchEngine(model, precision, device, threads)
+    if engine == "cudagraph":
+        if precision not in ("fp16", "bf16"):
+            raise UserError(f"engine 'cudagraph' runs fp16 or bf16, not {precision} — pass --precisions fp16")
+        from .cudagraph import CudaGraphEngine
+
+        return CudaGraphEngine(model, precision, device, threads, **kwargs)
     if engine == "ort":
         from ..models import load_config, model_shape
         from .ort_engine import OrtEngine
