@@ -15,7 +15,7 @@ A       := $(ART)/$(MODEL)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
+.PHONY: setup demo test export export-fp16 quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
         readme-tables publish-results summary clean help setup-nsys
 
 help:
@@ -33,6 +33,12 @@ setup: $(STAMP)
 $(A)/export/fp32/manifest.json: $(STAMP)
 	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART)
 export: $(A)/export/fp32/manifest.json
+
+# FP16 graph for ONNX Runtime's CUDA EP (fused and converted by ONNX Runtime's tools; DEVICE=cuda validates on the GPU)
+DEVICE ?= cpu
+$(A)/export/fp16/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp16 --device $(DEVICE)
+export-fp16: $(A)/export/fp16/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
 # one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)

@@ -28,6 +28,12 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
         raise UserError(f"there is no {precision} ONNX stage — use fp32, fp16 or int8 with ONNX Runtime or TensorRT")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
+    if precision == "fp16" and target == "onnxruntime":
+        # the FP16 graph for ONNX Runtime is a stage-1 option (export_onnx.py --dtype fp16); stage 2's FP16 graph
+        # is TensorRT's
+        exported = list_variants(artifacts, model, "export").get("fp16")
+        if exported is not None:
+            return stage_dir(artifacts, model, "export", "fp16"), exported
     variants = list_variants(artifacts, model, "quantize")
     found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
     if not found:
@@ -37,6 +43,9 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
             raise UserError(f"the {precision} ONNX under {where} is made for {', '.join(other)} only, not {target} "
                             f"— use --engine {'trt' if 'tensorrt' in other else 'ort'} for {precision}")
         model_arg = "" if model == "tiny" else f" MODEL={model}"
+        if precision == "fp16" and target == "onnxruntime":
+            raise UserError(f"no fp16 ONNX for onnxruntime under {stage_dir(artifacts, model, 'export', '')} — run: "
+                            f"make export-fp16{model_arg} (python convert/export_onnx.py --dtype fp16)")
         raise UserError(f"no {precision} ONNX for {target} under {where} — run: make "
                         f"{_PRECISION_TARGET[precision]}{model_arg}")
     best = sorted(found.items(), key=lambda kv: (not kv[1].get("default", False), kv[1].get("created", "")),
