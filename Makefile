@@ -15,7 +15,7 @@ A       := $(ART)/$(MODEL)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test export export-fp16 quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
+.PHONY: setup demo test export export-fp16 quantize fp16 engine serve-repo serve-demo benchmark benchmark-gpu profile notebook diagram \
         readme-tables publish-results summary clean help setup-nsys
 
 help:
@@ -66,6 +66,10 @@ serve-demo: serve-repo
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
+# on a GPU machine: every GPU engine side by side (profile/benchmark.py --preset gpu), ORT on the FP16 graph
+benchmark-gpu: DEVICE = cuda
+benchmark-gpu: export-fp16
+	$(PY) profile/benchmark.py --preset gpu --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 publish-results: $(STAMP)
 	$(PY) profile/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 # Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines

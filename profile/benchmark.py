@@ -1,9 +1,16 @@
-"""Offline "Before vs After" benchmark: every engine x precision available here, through one generation loop.
+"""Offline "Before vs After" benchmark: every engine x precision available here, through one generation loop,
+on the CPU or on an NVIDIA GPU, with one result schema.
 
     python profile/benchmark.py --model tiny                        # CPU rows: torch fp32, ort fp32/int8/fp16
     python profile/benchmark.py --model gpt2-124m --batch-sizes 1 --engines torch,ort --precisions fp32,int8
-    python profile/benchmark.py --model llama-1b --device cuda      # GPU rows: torch fp16, ort cuda, trt fp16/int8
+    python profile/benchmark.py --model llama-1b --preset gpu       # GPU: torch eager, cudagraph, compiled, ort
     make benchmark MODEL=gpt2-124m
+
+--engines takes any name registered in lmopt.engines.ENGINES. The `gpu` preset (--device cuda) measures PyTorch
+eager on the Hugging Face model (the baseline, what HF generate runs per token), the static-cache CUDA-graph engine,
+the compiled engine where one is registered, and ONNX Runtime's CUDA EP with IO binding (on the FP16 graph of
+`convert/export_onnx.py --dtype fp16 --device cuda`), at batch 1/8/32/64 with a 128-token prompt, plus TTFT of a
+2048-token prompt at batch 1; flags given on the command line override the preset's values.
 
 Reads:  artifacts/<model>/export/fp32/manifest.json (+ model.onnx), artifacts/<model>/quantize/*/manifest.json
         (INT8/FP16 graphs, found by the precision and target their manifests declare), TensorRT engines through
@@ -17,7 +24,8 @@ What is measured, per row (engine x precision) and batch size, with greedy gener
     (batch / step latency), p50/p90/p99 over every step of every measured repetition;
   - peak memory: the process RSS (rows share one process, so the engine's own share is the RSS growth while it
     loaded and ran its warm-up) and, on CUDA, device memory in use;
-  - greedy agreement of every row's tokens with the baseline row (torch fp32 on CPU, torch fp16 on CUDA).
+  - greedy agreement of every row's tokens with the baseline row (torch fp32 on CPU, torch fp16 on CUDA);
+  - decode figures per prompt length as well (`by_prompt`), each with its own bandwidth floor.
 Rows are interleaved inside each repetition (rep 1: A B C, rep 2: A B C, ...) after --warmup repetitions, so that
 load from other processes on a shared machine hits every row alike and the ratios stay meaningful.
 The memory-bandwidth floor (weights + KV cache bytes read per decode step / measured copy bandwidth) is the
@@ -56,16 +64,39 @@ class BenchmarkSettings:
     repeats: int = 5                         # recorded repetitions
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
     bandwidth_mb: int = 256                  # buffer size for the copy-bandwidth probe (0 = skip the floor)
+    long_batch_sizes: str = ""               # batch sizes that also run the long prompt (empty = all)
     out: str = ""                            # default artifacts/<model>/profile/benchmark-<device>.json
 
 
-# rows in table order; the first one available is the "before" baseline for its device
-def candidate_rows(device: str) -> list[tuple[str, str]]:
+# Named presets: the values a flag does not set. "gpu" is the side-by-side GPU run (README, GPU section).
+PRESETS = {
+    "gpu": dict(
+        device="cuda",
+        engines="torch,cudagraph,compiled,ort",  # names not registered in lmopt.engines are dropped
+        precisions="fp16",
+        batch_sizes="1,8,32,64",
+        short_prompt=128,                    # decode is measured after this prompt
+        long_prompt=2048,                    # TTFT of a long prompt (capped to the context)...
+        long_batch_sizes="1",                # ...at batch 1 only: 64 x 2048-token prefills measure nothing new
+        new_tokens=64,
+        warmup=1,
+        repeats=3,
+        bandwidth_mb=2048,                   # large enough that the copy is not launch-bound on an H200
+    ),
+}
+
+
+# rows in table order; the first one available is the "before" baseline for its device. Engines registered later
+# (lmopt.engines.ENGINES) that are not listed here follow in the order --engines names them.
+def candidate_rows(device: str, engines: list[str] = (), precisions: list[str] = ()) -> list[tuple[str, str]]:
     if device.startswith("cuda"):
-        return [("torch", "fp16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8"),
-                ("trt", "fp16"), ("trt", "int8")]
-    return [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
-            ("trt", "fp16"), ("trt", "int8")]
+        known = [("torch", "fp16"), ("torch", "bf16"), ("cudagraph", "fp16"), ("cudagraph", "bf16"),
+                 ("compiled", "fp16"), ("compiled", "bf16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"),
+                 ("ort", "int8"), ("trt", "fp16"), ("trt", "int8")]
+    else:
+        known = [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
+                 ("trt", "fp16"), ("trt", "int8")]
+    return known + [(e, p) for e in engines for p in precisions if (e, p) not in known]
 
 
 def _csv(s: str, what: str) -> list[str]:
@@ -87,10 +118,15 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
             raise UserError(f"unknown precision '{p}' — use one of {', '.join(PRECISIONS)}")
     try:
         batches = [int(b) for b in _csv(s.batch_sizes, "batch-sizes")]
+        long_batches = [int(b) for b in _csv(s.long_batch_sizes, "long-batch-sizes")] if s.long_batch_sizes \
+            else batches
     except ValueError:
-        raise UserError(f"--batch-sizes must be integers like 1,4 (got '{s.batch_sizes}')") from None
+        raise UserError(f"--batch-sizes and --long-batch-sizes must be integers like 1,4 (got '{s.batch_sizes}', "
+                        f"'{s.long_batch_sizes}')") from None
     if any(b <= 0 for b in batches):
         raise UserError(f"--batch-sizes must be > 0 (got '{s.batch_sizes}')")
+    if not set(long_batches) <= set(batches):
+        raise UserError(f"--long-batch-sizes {s.long_batch_sizes} must be a subset of --batch-sizes {s.batch_sizes}")
     if s.device not in ("cpu", "cuda") and not s.device.startswith("cuda:"):
         raise UserError(f"unknown device '{s.device}' — use cpu or cuda")
     if s.new_tokens <= 0:
@@ -99,7 +135,7 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
         raise UserError("--short-prompt and --long-prompt must be > 0 tokens")
     if s.repeats <= 0 or s.warmup < 0:
         raise UserError("--repeats must be > 0 and --warmup >= 0")
-    return engines, precisions, batches
+    return engines, precisions, batches, long_batches
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
@@ -125,6 +161,24 @@ def gpu_used_mb() -> float | None:
     except Exception:  # no torch / no driver: CPU-only numbers
         pass
     return None
+
+
+def gpu_info() -> dict:
+    """The GPU, its driver and clocks (nvidia-smi when present), for the result's `gpu` field."""
+    import subprocess
+
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "sm_count": p.multi_processor_count,
+            "capability": f"{p.major}.{p.minor}", "torch_cuda": torch.version.cuda}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        info["driver"], info["max_sm_clock"], info["max_mem_clock"] = [x.strip() for x in q.split(",")]
+    except Exception as e:  # nvidia-smi missing or odd output: keep going, say so
+        info["driver"] = f"unknown ({type(e).__name__})"
+    return info
 
 
 def copy_bandwidth_gbs(device: str, mb: int, reps: int = 5) -> float | None:
@@ -205,7 +259,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     from lmopt.paths import check_writable, model_slug, stage_dir
 
     s = settings
-    engines, precisions, batches = check_settings(s)
+    engines, precisions, batches, long_batches = check_settings(s)
     if s.device.startswith("cuda"):
         import torch
 
@@ -239,7 +293,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     # rows: load what can run, give a reason for what cannot
     rows: list[dict] = []
     live: dict[int, object] = {}
-    wanted = [(e, p) for e, p in candidate_rows(s.device) if e in engines and p in precisions]
+    wanted = [(e, p) for e, p in candidate_rows(s.device, engines, precisions) if e in engines and p in precisions]
     for e, p in wanted:
         row = {"engine": e, "precision": p, "device": s.device, "status": "skipped", "reason": None}
         rows.append(row)
@@ -251,8 +305,10 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         rss0, gpu0 = rss_mb(), gpu_used_mb()
         try:
             t0 = time.perf_counter()
+            # static-cache engines size their cache for the prompt plus this many tokens
+            kw = {"max_new_tokens": s.new_tokens} if e == "cudagraph" else {}
             eng = create_engine(e, s.model, precision=p, device=s.device, artifacts=s.artifacts,
-                                threads=s.threads or None)
+                                threads=s.threads or None, **kw)
             row["load_s"] = round(time.perf_counter() - t0, 3)
         except UserError as err:
             row["reason"] = str(err)
@@ -271,22 +327,30 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
 
     # raw samples[row][batch][kind] = {"ttft_s": [...], "step_s": [[...], ...], "total_s": [...], "tokens": [...]}
     for i in live:
-        rows[i]["samples"] = {str(b): {k: {"ttft_s": [], "step_s": [], "total_s": []} for k in prompts}
+        rows[i]["samples"] = {str(b): {k: {"ttft_s": [], "step_s": [], "total_s": []} for k in prompts
+                                       if k == "short" or b in long_batches}
                               for b in batches}
         rows[i]["tokens"] = {}
     # other processes' load is the main source of noise on a shared machine: record it next to the numbers
     import os
 
     load_start = [round(x, 2) for x in os.getloadavg()]
-    runs = [(i, b, k) for i in live for b in batches for k in prompts]
+    runs = [(i, b, k) for i in live for b in batches for k in prompts if k == "short" or b in long_batches]
     total = (s.warmup + s.repeats) * len(runs)
     with tqdm(total=total, desc="benchmark", unit="run", disable=None) as bar:
         for rep in range(s.warmup + s.repeats):
             measured = rep >= s.warmup
             for i, b, k in runs:  # interleaved: every row runs once per repetition
                 eng = live[i]
-                out = generate(eng, prompts[k][b], params)
-                eng.synchronize()
+                try:
+                    out = generate(eng, prompts[k][b], params)
+                    eng.synchronize()
+                except UserError:
+                    raise
+                except Exception as err:  # e.g. CUDA out of memory at the largest batch: the other cells go on
+                    _record_failure(rows[i], b, k, err)
+                    bar.update()
+                    continue
                 if not measured and rep == s.warmup - 1 or (s.warmup == 0 and rep == 0):
                     mem = rows[i]["memory"]
                     mem["rss_after_warmup_mb"] = max(mem.get("rss_after_warmup_mb", 0), round(rss_mb(), 1))
@@ -302,6 +366,10 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
                 bar.update()
     for eng in live.values():
         eng.close()
+    if s.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
     bw = None
     if s.bandwidth_mb:
@@ -310,7 +378,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     baseline = next((r for r in rows if r["status"] == "ok"), None)
     for r in rows:
         if r["status"] == "ok":
-            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.new_tokens)
+            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.new_tokens,
+                                         s.device)
             r["memory"]["engine_rss_mb"] = round(r["memory"].get("rss_after_warmup_mb", r["memory"]["rss_after_load_mb"])
                                                  - r["memory"]["rss_before_load_mb"], 1)
 
@@ -320,10 +389,12 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         "created": now_iso(),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "machine": machine_info(),
-        "versions": package_versions("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"),
+        **({"gpu": gpu_info()} if s.device.startswith("cuda") else {}),
+        "versions": package_versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+                                     "onnxruntime-gpu", "tensorrt", "numpy"),
         "model": model_slug(s.model), "model_shape": shape,
         "settings": {**asdict(s), "short_prompt_tokens": short_len, "long_prompt_tokens": long_len,
-                     "batch_sizes": batches, "sampling": "greedy",
+                     "batch_sizes": batches, "long_batch_sizes": long_batches, "sampling": "greedy",
                      "interleaved": "each repetition runs every row x batch x prompt once, in order"},
         "baseline": {"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
         "copy_bandwidth_gbs": round(bw, 2) if bw else None,
@@ -337,6 +408,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "e2e_tokens_per_s": "batch x new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
+            "by_prompt": "decode figures of the short- and long-prompt runs apart, each floor at its own mean "
+                         "context (prompt + new_tokens / 2)",
             "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth; weight bytes are "
                                   "the parameters (torch) or the ONNX file (ort), which stores a tied embedding twice, "
                                   "so the ort floor of a tied model is an upper bound",
@@ -353,15 +426,38 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     return result
 
 
+def _record_failure(row: dict, batch: int, kind: str, err: Exception) -> None:
+    """A cell that raised (not a user error): the row keeps its other cells and says what failed where."""
+    msg = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    row.setdefault("failed", {})[f"b{batch}-{kind}"] = msg
+    log.warning("%s %s batch %d %s prompt failed: %s", row["engine"], row["precision"], batch, kind, msg)
+    if "out of memory" in msg.lower():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def kv_element_bytes(row: dict) -> int:
+    """Bytes per KV-cache element: half precision keeps a half cache, except in ORT graphs that keep FP32 I/O."""
+    if row["precision"] in ("fp16", "bf16") and (row["engine"] != "ort" or row.get("variant") == "fp16"):
+        return 2
+    return 4
+
+
 def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dict, bw: float | None,
-                  short_len: int, long_len: int, new_tokens: int) -> dict:
+                  short_len: int, long_len: int, new_tokens: int, device: str = "cpu") -> dict:
     out = {}
     for b in batches:
         d = r["samples"][str(b)]
         steps = [x for k in d for run in d[k]["step_s"] for x in run]
+        if not steps:  # every cell of this batch failed (see the row's "failed")
+            out[str(b)] = {"step_s": stats([]), "decode_tokens_per_s": None, "ttft_short_s": stats([]),
+                           "ttft_long_s": stats([]), "e2e_tokens_per_s": None}
+            continue
         st = stats(steps)
-        e2e = stats(d["short"]["total_s"])
-        row = {"ttft_short_s": stats(d["short"]["ttft_s"]), "ttft_long_s": stats(d["long"]["ttft_s"]),
+        e2e = stats(d["short"]["total_s"]) if "short" in d else stats([])
+        row = {"ttft_short_s": stats(d["short"]["ttft_s"] if "short" in d else []),
+               "ttft_long_s": stats(d["long"]["ttft_s"] if "long" in d else []),
                "step_s": st,
                "decode_tokens_per_s": b / st["p50"] if st["p50"] else None,
                "e2e_tokens_per_s": b * new_tokens / e2e["p50"] if e2e["p50"] else None}
@@ -374,12 +470,33 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
         elif baseline is r:
             row["agreement_vs_baseline"] = 1.0
             row["decode_speedup_vs_baseline"] = 1.0
+        kvb = kv_element_bytes(r)
         if bw and r.get("weight_bytes"):
-            kv_bytes = 2 if r["precision"] == "fp16" and r["engine"] != "ort" else 4
             mean_ctx = (short_len + long_len) / 2 + new_tokens / 2
-            step_bytes = r["weight_bytes"] + kv_bytes_per_step(shape, b, int(mean_ctx), kv_bytes)
+            step_bytes = r["weight_bytes"] + kv_bytes_per_step(shape, b, int(mean_ctx), kvb)
             row["bytes_per_step"] = step_bytes
             row["bandwidth_floor_ms"] = round(step_bytes / (bw * 1e9) * 1e3, 4)
+        # the same figures per prompt length: on a GPU the KV cache of a long prompt is a large share of the bytes
+        by_prompt = {}
+        for k, plen in (("short", short_len), ("long", long_len)):
+            runs = d.get(k, {}).get("step_s", [])
+            ks = stats([x for run in runs for x in run])
+            if not ks["n"]:
+                continue
+            e = {"prompt_tokens": plen, "step_s": ks, "decode_tokens_per_s": b / ks["p50"],
+                 "ttft_s": stats(d[k]["ttft_s"])}
+            base_k = (baseline or {}).get("summary", {}).get(str(b), {}).get("by_prompt", {}).get(k)
+            if baseline is r:
+                e["decode_speedup_vs_baseline"] = 1.0
+            elif base_k:
+                e["decode_speedup_vs_baseline"] = round(base_k["step_s"]["p50"] / ks["p50"], 3)
+            if bw and r.get("weight_bytes"):
+                kb = r["weight_bytes"] + kv_bytes_per_step(shape, b, int(plen + new_tokens / 2), kvb)
+                e["bytes_per_step"] = kb
+                e["bandwidth_floor_ms"] = round(kb / (bw * 1e9) * 1e3, 4)
+                e["ratio_to_floor"] = round(ks["p50"] * 1e3 / e["bandwidth_floor_ms"], 3)
+            by_prompt[k] = e
+        row["by_prompt"] = by_prompt
         out[str(b)] = row
     return out
 
@@ -401,6 +518,8 @@ def render_table(result: dict, markdown: bool = False) -> str:
         if r["status"] != "ok":
             notes.append(f"{r['engine']} {r['precision']}: not run — {r['reason']}")
             continue
+        for cell, why in r.get("failed", {}).items():
+            notes.append(f"{r['engine']} {r['precision']} {cell}: failed — {why}")
         for b, m in r["summary"].items():
             body.append([r["engine"], f"{r['precision']}" + (f" ({r['variant']})" if r["variant"] not in ("hf", r["precision"]) else ""),
                          b, _ms(m["ttft_short_s"]["p50"]), _ms(m["ttft_long_s"]["p50"]), _ms(m["step_s"]["p50"]),
@@ -442,9 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
     p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--engines", default=d.engines, help="comma-separated subset of torch,ort,trt")
-    p.add_argument("--precisions", default=d.precisions, help="comma-separated subset of fp32,int8,fp16")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings (flags given here override them): "
+                   + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+    p.add_argument("--engines", default=d.engines, help="comma-separated engine names (lmopt.engines.ENGINES)")
+    p.add_argument("--precisions", default=d.precisions, help="comma-separated subset of fp32,int8,fp16,bf16")
     p.add_argument("--batch-sizes", default=d.batch_sizes, help="comma-separated batch sizes")
+    p.add_argument("--long-batch-sizes", default=d.long_batch_sizes,
+                   help="batch sizes that also run the long prompt (default: all of --batch-sizes)")
     p.add_argument("--short-prompt", type=int, default=d.short_prompt, help="tokens of the short prompt")
     p.add_argument("--long-prompt", type=int, default=d.long_prompt, help="tokens of the long prompt")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
@@ -458,10 +581,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings_from_args(argv=None) -> tuple[argparse.Namespace, BenchmarkSettings]:
+    """Parse the command line; a --preset supplies the values of the flags not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        if "engines" in preset:  # only the engines this checkout has
+            from lmopt.engines import ENGINES
+
+            preset["engines"] = ",".join(e for e in preset["engines"].split(",") if e in ENGINES)
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args, BenchmarkSettings(**{f.name: getattr(args, f.name) for f in fields(BenchmarkSettings)})
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, settings = settings_from_args(argv)
     setup_logging(args)
-    settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in fields(BenchmarkSettings)})
     benchmark(settings=settings)
     return 0
 

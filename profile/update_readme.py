@@ -90,6 +90,8 @@ def render_before_after(results_dir: Path) -> str:
     parts = []
     for f in files:
         result = json.loads(f.read_text())
+        if result["settings"]["device"] != "cpu":  # GPU results have their own section (profile/gpu_report.py)
+            continue
         tag = f.parent.parent.name
         parts.append(f"#### {result['model']} — {tag} ({result['settings']['device']})\n\n"
                      f"From `{Path(results_dir.name) / f.relative_to(results_dir)}`: "

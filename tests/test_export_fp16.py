@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from conftest import assert_one_line_error, no_partial, run_cli
+from conftest import assert_one_line_error, no_partial, read_json, run_cli
 
 
 @pytest.mark.parametrize("model", ["gpt2-test", "tiny"])
@@ -28,6 +28,15 @@ def test_fp16_export_for_onnxruntime(model, tmp_path):
     types = {i.data_type for i in g.initializer if len(i.dims) > 1}
     assert types == {TensorProto.FLOAT16}
     assert no_partial(tmp_path / model)
+
+    # the benchmark finds it (ort fp16) and it decodes the baseline's tokens; its KV cache counts as 2-byte elements
+    run_cli("profile/benchmark.py", "--model", model, "--artifacts", str(tmp_path), "--engines", "torch,ort",
+            "--precisions", "fp32,fp16", "--batch-sizes", "1", "--short-prompt", "8", "--long-prompt", "16",
+            "--new-tokens", "8", "--repeats", "1", "--bandwidth-mb", "16")
+    rows = {(r["engine"], r["precision"]): r for r in read_json(tmp_path / model / "profile" / "benchmark-cpu.json")["rows"]}
+    ort16 = rows[("ort", "fp16")]
+    assert ort16["status"] == "ok" and ort16["variant"] == "fp16", ort16.get("reason")
+    assert ort16["summary"]["1"]["agreement_vs_baseline"] == 1.0
 
 
 def test_fp16_export_bad_arguments(tmp_path):
