@@ -4,10 +4,12 @@
     python convert/export_onnx.py --model gpt2-124m           # random-weight preset
     python convert/export_onnx.py --model /path/to/hf_folder  # any local HF model of a supported architecture
     python convert/export_onnx.py --model llama-1b --dtype fp16 --device cuda   # FP16 graph for ONNX Runtime CUDA
+    python convert/export_onnx.py --model llama-1b --dtype fp16 --attention gqa --max-len 4096   # fused, fixed KV
 
 Reads:  the model (models/tiny, a preset built on the fly, a local folder, or a hub id from the local cache)
 Writes: artifacts/<model>/export/fp32/{model.onnx[, model.onnx_data], config.json, tokenizer files, manifest.json}
         with --dtype fp16: artifacts/<model>/export/fp16/{model.onnx[, model.onnx_data], tokenizer, manifest.json}
+        with --attention gqa: artifacts/<model>/export/<dtype>-gqa/{model.onnx[, model.onnx_data], tokenizer, manifest}
 
 The exporter is optimum's (task text-generation-with-past): one merged graph, prefill = zero-length past.
 Inputs: input_ids, attention_mask [batch, past+seq], position_ids, past_key_values.N.{key,value}
@@ -22,6 +24,10 @@ FP16 converter (lmopt.onnx_graph.ort_fp16_graph; KV cache and logits in FP16, on
 returned). It is checked on --device's execution provider (CPU EP, or CUDA EP with onnxruntime-gpu) against the
 FP32 PyTorch model: last-position logits of a left-padded batch within --fp16-rtol of the largest logit, for the
 prefill and the decode steps, and greedy tokens identical.
+
+--attention gqa: not optimum's graph but one built from the weights (lmopt.onnx_gqa): GroupQueryAttention per layer
+over a fixed-size KV buffer of --max-len positions, written in place, so ONNX Runtime's CUDA EP can replay the decode
+step as a CUDA graph (engine `ort-gqa`). Checked like --dtype fp16, through the engine, on --device.
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ class ExportSettings:
     dtype: str = "fp32"           # fp32 (every target) | fp16 (ONNX Runtime; TensorRT's FP16 comes from convert_fp16)
     device: str = "cpu"           # where PyTorch runs the export and ONNX Runtime the validation: cpu | cuda
     fp16_rtol: float = 0.01       # --dtype fp16: max |Δlogits| / max |logit| vs FP32 PyTorch
+    attention: str = "sdpa"       # sdpa (optimum's export) | gqa (GroupQueryAttention graph, fixed KV buffer)
+    max_len: int = 0              # --attention gqa: KV buffer positions (0 = the model's context)
 
 
 def check_settings(s: ExportSettings) -> None:
@@ -58,7 +66,11 @@ def check_settings(s: ExportSettings) -> None:
         raise UserError(f"unknown --dtype '{s.dtype}' — use fp32 or fp16")
     if s.device not in ("cpu", "cuda") and not s.device.startswith("cuda:"):
         raise UserError(f"unknown --device '{s.device}' — use cpu or cuda")
-    if s.dtype == "fp32" and s.device != "cpu":
+    if s.attention not in ("sdpa", "gqa"):
+        raise UserError(f"unknown --attention '{s.attention}' — use sdpa (optimum's export) or gqa")
+    if s.max_len < 0 or (s.max_len and s.attention != "gqa"):
+        raise UserError("--max-len sizes the KV buffer of --attention gqa: give a positive number with --attention gqa")
+    if s.dtype == "fp32" and s.device != "cpu" and s.attention == "sdpa":
         raise UserError("the FP32 export is the same on every device — drop --device (or add --dtype fp16)")
     if s.device.startswith("cuda"):
         import torch
@@ -97,6 +109,8 @@ def export(*, settings: ExportSettings) -> dict:
              shape["num_layers"], shape["hidden_size"], shape["num_heads"], shape["num_kv_heads"],
              shape["vocab_size"], n_params / 1e6)
 
+    if s.attention == "gqa":
+        return export_gqa(model, tokenizer, spec, shape, n_params, timings, s)
     final = stage_dir(s.artifacts, s.model, "export", s.dtype)
     with staging_dir(final) as tmp:
         from optimum.exporters.onnx import onnx_export_from_model
@@ -245,10 +259,49 @@ def validate_export(model, tokenizer, onnx_path: Path, s: ExportSettings):
     return checks
 
 
-def validate_fp16(model, tokenizer, onnx_path: Path, s: ExportSettings):
-    """The FP16 graph on ONNX Runtime (--device's execution provider) vs the FP32 PyTorch model, through the same
-    engine interface the benchmark uses: last-position logits of a left-padded batch (prefill and decode steps),
-    then greedy tokens."""
+def export_gqa(model, tokenizer, spec, shape: dict, n_params: int, timings: dict, s: ExportSettings) -> dict:
+    """--attention gqa: the fused graph built from the weights, checked through the ort-gqa engine."""
+    from lmopt.engines.ort_gqa import OrtGqaEngine
+    from lmopt.manifest import file_entry, package_versions, write_manifest
+    from lmopt.onnx_gqa import build_gqa_decoder
+    from lmopt.paths import model_slug, stage_dir, staging_dir
+
+    variant = f"{s.dtype}-gqa"
+    final = stage_dir(s.artifacts, s.model, "export", variant)
+    with staging_dir(final) as tmp:
+        with timed(log, "GQA graph build", timings, "export_s"):
+            graph = build_gqa_decoder(model, tmp / "model.onnx", dtype=s.dtype, max_len=s.max_len or None)
+        tokenizer.save_pretrained(tmp)
+        log.info("Saving ONNX model to %s (%s)", final / "model.onnx", graph["op_counts"])
+        with timed(log, "validation vs PyTorch", timings, "validate_s"):
+            engine = OrtGqaEngine(tmp / "model.onnx", s.dtype, s.device, s.threads or None, variant=variant,
+                                  max_len=graph["max_len"], max_positions=shape["max_positions"])
+            checks = validate_fp16(model, tokenizer, tmp / "model.onnx", s, engine=engine)
+        checks.print(log)
+        payload = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
+        manifest = {
+            "stage": "export", "variant": variant, "model": model_slug(s.model), "model_spec": s.model,
+            "model_kind": spec.kind, "precision": s.dtype, "targets": ["onnxruntime"], "engine": "ort-gqa",
+            "graph": graph, "model_shape": shape, "parameters": n_params,
+            "inputs": {"model": str(spec.path) if spec.path else s.model},
+            "outputs": {"onnx": "model.onnx", "files": {n: file_entry(tmp / n) for n in payload}},
+            "settings": asdict(s),
+            "versions": package_versions("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"),
+            "timings_s": timings, "validation": checks.to_dict(),
+        }
+        if not checks.passed:
+            bar = "--fp16-rtol" if s.dtype == "fp16" else "--atol"
+            raise UserError(f"export validation failed ({', '.join(c.name for c in checks.checks if not c.passed)}) "
+                            f"— nothing written; pass a larger {bar} only if you accept the difference")
+        write_manifest(tmp, manifest)
+    log.info("export finished: %s", final)
+    return manifest
+
+
+def validate_fp16(model, tokenizer, onnx_path: Path, s: ExportSettings, engine=None):
+    """An ONNX Runtime graph (--device's execution provider) vs the FP32 PyTorch model, through the same engine
+    interface the benchmark uses: last-position logits of a left-padded batch (prefill and decode steps), then
+    greedy tokens. The bar: --fp16-rtol x the largest logit in FP16, --atol in FP32."""
     import numpy as np
     import torch
 
@@ -260,13 +313,14 @@ def validate_fp16(model, tokenizer, onnx_path: Path, s: ExportSettings):
     from lmopt.validate import Checklist
 
     shape = model_shape(model.config)
-    ort_engine = OrtEngine(onnx_path, "fp16", s.device, s.threads or None, variant="fp16",
-                           max_positions=shape["max_positions"])
+    ort_engine = engine or OrtEngine(onnx_path, "fp16", s.device, s.threads or None, variant="fp16",
+                                     max_positions=shape["max_positions"])
     pt_engine = TorchEngine.__new__(TorchEngine)  # reuse the loaded FP32 model
     pt_engine.torch, pt_engine.device, pt_engine.model = torch, s.device, model
     pt_engine.info = ort_engine.info
 
-    checks = Checklist(f"FP16 export validation ({onnx_path.name} on {s.device} vs FP32 PyTorch)")
+    checks = Checklist(f"{s.dtype.upper()} {s.attention} export validation ({onnx_path.name} on {s.device} vs FP32 "
+                       "PyTorch)")
     text_ids = tokenizer(builtin_text("eval"))["input_ids"]
     prompts = [text_ids[:24], text_ids[100:113]]
     ids, mask, pos = pad_batch(prompts, tokenizer.pad_token_id or 0)
@@ -283,9 +337,9 @@ def validate_fp16(model, tokenizer, onnx_path: Path, s: ExportSettings):
         d_decode = max(d_decode, float(np.abs(lo - lt).max()))
         nxt = lt.argmax(-1)
     ort_engine.release(so)
-    bar = s.fp16_rtol * scale
-    checks.add(f"prefill last-position max |Δlogits| (bar {s.fp16_rtol:g} x max |logit| {scale:.3g})",
-               d_prefill <= bar, d_prefill, bar)
+    bar = s.fp16_rtol * scale if s.dtype == "fp16" else s.atol
+    what = f"bar {s.fp16_rtol:g} x max |logit| {scale:.3g}" if s.dtype == "fp16" else f"bar --atol {s.atol:g}"
+    checks.add(f"prefill last-position max |Δlogits| ({what})", d_prefill <= bar, d_prefill, bar)
     checks.add(f"{s.decode_steps} decode steps max |Δlogits|", d_decode <= bar, d_decode, bar)
     p = SamplingParams(max_new_tokens=s.greedy_tokens)
     g_pt = generate(pt_engine, [text_ids[:16]], p).tokens[0]
@@ -319,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu or cuda: where the export and its validation run")
     p.add_argument("--fp16-rtol", type=float, default=d.fp16_rtol,
                    help="--dtype fp16: max |Δlogits| accepted, as a fraction of the largest logit")
+    p.add_argument("--attention", default=d.attention, help="sdpa (optimum's export, default) or gqa (a graph with "
+                   "GroupQueryAttention over a fixed-size KV buffer, for ONNX Runtime CUDA graphs)")
+    p.add_argument("--max-len", type=int, default=d.max_len,
+                   help="--attention gqa: KV buffer positions (default: the model's context)")
     add_verbosity_args(p)
     return p
 

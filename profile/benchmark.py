@@ -9,7 +9,8 @@ on the CPU or on an NVIDIA GPU, with one result schema.
 --engines takes any name registered in lmopt.engines.ENGINES. The `gpu` preset (--device cuda) measures PyTorch
 eager on the Hugging Face model (the baseline, what HF generate runs per token), the static-cache CUDA-graph engine,
 the compiled engine where one is registered, and ONNX Runtime's CUDA EP with IO binding (on the FP16 graph of
-`convert/export_onnx.py --dtype fp16 --device cuda`), at batch 1/8/32/64 with a 128-token prompt, plus TTFT of a
+`convert/export_onnx.py --dtype fp16 --device cuda`) and on the fused GroupQueryAttention graph with a fixed KV buffer
+replayed as an ONNX Runtime CUDA graph (`ort-gqa`, from `--attention gqa`), at batch 1/8/32/64 with a 128-token prompt, plus TTFT of a
 2048-token prompt at batch 1; flags given on the command line override the preset's values.
 
 Reads:  artifacts/<model>/export/fp32/manifest.json (+ model.onnx), artifacts/<model>/quantize/*/manifest.json
@@ -72,7 +73,7 @@ class BenchmarkSettings:
 PRESETS = {
     "gpu": dict(
         device="cuda",
-        engines="torch,cudagraph,compiled,ort",  # names not registered in lmopt.engines are dropped
+        engines="torch,cudagraph,compiled,ort,ort-gqa",  # names not registered in lmopt.engines are dropped
         precisions="fp16",
         batch_sizes="1,8,32,64",
         short_prompt=128,                    # decode is measured after this prompt
@@ -92,7 +93,7 @@ def candidate_rows(device: str, engines: list[str] = (), precisions: list[str] =
     if device.startswith("cuda"):
         known = [("torch", "fp16"), ("torch", "bf16"), ("cudagraph", "fp16"), ("cudagraph", "bf16"),
                  ("compiled", "fp16"), ("compiled", "bf16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"),
-                 ("ort", "int8"), ("trt", "fp16"), ("trt", "int8")]
+                 ("ort-gqa", "fp16"), ("ort", "int8"), ("trt", "fp16"), ("trt", "int8")]
     else:
         known = [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
                  ("trt", "fp16"), ("trt", "int8")]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with an NVIDIA GPU and torch (CUDA):
 #   1. suite   - per model in $MODELS (default: tiny gpt2-124m llama-1b): the FP16 ONNX Runtime graph
-#                (convert/export_onnx.py --dtype fp16 --device cuda), then profile/benchmark.py --preset gpu:
-#                PyTorch eager vs static-KV CUDA graph vs compiled engine vs ONNX Runtime CUDA EP, against the floor
+#                (convert/export_onnx.py --dtype fp16 --device cuda, and --attention gqa), then profile/benchmark.py
+#                --preset gpu: PyTorch eager vs static-KV CUDA graph vs compiled engine vs ONNX Runtime CUDA EP
+#                (optimum graph; fused GQA graph replayed as a CUDA graph), against the floor
 #   2. profile - profile/run_nsys_profile.py --profiler torch: kernels, memcpy, launch gaps, pinned vs pageable
 #   3. triton  - Triton (KIND_GPU, DLPack) on the Llama-1B shape: streaming load generator + perf_analyzer, batching
 #                on vs off (profile/serve_bench.py)
@@ -34,6 +35,10 @@ for part in $PARTS; do
         say "suite $m: FP16 ONNX for ONNX Runtime CUDA, then benchmark --preset gpu"
         timeout 600 "$PY" convert/export_onnx.py --model "$m" --dtype fp16 --device cuda --artifacts "$WORK/art" 2>&1 \
           | grep -v -i warning | tail -8 | tee -a "$LOG"
+        # the fused GroupQueryAttention graph for engine ort-gqa (KV buffer: the 2048-token prompt + new tokens)
+        timeout 600 "$PY" convert/export_onnx.py --model "$m" --dtype fp16 --attention gqa --device cuda \
+          --artifacts "$WORK/art" $( [ "$m" = llama-1b ] && echo --max-len 2304 ) 2>&1 | grep -v -i warning | tail -8 \
+          | tee -a "$LOG"
         mkdir -p "$WORK/results/$m"
         timeout 900 "$PY" profile/benchmark.py --preset gpu --model "$m" --artifacts "$WORK/art" \
           --out "$WORK/results/$m/benchmark-cuda.json" 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"

@@ -14,7 +14,7 @@ ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagrap
                 # engine names of lmopt.engines, as profile/benchmark.py records them
                 "torch": "PyTorch eager (HF model)", "cudagraph": "PyTorch static KV + CUDA graph",
                 "compiled": "compiled decoder (KV slots, CUDA graphs)", "ort": "ONNX Runtime CUDA EP (IO binding)",
-                "trt": "TensorRT"}
+                "ort-gqa": "ONNX Runtime CUDA EP, GQA graph, fixed KV buffer + CUDA graph", "trt": "TensorRT"}
 
 
 def is_gpu_result(d: dict) -> bool:

@@ -57,3 +57,48 @@ def test_fp16_export_on_cuda_without_gpu(tmp_path):
                    check=False)
     assert_one_line_error(proc, "no CUDA device")
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("model,dtype", [("tiny", "fp32"), ("gpt2-test", "fp16")])
+def test_gqa_graph_fixed_kv_buffer(model, dtype, tmp_path):
+    """--attention gqa: GroupQueryAttention per layer over a fixed KV buffer; the ort-gqa engine decodes the eager
+    model's tokens, and rows of different lengths in one step give the tokens each prompt gives alone."""
+    from lmopt.data import builtin_text
+    from lmopt.engines import create_engine
+    from lmopt.engines.torch_engine import TorchEngine
+    from lmopt.generate import SamplingParams, generate
+    from lmopt.models import load_tokenizer
+
+    run_cli("convert/export_onnx.py", "--model", model, "--artifacts", str(tmp_path), "--dtype", dtype,
+            "--attention", "gqa", "--max-len", "96")
+    folder = tmp_path / model / "export" / f"{dtype}-gqa"
+    man = read_json(folder / "manifest.json")
+    assert man["engine"] == "ort-gqa" and man["graph"]["max_len"] == 96
+    assert all(c["passed"] for c in man["validation"]["checks"]), man["validation"]
+    g = onnx.load(str(folder / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("GroupQueryAttention") == man["model_shape"]["num_layers"]
+    past = next(i for i in g.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[2].dim_param == "max_len"   # the buffer, not a growing cache
+
+    engine = create_engine("ort-gqa", model, precision=dtype, artifacts=tmp_path)
+    ids = load_tokenizer(model)(builtin_text("eval"))["input_ids"]
+    prompts = [ids[:20], ids[50:57], ids[200:213]]
+    p = SamplingParams(max_new_tokens=16)
+    batch = generate(engine, prompts, p).tokens
+    assert batch == generate(TorchEngine(model), prompts, p).tokens
+    assert [generate(engine, [x], p).tokens[0] for x in prompts] == batch
+    with pytest.raises(Exception, match="context of 96"):   # the buffer bounds the context generate() allows
+        generate(engine, [ids[:93]], SamplingParams(max_new_tokens=5))
+
+
+def test_gqa_bad_arguments_and_missing_graph(tmp_path):
+    from lmopt.engines import create_engine
+    from lmopt.errors import UserError
+
+    proc = run_cli("convert/export_onnx.py", "--artifacts", str(tmp_path), "--max-len", "64", check=False)
+    assert_one_line_error(proc, "--max-len", "--attention gqa")
+    proc = run_cli("convert/export_onnx.py", "--artifacts", str(tmp_path), "--attention", "flash", check=False)
+    assert_one_line_error(proc, "unknown --attention 'flash'")
+    with pytest.raises(UserError, match="--dtype fp16 --attention gqa"):
+        create_engine("ort-gqa", "tiny", precision="fp16", artifacts=tmp_path)

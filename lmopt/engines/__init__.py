@@ -4,6 +4,7 @@
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
     create_engine("trt", "tiny", precision="fp16", device="cuda")   # stage-3 TensorRT engine
     create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")   # static KV cache + CUDA graphs
+    create_engine("ort-gqa", "llama-1b", precision="fp16", device="cuda")     # fused GQA graph, fixed KV buffer
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..manifest import MANIFEST, list_variants, load_stage, read_manifest
 from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt", "cudagraph")
+ENGINES = ("torch", "ort", "trt", "cudagraph", "ort-gqa")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # which stage/make target produces each ONNX precision
 _PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
@@ -93,6 +94,20 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from .torch_engine import TorchEngine
 
         return TorchEngine(model, precision, device, threads)
+    if engine == "ort-gqa":
+        from ..manifest import list_variants
+        from .ort_gqa import OrtGqaEngine
+
+        variant = f"{precision}-gqa"
+        man = list_variants(artifacts, model, "export").get(variant)
+        if man is None:
+            model_arg = "" if model == "tiny" else f" --model {model}"
+            raise UserError(f"no {variant} ONNX under {stage_dir(artifacts, model, 'export', '')} — run: python "
+                            f"convert/export_onnx.py{model_arg} --dtype {precision} --attention gqa")
+        folder = stage_dir(artifacts, model, "export", variant)
+        return OrtGqaEngine(onnx_file(folder, man), precision, device, threads, variant=variant,
+                            max_len=man["graph"]["max_len"], max_positions=man["model_shape"]["max_positions"],
+                            **kwargs)
     if engine == "cudagraph":
         if precision not in ("fp16", "bf16"):
             raise UserError(f"engine 'cudagraph' runs fp16 or bf16, not {precision} — pass --precisions fp16")
