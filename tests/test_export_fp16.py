@@ -32,7 +32,7 @@ def test_fp16_export_for_onnxruntime(model, tmp_path):
     # the benchmark finds it (ort fp16) and it decodes the baseline's tokens; its KV cache counts as 2-byte elements
     run_cli("profile/benchmark.py", "--model", model, "--artifacts", str(tmp_path), "--engines", "torch,ort",
             "--precisions", "fp32,fp16", "--batch-sizes", "1", "--short-prompt", "8", "--long-prompt", "16",
-            "--new-tokens", "8", "--repeats", "1", "--bandwidth-mb", "16")
+            "--max-new-tokens", "8", "--repeats", "1", "--bandwidth-mb", "16")
     rows = {(r["engine"], r["precision"]): r for r in read_json(tmp_path / model / "profile" / "benchmark-cpu.json")["rows"]}
     ort16 = rows[("ort", "fp16")]
     assert ort16["status"] == "ok" and ort16["variant"] == "fp16", ort16.get("reason")

@@ -6,13 +6,11 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, no_partial, read_json, run_cli
+from conftest import assert_one_line_error, no_partial, read_json, run_cli
 
-sys.path.insert(0, str(REPO / "profile"))
 
 NSYS = shutil.which("nsys")
 needs_nsys = pytest.mark.skipif(NSYS is None, reason="nsys not installed — run: make setup-nsys (Debian 12, as root); "
@@ -24,7 +22,7 @@ WORK = {"tokenize", "prefill", "sample", "decode_step", "detokenize"}
 def test_nsys_profile_builtin_model(tiny_export, artifacts):
     rounds, new = 2, 6
     run_cli("profile/run_nsys_profile.py", "--model", "tiny", "--artifacts", str(artifacts), "--profiler", "nsys",
-            "--rounds", str(rounds), "--warmup", "1", "--max-new-tokens", str(new), "--nsys-timeout", "180")
+            "--repeats", str(rounds), "--warmup", "1", "--max-new-tokens", str(new), "--nsys-timeout", "180")
     out = artifacts / "tiny" / "profile" / "nsys-ort-fp32-cpu"
     r = read_json(out / "summary.json")
     assert (out / "run.nsys-rep").stat().st_size > 10_000 and (out / "manifest.json").is_file()
@@ -48,7 +46,7 @@ def test_nsys_profile_builtin_model(tiny_export, artifacts):
 def test_torch_profiler_backend_on_cpu(tmp_path):
     out = tmp_path / "prof"
     run_cli("profile/run_nsys_profile.py", "--model", "llama-test", "--engine", "torch", "--profiler", "torch",
-            "--artifacts", str(tmp_path), "--rounds", "1", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
+            "--artifacts", str(tmp_path), "--repeats", "1", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
     r = read_json(out / "summary.json")
     trace = json.loads(gzip.decompress((out / "trace.json.gz").read_bytes()))
     assert any(e.get("cat") == "user_annotation" and e.get("name") == "decode_step" for e in trace["traceEvents"])
@@ -61,7 +59,7 @@ def test_torch_profiler_backend_on_cpu(tmp_path):
 
 def test_summary_gpu_figures_from_known_trace(tmp_path):
     """Kernel, memcpy, launch-gap and overlap figures from a hand-made Kineto-format trace with known answers."""
-    from nsys_summary import events_from_chrome_trace, summarize
+    from lmopt.profiling.nsys_summary import events_from_chrome_trace, summarize
 
     ev = [
         {"ph": "X", "cat": "user_annotation", "name": "profile", "ts": 0, "dur": 100, "pid": 1, "tid": 1},
@@ -119,7 +117,7 @@ def test_nvtx_ranges_switch_and_hook():
 def test_nvtx_overhead_cli(tmp_path):
     out = tmp_path / "ovh"
     run_cli("profile/nsys_nvtx_overhead.py", "--model", "llama-test", "--engine", "torch", "--artifacts",
-            str(tmp_path), "--pairs", "2", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
+            str(tmp_path), "--repeats", "2", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
     r = read_json(out / "result.json")
     assert len(r["raw"]["annotated_round_s"]) == len(r["raw"]["bare_round_s"]) == 2
     # tokenize, prefill, detokenize once; sample/h2d/d2h per token; decode_step per token after the first

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_json, run_cli
+from conftest import REPO, assert_one_line_error, load_script, read_json, run_cli
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
@@ -113,18 +113,9 @@ def _http(mod_name="http"):
 
 
 def _inputs(mod, text, **opt):
-    dt = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
-          "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
-    ins = []
-    x = mod.InferInput("text_input", [1, 1], "BYTES")
-    x.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-    ins.append(x)
-    for k, v in opt.items():
-        t, npt = dt[k]
-        y = mod.InferInput(k, [1, 1], t)
-        y.set_data_from_numpy(np.array([[v]], dtype=npt))
-        ins.append(y)
-    return ins
+    from lmopt.triton_client import GenRequest, tensors
+
+    return tensors(mod, GenRequest(prompt=text, **opt))
 
 
 def _infer(server, text, protocol="http", **opt):
@@ -159,7 +150,7 @@ def test_repository_is_generated_with_manifest(server):
 
 def test_client_cli_greedy_tokens_equal_in_process_engine(server):
     proc = run_cli("serve/client/infer_client.py", *server.client_args(
-        "--check", "--max-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
+        "--check", "--max-new-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
     assert "PASS: served greedy tokens equal the in-process ort fp32 engine (2/2 prompts)" in proc.stdout
     assert "time to first token" in proc.stdout
 
@@ -173,10 +164,8 @@ def test_client_cli_greedy_tokens_equal_in_process_engine(server):
 def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     # in-process run_client (the function the CLI calls): the CLI itself is covered above; this saves a Python
     # start-up per protocol on the shared 2-core machine
-    import sys
-
-    sys.path.insert(0, str(REPO / "serve" / "client"))
-    from infer_client import ClientSettings, run_client
+    client = load_script("serve/client/infer_client.py")
+    ClientSettings, run_client = client.ClientSettings, client.run_client
 
     s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_tokens=12, check=True, model="tiny",
                        artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_json, run_cli
+from conftest import assert_one_line_error, read_json, run_cli
+from lmopt.results import SCHEMA_VERSION
 
-PROFILE = REPO / "profile"
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,14 @@ def bench(serve_repo, artifacts):
 
     perf_analyzer's stability check is relaxed: this checks the plumbing and the files, not the machine's quiet."""
     proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
-                   serve_repo.name, "--concurrency", "1,2", "--max-tokens", "8", "--prompt-tokens", "16",
+                   serve_repo.name, "--concurrency", "1,2", "--max-new-tokens", "8", "--prompt-tokens", "16",
                    "--measurement-requests", "6", "--stability-percentage", "1000", "--requests", "6", "--duration-s", "20",
                    "--overhead-requests", "3", timeout=600)
     return artifacts / "tiny" / "profile", proc
 
 
 def _envelope(doc: dict, kind: str):
-    assert doc["kind"] == kind and doc["schema"] == 1
+    assert doc["kind"] == kind and doc["schema"] == SCHEMA_VERSION
     for key in ("machine", "versions", "command", "settings", "summary", "samples", "created"):
         assert key in doc, key
     assert doc["versions"]["tritonclient"] == "2.51.0"
@@ -111,18 +111,15 @@ def test_batching_comparison_and_overhead(bench):
 def test_report_renders_published_results(bench, tmp_path):
     prof, _ = bench
     art = prof.parent.parent
-    run_cli("profile/serving_report.py", "--publish", "--model", "tiny", "--artifacts", str(art), "--results",
-            str(tmp_path / "results"))
+    run_cli("report/publish_results.py", "--kind", "serving", "--model", "tiny", "--artifacts", str(art),
+            "--results", str(tmp_path / "results"))
     published = list((tmp_path / "results").glob("*/tiny/serving-batching.json"))
     assert len(published) == 1
-    import sys
-
-    sys.path.insert(0, str(PROFILE))
-    import serving_report
+    from lmopt.report import serving as serving_report
 
     text = serving_report.render(tmp_path / "results")
     assert "| concurrency |" in text and "Serving overhead" in text and "perf_analyzer" in text
-    assert "<!--" not in text  # update_readme.py owns the markers
+    assert "<!--" not in text  # report/update_readme.py owns the markers
     doc = read_json(published[0])
     first = doc["summary"]["rows"][0]
     if "pa_rps_on" in first:
@@ -136,5 +133,6 @@ def test_bad_input_one_line_errors(tmp_path):
     proc = run_cli("profile/load_generator.py", "--concurrency", "0", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "--concurrency")
     # (each CLI start costs seconds: lmopt.log imports transformers, so the error cases are kept few)
-    for script in ("serve_bench.py", "load_generator.py", "perf_analyzer_sweep.py", "serving_report.py"):
-        assert "--artifacts" in run_cli(f"profile/{script}", "--help").stdout
+    for script in ("profile/serve_bench.py", "profile/load_generator.py", "profile/perf_analyzer_sweep.py",
+                   "report/publish_results.py"):
+        assert "--artifacts" in run_cli(script, "--help").stdout

@@ -2,17 +2,13 @@
 consistent with the others, min <= opt <= max, and the layer-precision summary of the engine inspector's JSON."""
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "optimize"))
-import build_trt_engine as bte  # noqa: E402
-from lmopt.errors import UserError  # noqa: E402
-from lmopt.models import load_config, model_shape  # noqa: E402
+from lmopt import trt_build as bte
+from lmopt.errors import UserError
+from lmopt.models import load_config, model_shape
 
 
 def _check_consistent(shape: dict, profiles: list[dict], max_batch: int, max_seq: int) -> None:
@@ -55,7 +51,7 @@ def test_profiles_gpt2_shape():
 
 
 def test_profile_inputs_match_the_real_export(tiny_export):
-    from lmopt.engines import onnx_file
+    from lmopt.artifacts import onnx_file
     from lmopt.manifest import read_manifest
 
     man = read_manifest(tiny_export)

@@ -1,7 +1,7 @@
 """Print what the pipeline produced for a model: every stage's variants, validation pass/fail, key figures.
 
-    python profile/summarize_artifacts.py               # the built-in model
-    python profile/summarize_artifacts.py --model gpt2-124m --artifacts /tmp/art
+    python report/summarize_artifacts.py               # the built-in model
+    python report/summarize_artifacts.py --model gpt2-124m --artifacts /tmp/art
     make summary
 
 Reads:  artifacts/<model>/<stage>/<variant>/manifest.json (every finished stage output) and
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
+from lmopt.report import stat_ms
 
 log = get_logger("summary")
 STAGE_ORDER = ("export", "quantize", "engine", "serve", "profile")
@@ -102,7 +102,7 @@ def _result_line(path: Path) -> str:
                 parts.append(f"{row['engine']} {row['precision']}: skipped")
                 continue
             b1 = row["summary"].get("1") or next(iter(row["summary"].values()))
-            parts.append(f"{row['engine']} {row['precision']}: {b1['step_s']['p50'] * 1e3:.2f} ms/token"
+            parts.append(f"{row['engine']} {row['precision']}: {stat_ms(b1, 'step')['p50']:.2f} ms/token"
                          + (f" ({b1['decode_speedup_vs_baseline']:.2f}x)" if b1.get("decode_speedup_vs_baseline")
                             else ""))
         return f"{r['created'][:16]} — " + "; ".join(parts)
@@ -110,21 +110,13 @@ def _result_line(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = SummarySettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, SummarySettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    summarize(settings=SummarySettings(**{f.name: getattr(args, f.name) for f in fields(SummarySettings)}))
-    return 0
+main = cli.main_for(build_parser, SummarySettings, summarize)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

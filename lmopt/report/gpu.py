@@ -1,12 +1,12 @@
-"""Render the README's GPU section from committed result files under results/<machine>/<model>/, by their `kind`:
+"""The README "gpu" section, from result files under results/ by their `kind`: `render(results_dir) -> str`.
 
   benchmark   (settings.device cuda) written by `profile/benchmark.py --preset gpu`: one table per file
-  gpu-suite   the older GPU suite's files (its script is gone; its committed H200 figures still render as they did)
-
-Imported by profile/update_readme.py: `render(results_dir) -> str`."""
+  gpu-suite   the older GPU suite's files (its script was folded into profile/benchmark.py; its committed H200
+              figures still render as they were measured)
+  profile     (device cuda) the PyTorch-profiler summaries of GPU decode loops
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagraph": "PyTorch static KV + CUDA graph",
@@ -23,16 +23,10 @@ def is_gpu_result(d: dict) -> bool:
 
 
 def load(results_dir: str | Path) -> list[dict]:
-    docs = []
-    for p in sorted(Path(results_dir).glob("*/*/*.json")):
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(d, dict) and is_gpu_result(d):
-            d["_path"] = str(p)
-            docs.append(d)
-    return docs
+    from lmopt.report import collect
+
+    return [dict(d.data, _path=str(d.path)) for d in collect(results_dir, kinds=["gpu-suite", "benchmark"])
+            if is_gpu_result(d.data)]
 
 
 def render(results_dir: str | Path) -> str:
@@ -84,12 +78,12 @@ def render_benchmark(d: dict) -> str:
     out = [f"**{d['model']}** — {g.get('name', '?')}, driver {g.get('driver')}, CUDA {g.get('torch_cuda')}, "
            f"torch {v.get('torch')}, onnxruntime-gpu {v.get('onnxruntime-gpu')}; {d['created'][:10]}; copy bandwidth "
            f"{d['copy_bandwidth_gbs'] or 0:.0f} GB/s (read+write); {st['repeats']} repetitions after {st['warmup']} "
-           f"warm-up, {st['new_tokens']} new tokens, greedy; `{' '.join(d['command'])}`; data: `{d['_path']}`\n",
+           f"warm-up, {st.get('max_new_tokens')} new tokens, greedy; `{' '.join(d['command'])}`; data: "
+           f"`{d['_path']}`\n",
            "| engine | precision | batch | prompt | TTFT ms | decode ms/token | tokens/s | floor ms/token | × floor "
            "| vs baseline | greedy agreement |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    best = None
-    notes = []
+    best, notes = None, []
     for r in d["rows"]:
         name = ENGINE_NAMES.get(r["engine"], r["engine"])
         if r["status"] != "ok":
@@ -98,11 +92,11 @@ def render_benchmark(d: dict) -> str:
         notes += [f"- failed: {name} {r['precision']} `{cell}` — {why}" for cell, why in r.get("failed", {}).items()]
         for b, m in r["summary"].items():
             for k, e in m.get("by_prompt", {}).items():
-                step = e["step_s"]["p50"] * 1e3
+                step = e["step_ms"]["p50"]
                 floor = e.get("bandwidth_floor_ms")
                 speed = e.get("decode_speedup_vs_baseline")
                 agree = m.get("agreement_vs_baseline")
-                out.append(f"| {name} | {r['precision']} | {b} | {e['prompt_tokens']} | {e['ttft_s']['p50'] * 1e3:.2f} | "
+                out.append(f"| {name} | {r['precision']} | {b} | {e['prompt_tokens']} | {e['ttft_ms']['p50']:.2f} | "
                            f"{step:.3f} | {e['decode_tokens_per_s']:.0f} | "
                            f"{'–' if floor is None else f'{floor:.3f}'} | "
                            f"{'–' if floor is None else f'{step / floor:.1f}'} | "
@@ -114,7 +108,7 @@ def render_benchmark(d: dict) -> str:
     if best and b1 and best[2].get("bandwidth_floor_ms"):
         step, name, e = best
         out.append(f"\nBatch 1, prompt {e['prompt_tokens']}: fastest decode is {name} at {step:.3f} ms/token = "
-                   f"{b1['step_s']['p50'] * 1e3 / step:.1f}x {ENGINE_NAMES.get(base['engine'], base['engine'])} and "
+                   f"{b1['step_ms']['p50'] / step:.1f}x {ENGINE_NAMES.get(base['engine'], base['engine'])} and "
                    f"{step / e['bandwidth_floor_ms']:.1f}x the bandwidth floor ({e['bytes_per_step'] / 1e9:.2f} GB "
                    f"read per token / {d['copy_bandwidth_gbs']:.0f} GB/s = {e['bandwidth_floor_ms']:.3f} ms).")
     if notes:
@@ -126,13 +120,18 @@ def render_benchmark(d: dict) -> str:
 def render_profiles(results_dir: str | Path) -> str:
     """Where the time goes: the PyTorch-profiler summaries of GPU decode loops (profile/run_nsys_profile.py)."""
     out = []
-    for p in sorted(Path(results_dir).glob("*/*/profile-torch-*cuda*.summary.json")):
-        d = json.loads(p.read_text())
+    from lmopt.report import collect
+
+    for doc in collect(results_dir, kinds=["profile"]):
+        p, d = doc.path, doc.data
+        if d.get("profiler") != "torch" or not str(d.get("settings", {}).get("device", "")).startswith("cuda"):
+            continue
         s, f, st = d["summary"], d["figures"], d["settings"]
         steps = s["nvtx"]["ranges"].get("decode_step", {}).get("count") or 1
         k = s["cuda_kernels"]
         kernel_ms_per_step = k["total_ms"] / (steps + s["nvtx"]["ranges"].get("prefill", {}).get("count", 0))
-        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {st['batch']}, "
+        batch = st.get("batch_size", st.get("batch"))
+        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {batch}, "
                    f"eager decode** ({d['machine'].get('gpu', {}).get('name', '?')}, {d['created'][:10]}, "
                    f"`{' '.join(d['command'])}`; data: `{p}`)\n")
         out.append(f"- decode step: {f['decode_step_mean_ms']:.2f} ms mean wall, of which GPU kernels "
