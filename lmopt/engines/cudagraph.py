@@ -19,6 +19,7 @@ FP32: the tests use it to check the cache and mask handling against the eager en
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class _Graph:
     mask: Any
     graph: Any = None
     logits: Any = None
+    warmed: bool = False
     busy: bool = False
 
 
@@ -163,29 +165,54 @@ class CudaGraphEngine(Engine):
                 g.pos.copy_(t.from_numpy(position_ids))
                 g.cache_pos.fill_(n)
                 g.mask[:, n] = 1  # the new token attends to itself; earlier columns keep the prompt's padding
+            if not g.warmed:
+                self._warm_up(g, n)
+                g.warmed = True
             if not self.use_graphs:
                 logits = self._forward(g, g.ids, g.pos, g.cache_pos)
             else:
                 if g.graph is None:
-                    self._capture(g)
+                    self._capture(g, n)
                 g.graph.replay()
                 logits = g.logits
         state.length = n + 1
         return DeviceLogits(logits), state
 
-    def _capture(self, g: _Graph) -> None:
-        """Warm up on a side stream (as capture requires), then capture one step. The warm-up steps write the
-        current position's keys/values from the real inputs, which the replay then writes again, identically."""
+    def _warm_up(self, g: _Graph, n: int) -> None:
+        """Two steps before the first capture of these buffers (CUDA-graph capture needs warmed-up kernels and
+        allocator; a side stream on the GPU), then the cache is rewound to `n` tokens. The warm-up steps write
+        position n's keys/values from the real inputs, which the replay then writes again, identically. Run on the
+        CPU too (graphs=False), so the tests exercise the same sequence."""
         t = self.torch
-        s = t.cuda.Stream()
-        s.wait_stream(t.cuda.current_stream())
-        with t.cuda.stream(s):
+        cuda = self.device.startswith("cuda")
+        s = t.cuda.Stream() if cuda else None
+        if cuda:
+            s.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(s) if cuda else _nullcontext():
             for _ in range(2):
                 self._forward(g, g.ids, g.pos, g.cache_pos)
-        t.cuda.current_stream().wait_stream(s)
+        if cuda:
+            t.cuda.current_stream().wait_stream(s)
+        self._rewind(g, n)
+
+    @staticmethod
+    def _rewind(g: _Graph, n: int) -> None:
+        """transformers 5.x static layers write at their own device counter (`cumulative_length`, advanced by every
+        update) and ignore `cache_position`; 4.x layers write at `cache_position` and have no counter. Setting the
+        counter back to the tokens really held makes both write where the mask and the caller expect."""
+        for layer in getattr(g.cache, "layers", []):
+            c = getattr(layer, "cumulative_length", None)
+            if c is not None and hasattr(c, "fill_"):
+                c.fill_(n)
+
+    def _capture(self, g: _Graph, n: int) -> None:
+        """Capture one decode step (after _warm_up). Capture records kernels without running them: the cache and
+        its counter are unchanged, and each replay then writes at position n and advances the counter by one."""
+        t = self.torch
         g.graph = t.cuda.CUDAGraph()
         with t.cuda.graph(g.graph):
             g.logits = self._forward(g, g.ids, g.pos, g.cache_pos)
+        self._rewind(g, n)
 
     def release(self, state) -> None:
         if isinstance(state, _State) and state.key in self.graphs:
