@@ -167,7 +167,7 @@ def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     client = load_script("serve/client/infer_client.py")
     ClientSettings, run_client = client.ClientSettings, client.run_client
 
-    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_tokens=12, check=True, model="tiny",
+    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_new_tokens=12, check=True, model="tiny",
                        artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,
                        grpc_port=server.grpc, **mode)
     report = run_client(settings=s)
