@@ -15,7 +15,7 @@ A       := $(ART)/$(MODEL)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test export export-fp16 quantize fp16 engine serve-repo serve-demo benchmark benchmark-gpu profile notebook diagram \
+.PHONY: setup demo test export export-fp16 export-gqa quantize fp16 engine serve-repo serve-demo benchmark benchmark-gpu profile notebook diagram \
         readme-tables publish-results summary clean help setup-nsys
 
 help:
@@ -40,6 +40,12 @@ DEVICE ?= cpu
 $(A)/export/fp16/manifest.json: $(STAMP)
 	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp16 --device $(DEVICE)
 export-fp16: $(A)/export/fp16/manifest.json
+# the fused GroupQueryAttention graph with a fixed-size KV buffer (engine ort-gqa; MAX_LEN positions, 0 = context)
+MAX_LEN ?= 0
+$(A)/export/fp16-gqa/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp16 --attention gqa --device $(DEVICE) \
+		--max-len $(MAX_LEN)
+export-gqa: $(A)/export/fp16-gqa/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
 # one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
@@ -69,7 +75,7 @@ benchmark: quantize fp16
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 # on a GPU machine: every GPU engine side by side (profile/benchmark.py --preset gpu), ORT on the FP16 graph
 benchmark-gpu: DEVICE = cuda
-benchmark-gpu: export-fp16
+benchmark-gpu: export-fp16 export-gqa
 	$(PY) profile/benchmark.py --preset gpu --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 publish-results: $(STAMP)
 	$(PY) report/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
