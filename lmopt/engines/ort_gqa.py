@@ -30,6 +30,7 @@ from .ort_engine import _ORT_TO_NP, _layer_key
 class _Buffers:
     kv: list                 # OrtValues, one per past_key_values.N.{key,value}, [batch, kv_heads, max_len, head_dim]
     step: dict | None = None  # device OrtValues of the decode step's inputs (CUDA graph mode)
+    logits: Any = None        # the decode step's logits OrtValue [batch, 1, vocab] (CUDA graph mode)
     graph_id: int = 0
     captured: bool = False
     busy: bool = False
@@ -58,6 +59,9 @@ class OrtGqaEngine(Engine):
             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
+            if precision != "fp16":
+                raise UserError(f"GroupQueryAttention runs FP16 on ONNX Runtime's CUDA EP (got {precision}) — export "
+                                "with --dtype fp16 --attention gqa")
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("ONNX Runtime has no CUDA execution provider — pip install onnxruntime-gpu "
                                 "(CUDA 13 build)")
@@ -103,7 +107,15 @@ class OrtGqaEngine(Engine):
                     io.bind_cpu_input(k, v)
                 else:
                     io.bind_ortvalue_input(k, v)
-        io.bind_output("logits", self.device)      # bound first: outputs come back in binding order
+        # bound first: outputs come back in binding order. A captured graph needs the output at a fixed address
+        if self.cuda_graph and graph_id >= 0:
+            if b.logits is None:
+                batch = b.kv[0].shape()[0]
+                b.logits = self.ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.info.vocab_size),
+                                                                         self.kv_dtype, self.device, 0)
+            io.bind_ortvalue_output("logits", b.logits)
+        else:
+            io.bind_output("logits", self.device)
         for past, present, buf in zip(self.past_names, self.present_names, b.kv):
             io.bind_ortvalue_input(past, buf)
             io.bind_ortvalue_output(present, buf)   # the same buffer: GQA writes the new keys/values in place
