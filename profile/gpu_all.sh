@@ -25,6 +25,9 @@ MODELS="${MODELS:-tiny gpt2-124m llama-1b}"
 WORK="${WORK:-/tmp/gpuwork}"
 mkdir -p "$OUTDIR" "$WORK/results"
 export PYTHONUNBUFFERED=1
+# lmopt from this checkout: a GPU machine may have the pinned packages but not `make setup`'s editable install
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUTDIR/gpu-all.log"
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 

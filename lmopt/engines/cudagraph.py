@@ -23,43 +23,14 @@ from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from ..errors import UserError
 from ..models import load_model, model_shape
 from ..nvtx_ranges import nvtx_range
 from .base import Engine, EngineInfo
-from .slots import StepLogits
+from .slots import DeviceLogits
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-class DeviceLogits(StepLogits):
-    """Last-position logits [B, V] left on the device; behaves like the host array where one is needed
-    (`np.asarray`, indexing a row, `.shape`), so callers written for host logits keep working."""
-
-    def __init__(self, logits):
-        self.logits = logits
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.logits.shape)
-
-    def argmax(self) -> np.ndarray:
-        return self.logits.argmax(-1).cpu().numpy().astype(np.int64)
-
-    def row(self, i: int) -> np.ndarray:
-        return self.logits[i].float().cpu().numpy()
-
-    def __getitem__(self, i):
-        return self.logits[i].float().cpu().numpy()
-
-    def __array__(self, dtype=None, copy=None):
-        a = self.logits.float().cpu().numpy()
-        return a if dtype is None else a.astype(dtype)
 
 
 @dataclass
