@@ -212,8 +212,10 @@ class Scheduler:
     # ---- public ----------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                on_event: Callable[[TokenEvent], None] | None = None,
-               is_cancelled: Callable[[], bool] | None = None, request_id: str | None = None) -> Request:
-        """Queue a request. Raises UserError for a bad request and ServerBusy when the queue is full."""
+               is_cancelled: Callable[[], bool] | None = None, request_id: str | None = None,
+               text: bool = True) -> Request:
+        """Queue a request. Raises UserError for a bad request and ServerBusy when the queue is full.
+        `text=False`: token ids only (no detokenization unless stop strings need it)."""
         params.check()
         ids = [int(t) for t in prompt_ids]
         if not ids:
@@ -225,7 +227,7 @@ class Scheduler:
         if any(params.stop_strings) and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer — create the Scheduler with tokenizer=...")
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (text or any(params.stop_strings)):
             from .detokenize import IncrementalDetokenizer
 
             detok = IncrementalDetokenizer(self.tokenizer, ids)
