@@ -75,7 +75,10 @@ class TritonPythonModel:
             slots = create_slot_engine(self.engine, num_slots=int(_param(cfg, "slots", "8")),
                                        max_prefill_chunk=int(_param(cfg, "prefill_chunk", "256")))
             self.metrics = _Metrics(self.model_name, self.logger)
-            self.scheduler = Scheduler(slots, max_queue=int(_param(cfg, "max_queue", "32")), tokenizer=self.tokenizer,
+            max_queue = int(_param(cfg, "max_queue", "32"))
+            if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
+                max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
+            self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
