@@ -463,3 +463,29 @@ def test_soak_64_streams_with_random_cancellation(soak_server, tmp_path):
     assert s["cancelled"] > 0 and s["completed"] > 64
     assert s["slots_in_use_after"] == 0          # every cancelled request gave its slot back
     assert abs(s["rss_change_pct"]) <= 5.0, s["server_rss_mb"]
+
+
+def test_auto_precision_serves_the_faster_measured_graph(tiny_export, tmp_path, monkeypatch):
+    """--precision auto: FP32 and the CPU INT8 graph (present only when it met its accuracy budget) are timed, and the
+    faster one is served; the manifest says which and why. The timings are faked here (which graph is faster depends
+    on the CPU); the speed check itself runs for real on FP32."""
+    repo = load_script("serve/make_model_repository.py")
+    root = tmp_path / "a"
+    (root / "tiny" / "export").mkdir(parents=True)
+    (root / "tiny" / "export" / "fp32").symlink_to(tiny_export, target_is_directory=True)
+    s = repo.RepoSettings(artifacts=str(root))
+    assert repo.resolve_precision(s)[0] == "fp32"  # no INT8 graph: FP32, without a speed check
+    real = repo._speed_check(s, "fp32", tokens=4, repeats=1)
+    assert 0 < real < 1000
+    int8 = root / "tiny" / "quantize" / "int8-cpu"
+    int8.mkdir(parents=True)
+    (int8 / "manifest.json").write_text(json.dumps({
+        "stage": "quantize", "precision": "int8", "targets": ["onnxruntime"], "default": True,
+        "accuracy": {"ppl_increase_pct": 0.4}, "settings": {"max_ppl_increase": 1.0}}))
+    for fast, slow in (("fp32", "int8"), ("int8", "fp32")):
+        times = {fast: 1.87, slow: 5.72}
+        monkeypatch.setattr(repo, "_speed_check", lambda s, p, **kw: times[p])
+        precision, choice = repo.resolve_precision(s)
+        assert precision == fast and choice["candidates"][slow]["ms_per_token"] == 5.72
+        assert "fastest measured here: 1.87 ms/token" in choice["reason"]
+    assert choice["candidates"]["int8"]["accuracy"] == {"ppl_increase_pct": 0.4}
