@@ -27,17 +27,16 @@ share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("quantize")
 
@@ -64,7 +63,7 @@ class QuantizeSettings:
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
     compare_quantizers: bool = False
-    speed_check: bool = False          # time ORT FP32 vs the CPU INT8 graph (64 decode tokens) into the manifest
+    speed_check: bool = False  # also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest
     threads: int = 0
 
 
@@ -146,7 +145,7 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     """Build the INT8 variants of `settings.target`; returns {variant: manifest}. Nothing is written unless every
     requested variant meets the accuracy budget and runs MatMuls in INT8."""
     from lmopt.data import builtin_text, read_text, token_windows
-    from lmopt.engines import find_onnx, onnx_file
+    from lmopt.artifacts import find_onnx, onnx_file
     from lmopt.engines.ort_engine import make_session
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.paths import check_writable, stage_dir, staging_dir
@@ -341,7 +340,8 @@ def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: Qu
 
 def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> dict:
     """TensorRT graph from ModelOpt vs ONNX Runtime's QDQ quantizer: accuracy, time, what ORT runs in INT8."""
-    from lmopt.manifest import file_entry, machine_info, now_iso, package_versions
+    from lmopt.manifest import file_entry
+    from lmopt.results import envelope, versions, write_json
     from lmopt.paths import stage_dir
     from lmopt.quantization import PRESETS, Calibration, int8_coverage, modelopt_quantize, qdq_coverage
 
@@ -367,56 +367,33 @@ def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> di
                      rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"],
                      rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"]
                      + rows[q]["int8_on_onnxruntime_cpu"]["matmuls_float"])
-    result = {"kind": "quantizer-comparison", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-              "machine": machine_info(),
-              "versions": package_versions("onnx", "onnxruntime", "nvidia-modelopt"),
-              "model": src_man.get("model", s.model), "model_shape": shape, "input": file_entry(fp32_path),
-              "settings": asdict(s), "preset": asdict(PRESETS["tensorrt"]), "excluded": base_excl,
-              "note": "ort_cpu_ppl_eval_s times the same perplexity pass on ONNX Runtime CPU; ModelOpt's graph keeps "
-                      "MatMuls float with DequantizeLinear on ORT CPU, which is fine for TensorRT",
-              "quantizers": rows}
-    folder = stage_dir(s.artifacts, s.model, "profile", "quantize")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "quantizer-comparison.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    result = envelope("quantizer-comparison", settings=asdict(s),
+                      versions=versions("onnx", "onnxruntime", "nvidia-modelopt"),
+                      model=src_man.get("model", s.model), model_shape=shape, input=file_entry(fp32_path),
+                      preset=asdict(PRESETS["tensorrt"]), excluded=base_excl,
+                      note="ort_cpu_ppl_eval_s times the same perplexity pass on ONNX Runtime CPU; ModelOpt's graph "
+                           "keeps MatMuls float with DequantizeLinear on ORT CPU, which is fine for TensorRT",
+                      quantizers=rows)
+    path = write_json(stage_dir(s.artifacts, s.model, "profile", "quantize") / "quantizer-comparison.json", result)
     log.info("Saving result to %s", path)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = QuantizeSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--target", default=d.target, choices=TARGETS, help="which INT8 graph(s) to build")
-    p.add_argument("--quantizer", default=d.quantizer, choices=QUANTIZERS,
-                   help="who makes the TensorRT graph (the CPU graph is always ONNX Runtime's)")
-    p.add_argument("--method", default=d.method, choices=("minmax", "entropy", "percentile"),
-                   help="calibration method")
+    cli.add_settings(p, QuantizeSettings, help={
+        "compare_quantizers": 'only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON',
+    }, choices={"target": TARGETS, "quantizer": QUANTIZERS, "method": ("minmax", "entropy", "percentile"),
+                "sweep_granularity": ("layer", "node")},
+        skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
-    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    p.add_argument("--greedy-prompts", type=int, default=d.greedy_prompts)
-    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
-    # a string, parsed in main, so a bad value gets the stage's one-line error rather than argparse's usage dump
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
                    help="accuracy budget: max perplexity increase over FP32, in percent")
     p.add_argument("--max-excluded", type=int, default=d.max_excluded,
                    help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
-    p.add_argument("--sweep-granularity", default=d.sweep_granularity, choices=("layer", "node"))
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
-    p.add_argument("--compare-quantizers", action="store_true",
-                   help="only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON")
-    p.add_argument("--speed-check", action="store_true",
-                   help="also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest")
-    p.add_argument("--threads", type=int, default=d.threads)
-    add_verbosity_args(p)
     return p
 
 
@@ -426,7 +403,7 @@ def main(argv=None) -> int:
 
     args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
-    settings = QuantizeSettings(**{f.name: getattr(args, f.name) for f in fields(QuantizeSettings)})
+    settings = cli.settings_from(QuantizeSettings, args)
     t0 = time.time()
     quantize(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -434,4 +411,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

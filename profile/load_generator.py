@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.serving import LoadSettings
 
 log = get_logger("load_generator")
@@ -49,21 +49,6 @@ class RequestRecord:
     warmup: bool = False
 
 
-_BATCH_DIM: dict[str, bool] = {}   # url/model -> whether the model's inputs carry a batch dimension
-
-
-def batch_dim(url: str, model: str) -> bool:
-    """max_batch_size > 0 means every input has a leading batch dimension: a request is [1, 1], not [1]."""
-    key = f"{url}/{model}"
-    if key not in _BATCH_DIM:
-        import tritonclient.grpc as grpcclient
-
-        with grpcclient.InferenceServerClient(url) as c:
-            cfg = c.get_model_config(model, as_json=True)["config"]
-        _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
-    return _BATCH_DIM[key]
-
-
 _TOKENIZERS: dict = {}
 
 
@@ -75,31 +60,26 @@ def _tokenizer(model: str):
     return _TOKENIZERS[model]
 
 
-def _make_inputs(prompt: str, s: LoadSettings):
-    import numpy as np
-    import tritonclient.grpc as grpcclient
+def _request(prompt: str, s: LoadSettings):
+    """The request for one prompt: text, or token ids when the served model takes input_ids (the client tokenizes)."""
+    from lmopt.triton_client import GenRequest
 
-    shape = [1, 1] if batch_dim(s.url, s.triton_model) else [1]
-    if s.prompt_input == "input_ids":  # token ids instead of text: the client tokenizes (no STRING tensor)
-        ids = np.array(_tokenizer(s.model)(prompt)["input_ids"], dtype=np.int64)
-        a = grpcclient.InferInput("input_ids", [1, ids.size] if len(shape) == 2 else [ids.size], "INT64")
-        a.set_data_from_numpy(ids.reshape(1, -1) if len(shape) == 2 else ids)
-    else:
-        a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
-        a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
-    b = grpcclient.InferInput(s.max_tokens_input, shape, "INT32")
-    b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32).reshape(shape))
-    return [a, b]
+    names = {"max_tokens": s.max_tokens_input}
+    if s.prompt_input == "input_ids":
+        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_new_tokens, names=names)
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, names={**names, "text_input": s.prompt_input})
 
 
 async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin: float) -> RequestRecord:
     """One request over its own gRPC stream; timestamps of every response until Triton's final flag."""
-    inputs = _make_inputs(prompt, s)
+    import tritonclient.grpc.aio as aio
+
+    from lmopt.triton_client import has_batch_dim, parse_response, stream_request
+
+    item = stream_request(aio, _request(prompt, s), str(index), s.triton_model, has_batch_dim(s.url, s.triton_model))
 
     async def requests():
-        # the empty final response carries triton_final_response=True: the end of a request without guessing
-        yield {"model_name": s.triton_model, "inputs": inputs, "request_id": str(index),
-               "parameters": {"triton_enable_empty_final_response": True}}
+        yield item
 
     t_send = time.perf_counter()
     rec = RequestRecord(index, t_send - t_origin, [], [], 0)
@@ -110,14 +90,12 @@ async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin:
             if error is not None:
                 rec.error = str(error).splitlines()[0][:200]
                 break
-            resp = result.get_response()
-            out = result.as_numpy(s.tokens_output) if any(o.name == s.tokens_output for o in resp.outputs) else None
-            if out is not None and out.size:
-                rec.tokens.extend(int(t) for t in out.reshape(-1))
+            piece = parse_response(result, s.tokens_output)
+            if piece.token_ids:
+                rec.tokens.extend(piece.token_ids)
                 rec.token_times_s.append(now)
                 rec.token_responses += 1
-            final = resp.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
+            if piece.final:
                 rec.end_s = now
                 break
         else:
@@ -208,7 +186,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
                            threads=s.threads or None)
     eos = tok.eos_token_id
     # same stopping rule as a served request: EOS ends it, otherwise max_tokens
-    params = SamplingParams(max_new_tokens=s.max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, stop_token_ids=(eos,) if eos is not None else ())
 
     def local(prompt: str) -> dict:
         times: list[float] = []
@@ -268,14 +246,16 @@ def run_load(*, settings: LoadSettings) -> dict:
         raise UserError(f"--concurrency must be a comma list of integers (got '{s.concurrency}')") from None
     if not levels or any(c <= 0 for c in levels):
         raise UserError(f"--concurrency needs levels > 0 (got '{s.concurrency}')")
-    for name in ("max_tokens", "requests", "num_prompts", "prompt_tokens"):
+    for name in ("max_new_tokens", "requests", "num_prompts", "prompt_tokens"):
         if getattr(s, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
     if s.duration_s <= 0:
         raise UserError(f"--duration-s must be > 0 (got {s.duration_s})")
     prompts = held_out_prompts(s.model, s.num_prompts, s.prompt_tokens)
     wait_ready(s.url, s.triton_model, 10.0)
-    batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
+    from lmopt.triton_client import has_batch_dim
+
+    has_batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
 
     pre = asyncio.run(_preflight(s.url, prompts[0], s))
     if pre.error or not pre.tokens:
@@ -314,7 +294,7 @@ def run_load(*, settings: LoadSettings) -> dict:
 
 
 def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) -> None:
-    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_new_tokens}")
     print(f"{'conc':>4} {'req':>4} {'fail':>4} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'e2e p50':>8} "
           f"{'p99':>7} {'tok/s':>7} {'req/s':>6}")
     for r in summary:
@@ -330,41 +310,13 @@ def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    p.add_argument("--model", default=d.model, help="model the server runs (tokenizer, result folder, --in-process)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="served streaming (decoupled) model name")
-    p.add_argument("--label", default=d.label, help="result name: serving-stream-<label>.json")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of requests in flight")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--requests", type=int, default=d.requests, help="measured requests per level (bound)")
-    p.add_argument("--duration-s", type=float, default=d.duration_s, help="measured seconds per level (bound)")
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="per client, not measured")
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
-    p.add_argument("--prompt-input", default=d.prompt_input)
-    p.add_argument("--max-tokens-input", default=d.max_tokens_input)
-    p.add_argument("--tokens-output", default=d.tokens_output)
-    p.add_argument("--in-process", action="store_true", help="also measure the same engine in-process (overhead)")
-    p.add_argument("--engine", default=d.engine, help="engine the server runs (for --in-process)")
-    p.add_argument("--precision", default=d.precision, help="precision the server runs (for --in-process)")
-    p.add_argument("--device", default=d.device, help="device the server runs on (for --in-process)")
-    p.add_argument("--threads", type=int, default=d.threads, help="in-process engine threads (match the server)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)})
-    run_load(settings=settings)
-    return 0
+main = cli.main_for(build_parser, LoadSettings, run_load)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -17,16 +17,15 @@ ratio is recorded too) and a predicted one (ranges per round x the extra cost of
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("nvtx-overhead")
 
@@ -35,17 +34,17 @@ log = get_logger("nvtx-overhead")
 class OverheadSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    engine: str = "ort"
+    engine: str = "ort"            # ort | torch | trt
     precision: str = "fp32"
     device: str = "cpu"
-    batch: int = 1
+    batch_size: int = 1
     prompt_len: int = 32
     max_new_tokens: int = 32
-    pairs: int = 40                # annotated/bare pairs of rounds
+    repeats: int = 40              # measured pairs of rounds (one annotated, one bare)
     warmup: int = 2
     threads: int = 1               # 1: the engine runs on the timed thread, so its CPU time is all of the work
     budget: float = 0.02           # the annotated loop may be at most this much slower
-    out: str = ""
+    out: str = ""                  # output folder
 
 
 def measure(*, settings: OverheadSettings) -> dict:
@@ -53,7 +52,8 @@ def measure(*, settings: OverheadSettings) -> dict:
 
     from lmopt import nvtx_ranges
     from lmopt.generate import generate_text
-    from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
+    from lmopt.manifest import write_manifest
+    from lmopt.results import envelope, versions, write_json
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
     from lmopt.profiling.workload import prepare
     from lmopt.profiling.workload import ProfileSettings
@@ -61,8 +61,8 @@ def measure(*, settings: OverheadSettings) -> dict:
     s = settings
     if not nvtx_ranges.AVAILABLE:
         raise UserError("the nvtx package is missing, so there is nothing to measure — pip install nvtx==0.2.11")
-    if s.pairs < 2:
-        raise UserError("--pairs must be >= 2")
+    if s.repeats < 2:
+        raise UserError("--repeats must be >= 2")
     check_writable(s.artifacts)
     ps = ProfileSettings(**{f.name: getattr(s, f.name) for f in fields(ProfileSettings) if hasattr(s, f.name)})
     engine, tok, prompts, params = prepare(ps)
@@ -96,7 +96,7 @@ def measure(*, settings: OverheadSettings) -> dict:
     on, off, on_cpu, off_cpu = [], [], [], []
     prev = nvtx_ranges.ENABLED
     try:
-        for i in tqdm(range(s.pairs), desc="pairs", disable=None):
+        for i in tqdm(range(s.repeats), desc="pairs", disable=None):
             order = (True, False) if i % 2 == 0 else (False, True)
             for mode in order:
                 nvtx_ranges.set_enabled(mode)
@@ -128,13 +128,12 @@ def measure(*, settings: OverheadSettings) -> dict:
     q = statistics.quantiles(cpu_ratios, n=4)
     half = 1.58 * (q[2] - q[0]) / len(cpu_ratios) ** 0.5
     predicted = ranges_per_round * (per_range_on - per_range_off) / statistics.median(off)
-    result = {
-        "kind": "nvtx-overhead", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "machine": machine_info(), "versions": package_versions("nvtx", "torch", "onnxruntime"),
-        "settings": asdict(s), "engine": vars(engine.info),
-        "raw": {"annotated_round_s": on, "bare_round_s": off, "annotated_round_cpu_s": on_cpu,
+    result = envelope(
+        "nvtx-overhead", settings=asdict(s), versions=versions("nvtx", "torch", "onnxruntime"),
+        engine=vars(engine.info),
+        raw={"annotated_round_s": on, "bare_round_s": off, "annotated_round_cpu_s": on_cpu,
                 "bare_round_cpu_s": off_cpu, "ranges_per_round": counted},
-        "summary": {
+        summary={
             "annotated_median_s": statistics.median(on), "bare_median_s": statistics.median(off),
             "annotated_median_cpu_s": statistics.median(on_cpu), "bare_median_cpu_s": statistics.median(off_cpu),
             "overhead_measured": round(measured, 5),
@@ -155,16 +154,16 @@ def measure(*, settings: OverheadSettings) -> dict:
             "measured_consistent_with_budget": measured - half <= s.budget,
             "within_budget": predicted <= s.budget and measured - half <= s.budget,
         },
-    }
+    )
     final = Path(s.out) if s.out else stage_dir(s.artifacts, s.model, "profile",
                                                 f"nvtx-overhead-{s.engine}-{s.precision}-{s.device}")
     with staging_dir(final) as tmp:
-        (tmp / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json(tmp / "result.json", result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
                              "settings": asdict(s), "outputs": {"result": "result.json"}})
     r = result["summary"]
     log.info("annotated %.2f ms vs bare %.2f ms per round (%d pairs, %d ranges per round)", 1e3 * r["annotated_median_s"],
-             1e3 * r["bare_median_s"], s.pairs, ranges_per_round)
+             1e3 * r["bare_median_s"], s.repeats, ranges_per_round)
     log.info("overhead measured on CPU time %+.2f%% (95%% interval %+.2f%%..%+.2f%%), on wall time %+.2f%%, "
              "predicted %+.3f%% (%.2f us per range): %s the %.0f%% budget", 100 * measured, *(100 * x for x in
              r["overhead_measured_ci95"]), 100 * measured_wall, 100 * predicted,
@@ -179,32 +178,13 @@ def _p10_p90(ratios: list[float]) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = OverheadSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--pairs", type=int, default=d.pairs)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--budget", type=float, default=d.budget)
-    p.add_argument("--out", default=d.out, help="output folder")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, OverheadSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    measure(settings=OverheadSettings(**{f.name: getattr(args, f.name) for f in fields(OverheadSettings)}))
-    return 0
+main = cli.main_for(build_parser, OverheadSettings, measure)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

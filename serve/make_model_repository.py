@@ -6,7 +6,7 @@
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
-        artifacts/<model>/quantize/<variant>), found with lmopt.engines.find_onnx; the tokenizer of --model
+        artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
 Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
           model_repository/lm/{config.pbtxt, 1/model.py}          one response per request
           model_repository/lm_stream/{config.pbtxt, 1/model.py}   decoupled streaming
@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("serve-repo")
 
@@ -74,7 +74,7 @@ def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
     if s.engine != "ort":
         p = "fp16" if s.device.startswith("cuda") else "fp32"
         return p, {"precision": p, "reason": f"default for --engine {s.engine} on {s.device}"}
-    from lmopt.engines import find_onnx
+    from lmopt.artifacts import find_onnx
 
     cands: dict[str, dict] = {"fp32": {"accuracy": "reference"}}
     try:
@@ -159,8 +159,9 @@ instance_group [ {{ count: {s.instances} kind: {kind} }} ]
 
 
 def make_repository(*, settings: RepoSettings) -> dict:
-    from lmopt.engines import ENGINES, PRECISIONS, find_onnx, onnx_file
-    from lmopt.manifest import file_entry, list_variants, package_versions, write_manifest
+    from lmopt.artifacts import find_onnx, find_trt_engines, onnx_file
+    from lmopt.engines import ENGINES, PRECISIONS
+    from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.models import load_tokenizer
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
@@ -194,12 +195,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
             raise UserError("TensorRT engines run on the GPU — add --device cuda")
         # the server picks the engine of the installed TensorRT version (TrtEngine.from_artifacts); here we only
         # check that stage 3 produced one of this precision, through the manifests
-        found = {v: m for v, m in list_variants(s.artifacts, s.model, "engine").items()
-                 if m.get("precision") == precision and m.get("engine") == "tensorrt"}
-        if not found:
-            model_arg = "" if s.model == "tiny" else f" MODEL={s.model}"
-            raise UserError(f"no {precision} TensorRT engine under {stage_dir(s.artifacts, s.model, 'engine', '')} — "
-                            f"run: make engine{model_arg}")
+        found = find_trt_engines(s.artifacts, s.model, precision)
         inputs["engine_manifests"] = [str(stage_dir(s.artifacts, s.model, "engine", v) / "manifest.json")
                                       for v in sorted(found)]
     tok = load_tokenizer(s.model)  # fails here, with one line, rather than inside the server
@@ -266,35 +262,15 @@ HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = RepoSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision, help="auto | fp32 | fp16 | int8")
-    p.add_argument("--device", default=d.device, help="cpu (KIND_CPU) or cuda (KIND_GPU)")
-    p.add_argument("--batching", default=d.batching, help="inflight (scheduler) | static (per-execute batches)")
-    p.add_argument("--slots", type=int, default=d.slots, help="in-flight: requests generating at once")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="in-flight: requests waiting for a slot; more get 'server busy: '")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
-                   help="in-flight: prompt tokens prefilled per step while others decode")
-    p.add_argument("--instances", type=int, default=d.instances)
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
-    p.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap)
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--output-transport", default=d.output_transport, help="auto | dlpack | numpy")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, RepoSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    settings = RepoSettings(**{f.name: getattr(args, f.name) for f in fields(RepoSettings)})
+    settings = cli.settings_from(RepoSettings, args)
     t0 = time.time()
     make_repository(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -302,4 +278,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("serve-load")
 
@@ -39,15 +38,15 @@ PROMPTS = ["The list", "def f(", "A class attribute", "The import statement", "E
 class LoadSettings:
     clients: int = 64
     duration: float = 30.0           # seconds each client keeps sending
-    max_tokens: int = 32
+    max_new_tokens: int = 32
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     http_port: int = 8000
     pid_file: str = ""               # run_triton.sh's pid file: memory of the server's process group is sampled
     timeout: float = 60.0            # no response for this long = failed request
-    cancel_fraction: float = 0.0     # share of requests the client cancels at a random token (closes the stream)
-    metrics_port: int = 8002         # the scheduler's lm_scheduler_slots_in_use is read here after the run
-    seed: int = 0
+    cancel_fraction: float = 0.0     # share of requests the client cancels at a random token (leaves mid-answer)
+    metrics_port: int = 8002         # lm_scheduler_slots_in_use is read from this metrics port after the run
+    seed: int = 0                    # which requests are cancelled, and at which token
     model: str = "tiny"
     artifacts: str = "artifacts"
     variant: str = ""                # serve variant the server runs (names the result file; default newest)
@@ -71,60 +70,39 @@ def _rss_mb(pgid: int) -> float | None:
 
 def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: threading.Lock):
     import numpy as np
-    import tritonclient.grpc as g
+
+    from lmopt.triton_client import GenRequest, GrpcStream
 
     rng = np.random.default_rng([s.seed, idx])
-    c = g.InferenceServerClient(f"{s.host}:{s.grpc_port}")
-    q: queue.Queue = queue.Queue()
 
-    def open_stream():
-        # a fresh queue per stream: nothing of a cancelled stream's answers can be read as the next request's
-        nonlocal q
-        q = queue.Queue()
-        c.start_stream(callback=lambda result, error, q=q: q.put((result, error)))
-
-    open_stream()
     n = 0
-    try:
+    with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
-            prompt = PROMPTS[(idx + n) % len(PROMPTS)]
-            x = g.InferInput("text_input", [1, 1], "BYTES")
-            x.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-            m = g.InferInput("max_tokens", [1, 1], "INT32")
-            m.set_data_from_numpy(np.array([[s.max_tokens]], dtype=np.int32))
-            cancel_at = int(rng.integers(1, s.max_tokens + 1)) if rng.random() < s.cancel_fraction else None
+            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_new_tokens)
+            cancel_at = int(rng.integers(1, s.max_new_tokens + 1)) if rng.random() < s.cancel_fraction else None
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None,
                    "cancelled": False}
             t0 = time.perf_counter()
-            c.async_stream_infer("lm_stream", [x, m], request_id=f"c{idx}-{n}", enable_empty_final_response=True)
             try:
-                while True:
-                    result, error = q.get(timeout=s.timeout)
-                    if error is not None:
-                        rec["error"] = str(error).splitlines()[0]
-                        break
-                    if result.as_numpy("token_ids") is not None:
+                for piece in st.generate(req, request_id=f"c{idx}-{n}"):
+                    if piece.token_ids:
                         rec["tokens"] += 1
                         if rec["ttft_s"] is None:
                             rec["ttft_s"] = time.perf_counter() - t0
-                    if result.get_response().parameters["triton_final_response"].bool_param:
-                        break
-                    if cancel_at is not None and rec["tokens"] >= cancel_at:
-                        c.stop_stream(cancel_requests=True)  # the client leaves mid-answer
+                    if cancel_at is not None and rec["tokens"] >= cancel_at and not piece.final:
+                        st.cancel()  # the client leaves mid-answer
                         rec["cancelled"] = True
-                        open_stream()
                         break
-            except queue.Empty:
-                rec["error"] = f"no response for {s.timeout} s"
+            except RuntimeError as e:
+                rec["error"] = str(e).splitlines()[0]
+            except TimeoutError as e:
+                rec["error"] = str(e)
             rec["total_s"] = time.perf_counter() - t0
             with lock:
                 records.append(rec)
             n += 1
             if rec["error"] and "no response" in rec["error"]:
                 break  # the stream is in an unknown state
-    finally:
-        c.stop_stream()
-        c.close()
 
 
 def _slots_in_use(s: LoadSettings, settle_s: float = 10.0) -> float | None:
@@ -133,7 +111,7 @@ def _slots_in_use(s: LoadSettings, settle_s: float = 10.0) -> float | None:
     import re
     import urllib.request
 
-    value, deadline = None, time.time() + settle_s
+    deadline = time.time() + settle_s
     while True:
         try:
             text = urllib.request.urlopen(f"http://{s.host}:{s.metrics_port}/metrics", timeout=5).read().decode()
@@ -149,14 +127,15 @@ def _slots_in_use(s: LoadSettings, settle_s: float = 10.0) -> float | None:
 def run_load(*, settings: LoadSettings) -> dict:
     import numpy as np
 
-    from lmopt.manifest import list_variants, machine_info, now_iso, package_versions
+    from lmopt import results as R
+    from lmopt.manifest import list_variants
     from lmopt.paths import stage_dir
 
     s = settings
     if s.clients < 1 or s.duration <= 0:
         raise UserError("--clients must be >= 1 and --duration > 0")
-    if not 0.0 <= s.cancel_fraction <= 1.0 or s.max_tokens < 1:
-        raise UserError("--cancel-fraction must be in [0, 1] and --max-tokens >= 1")
+    if not 0.0 <= s.cancel_fraction <= 1.0 or s.max_new_tokens < 1:
+        raise UserError("--cancel-fraction must be in [0, 1] and --max-new-tokens >= 1")
     if not s.pid_file or not Path(s.pid_file).is_file():
         raise UserError(f"no server pid file '{s.pid_file}' — start the server with: bash serve/run_triton.sh REPO "
                         "--background --pid-file FILE, and pass --pid-file FILE")
@@ -207,14 +186,14 @@ def run_load(*, settings: LoadSettings) -> dict:
     ok = [r for r in records if r["error"] is None and not r["cancelled"]]
     cancelled = [r for r in records if r["cancelled"] and r["error"] is None]
     failed = [r for r in records if r["error"] is not None]
-    ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
-    tot = np.array([r["total_s"] for r in ok])
+    ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    tot = [r["total_s"] for r in ok]
     mem = [x["rss_mb"] for x in rss if x["rss_mb"]]
     half = len(mem) // 2
     steady = [x["rss_mb"] for x in rss if x["rss_mb"] and x["t"] >= s.duration / 4]  # after warm-up
     third = len(steady) // 3
-    rss_change = (round(100 * (np.mean(steady[-third:]) / np.mean(steady[:third]) - 1), 2) if third else None)
-    pct = (lambda a, q: float(np.percentile(a, q)) if len(a) else None)
+    rss_change = round(100 * (float(np.mean(steady[-third:])) / float(np.mean(steady[:third])) - 1), 2) if third \
+        else None
     summary = {
         "requests": len(records), "failed": len(failed), "completed": len(ok), "cancelled": len(cancelled),
         "busy": sum(1 for r in failed if "server busy: " in r["error"]),
@@ -222,23 +201,19 @@ def run_load(*, settings: LoadSettings) -> dict:
         "slots_in_use_after": slots_after, "rss_change_pct": rss_change,
         "tokens": int(sum(r["tokens"] for r in ok)), "wall_s": round(wall, 2),
         "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
-        "ttft_ms": {"p50": pct(ttft * 1e3, 50), "p95": pct(ttft * 1e3, 95), "max": pct(ttft * 1e3, 100)},
-        "request_ms": {"p50": pct(tot * 1e3, 50), "p95": pct(tot * 1e3, 95)},
+        "ttft_ms": R.stats(ttft, scale=1e3), "request_ms": R.stats(tot, scale=1e3),
         "server_rss_mb": {"start": mem[0] if mem else None, "end": mem[-1] if mem else None,
                           "max": max(mem) if mem else None,
                           "mean_first_half": round(float(np.mean(mem[:half])), 1) if half else None,
                           "mean_second_half": round(float(np.mean(mem[half:])), 1) if half else None},
         "server_stats_delta": {m: {k: stats1[m][k] - stats0[m][k] for k in stats0[m]} for m in stats0},
     }
-    result = {"kind": "serve-load", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-              "machine": machine_info(), "versions": package_versions("nvidia-pytriton", "tritonclient",
-                                                                      "onnxruntime"),
-              "model": s.model, "variant": variant, "settings": asdict(s), "summary": summary,
-              "samples": {"requests": records, "rss": rss}}
+    result = R.envelope("serve-load", settings=asdict(s),
+                        versions=R.versions("nvidia-pytriton", "tritonclient", "onnxruntime"),
+                        model=s.model, variant=variant, summary=summary, samples={"requests": records, "rss": rss})
     out = Path(s.out) if s.out else (stage_dir(s.artifacts, s.model, "profile", "serve-load")
                                      / f"{variant}-c{s.clients}-{int(s.duration)}s.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    R.write_json(out, result)
     log.info("%d requests (%d failed, %d cancelled by the client), %.1f tokens/s, TTFT p50 %.1f ms p95 %.1f ms, "
              "server RSS %s -> %s MB (max %s; steady-state change %s%%), slots in use afterwards %s",
              summary["requests"], summary["failed"], summary["cancelled"], summary["tokens_per_s"],
@@ -254,22 +229,17 @@ def _r(x):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    for f in fields(LoadSettings):
-        kind = type(getattr(d, f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(d, f.name))
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    res = run_load(settings=LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)}))
+    res = run_load(settings=cli.settings_from(LoadSettings, args))
     return 1 if res["summary"]["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -115,18 +115,9 @@ def _http(mod_name="http"):
 
 
 def _inputs(mod, text, **opt):
-    dt = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
-          "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
-    ins = []
-    x = mod.InferInput("text_input", [1, 1], "BYTES")
-    x.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-    ins.append(x)
-    for k, v in opt.items():
-        t, npt = dt[k]
-        y = mod.InferInput(k, [1, 1], t)
-        y.set_data_from_numpy(np.array([[v]], dtype=npt))
-        ins.append(y)
-    return ins
+    from lmopt.triton_client import GenRequest, tensors
+
+    return tensors(mod, GenRequest(prompt=text, **opt))
 
 
 def _infer(server, text, protocol="http", **opt):
@@ -163,7 +154,7 @@ def test_repository_is_generated_with_manifest(server):
 
 def test_client_cli_greedy_tokens_equal_in_process_engine(server):
     proc = run_cli("serve/client/infer_client.py", *server.client_args(
-        "--check", "--max-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
+        "--check", "--max-new-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
     assert "PASS: served greedy tokens equal the in-process ort fp32 engine (2/2 prompts)" in proc.stdout
     assert "time to first token" in proc.stdout
 
@@ -180,7 +171,7 @@ def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     client = load_script("serve/client/infer_client.py")
     ClientSettings, run_client = client.ClientSettings, client.run_client
 
-    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_tokens=12, check=True, model="tiny",
+    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_new_tokens=12, check=True, model="tiny",
                        artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,
                        grpc_port=server.grpc, **mode)
     report = run_client(settings=s)
@@ -456,7 +447,7 @@ def test_soak_64_streams_with_random_cancellation(soak_server, tmp_path):
     out = tmp_path / "soak.json"
     run_cli("serve/soak.py", "--pid-file", str(soak_server.pid_file), "--grpc-port", str(soak_server.grpc),
             "--http-port", str(soak_server.http), "--metrics-port", str(soak_server.metrics), "--clients", "64",
-            "--duration", "40", "--max-tokens", "32", "--cancel-fraction", "0.25", "--timeout", "30",
+            "--duration", "40", "--max-new-tokens", "32", "--cancel-fraction", "0.25", "--timeout", "30",
             "--artifacts", str(soak_server.artifacts), "--out", str(out), "-q", timeout=200)
     s = read_json(out)["summary"]
     assert s["failed"] == 0, s["failed_examples"]

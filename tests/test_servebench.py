@@ -28,7 +28,7 @@ def bench(serve_repo, artifacts):
 
     perf_analyzer's stability check is relaxed: this checks the plumbing and the files, not the machine's quiet."""
     proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
-                   serve_repo.name, "--concurrency", "1,2", "--max-tokens", "8", "--prompt-tokens", "16",
+                   serve_repo.name, "--concurrency", "1,2", "--max-new-tokens", "8", "--prompt-tokens", "16",
                    "--measurement-requests", "6", "--stability-percentage", "1000", "--requests", "6", "--duration-s", "20",
                    "--overhead-requests", "3", timeout=600)
     return artifacts / "tiny" / "profile", proc
@@ -133,5 +133,6 @@ def test_bad_input_one_line_errors(tmp_path):
     proc = run_cli("profile/load_generator.py", "--concurrency", "0", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "--concurrency")
     # (each CLI start costs seconds: lmopt.log imports transformers, so the error cases are kept few)
-    for script in ("serve_bench.py", "load_generator.py", "perf_analyzer_sweep.py", "serving_report.py"):
-        assert "--artifacts" in run_cli(f"profile/{script}", "--help").stdout
+    for script in ("profile/serve_bench.py", "profile/load_generator.py", "profile/perf_analyzer_sweep.py",
+                   "report/publish_results.py"):
+        assert "--artifacts" in run_cli(script, "--help").stdout

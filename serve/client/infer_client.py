@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("client")
 
@@ -44,49 +44,25 @@ class ClientSettings:
     api: str = "infer"               # infer | generate (HTTP generate / generate_stream endpoints)
     stream: bool = False             # lm_stream (one response per token) instead of lm
     concurrency: int = 1             # prompts in flight at once
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop: str = ""
+    stop: str = ""                   # stop string
     check: bool = False              # compare greedy tokens with the in-process engine
     model: str = "tiny"
     artifacts: str = "artifacts"
     variant: str = ""                # serve variant to check against (default: the only/newest one)
     timeout: float = 120.0
-    out: str = ""
+    out: str = ""                    # write results JSON here
 
 
-def _inputs(mod, s: ClientSettings, prompt: str):
-    """KServe v2 input tensors for tritonclient.http or .grpc (shape [1, 1]: batch dim + one value)."""
-    import numpy as np
+def _request(s: ClientSettings, prompt: str):
+    from lmopt.triton_client import GenRequest
 
-    def t(name, arr, dtype):
-        x = mod.InferInput(name, list(arr.shape), dtype)
-        x.set_data_from_numpy(arr)
-        return x
-
-    ins = [t("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
-           t("max_tokens", np.array([[s.max_tokens]], dtype=np.int32), "INT32"),
-           t("temperature", np.array([[s.temperature]], dtype=np.float32), "FP32"),
-           t("top_k", np.array([[s.top_k]], dtype=np.int32), "INT32"),
-           t("top_p", np.array([[s.top_p]], dtype=np.float32), "FP32")]
-    if s.seed is not None:
-        ins.append(t("seed", np.array([[s.seed]], dtype=np.int64), "INT64"))
-    if s.stop:
-        ins.append(t("stop", np.array([[s.stop.encode()]], dtype=np.object_), "BYTES"))
-    return ins
-
-
-def _gen_body(s: ClientSettings, prompt: str) -> bytes:
-    body = {"text_input": prompt, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_k": s.top_k,
-            "top_p": s.top_p}
-    if s.seed is not None:
-        body["seed"] = s.seed
-    if s.stop:
-        body["stop"] = s.stop
-    return json.dumps(body).encode()
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, seed=s.seed, stop=s.stop or None)
 
 
 def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
@@ -118,6 +94,8 @@ def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
 def _infer_unary(s: ClientSettings, prompt: str, piece):
     import numpy as np
 
+    from lmopt.triton_client import tensors
+
     if s.stream:
         raise UserError("streaming over the infer API needs gRPC — use --protocol grpc, or --api generate")
     if s.protocol == "grpc":
@@ -128,46 +106,31 @@ def _infer_unary(s: ClientSettings, prompt: str, piece):
         import tritonclient.http as mod
 
         client = mod.InferenceServerClient(f"{s.host}:{s.http_port}", network_timeout=s.timeout)
-    r = client.infer("lm", _inputs(mod, s, prompt))
+    r = client.infer("lm", tensors(mod, _request(s, prompt)))
     text = r.as_numpy("text_output").reshape(-1)[0]
     piece(text.decode() if isinstance(text, bytes) else str(text), np.asarray(r.as_numpy("token_ids")).reshape(-1))
     client.close()
 
 
 def _stream_grpc(s: ClientSettings, prompt: str, piece):
-    import queue
+    from lmopt.triton_client import GrpcStream
 
-    import tritonclient.grpc as grpcclient
-
-    q: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(f"{s.host}:{s.grpc_port}")
-    client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=s.timeout)
-    try:
-        client.async_stream_infer("lm_stream", _inputs(grpcclient, s, prompt), enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=s.timeout)
-            if error is not None:
-                raise RuntimeError(str(error))
-            final = result.get_response().parameters.get("triton_final_response")
-            text = result.as_numpy("text_output")
-            if text is not None:
-                t = text.reshape(-1)[0]
-                piece(t.decode() if isinstance(t, bytes) else str(t), result.as_numpy("token_ids").reshape(-1))
-            if final is not None and final.bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
+    with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
+        for p in st.generate(_request(s, prompt)):
+            if p.token_ids or p.text:
+                piece(p.text, p.token_ids)
 
 
 def _generate_http(s: ClientSettings, prompt: str, piece):
     import http.client
 
+    from lmopt.triton_client import generate_body
+
     if s.protocol != "http":
         raise UserError("the generate endpoints are HTTP only — use --protocol http")
     conn = http.client.HTTPConnection(s.host, s.http_port, timeout=s.timeout)
     path = "/v2/models/lm_stream/generate_stream" if s.stream else "/v2/models/lm/generate"
-    conn.request("POST", path, body=_gen_body(s, prompt), headers={"Content-Type": "application/json"})
+    conn.request("POST", path, body=generate_body(_request(s, prompt)), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     try:
         if not s.stream:
@@ -212,7 +175,7 @@ def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[i
     tok = load_tokenizer(s.model)
     toks = []
     for p in prompts:  # one at a time: the reference is batch 1
-        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_tokens,
+        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_new_tokens,
                                                                 stop_strings=(s.stop,) if s.stop else ()))
         toks.append(out.tokens[0])
     engine.close()
@@ -288,30 +251,11 @@ def _check_server(s: ClientSettings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = ClientSettings()
+    cli.add_settings(p, ClientSettings, skip=("prompt", "seed"))
     p.add_argument("--prompt", action="append", help=f"prompt text (repeat for several; default {d.prompt})")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--http-port", type=int, default=d.http_port)
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
-    p.add_argument("--protocol", default=d.protocol, help="http | grpc")
-    p.add_argument("--api", default=d.api, help="infer (KServe v2) | generate (HTTP generate endpoints)")
-    p.add_argument("--stream", action="store_true", help="stream tokens from lm_stream")
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--stop", default=d.stop, help="stop string")
-    p.add_argument("--check", action="store_true", help="compare greedy tokens with the in-process engine")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--variant", default=d.variant, help="serve variant for --check (default: newest)")
-    p.add_argument("--timeout", type=float, default=d.timeout)
-    p.add_argument("--out", default=d.out, help="write results JSON here")
-    add_verbosity_args(p)
     return p
 
 
@@ -326,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)
