@@ -112,6 +112,7 @@ class OrtSlotEngine(_SlotPool):
 
     def __init__(self, engine, num_slots: int, max_prefill_chunk: int):
         super().__init__(engine, num_slots, max_prefill_chunk)
+        self._last_batch = None   # (slots, their state lists, present tensors) of the last batched step
         self._dtype = engine.kv_dtype
         self._shape = (engine.kv_heads, engine.head_dim)
 
@@ -120,6 +121,11 @@ class OrtSlotEngine(_SlotPool):
         st = self._state[slot]
         if st is not None:
             self._state[slot] = [np.ascontiguousarray(x) for x in st]
+
+    def free_slot(self, slot: int) -> None:
+        if self._last_batch is not None and slot in self._last_batch[0]:
+            self._last_batch = None  # no longer reusable: do not keep its tensors alive
+        super().free_slot(slot)
 
     def prefill_slot(self, slot: int, token_ids: Sequence[int]) -> StepLogits:
         self._contiguous(slot)
@@ -137,13 +143,19 @@ class OrtSlotEngine(_SlotPool):
         lens = np.array([self._len[s] for s in slots], dtype=np.int64)
         L = int(lens.max())
         h, d = self._shape
-        past = []
-        for layer in range(len(self.engine.past_names)):
-            buf = np.zeros((b, h, L, d), dtype=self._dtype)
-            for i, s in enumerate(slots):
-                n = lens[i]
-                buf[i, :, L - n:, :] = self._state[s][layer][0]
-            past.append(buf)
+        last = self._last_batch
+        if last is not None and last[0] == tuple(slots) and all(self._state[s] is st for s, st in zip(slots, last[1])):
+            # the same rows as the previous step, untouched since: its present tensors already are this step's
+            # left-padded past (each row grew by one at the end), so no copy at all
+            past = last[2]
+        else:
+            past = []
+            for layer in range(len(self.engine.past_names)):
+                buf = np.zeros((b, h, L, d), dtype=self._dtype)
+                for i, s in enumerate(slots):
+                    n = lens[i]
+                    buf[i, :, L - n:, :] = self._state[s][layer][0]
+                past.append(buf)
         mask = np.zeros((b, L + 1), dtype=np.int64)
         for i in range(b):
             mask[i, L - lens[i]:] = 1
@@ -153,6 +165,7 @@ class OrtSlotEngine(_SlotPool):
             # each row's cache is the unpadded tail of the batch's present tensors (a view, no copy)
             self._state[s] = [p[i:i + 1, :, L - lens[i]:, :] for p in present]
             self._len[s] = int(lens[i]) + 1
+        self._last_batch = (tuple(slots), [self._state[s] for s in slots], present)
         return HostLogits(logits)
 
 
