@@ -11,7 +11,8 @@ Each step of the loop:
   1. retire cancelled requests (Request.cancel(), or the request's is_cancelled() returns True): their slot is free
      for this very step;
   2. admit waiting requests into free slots and prefill them, at most `engine.max_prefill_chunk` prompt tokens per
-     step in total, so a long prompt is split into chunks and the running streams are not stalled by it;
+     step in total, so a long prompt is split into chunks and the running streams are not stalled by it (whole
+     prompts admitted together go in one batched call when the engine has `prefill_slots`);
   3. one batched `decode_slots` over every request that has a token to feed;
   4. hand each new token to its request (greedy: `StepLogits.argmax()` for every row at once; sampling:
      lmopt.generate.sample_next on the row with the request's own seeded generator, so a seeded request gives the
@@ -308,27 +309,34 @@ class Scheduler:
                 r = self._waiting.pop(0)
                 r.slot = eng.alloc_slot()
                 self._prefilling.append(r)
-        budget = eng.max_prefill_chunk
-        for r in list(self._prefilling):
+        budget, work = eng.max_prefill_chunk, []
+        for r in self._prefilling:
             if budget <= 0:
                 break
-            n = min(budget, eng.max_prefill_chunk, len(r.prompt_ids) - r._prefilled)
-            chunk = r.prompt_ids[r._prefilled:r._prefilled + n]
+            n = min(budget, len(r.prompt_ids) - r._prefilled)
+            work.append((r, r.prompt_ids[r._prefilled:r._prefilled + n]))
+            budget -= n
+        # whole prompts of requests admitted together: one batched prefill where the engine offers it
+        whole = [(r, c) for r, c in work if r._prefilled == 0 and len(c) == len(r.prompt_ids)]
+        if len(whole) > 1 and hasattr(eng, "prefill_slots"):
+            work = [w for w in work if w not in whole]
+            try:
+                out = eng.prefill_slots([r.slot for r, _ in whole], [c for _, c in whole])
+            except Exception as e:  # noqa: BLE001
+                log.exception("batched prefill failed")
+                for r, _ in whole:
+                    self._finish(r, "error", f"generation failed: {e}")
+            else:
+                for i, (r, c) in enumerate(whole):
+                    self._prefilled_chunk(r, len(c), out, i)
+        for r, chunk in work:
             try:
                 out = eng.prefill_slot(r.slot, chunk)
             except Exception as e:  # noqa: BLE001  (one bad request must not take the others down)
                 log.exception("prefill of request %s failed", r.id)
                 self._finish(r, "error", f"generation failed: {e}")
                 continue
-            budget -= n
-            r._prefilled += n
-            if r._prefilled == len(r.prompt_ids):
-                with self._cond:
-                    self._prefilling.remove(r)
-                    self._decoding.append(r)
-                greedy = r._rng is None
-                tok = int(out.argmax()[0]) if greedy else sample_next(out.row(0), r.params, r._rng)
-                self._deliver(r, tok)
+            self._prefilled_chunk(r, len(chunk), out, 0)
         # 3. one batched decode over every request with a token to feed
         rows = [r for r in self._decoding if r._next is not None]
         if rows:
@@ -346,6 +354,17 @@ class Scheduler:
         with self._cond:
             self._counters["steps"] += 1
             self._counters["last_decode_batch"] = len(rows)
+
+    def _prefilled_chunk(self, r: Request, n: int, out, row: int) -> None:
+        """n more prompt tokens of r are in its slot; after the last chunk, its first token (logits row `row`)."""
+        r._prefilled += n
+        if r._prefilled < len(r.prompt_ids):
+            return
+        with self._cond:
+            self._prefilling.remove(r)
+            self._decoding.append(r)
+        tok = int(out.argmax()[row]) if r._rng is None else sample_next(out.row(row), r.params, r._rng)
+        self._deliver(r, tok)
 
     def _deliver(self, r: Request, tok: int) -> None:
         """4. a new token for r: stop token, text and stop strings, max tokens; retire r when it is done."""

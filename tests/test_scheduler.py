@@ -210,3 +210,25 @@ def test_bad_requests_are_one_line_user_errors(engines):
             s.submit([1], SamplingParams(stop_strings=("x",)))
         assert s.submit([1, 2], _greedy(3)).result(timeout=30).finish_reason == "length"
         assert s.stats()["rejected"] == 0
+
+
+def test_requests_admitted_together_share_one_batched_prefill(engines):
+    from lmopt.engines.slotted import OrtSlotEngine, create_slot_engine
+    from lmopt.scheduler import Scheduler
+
+    eng, _ = engines
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, eng["ort"].info.vocab_size, int(n)).tolist() for n in (5, 31, 12, 2, 60, 17)]
+    slots = create_slot_engine(eng["ort"], num_slots=6, max_prefill_chunk=256)
+    assert isinstance(slots, OrtSlotEngine)
+    calls = []
+    batched = slots.prefill_slots
+    slots.prefill_slots = lambda s, t: calls.append(len(s)) or batched(s, t)
+    s = Scheduler(slots, max_queue=8)
+    with s._cond:  # submitted while the loop waits on the lock: all six are admitted in the same step
+        reqs = [s.submit(p, _greedy(10)) for p in prompts]
+    for r in reqs:
+        r.result(timeout=60)
+    s.close()
+    assert calls == [6]
+    assert [r.tokens for r in reqs] == [generate(eng["ort"], [p], _greedy(10)).tokens[0] for p in prompts]

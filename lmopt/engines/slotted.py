@@ -131,6 +131,24 @@ class OrtSlotEngine(_SlotPool):
         self._contiguous(slot)
         return super().prefill_slot(slot, token_ids)
 
+    def prefill_slots(self, slots: Sequence[int], token_lists: Sequence[Sequence[int]]) -> StepLogits:
+        """Prefill several empty slots in one batched call (prompts left-padded, as lmopt.generate batches them);
+        one logits row per slot. An optional extension of the slot interface: the scheduler uses it when present,
+        so requests admitted together cost one prefill, as under static batching."""
+        from ..generate import pad_batch
+
+        if any(self._len[s] for s in slots):
+            raise ValueError("prefill_slots takes empty slots only (later chunks go through prefill_slot)")
+        for s, t in zip(slots, token_lists):
+            self._check_room(s, len(t))
+        ids, mask, pos = pad_batch(token_lists, 0)
+        logits, present = self.engine.prefill(ids, mask, pos)
+        L = ids.shape[1]
+        for i, (s, t) in enumerate(zip(slots, token_lists)):
+            self._state[s] = [p[i:i + 1, :, L - len(t):, :] for p in present]
+            self._len[s] = len(t)
+        return HostLogits(logits)
+
     def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int]) -> StepLogits:
         b = len(slots)
         if b == 0:
