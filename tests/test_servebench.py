@@ -77,7 +77,7 @@ def test_streaming_results_consistent(bench):
             # tokens counted = tokens received: one token per stream response, none lost or invented
             assert row["output_tokens"] == sum(len(r["tokens"]) for r in recs) == row["token_responses"]
             for r in recs:
-                assert 0 < len(r["tokens"]) <= s["max_tokens"]
+                assert 0 < len(r["tokens"]) <= s["max_new_tokens"]
                 assert len(r["token_times_s"]) == len(r["tokens"])
                 assert 0 < r["token_times_s"][0] <= r["token_times_s"][-1] <= r["end_s"]
             assert row["ttft_ms"]["p50"] > 0 and row["itl_ms"]["p50"] > 0 and row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
