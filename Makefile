@@ -88,8 +88,9 @@ profile: export setup-nsys
 
 # ---- stage 4-5: benchmark the served model (two Triton servers: dynamic batching on / off) -----------------------
 .PHONY: serve-bench serve-bench-publish
+# SERVE_BENCH_ARGS="--compare scheduler": in-flight vs static batching instead of dynamic batching on vs off
 serve-bench: serve-repo
-	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART) $(SERVE_BENCH_ARGS)
 serve-bench-publish: $(STAMP)
 	$(PY) report/publish_results.py --kind serving --model $(MODEL) --artifacts $(ART)
 
