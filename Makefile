@@ -55,6 +55,12 @@ serve-repo: quantize
 	$(PY) serve/make_model_repository.py --model $(MODEL) --artifacts $(ART)
 serve-demo: serve-repo
 	bash serve/demo.sh $(MODEL) $(ART)
+# OpenAI-compatible endpoint (serve/openai_server.py) in front of Triton, both in the background; OPENAI_PORT (8080)
+.PHONY: serve-openai serve-stop
+serve-openai: serve-repo
+	PYTHON=$(PY) bash serve/serve_openai.sh start $(MODEL) $(ART)
+serve-stop:
+	PYTHON=$(PY) bash serve/serve_openai.sh stop $(MODEL) $(ART)
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
