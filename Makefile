@@ -21,10 +21,11 @@ export PYTHONUNBUFFERED := 1
 help:
 	@sed -n '1,5p' Makefile
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(STAMP)
@@ -67,7 +68,7 @@ serve-stop:
 benchmark: quantize fp16
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 publish-results: $(STAMP)
-	$(PY) profile/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
+	$(PY) report/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 # Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines
 setup-nsys:
 	@NSYS=$(NSYS) bash profile/setup_nsys.sh
@@ -80,7 +81,7 @@ profile: export setup-nsys
 serve-bench: serve-repo
 	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART)
 serve-bench-publish: $(STAMP)
-	$(PY) profile/serving_report.py --publish --model $(MODEL) --artifacts $(ART)
+	$(PY) report/publish_results.py --kind serving --model $(MODEL) --artifacts $(ART)
 
 # ---- report ------------------------------------------------------------------------------------------------------
 diagram: diagrams/pipeline_architecture.png
@@ -90,10 +91,10 @@ diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/p
 notebook: $(STAMP)
 	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
 readme-tables: $(STAMP)
-	$(PY) profile/update_readme.py --readme README.md --results results
+	$(PY) report/update_readme.py --readme README.md --results results
 
 summary: $(STAMP)
-	$(PY) profile/summarize_artifacts.py --model $(MODEL) --artifacts $(ART)
+	$(PY) report/summarize_artifacts.py --model $(MODEL) --artifacts $(ART)
 
 demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary
 

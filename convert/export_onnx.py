@@ -23,10 +23,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
 
 log = get_logger("export")
 

@@ -14,10 +14,9 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("diagram")
 HERE = Path(__file__).resolve().parent

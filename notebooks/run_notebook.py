@@ -22,10 +22,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
 
 log = get_logger("notebook")
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +49,7 @@ def run_notebook(*, settings: NotebookSettings) -> dict:
     from nbconvert import HTMLExporter
 
     from lmopt.manifest import package_versions, write_manifest
-    from lmopt.paths import check_writable, model_slug, staging_dir
+    from lmopt.paths import REPO_ROOT, check_writable, model_slug, staging_dir
 
     s = settings
     nb_path = Path(s.notebook)
@@ -65,7 +64,9 @@ def run_notebook(*, settings: NotebookSettings) -> dict:
     nb = nbformat.read(nb_path, as_version=4)
     timings: dict[str, float] = {}
     with staging_dir(final) as tmp:
-        env = {"LMOPT_MODEL": s.model, "LMOPT_ARTIFACTS": str(Path(s.artifacts).resolve()),
+        # PYTHONPATH: the kernel imports lmopt from this checkout, whichever one the venv's editable install names
+        env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x),
+               "LMOPT_MODEL": s.model, "LMOPT_ARTIFACTS": str(Path(s.artifacts).resolve()),
                "LMOPT_RESULTS": str(Path(s.results).resolve()), "LMOPT_MACHINE": s.machine,
                "LMOPT_REPORT_DIR": str(tmp.resolve()), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
         saved = {k: os.environ.get(k) for k in env}

@@ -26,19 +26,16 @@ fastest a memory-bound decode step could be on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
 
 log = get_logger("benchmark")
-SCHEMA = "lmopt.benchmark/1"
 
 
 @dataclass
@@ -127,58 +124,6 @@ def gpu_used_mb() -> float | None:
     return None
 
 
-def copy_bandwidth_gbs(device: str, mb: int, reps: int = 5) -> float | None:
-    """Best-of-N copy bandwidth, counting bytes read + written (the convention of STREAM's copy and of
-    ENVIRONMENT.md's H200 figure)."""
-    if mb <= 0:
-        return None
-    n = mb * 2**20
-    if device.startswith("cuda"):
-        import torch
-
-        a = torch.empty(n, dtype=torch.uint8, device=device)
-        b = torch.empty_like(a)
-        b.copy_(a)
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            b.copy_(a)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        del a, b
-    else:
-        import numpy as np
-
-        a = np.ones(n, dtype=np.uint8)
-        b = np.empty_like(a)
-        np.copyto(b, a)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            np.copyto(b, a)
-            best = min(best, time.perf_counter() - t0)
-        del a, b
-    return 2 * n / best / 1e9
-
-
-def kv_bytes_per_step(shape: dict, batch: int, context: int, bytes_per: int) -> int:
-    """KV cache bytes one decode step reads at `context` cached positions."""
-    return 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * context * batch * bytes_per
-
-
-# ---- statistics --------------------------------------------------------------------------------------------------
-def pct(xs, q: float) -> float | None:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else None
-
-
-def stats(xs) -> dict:
-    return {"n": len(xs), "p50": pct(xs, 50), "p90": pct(xs, 90), "p99": pct(xs, 99),
-            "mean": float(sum(xs) / len(xs)) if xs else None}
-
-
 def agreement(a: list[int], b: list[int]) -> float:
     """Fraction of positions where two greedy sequences agree, up to the first divergence counted as all-wrong
     after it (a diverged sequence conditions on different text, so later matches are luck)."""
@@ -200,8 +145,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     from lmopt.data import builtin_text
     from lmopt.engines import create_engine, trt_unavailable_reason
     from lmopt.generate import SamplingParams, generate
-    from lmopt.manifest import machine_info, now_iso, package_versions
     from lmopt.models import load_config, load_tokenizer, model_shape
+    from lmopt.results import copy_bandwidth_gbs, envelope, versions, write_json
     from lmopt.paths import check_writable, model_slug, stage_dir
 
     s = settings
@@ -306,7 +251,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     bw = None
     if s.bandwidth_mb:
         with timed(log, "copy-bandwidth probe"):
-            bw = copy_bandwidth_gbs(s.device, s.bandwidth_mb)
+            bw = copy_bandwidth_gbs(s.device, s.bandwidth_mb << 20)
     baseline = next((r for r in rows if r["status"] == "ok"), None)
     for r in rows:
         if r["status"] == "ok":
@@ -314,62 +259,61 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             r["memory"]["engine_rss_mb"] = round(r["memory"].get("rss_after_warmup_mb", r["memory"]["rss_after_load_mb"])
                                                  - r["memory"]["rss_before_load_mb"], 1)
 
-    result = {
-        "schema": SCHEMA,
-        "kind": "benchmark",
-        "created": now_iso(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "machine": machine_info(),
-        "versions": package_versions("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"),
-        "model": model_slug(s.model), "model_shape": shape,
-        "settings": {**asdict(s), "short_prompt_tokens": short_len, "long_prompt_tokens": long_len,
-                     "batch_sizes": batches, "sampling": "greedy",
-                     "interleaved": "each repetition runs every row x batch x prompt once, in order"},
-        "baseline": {"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
-        "copy_bandwidth_gbs": round(bw, 2) if bw else None,
-        "peak_rss_process_mb": round(peak_rss_mb(), 1),
-        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
-                         "cpu_count": os.cpu_count()},
-        "definitions": {
-            "ttft_s": "prefill of the whole prompt + sampling the first token (host logits)",
-            "step_s": "one decode step: forward with KV cache + sampling (host logits)",
+    result = envelope(
+        "benchmark",
+        versions=versions("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"),
+        settings={**asdict(s), "short_prompt_tokens": short_len, "long_prompt_tokens": long_len,
+                  "batch_sizes": batches, "sampling": "greedy",
+                  "interleaved": "each repetition runs every row x batch x prompt once, in order"},
+        model=model_slug(s.model), model_shape=shape,
+        baseline={"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
+        copy_bandwidth_gbs=round(bw, 2) if bw else None,
+        peak_rss_process_mb=round(peak_rss_mb(), 1),
+        load_average={"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
+                      "cpu_count": os.cpu_count()},
+        definitions={
+            "ttft_ms": "prefill of the whole prompt + sampling the first token (host logits); raw samples in "
+                       "seconds (ttft_s)",
+            "step_ms": "one decode step: forward with KV cache + sampling (host logits); raw samples in seconds "
+                       "(step_s)",
             "decode_tokens_per_s": "batch / p50 step latency",
             "e2e_tokens_per_s": "batch x new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
-            "bandwidth_floor_ms": "(weight bytes + KV bytes at the mean context) / copy bandwidth; weight bytes are "
-                                  "the parameters (torch) or the ONNX file (ort), which stores a tied embedding twice, "
-                                  "so the ort floor of a tied model is an upper bound",
+            "bandwidth_floor_ms": "lmopt.results.step_floor: (engine weight bytes + KV bytes at the mean context) / "
+                                  "copy bandwidth; ort's weight bytes are the ONNX file, which stores a tied "
+                                  "embedding twice, so the ort floor of a tied model is an upper bound",
             "engine_rss_mb": "process RSS growth while this row loaded and ran its warm-up (rows share a process)",
         },
-        "rows": rows,
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out_path)
+        rows=rows,
+    )
+    write_json(out_path, result)
     log.info("Saving benchmark results to %s", out_path)
+    from lmopt.report.benchmark import render_table
+
     print(render_table(result))
     return result
 
 
 def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dict, bw: float | None,
                   short_len: int, long_len: int, new_tokens: int) -> dict:
+    from lmopt.results import stats, step_floor
+
     out = {}
     for b in batches:
         d = r["samples"][str(b)]
-        steps = [x for k in d for run in d[k]["step_s"] for x in run]
-        st = stats(steps)
-        e2e = stats(d["short"]["total_s"])
-        row = {"ttft_short_s": stats(d["short"]["ttft_s"]), "ttft_long_s": stats(d["long"]["ttft_s"]),
-               "step_s": st,
-               "decode_tokens_per_s": b / st["p50"] if st["p50"] else None,
-               "e2e_tokens_per_s": b * new_tokens / e2e["p50"] if e2e["p50"] else None}
+        st = stats([x for k in d for run in d[k]["step_s"] for x in run], scale=1e3)
+        e2e = stats(d["short"]["total_s"], scale=1e3)
+        row = {"ttft_short_ms": stats(d["short"]["ttft_s"], scale=1e3),
+               "ttft_long_ms": stats(d["long"]["ttft_s"], scale=1e3),
+               "step_ms": st,
+               "decode_tokens_per_s": round(b / (st["p50"] / 1e3), 2) if st["p50"] else None,
+               "e2e_tokens_per_s": round(b * new_tokens / (e2e["p50"] / 1e3), 2) if e2e["p50"] else None}
         if baseline is not None and baseline is not r and baseline.get("tokens"):
             agr = [agreement(x, y) for key in r["tokens"] if key.startswith(f"b{b}-")
                    for x, y in zip(r["tokens"][key], baseline["tokens"].get(key, []))]
             row["agreement_vs_baseline"] = round(sum(agr) / len(agr), 4) if agr else None
-            bs = baseline["summary"][str(b)]["step_s"]["p50"] if "summary" in baseline else None
+            bs = baseline["summary"][str(b)]["step_ms"]["p50"] if "summary" in baseline else None
             row["decode_speedup_vs_baseline"] = round(bs / st["p50"], 3) if bs and st["p50"] else None
         elif baseline is r:
             row["agreement_vs_baseline"] = 1.0
@@ -377,62 +321,11 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
         if bw and r.get("weight_bytes"):
             kv_bytes = 2 if r["precision"] == "fp16" and r["engine"] != "ort" else 4
             mean_ctx = (short_len + long_len) / 2 + new_tokens / 2
-            step_bytes = r["weight_bytes"] + kv_bytes_per_step(shape, b, int(mean_ctx), kv_bytes)
-            row["bytes_per_step"] = step_bytes
-            row["bandwidth_floor_ms"] = round(step_bytes / (bw * 1e9) * 1e3, 4)
+            fl = step_floor(r["weight_bytes"], shape, b, int(mean_ctx), kv_bytes, bw)
+            row["bytes_per_step"] = fl["bytes"]
+            row["bandwidth_floor_ms"] = fl["floor_ms"]
         out[str(b)] = row
     return out
-
-
-# ---- the table (also used by profile/update_readme.py) -----------------------------------------------------------
-def _ms(x) -> str:
-    return "—" if x is None else (f"{x * 1e3:.1f}" if x * 1e3 >= 10 else f"{x * 1e3:.2f}")
-
-
-def render_table(result: dict, markdown: bool = False) -> str:
-    """The "Before vs After" table of one result file: a row per engine x precision x batch that ran, a line per
-    row that could not run saying why."""
-    s = result["settings"]
-    head = ["engine", "precision", "batch", f"TTFT {s['short_prompt_tokens']} tok ms",
-            f"TTFT {s['long_prompt_tokens']} tok ms", "decode ms/token p50", "p90", "p99", "decode tok/s",
-            "speedup", "agreement", "floor ms", "RSS MB"]
-    body, notes = [], []
-    for r in result["rows"]:
-        if r["status"] != "ok":
-            notes.append(f"{r['engine']} {r['precision']}: not run — {r['reason']}")
-            continue
-        for b, m in r["summary"].items():
-            body.append([r["engine"], f"{r['precision']}" + (f" ({r['variant']})" if r["variant"] not in ("hf", r["precision"]) else ""),
-                         b, _ms(m["ttft_short_s"]["p50"]), _ms(m["ttft_long_s"]["p50"]), _ms(m["step_s"]["p50"]),
-                         _ms(m["step_s"]["p90"]), _ms(m["step_s"]["p99"]),
-                         f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "—",
-                         f"{m['decode_speedup_vs_baseline']:.2f}x" if m.get("decode_speedup_vs_baseline") else "—",
-                         f"{m['agreement_vs_baseline']:.0%}" if m.get("agreement_vs_baseline") is not None else "—",
-                         f"{m['bandwidth_floor_ms']:.2f}" if m.get("bandwidth_floor_ms") else "—",
-                         f"{r['memory']['engine_rss_mb']:.0f}"])
-    mach = result["machine"]
-    where = mach.get("gpu", {}).get("name") if mach.get("gpu") and result["settings"]["device"] != "cpu" \
-        else f"{mach.get('cpu_model', mach.get('processor'))}, {mach.get('cpu_count')} cores"
-    caption = (f"{result['model']} on {where} — {result['created'][:10]}, "
-               f"`{' '.join(result['command'])}`; {s['repeats']} repetitions after {s['warmup']} warm-up, "
-               f"{s['new_tokens']} new tokens, greedy; speedup = baseline p50 step / row p50 step "
-               f"(baseline {result['baseline']['engine']} {result['baseline']['precision']})"
-               + (f"; floor at {result['copy_bandwidth_gbs']} GB/s copy bandwidth" if result.get("copy_bandwidth_gbs")
-                  else "")
-               + (f"; 1-min load average {result['load_average']['start'][0]} at start, "
-                  f"{result['load_average']['end'][0]} at end ({result['load_average']['cpu_count']} cores)"
-                  if result.get("load_average") else ""))
-    if markdown:
-        lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(map(str, row)) + " |" for row in body]
-        lines += [""] + [f"- {n}" for n in notes] if notes else []
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda row: "  ".join(str(x).rjust(w) if j >= 2 else str(x).ljust(w)  # noqa: E731
-                                for j, (x, w) in enumerate(zip(row, widths)))
-    lines = ["Before vs After — " + caption, fmt(head), fmt(["-" * w for w in widths])]
-    lines += [fmt(row) for row in body] + notes
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,40 +28,13 @@ import asyncio
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.serving import LoadSettings
 
 log = get_logger("load_generator")
-
-
-@dataclass
-class LoadSettings:
-    model: str = "tiny"
-    artifacts: str = "artifacts"
-    url: str = "127.0.0.1:8001"          # gRPC; loopback by default so the network is not what is measured
-    triton_model: str = "lm_stream"      # the decoupled (streaming) model
-    label: str = "batching-on"           # names the result: serving-stream-<label>.json
-    concurrency: str = "1,2,4,8"
-    prompt_tokens: int = 32
-    max_tokens: int = 16
-    num_prompts: int = 16                # distinct held-out prompts, sent round-robin
-    requests: int = 32                   # measured requests per level (upper bound)
-    duration_s: float = 60.0             # measured seconds per level (upper bound)
-    warmup_requests: int = 1             # per client, before each level's measurement
-    request_timeout_s: float = 60.0
-    prompt_input: str = "text_input"     # tensor names of the served model ("input_ids": send token ids)
-    max_tokens_input: str = "max_tokens"
-    tokens_output: str = "token_ids"
-    in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
-    engine: str = "ort"                  # engine/precision the server runs, for --in-process
-    precision: str = "fp32"
-    device: str = "cpu"                  # device the server's engine runs on, for --in-process
-    threads: int = 0                     # in-process engine threads (0 = library default); match the server's
 
 
 @dataclass
@@ -165,7 +138,7 @@ def request_metrics(r: RequestRecord) -> dict:
 
 
 def summarize_level(records: list[RequestRecord], concurrency: int, wall_s: float) -> dict:
-    from serving_common import summarize
+    from lmopt.results import stats as summarize
 
     ok = [r for r in records if r.error is None]
     m = [request_metrics(r) for r in ok]
@@ -228,7 +201,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
     from lmopt.engines import create_engine
     from lmopt.generate import SamplingParams, generate
     from lmopt.models import load_tokenizer
-    from serving_common import summarize
+    from lmopt.results import stats as summarize
 
     tok = load_tokenizer(s.model)
     engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,
@@ -286,7 +259,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
 
 
 def run_load(*, settings: LoadSettings) -> dict:
-    from serving_common import held_out_prompts, result_path, wait_ready, write_result
+    from lmopt.serving import held_out_prompts, result_path, wait_ready, write_result
 
     s = settings
     try:

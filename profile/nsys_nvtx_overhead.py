@@ -24,11 +24,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("nvtx-overhead")
 
@@ -57,8 +55,8 @@ def measure(*, settings: OverheadSettings) -> dict:
     from lmopt.generate import generate_text
     from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
-    from nsys_workload import prepare
-    from run_nsys_profile import ProfileSettings
+    from lmopt.profiling.workload import prepare
+    from lmopt.profiling.workload import ProfileSettings
 
     s = settings
     if not nvtx_ranges.AVAILABLE:

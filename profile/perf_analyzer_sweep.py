@@ -26,36 +26,15 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.serving import PerfAnalyzerSettings
 
 log = get_logger("perf_analyzer")
-
-
-@dataclass
-class PerfAnalyzerSettings:
-    model: str = "tiny"
-    artifacts: str = "artifacts"
-    url: str = "127.0.0.1:8001"           # gRPC endpoint; loopback so the network is not what is measured
-    triton_model: str = "lm"              # the non-streaming (dynamically batched) model
-    label: str = "batching-on"            # names the result: serving-pa-<label>.json
-    concurrency: str = "1,2,4,8"          # comma list; empty = skip the concurrency sweep
-    request_rate: str = ""                # comma list of requests/s; empty = skip the request-rate sweep
-    prompt_tokens: int = 32
-    max_tokens: int = 16
-    num_prompts: int = 16                 # distinct prompts in the input-data file, sent round-robin
-    prompt_input: str = "text_input"      # input tensor names of the served model
-    max_tokens_input: str = "max_tokens"
-    measurement_requests: int = 40        # count_windows: requests per measurement window
-    stability_percentage: float = 100.0   # a shared 2-core machine rarely meets perf_analyzer's default 10 %
-    max_trials: int = 6
-    timeout_s: float = 300.0              # per perf_analyzer run
 
 
 def perf_analyzer_env() -> tuple[str, dict[str, str]]:
@@ -150,7 +129,7 @@ def _levels(text: str, what: str) -> list[float]:
 
 
 def run_sweep(*, settings: PerfAnalyzerSettings) -> dict:
-    from serving_common import held_out_prompts, model_stats, result_path, stats_delta, wait_ready, write_result
+    from lmopt.serving import held_out_prompts, model_stats, result_path, stats_delta, wait_ready, write_result
 
     s = settings
     conc = [int(c) for c in _levels(s.concurrency, "concurrency")]

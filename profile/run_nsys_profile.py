@@ -28,36 +28,16 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt.profiling.workload import ProfileSettings
 
 log = get_logger("profile")
 PROFILERS = ("auto", "nsys", "torch")
-
-
-@dataclass
-class ProfileSettings:
-    model: str = "tiny"
-    artifacts: str = "artifacts"
-    engine: str = "ort"            # ort | torch | trt
-    precision: str = "fp32"
-    device: str = "cpu"
-    profiler: str = "auto"         # auto = nsys when on PATH, else torch
-    batch: int = 1
-    prompt_len: int = 32
-    max_new_tokens: int = 32
-    warmup: int = 2                # rounds before the capture range (not profiled)
-    rounds: int = 5                # profiled rounds
-    threads: int = 0               # engine threads (0 = library default)
-    pinned_repeats: int = 30       # copies per mode in the pinned vs pageable comparison (GPU only)
-    nsys_timeout: int = 900        # seconds; the nsys agent has been seen spinning after the app exited
-    out: str = ""                  # output folder (default artifacts/<model>/profile/<variant>)
 
 
 def _variant(s: ProfileSettings, profiler: str) -> str:
@@ -97,8 +77,8 @@ def _not_traced(traced: list[str], profiler: str, device: str, engine: str) -> l
 
 def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, dict]:
     """Run the workload under nsys; return (raw workload results, events)."""
-    from nsys_summary import events_from_nsys_sqlite
-    from nsys_workload import ROOT_RANGE
+    from lmopt.profiling.nsys_summary import events_from_nsys_sqlite
+    from lmopt.profiling.workload import ROOT_RANGE
 
     from lmopt.nvtx_ranges import AVAILABLE, DOMAIN
 
@@ -114,7 +94,7 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
            # our range names are plain strings, not registered ones: let nsys match them
            "-e", "NSYS_NVTX_PROFILER_REGISTER_ONLY=0,LMOPT_NVTX=1",
            "-o", str(tmp / "run"), "--force-overwrite=true",
-           sys.executable, str(Path(__file__).resolve().parent / "nsys_workload.py"),
+           sys.executable, "-m", "lmopt.profiling.workload",
            "--settings", str(tmp / "settings.json"), "--wall-out", str(wall_json)]
     log.info("running: %s", " ".join(cmd))
     with timed(log, "nsys profile", timings, "nsys_profile_s"):
@@ -154,8 +134,8 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
 
 def _torch_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, dict]:
     import torch
-    from nsys_summary import events_from_chrome_trace
-    from nsys_workload import warmup_and_measure
+    from lmopt.profiling.nsys_summary import events_from_chrome_trace
+    from lmopt.profiling.workload import warmup_and_measure
 
     from lmopt.nvtx_ranges import set_range_hook
 
@@ -179,9 +159,9 @@ def _torch_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, 
 
 
 def profile(*, settings: ProfileSettings) -> dict:
-    from nsys_pinned import pinned_vs_pageable
-    from nsys_summary import summarize
-    from nsys_workload import ROOT_RANGE
+    from lmopt.profiling.pinned_copies import pinned_vs_pageable
+    from lmopt.profiling.nsys_summary import summarize
+    from lmopt.profiling.workload import ROOT_RANGE
 
     from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
     from lmopt.models import resolve

@@ -30,13 +30,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed  # noqa: E402
-from load_generator import LoadSettings  # noqa: E402  (light: heavy imports live in functions)
-from perf_analyzer_sweep import PerfAnalyzerSettings  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt.serving import LoadSettings, PerfAnalyzerSettings
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
@@ -133,7 +130,7 @@ def _run_tool(script: str, settings, result_name: str) -> dict:
     (serve/run_triton.sh), and a client left in a crowded session of a shared machine gets a smaller share than the
     server, which biases latencies and the in-process baseline. On a dedicated machine this changes nothing.
     """
-    from serving_common import result_path
+    from lmopt.serving import result_path
 
     argv = []
     for f in fields(settings):
@@ -202,7 +199,7 @@ def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
 
 
 def serve_bench(*, settings: ServeBenchSettings) -> dict:
-    from serving_common import result_path, write_result
+    from lmopt.serving import result_path, write_result
 
     s = settings
     if not RUN_TRITON.is_file():

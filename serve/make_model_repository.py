@@ -29,10 +29,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("serve-repo")
 
@@ -117,7 +116,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
     from lmopt.engines import ENGINES, PRECISIONS, find_onnx, onnx_file
     from lmopt.manifest import file_entry, list_variants, package_versions, write_manifest
     from lmopt.models import load_tokenizer
-    from lmopt.paths import REPO_ROOT, check_writable, model_slug, stage_dir, staging_dir
+    from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
     s = settings
     if s.engine not in ENGINES:
@@ -157,7 +156,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
 
     variant = f"{s.engine}-{precision}-{'gpu' if s.device == 'cuda' else 'cpu'}"
     final = stage_dir(s.artifacts, s.model, "serve", variant)
-    params = {"repo_root": str(REPO_ROOT), "artifacts": str(Path(s.artifacts).resolve()), "model": s.model,
+    params = {"artifacts": str(Path(s.artifacts).resolve()), "model": s.model,
               "engine": s.engine, "precision": precision, "device": s.device, "threads": str(s.threads),
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport}

@@ -64,6 +64,8 @@ PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON="$(command -v python3)" || die "no Python found — run: make setup"
 PYBIN="$(dirname "$PYTHON")"
 export PATH="$PYBIN:$PATH"
+# the Python models import lmopt from this checkout, whichever checkout the venv's editable install points at
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 TRITON="${TRITONSERVER:-$(command -v tritonserver || true)}"
 BACKEND_ARGS=()

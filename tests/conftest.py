@@ -1,22 +1,44 @@
 """Shared fixtures: run the real CLIs in subprocesses against artifacts in temporary folders."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# lmopt from this checkout (also when the venv's editable install names another checkout); scripts run by run_cli
+# get the same through PYTHONPATH. The one sys.path edit in the repository.
 sys.path.insert(0, str(REPO))
+
+
+def load_script(script: str):
+    """Import a stage script (e.g. "optimize/build_trt_engine.py") as a module, to call its functions in-process.
+
+    Scripts import only lmopt, never each other, so no search-path edit is needed; the module is registered in
+    sys.modules because dataclasses look their module up by name."""
+    path = REPO / script
+    name = "script_" + re.sub(r"\W", "_", script.removesuffix(".py"))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)  # scripts do nothing at import
+    return mod
 
 
 def run_cli(script: str, *args: str, check: bool = True, timeout: float = 900, env: dict | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repo root; return the completed process (text output)."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+             PYTHONPATH=os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x))
     if env:
         e.update(env)
     proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=e, text=True,

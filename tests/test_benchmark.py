@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import REPO, assert_one_line_error, read_json, run_cli
+from lmopt.results import SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def bench_result(tiny_export, artifacts):
 
 def test_benchmark_result_file(bench_result):
     r, stdout = bench_result
-    assert r["schema"] == "lmopt.benchmark/1" and r["model"] == "tiny"
+    assert r["kind"] == "benchmark" and r["schema"] == SCHEMA_VERSION and r["model"] == "tiny"
     assert len(r["load_average"]["start"]) == 3 and "load average" in stdout
     for key in ("machine", "versions", "command", "settings", "rows", "created"):
         assert r[key]
@@ -34,8 +35,9 @@ def test_benchmark_result_file(bench_result):
             assert len(d["short"]["ttft_s"]) == 2 and len(d["long"]["ttft_s"]) == 2  # repeats, warm-up dropped
             assert all(len(run) == 5 for run in d["short"]["step_s"])  # new_tokens - 1 decode steps
             m = row["summary"][b]
-            assert m["step_s"]["p50"] <= m["step_s"]["p90"] <= m["step_s"]["p99"]
-            assert m["decode_tokens_per_s"] == pytest.approx(int(b) / m["step_s"]["p50"])
+            assert m["step_ms"]["p50"] <= m["step_ms"]["p90"] <= m["step_ms"]["p99"]
+            assert m["step_ms"]["count"] == 2 * 2 * 5  # repeats x prompts x decode steps
+            assert m["decode_tokens_per_s"] == pytest.approx(int(b) / (m["step_ms"]["p50"] / 1e3), rel=1e-3)
             assert m["bandwidth_floor_ms"] > 0
         assert row["memory"]["rss_after_load_mb"] > 0
     # ORT FP32 computes the same greedy tokens as the baseline
@@ -56,28 +58,28 @@ def test_rows_that_cannot_run_say_why(bench_result):
 
 def test_publish_and_readme_tables(bench_result, artifacts, tmp_path):
     results = tmp_path / "results"
-    run_cli("profile/publish_results.py", "--artifacts", str(artifacts), "--results", str(results))
+    run_cli("report/publish_results.py", "--artifacts", str(artifacts), "--results", str(results))
     published = list(results.glob("*/tiny/benchmark-cpu.json"))
     assert len(published) == 1 and published[0].parent.parent.name.startswith("cpu-")
     readme = tmp_path / "README.md"
     shutil.copyfile(REPO / "README.md", readme)
-    run_cli("profile/update_readme.py", "--readme", str(readme), "--results", str(results))
+    run_cli("report/update_readme.py", "--readme", str(readme), "--results", str(results))
     text = readme.read_text()
     section = text.split("<!-- BEGIN before-vs-after")[1].split("<!-- END before-vs-after -->")[0]
     r = bench_result[0]
     ort = next(x for x in r["rows"] if x["engine"] == "ort" and x["status"] == "ok")
-    p50_ms = ort["summary"]["1"]["step_s"]["p50"] * 1e3
+    p50_ms = ort["summary"]["1"]["step_ms"]["p50"]
     assert (f"{p50_ms:.2f}" if p50_ms < 10 else f"{p50_ms:.1f}") in section  # the number comes from the file
     assert r["created"][:10] in section and "benchmark.py" in section and "cores" in section
     tiny = text.split("<!-- BEGIN tiny-model")[1].split("<!-- END tiny-model -->")[0]
     training = json.loads((REPO / "models" / "tiny" / "training.json").read_text())
     assert f"{training['eval_perplexity']:.1f}" in tiny
     # a second run changes nothing, and --check agrees
-    run_cli("profile/update_readme.py", "--readme", str(readme), "--results", str(results), "--check")
+    run_cli("report/update_readme.py", "--readme", str(readme), "--results", str(results), "--check")
 
 
 def test_summary_lists_stages(bench_result, artifacts):
-    proc = run_cli("profile/summarize_artifacts.py", "--artifacts", str(artifacts))
+    proc = run_cli("report/summarize_artifacts.py", "--artifacts", str(artifacts))
     assert "export:" in proc.stdout and "fp32: [ok]" in proc.stdout
     assert "benchmark-cpu.json" in proc.stdout and "ort fp32" in proc.stdout
 

@@ -1,4 +1,4 @@
-"""The generation runtime (lmopt.generate + lmopt.engines) and its CLI profile/generate.py: PyTorch vs ONNX Runtime
+"""The generation runtime (lmopt.generate + lmopt.engines) and its CLI serve/client/generate.py: PyTorch vs ONNX Runtime
 greedy parity, seeded sampling, batching with padding, and one-line errors for bad input."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _cli_tokens(artifacts, model: str, engine: str, n: int = 24, *extra: str) ->
             "--ignore-eos", "--json", "-q"]
     for p in PROMPTS[:2]:
         args += ["--prompt", p]
-    proc = run_cli("profile/generate.py", *args, *extra)
+    proc = run_cli("serve/client/generate.py", *args, *extra)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -85,27 +85,27 @@ def test_streaming_callback_and_stop_token(engines):
 
 
 def test_unknown_engine(tmp_path):
-    proc = run_cli("profile/generate.py", "--engine", "vllm", "--artifacts", str(tmp_path), check=False)
+    proc = run_cli("serve/client/generate.py", "--engine", "vllm", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "unknown engine 'vllm'", "torch, ort, trt")
 
 
 def test_missing_precision_names_make_target(tiny_export, artifacts):
-    proc = run_cli("profile/generate.py", "--engine", "ort", "--precision", "int8", "--artifacts",
+    proc = run_cli("serve/client/generate.py", "--engine", "ort", "--precision", "int8", "--artifacts",
                    str(artifacts / "nothing-here"), check=False)
     assert_one_line_error(proc, "no int8 ONNX", "run: make quantize")
     # the export exists but no quantized graph does (unless the quantize stage's tests made one)
     if not list((artifacts / "tiny" / "quantize").glob("*/manifest.json")):
-        proc = run_cli("profile/generate.py", "--engine", "ort", "--precision", "fp16", "--artifacts",
+        proc = run_cli("serve/client/generate.py", "--engine", "ort", "--precision", "fp16", "--artifacts",
                        str(artifacts), check=False)
         assert_one_line_error(proc, "no fp16 ONNX", "run: make fp16")
 
 
 def test_prompt_longer_than_context(tiny_export, artifacts):
-    proc = run_cli("profile/generate.py", "--engine", "ort", "--artifacts", str(artifacts),
+    proc = run_cli("serve/client/generate.py", "--engine", "ort", "--artifacts", str(artifacts),
                    "--prompt", "word " * 700, check=False)
     assert_one_line_error(proc, "exceeds the model's context of 512")
 
 
 def test_max_new_tokens_must_be_positive(tmp_path):
-    proc = run_cli("profile/generate.py", "--max-new-tokens", "0", "--artifacts", str(tmp_path), check=False)
+    proc = run_cli("serve/client/generate.py", "--max-new-tokens", "0", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "max new tokens must be > 0")

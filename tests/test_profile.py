@@ -6,13 +6,11 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, no_partial, read_json, run_cli
+from conftest import assert_one_line_error, no_partial, read_json, run_cli
 
-sys.path.insert(0, str(REPO / "profile"))
 
 NSYS = shutil.which("nsys")
 needs_nsys = pytest.mark.skipif(NSYS is None, reason="nsys not installed — run: make setup-nsys (Debian 12, as root); "
@@ -61,7 +59,7 @@ def test_torch_profiler_backend_on_cpu(tmp_path):
 
 def test_summary_gpu_figures_from_known_trace(tmp_path):
     """Kernel, memcpy, launch-gap and overlap figures from a hand-made Kineto-format trace with known answers."""
-    from nsys_summary import events_from_chrome_trace, summarize
+    from lmopt.profiling.nsys_summary import events_from_chrome_trace, summarize
 
     ev = [
         {"ph": "X", "cat": "user_annotation", "name": "profile", "ts": 0, "dur": 100, "pid": 1, "tid": 1},

@@ -1,18 +1,16 @@
 """The README's commands cannot drift from the code: every command in its bash blocks names a real make target or
 script, every Python stage command's flags parse with that script's own parser, and the generated result sections
-equal what profile/update_readme.py renders from the committed result files. (The commands themselves run for real
+equal what report/update_readme.py renders from the committed result files. (The commands themselves run for real
 in the stage tests and in `make demo`.)"""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script, run_cli
 
 BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
 
@@ -53,14 +51,7 @@ def test_make_targets_exist(cmd):
 def test_python_commands_parse(cmd):
     script = REPO / cmd[1]
     assert script.is_file(), f"README runs {cmd[1]}, which does not exist"
-    spec = importlib.util.spec_from_file_location(f"readme_{script.stem}", script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    sys.path.insert(0, str(script.parent))
-    try:
-        spec.loader.exec_module(mod)  # scripts do nothing at import (STYLE.md)
-    finally:
-        sys.path.remove(str(script.parent))
+    mod = load_script(cmd[1])
     try:
         mod.build_parser().parse_args(cmd[2:])
     except SystemExit as e:
@@ -73,6 +64,5 @@ def test_bash_scripts_exist(cmd):
 
 
 def test_result_sections_are_current():
-    proc = subprocess.run([sys.executable, str(REPO / "profile" / "update_readme.py"), "--check"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("report/update_readme.py", "--check", check=False, timeout=300)
     assert proc.returncode == 0, "README result sections are stale — run: make readme-tables\n" + proc.stderr[-2000:]

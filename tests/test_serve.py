@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_json, run_cli
+from conftest import REPO, assert_one_line_error, load_script, read_json, run_cli
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
@@ -173,10 +173,8 @@ def test_client_cli_greedy_tokens_equal_in_process_engine(server):
 def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     # in-process run_client (the function the CLI calls): the CLI itself is covered above; this saves a Python
     # start-up per protocol on the shared 2-core machine
-    import sys
-
-    sys.path.insert(0, str(REPO / "serve" / "client"))
-    from infer_client import ClientSettings, run_client
+    client = load_script("serve/client/infer_client.py")
+    ClientSettings, run_client = client.ClientSettings, client.run_client
 
     s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_tokens=12, check=True, model="tiny",
                        artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_json, run_cli
+from conftest import assert_one_line_error, read_json, run_cli
+from lmopt.results import SCHEMA_VERSION
 
-PROFILE = REPO / "profile"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def bench(serve_repo, artifacts):
 
 
 def _envelope(doc: dict, kind: str):
-    assert doc["kind"] == kind and doc["schema"] == 1
+    assert doc["kind"] == kind and doc["schema"] == SCHEMA_VERSION
     for key in ("machine", "versions", "command", "settings", "summary", "samples", "created"):
         assert key in doc, key
     assert doc["versions"]["tritonclient"] == "2.51.0"
@@ -111,18 +111,15 @@ def test_batching_comparison_and_overhead(bench):
 def test_report_renders_published_results(bench, tmp_path):
     prof, _ = bench
     art = prof.parent.parent
-    run_cli("profile/serving_report.py", "--publish", "--model", "tiny", "--artifacts", str(art), "--results",
-            str(tmp_path / "results"))
+    run_cli("report/publish_results.py", "--kind", "serving", "--model", "tiny", "--artifacts", str(art),
+            "--results", str(tmp_path / "results"))
     published = list((tmp_path / "results").glob("*/tiny/serving-batching.json"))
     assert len(published) == 1
-    import sys
-
-    sys.path.insert(0, str(PROFILE))
-    import serving_report
+    from lmopt.report import serving as serving_report
 
     text = serving_report.render(tmp_path / "results")
     assert "| concurrency |" in text and "Serving overhead" in text and "perf_analyzer" in text
-    assert "<!--" not in text  # update_readme.py owns the markers
+    assert "<!--" not in text  # report/update_readme.py owns the markers
     doc = read_json(published[0])
     first = doc["summary"]["rows"][0]
     if "pa_rps_on" in first:

@@ -2,17 +2,15 @@
 consistent with the others, min <= opt <= max, and the layer-precision summary of the engine inspector's JSON."""
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import pytest
 
-from conftest import REPO
+from conftest import load_script
+from lmopt.errors import UserError
+from lmopt.models import load_config, model_shape
 
-sys.path.insert(0, str(REPO / "optimize"))
-import build_trt_engine as bte  # noqa: E402
-from lmopt.errors import UserError  # noqa: E402
-from lmopt.models import load_config, model_shape  # noqa: E402
+bte = load_script("optimize/build_trt_engine.py")
 
 
 def _check_consistent(shape: dict, profiles: list[dict], max_batch: int, max_seq: int) -> None:

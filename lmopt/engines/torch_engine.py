@@ -56,8 +56,10 @@ class TorchEngine(Engine):
             self.torch.cuda.synchronize()
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters read per decode step (the memory-bandwidth floor's numerator)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of weights read per decode step (the bandwidth floor's numerator; see lmopt.results)."""
+        from lmopt.results import torch_weight_bytes
+
+        return torch_weight_bytes(self.model)
 
     def close(self) -> None:
         del self.model

@@ -19,7 +19,6 @@ crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
 Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, ...).
 """
 import json
-import sys
 import threading
 
 import numpy as np
@@ -36,7 +35,6 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         self.model_name = args["model_name"]
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
-        sys.path.insert(0, _param(cfg, "repo_root"))
         from lmopt.engines import create_engine
         from lmopt.models import load_tokenizer
 

@@ -15,14 +15,12 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
+from lmopt.results import percentile
+
 
 def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if not s:
-        return 0.0
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """Percentile for q in 0..1 (lmopt.results' interpolation), 0.0 for no samples."""
+    return percentile(xs, q * 100) or 0.0
 
 
 def _stats_ms(durs_ns: list[int]) -> dict:

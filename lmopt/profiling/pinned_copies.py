@@ -1,6 +1,6 @@
 """Pinned vs pageable host->device copies of the engine's per-step inputs and of its KV cache, measured on a GPU.
 
-    from nsys_pinned import pinned_vs_pageable
+    from lmopt.profiling.pinned_copies import pinned_vs_pageable
     pinned_vs_pageable("llama-1b", batch=1, seq=160, precision="fp16", device="cuda", repeats=30)
 
 Each case copies the same bytes from a pageable and from a pinned host buffer, interleaved, timed with CUDA events

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmopt.report import stat_ms
+
 # kind -> make target that produces it (named in the notes shown for missing inputs)
 MAKE_TARGET = {"benchmark": "benchmark", "serving": "serve-bench", "profile": "profile", "accuracy": "quantize fp16"}
 
@@ -64,18 +66,19 @@ class Inputs:
         return self.found.get(kind, [])
 
 
+# result kind (the envelope's `kind`) -> the notebook's group
+KIND_GROUPS = {"benchmark": "benchmark", "gpu-suite": "gpu-suite", "serving_batching_comparison": "serving",
+               "streaming_load": "serving", "perf_analyzer": "serving", "profile": "profile"}
+
+
 def classify(path: Path, doc: dict) -> str | None:
-    """Kind of a result file, from its own declaration first and its name second."""
+    """The notebook's group for a result file, from what the file declares (its kind), never from its name."""
     kind = str(doc.get("kind", ""))
-    schema = str(doc.get("schema", ""))
-    name = path.name
-    if kind == "benchmark" or schema.startswith("lmopt.benchmark") or name.startswith("benchmark-"):
+    if kind in KIND_GROUPS:
+        return KIND_GROUPS[kind]
+    if str(doc.get("schema", "")).startswith("lmopt.benchmark"):
         return "benchmark"
-    if kind == "gpu-suite" or name.startswith("gpu-suite-"):
-        return "gpu-suite"
-    if kind.startswith("serving") or schema.startswith("lmopt.serving") or name.startswith("serving-"):
-        return "serving"
-    if kind.startswith("profile") or schema.startswith("lmopt.profile") or "nvtx" in doc or "nvtx_ranges" in doc:
+    if "nvtx" in doc or "nvtx_ranges" in doc:
         return "profile"
     if doc.get("stage") == "quantize" and "accuracy" in doc:
         return "accuracy"
@@ -540,7 +543,7 @@ def plot_devices(sources: list[Source], params: Params) -> bool:
             m = r["summary"].get("1") or next(iter(r["summary"].values()))
             dev = src.doc["settings"]["device"]
             bars.append((f"{machine_label(src.doc, dev)[:28]}\n{r['engine']} {r['precision']}",
-                         m["step_s"]["p50"] * 1e3, m.get("bandwidth_floor_ms"), dev, src))
+                         stat_ms(m, "step")["p50"], m.get("bandwidth_floor_ms"), dev, src))
     if not bars:
         print("no benchmark row ran in: " + ", ".join(str(s.path) for s in sources))
         return False

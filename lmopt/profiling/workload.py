@@ -1,8 +1,8 @@
-"""The workload `run_nsys_profile.py` profiles: text generation with one engine, warm-up first, then measured rounds.
+"""The workload `profile/run_nsys_profile.py` profiles: text generation with one engine, warm-up, then measured rounds.
 
-    python profile/nsys_workload.py --settings settings.json --wall-out wall.json   # what nsys runs (not by hand)
+    python -m lmopt.profiling.workload --settings settings.json --wall-out wall.json   # what nsys runs (not by hand)
 
-Reads:  settings.json (a ProfileSettings written by run_nsys_profile.py); the engine's artifacts (ort: the export or
+Reads:  settings.json (a ProfileSettings, written by profile/run_nsys_profile.py); the engine's artifacts (ort: the export or
         quantize manifest; torch: the model itself)
 Writes: wall.json — the measured wall time of the steady-state rounds, their decode-step counts and the tokens
 
@@ -16,12 +16,30 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROOT_RANGE = "profile"
 ROUND_RANGE = "generate"
+
+
+@dataclass
+class ProfileSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    engine: str = "ort"            # ort | torch | trt
+    precision: str = "fp32"
+    device: str = "cpu"
+    profiler: str = "auto"         # auto = nsys when on PATH, else torch
+    batch: int = 1
+    prompt_len: int = 32
+    max_new_tokens: int = 32
+    warmup: int = 2                # rounds before the capture range (not profiled)
+    rounds: int = 5                # profiled rounds
+    threads: int = 0               # engine threads (0 = library default)
+    pinned_repeats: int = 30       # copies per mode in the pinned vs pageable comparison (GPU only)
+    nsys_timeout: int = 900        # seconds; the nsys agent has been seen spinning after the app exited
+    out: str = ""                  # output folder (default artifacts/<model>/profile/<variant>)
 
 
 def prepare(s):
@@ -91,8 +109,6 @@ def main(argv=None) -> int:
     p.add_argument("--settings", required=True, help="settings JSON written by run_nsys_profile.py")
     p.add_argument("--wall-out", required=True, help="where to write the measured wall times")
     args = p.parse_args(argv)
-    from run_nsys_profile import ProfileSettings  # noqa: PLC0415  (same folder)
-
     s = ProfileSettings(**json.loads(Path(args.settings).read_text()))
     res = warmup_and_measure(s)
     Path(args.wall_out).write_text(json.dumps(res, indent=1))
@@ -100,7 +116,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from lmopt.errors import cli_main
 
     sys.exit(cli_main(main))

@@ -1,8 +1,8 @@
 """Text in, text out through any engine: the shared generation loop (lmopt.generate) on the command line.
 
-    python profile/generate.py --prompt "def read_file(" --max-new-tokens 32
-    python profile/generate.py --engine ort --precision int8 --prompt "The" --prompt "import" --temperature 0.8 --seed 1
-    python profile/generate.py --engine trt --precision fp16 --device cuda --prompt "The" --stream
+    python serve/client/generate.py --prompt "def read_file(" --max-new-tokens 32
+    python serve/client/generate.py --engine ort --precision int8 --prompt "The" --prompt "import" --temperature 0.8 --seed 1
+    python serve/client/generate.py --engine trt --precision fp16 --device cuda --prompt "The" --stream
 
 Reads:  the model (torch engine) or the ONNX/TensorRT artifacts its manifests name (ort: artifacts/<model>/export/fp32
         or artifacts/<model>/quantize/<variant>; trt: the stage-3 engine), the model's tokenizer.
@@ -15,12 +15,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("generate")
 

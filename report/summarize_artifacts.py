@@ -1,7 +1,7 @@
 """Print what the pipeline produced for a model: every stage's variants, validation pass/fail, key figures.
 
-    python profile/summarize_artifacts.py               # the built-in model
-    python profile/summarize_artifacts.py --model gpt2-124m --artifacts /tmp/art
+    python report/summarize_artifacts.py               # the built-in model
+    python report/summarize_artifacts.py --model gpt2-124m --artifacts /tmp/art
     make summary
 
 Reads:  artifacts/<model>/<stage>/<variant>/manifest.json (every finished stage output) and
@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.report import stat_ms
 
 log = get_logger("summary")
 STAGE_ORDER = ("export", "quantize", "engine", "serve", "profile")
@@ -102,7 +102,7 @@ def _result_line(path: Path) -> str:
                 parts.append(f"{row['engine']} {row['precision']}: skipped")
                 continue
             b1 = row["summary"].get("1") or next(iter(row["summary"].values()))
-            parts.append(f"{row['engine']} {row['precision']}: {b1['step_s']['p50'] * 1e3:.2f} ms/token"
+            parts.append(f"{row['engine']} {row['precision']}: {stat_ms(b1, 'step')['p50']:.2f} ms/token"
                          + (f" ({b1['decode_speedup_vs_baseline']:.2f}x)" if b1.get("decode_speedup_vs_baseline")
                             else ""))
         return f"{r['created'][:16]} — " + "; ".join(parts)

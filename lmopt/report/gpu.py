@@ -1,8 +1,7 @@
-"""Render the README's GPU section from committed gpu-suite result files (results/<machine>/<model>/gpu-suite-*.json,
-written by profile/gpu_suite.py). Imported by profile/update_readme.py: `render(results_dir) -> str`."""
+"""The README "gpu" section: committed GPU-suite results (kind "gpu-suite") and GPU profile summaries (kind "profile",
+device cuda) under results/. `render(results_dir) -> str`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagraph": "PyTorch static KV + CUDA graph",
@@ -10,12 +9,9 @@ ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagrap
 
 
 def load(results_dir: str | Path) -> list[dict]:
-    docs = []
-    for p in sorted(Path(results_dir).glob("*/*/gpu-suite-*.json")):
-        d = json.loads(p.read_text())
-        d["_path"] = str(p)
-        docs.append(d)
-    return docs
+    from lmopt.report import collect
+
+    return [dict(d.data, _path=str(d.path)) for d in collect(results_dir, kinds=["gpu-suite"])]
 
 
 def render(results_dir: str | Path) -> str:
@@ -60,8 +56,12 @@ def render(results_dir: str | Path) -> str:
 def render_profiles(results_dir: str | Path) -> str:
     """Where the time goes: the PyTorch-profiler summaries of GPU decode loops (profile/run_nsys_profile.py)."""
     out = []
-    for p in sorted(Path(results_dir).glob("*/*/profile-torch-*cuda*.summary.json")):
-        d = json.loads(p.read_text())
+    from lmopt.report import collect
+
+    for doc in collect(results_dir, kinds=["profile"]):
+        p, d = doc.path, doc.data
+        if d.get("profiler") != "torch" or not str(d.get("settings", {}).get("device", "")).startswith("cuda"):
+            continue
         s, f, st = d["summary"], d["figures"], d["settings"]
         steps = s["nvtx"]["ranges"].get("decode_step", {}).get("count") or 1
         k = s["cuda_kernels"]

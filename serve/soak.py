@@ -3,7 +3,7 @@ counts failed requests, times to first token and tokens, and samples the server'
 backend stubs) to show it does not grow without bound.
 
     bash serve/run_triton.sh artifacts/tiny/serve/ort-fp32-cpu/model_repository --background --pid-file /tmp/t.pid
-    python serve/load_test.py --pid-file /tmp/t.pid --clients 64 --duration 30
+    python serve/soak.py --pid-file /tmp/t.pid --clients 64 --duration 30
     bash serve/run_triton.sh stop --pid-file /tmp/t.pid
 
 Bounded: every client stops sending at --duration, and a request that gets no response for --timeout seconds
@@ -21,10 +21,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmopt.errors import UserError, cli_main  # noqa: E402
-from lmopt.log import add_verbosity_args, get_logger, setup_logging  # noqa: E402
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("serve-load")
 

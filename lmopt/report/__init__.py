@@ -1,0 +1,68 @@
+"""Reporting: README sections, the artifact summary and the notebook's helpers, all rendered from result files.
+
+Result files are found by what they say they are — the envelope's `kind` (see lmopt.results) — never by file name:
+
+    from lmopt.report import collect, render_section
+    docs = collect("results")                  # every result JSON under the folder, with its path
+    render_section("serving", "results")       # markdown for one README section
+
+`SECTIONS` maps a README section (`<!-- BEGIN name -->` ... `<!-- END name -->`) to its renderer; a section whose
+name is not here is left as it is. report/update_readme.py is the CLI.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+@dataclass
+class Doc:
+    path: Path
+    kind: str
+    data: dict
+
+    @property
+    def label(self) -> str:
+        return str(self.data.get("settings", {}).get("label", ""))
+
+
+def collect(results_dir: str | Path, kinds: Iterable[str] | None = None) -> list[Doc]:
+    """Every result file (a JSON object with a `kind`) under `results_dir`, sorted by path; optionally only `kinds`."""
+    root = Path(results_dir)
+    want = set(kinds) if kinds is not None else None
+    docs = []
+    for p in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and isinstance(d.get("kind"), str) and (want is None or d["kind"] in want):
+            docs.append(Doc(p, d["kind"], d))
+    return docs
+
+
+def stat_ms(summary: dict, name: str) -> dict:
+    """Latency statistics `name` of a summary, in milliseconds: `<name>_ms` (current files), or `<name>_s` of files
+    written before statistics moved to milliseconds, scaled. E.g. stat_ms(m, "step")["p50"]."""
+    if f"{name}_ms" in summary:
+        return summary[f"{name}_ms"]
+    old = summary[f"{name}_s"]
+    return {k: (v * 1e3 if isinstance(v, (int, float)) and k not in ("n", "count") else v) for k, v in old.items()}
+
+
+def _sections() -> dict[str, Callable[[Path], str]]:
+    from lmopt.report import benchmark, gpu, serving, tiny
+
+    return {"tiny-model": tiny.render, "before-vs-after": benchmark.render, "serving": serving.render,
+            "gpu": gpu.render}
+
+
+SECTION_NAMES = ("tiny-model", "before-vs-after", "serving", "gpu")
+
+
+def render_section(name: str, results_dir: str | Path) -> str | None:
+    """Markdown for one README section (no markers), or None when no renderer has that name."""
+    fn = _sections().get(name)
+    return None if fn is None else fn(Path(results_dir))

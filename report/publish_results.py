@@ -1,0 +1,101 @@
+"""Copy result files of the artifacts tree into the committed results/ tree, one folder per machine.
+
+    python report/publish_results.py                          # every artifacts/*/profile/benchmark-*.json
+    python report/publish_results.py --model gpt2-124m        # one model
+    python report/publish_results.py --kind serving --model tiny   # the serving benchmark's serving-*.json
+    make publish-results [MODEL=gpt2-124m]; make serve-bench-publish [MODEL=...]
+
+Reads:  artifacts/<model>/profile/benchmark-*.json (profile/benchmark.py) or serving-*.json (profile/serve_bench.py)
+Writes: results/<machine-tag>/<model>/<same name>, machine-tag from the result's own machine record (e.g.
+        cpu-amd-epyc-2c, nvidia-h200), so results from different machines never overwrite each other. Serving files
+        are published as a set, under the tag of their batching comparison.
+The README tables (make readme-tables) are rendered from results/, never from artifacts/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.results import machine_tag
+
+log = get_logger("publish")
+
+
+@dataclass
+class PublishSettings:
+    artifacts: str = "artifacts"
+    results: str = "results"
+    model: str = ""            # empty = every model under --artifacts
+    kind: str = "benchmark"    # benchmark | serving
+
+
+PATTERNS = {"benchmark": ("benchmark-*.json", "benchmark"), "serving": ("serving-*.json", "serve-bench")}
+
+
+def _read(f: Path, target: str) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt result file {f} ({e.msg}) — rerun: make {target}") from None
+
+
+def publish(*, settings: PublishSettings) -> list[Path]:
+    s = settings
+    if s.kind not in PATTERNS:
+        raise UserError(f"unknown --kind '{s.kind}' — use one of {', '.join(PATTERNS)}")
+    name, target = PATTERNS[s.kind]
+    root = Path(s.artifacts)
+    pattern = f"{s.model or '*'}/profile/{name}"
+    found = sorted(root.glob(pattern))
+    if not found:
+        raise UserError(f"no {s.kind} results under {root / pattern} — run: make {target}"
+                        + (f" MODEL={s.model}" if s.model else ""))
+    tags: dict[Path, str] = {}
+    if s.kind == "serving":  # one set per model, under the machine of its batching comparison
+        for folder in sorted({f.parent for f in found}):
+            cmp_path = folder / "serving-batching.json"
+            if not cmp_path.is_file():
+                raise UserError(f"missing {cmp_path} — run: make serve-bench MODEL={folder.parent.name}")
+            tags[folder] = machine_tag(_read(cmp_path, target))
+    written = []
+    for f in found:
+        result = _read(f, target)
+        tag = tags.get(f.parent) or machine_tag(result)
+        dest = Path(s.results) / tag / f.parent.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(f, tmp)
+        tmp.replace(dest)
+        log.info("Saving %s to %s", f, dest)
+        written.append(dest)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = PublishSettings()
+    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    p.add_argument("--results", default=d.results, help="committed results folder")
+    p.add_argument("--model", default=d.model, help="only this model (default: all)")
+    p.add_argument("--kind", default=d.kind, choices=tuple(PATTERNS), help="which results to publish")
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    publish(settings=PublishSettings(**{f.name: getattr(args, f.name) for f in fields(PublishSettings)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

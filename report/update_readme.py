@@ -1,0 +1,92 @@
+"""Regenerate the README's result sections from committed files, so no number in the README is typed by hand.
+
+    python report/update_readme.py                 # rewrite README.md in place
+    python report/update_readme.py --check         # exit 1 if README.md is stale (CI)
+    make readme-tables
+
+Reads:  every result file under --results (results/<machine-tag>/<model>/*.json), found by its `kind`, and
+        models/tiny/training.json.
+Writes: README.md, only between `<!-- BEGIN name ... -->` and `<!-- END name -->` markers.
+
+Sections and their renderers (lmopt.report.SECTIONS): tiny-model, before-vs-after (kind benchmark), serving (kinds
+serving_batching_comparison, streaming_load, perf_analyzer), gpu (kinds gpu-suite, profile). A section without a
+renderer is left as is. Every rendered table states the machine, date and command of its data.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+from lmopt.errors import UserError, cli_main
+from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt.report import render_section
+
+log = get_logger("update_readme")
+MARKER = re.compile(r"(<!-- BEGIN ([\w-]+)[^>]*-->)(.*?)(<!-- END \2 -->)", re.S)
+
+
+@dataclass
+class ReadmeSettings:
+    readme: str = "README.md"
+    results: str = "results"
+    check: bool = False
+
+
+def update(*, settings: ReadmeSettings) -> bool:
+    """Rewrite the marked sections; return True when the README changed (or, with check, would change)."""
+    s = settings
+    readme = Path(s.readme)
+    if not readme.is_file():
+        raise UserError(f"missing {readme} — pass --readme PATH")
+    results = Path(s.results)
+    text = readme.read_text()
+
+    def section(m: re.Match) -> str:
+        name = m.group(2)
+        body = render_section(name, results)
+        if body is None:
+            log.info("section %s: no renderer in lmopt.report; left as is", name)
+            return m.group(0)
+        log.info("section %s rendered", name)
+        return f"{m.group(1)}\n{body.strip()}\n{m.group(4)}"
+
+    new = MARKER.sub(section, text)
+    changed = new != text
+    if s.check:
+        if changed:
+            raise UserError(f"{readme} is stale — run: make readme-tables")
+        return False
+    if changed:
+        tmp = readme.with_name(f".{readme.name}.tmp")
+        tmp.write_text(new)
+        tmp.replace(readme)
+        log.info("Saving %s", readme)
+    else:
+        log.info("%s already up to date", readme)
+    return changed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = ReadmeSettings()
+    p.add_argument("--readme", default=d.readme, help="README to update in place")
+    p.add_argument("--results", default=d.results, help="committed results folder")
+    p.add_argument("--check", action="store_true", help="only check: exit 1 if the README is stale")
+    add_verbosity_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args)
+    update(settings=ReadmeSettings(**{f.name: getattr(args, f.name) for f in fields(ReadmeSettings)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
