@@ -57,7 +57,7 @@ def convert(*, settings: Fp16Settings) -> dict:
     from transformers import AutoTokenizer
 
     from lmopt.data import builtin_text, token_windows
-    from lmopt.engines import find_onnx, onnx_file
+    from lmopt.artifacts import find_onnx, onnx_file
     from lmopt.engines.ort_engine import make_session
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.paths import check_writable, stage_dir, staging_dir

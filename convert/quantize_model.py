@@ -27,7 +27,6 @@ share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -146,7 +145,7 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     """Build the INT8 variants of `settings.target`; returns {variant: manifest}. Nothing is written unless every
     requested variant meets the accuracy budget and runs MatMuls in INT8."""
     from lmopt.data import builtin_text, read_text, token_windows
-    from lmopt.engines import find_onnx, onnx_file
+    from lmopt.artifacts import find_onnx, onnx_file
     from lmopt.engines.ort_engine import make_session
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.paths import check_writable, stage_dir, staging_dir
@@ -341,7 +340,8 @@ def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: Qu
 
 def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> dict:
     """TensorRT graph from ModelOpt vs ONNX Runtime's QDQ quantizer: accuracy, time, what ORT runs in INT8."""
-    from lmopt.manifest import file_entry, machine_info, now_iso, package_versions
+    from lmopt.manifest import file_entry
+    from lmopt.results import envelope, versions, write_json
     from lmopt.paths import stage_dir
     from lmopt.quantization import PRESETS, Calibration, int8_coverage, modelopt_quantize, qdq_coverage
 
@@ -367,20 +367,14 @@ def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> di
                      rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"],
                      rows[q]["int8_on_onnxruntime_cpu"]["matmuls_int8"]
                      + rows[q]["int8_on_onnxruntime_cpu"]["matmuls_float"])
-    result = {"kind": "quantizer-comparison", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-              "machine": machine_info(),
-              "versions": package_versions("onnx", "onnxruntime", "nvidia-modelopt"),
-              "model": src_man.get("model", s.model), "model_shape": shape, "input": file_entry(fp32_path),
-              "settings": asdict(s), "preset": asdict(PRESETS["tensorrt"]), "excluded": base_excl,
-              "note": "ort_cpu_ppl_eval_s times the same perplexity pass on ONNX Runtime CPU; ModelOpt's graph keeps "
-                      "MatMuls float with DequantizeLinear on ORT CPU, which is fine for TensorRT",
-              "quantizers": rows}
-    folder = stage_dir(s.artifacts, s.model, "profile", "quantize")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "quantizer-comparison.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    result = envelope("quantizer-comparison", settings=asdict(s),
+                      versions=versions("onnx", "onnxruntime", "nvidia-modelopt"),
+                      model=src_man.get("model", s.model), model_shape=shape, input=file_entry(fp32_path),
+                      preset=asdict(PRESETS["tensorrt"]), excluded=base_excl,
+                      note="ort_cpu_ppl_eval_s times the same perplexity pass on ONNX Runtime CPU; ModelOpt's graph "
+                           "keeps MatMuls float with DequantizeLinear on ORT CPU, which is fine for TensorRT",
+                      quantizers=rows)
+    path = write_json(stage_dir(s.artifacts, s.model, "profile", "quantize") / "quantizer-comparison.json", result)
     log.info("Saving result to %s", path)
     return result
 

@@ -72,7 +72,7 @@ if ! "${run[@]}" >"$tmp/build.log" 2>&1; then
   exit 1
 fi
 secs=$("$PY" -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 3))" "$start" "$EPOCHREALTIME")
-"$PY" optimize/build_trt_engine.py "${args[@]}" --record-trtexec "$tmp" --trtexec-seconds "$secs"
+"$PY" -m lmopt.trt_build record --folder "$tmp" --seconds "$secs" "${args[@]}"
 rm -rf "$final"
 mv "$tmp" "$final"
 trap - EXIT

@@ -49,21 +49,6 @@ class RequestRecord:
     warmup: bool = False
 
 
-_BATCH_DIM: dict[str, bool] = {}   # url/model -> whether the model's inputs carry a batch dimension
-
-
-def batch_dim(url: str, model: str) -> bool:
-    """max_batch_size > 0 means every input has a leading batch dimension: a request is [1, 1], not [1]."""
-    key = f"{url}/{model}"
-    if key not in _BATCH_DIM:
-        import tritonclient.grpc as grpcclient
-
-        with grpcclient.InferenceServerClient(url) as c:
-            cfg = c.get_model_config(model, as_json=True)["config"]
-        _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
-    return _BATCH_DIM[key]
-
-
 _TOKENIZERS: dict = {}
 
 
@@ -75,31 +60,26 @@ def _tokenizer(model: str):
     return _TOKENIZERS[model]
 
 
-def _make_inputs(prompt: str, s: LoadSettings):
-    import numpy as np
-    import tritonclient.grpc as grpcclient
+def _request(prompt: str, s: LoadSettings):
+    """The request for one prompt: text, or token ids when the served model takes input_ids (the client tokenizes)."""
+    from lmopt.triton_client import GenRequest
 
-    shape = [1, 1] if batch_dim(s.url, s.triton_model) else [1]
-    if s.prompt_input == "input_ids":  # token ids instead of text: the client tokenizes (no STRING tensor)
-        ids = np.array(_tokenizer(s.model)(prompt)["input_ids"], dtype=np.int64)
-        a = grpcclient.InferInput("input_ids", [1, ids.size] if len(shape) == 2 else [ids.size], "INT64")
-        a.set_data_from_numpy(ids.reshape(1, -1) if len(shape) == 2 else ids)
-    else:
-        a = grpcclient.InferInput(s.prompt_input, shape, "BYTES")
-        a.set_data_from_numpy(np.array([prompt.encode()], dtype=object).reshape(shape))
-    b = grpcclient.InferInput(s.max_tokens_input, shape, "INT32")
-    b.set_data_from_numpy(np.array([s.max_tokens], dtype=np.int32).reshape(shape))
-    return [a, b]
+    names = {"max_tokens": s.max_tokens_input}
+    if s.prompt_input == "input_ids":
+        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_tokens, names=names)
+    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
 
 
 async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin: float) -> RequestRecord:
     """One request over its own gRPC stream; timestamps of every response until Triton's final flag."""
-    inputs = _make_inputs(prompt, s)
+    import tritonclient.grpc.aio as aio
+
+    from lmopt.triton_client import has_batch_dim, parse_response, stream_request
+
+    item = stream_request(aio, _request(prompt, s), str(index), s.triton_model, has_batch_dim(s.url, s.triton_model))
 
     async def requests():
-        # the empty final response carries triton_final_response=True: the end of a request without guessing
-        yield {"model_name": s.triton_model, "inputs": inputs, "request_id": str(index),
-               "parameters": {"triton_enable_empty_final_response": True}}
+        yield item
 
     t_send = time.perf_counter()
     rec = RequestRecord(index, t_send - t_origin, [], [], 0)
@@ -110,14 +90,12 @@ async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin:
             if error is not None:
                 rec.error = str(error).splitlines()[0][:200]
                 break
-            resp = result.get_response()
-            out = result.as_numpy(s.tokens_output) if any(o.name == s.tokens_output for o in resp.outputs) else None
-            if out is not None and out.size:
-                rec.tokens.extend(int(t) for t in out.reshape(-1))
+            piece = parse_response(result, s.tokens_output)
+            if piece.token_ids:
+                rec.tokens.extend(piece.token_ids)
                 rec.token_times_s.append(now)
                 rec.token_responses += 1
-            final = resp.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
+            if piece.final:
                 rec.end_s = now
                 break
         else:
@@ -275,7 +253,9 @@ def run_load(*, settings: LoadSettings) -> dict:
         raise UserError(f"--duration-s must be > 0 (got {s.duration_s})")
     prompts = held_out_prompts(s.model, s.num_prompts, s.prompt_tokens)
     wait_ready(s.url, s.triton_model, 10.0)
-    batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
+    from lmopt.triton_client import has_batch_dim
+
+    has_batch_dim(s.url, s.triton_model)  # asked once, before any request is timed
 
     pre = asyncio.run(_preflight(s.url, prompts[0], s))
     if pre.error or not pre.tokens:

@@ -17,7 +17,6 @@ ratio is recorded too) and a predicted one (ranges per round x the extra cost of
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -53,7 +52,8 @@ def measure(*, settings: OverheadSettings) -> dict:
 
     from lmopt import nvtx_ranges
     from lmopt.generate import generate_text
-    from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
+    from lmopt.manifest import write_manifest
+    from lmopt.results import envelope, versions, write_json
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
     from lmopt.profiling.workload import prepare
     from lmopt.profiling.workload import ProfileSettings
@@ -128,13 +128,12 @@ def measure(*, settings: OverheadSettings) -> dict:
     q = statistics.quantiles(cpu_ratios, n=4)
     half = 1.58 * (q[2] - q[0]) / len(cpu_ratios) ** 0.5
     predicted = ranges_per_round * (per_range_on - per_range_off) / statistics.median(off)
-    result = {
-        "kind": "nvtx-overhead", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "machine": machine_info(), "versions": package_versions("nvtx", "torch", "onnxruntime"),
-        "settings": asdict(s), "engine": vars(engine.info),
-        "raw": {"annotated_round_s": on, "bare_round_s": off, "annotated_round_cpu_s": on_cpu,
+    result = envelope(
+        "nvtx-overhead", settings=asdict(s), versions=versions("nvtx", "torch", "onnxruntime"),
+        engine=vars(engine.info),
+        raw={"annotated_round_s": on, "bare_round_s": off, "annotated_round_cpu_s": on_cpu,
                 "bare_round_cpu_s": off_cpu, "ranges_per_round": counted},
-        "summary": {
+        summary={
             "annotated_median_s": statistics.median(on), "bare_median_s": statistics.median(off),
             "annotated_median_cpu_s": statistics.median(on_cpu), "bare_median_cpu_s": statistics.median(off_cpu),
             "overhead_measured": round(measured, 5),
@@ -155,11 +154,11 @@ def measure(*, settings: OverheadSettings) -> dict:
             "measured_consistent_with_budget": measured - half <= s.budget,
             "within_budget": predicted <= s.budget and measured - half <= s.budget,
         },
-    }
+    )
     final = Path(s.out) if s.out else stage_dir(s.artifacts, s.model, "profile",
                                                 f"nvtx-overhead-{s.engine}-{s.precision}-{s.device}")
     with staging_dir(final) as tmp:
-        (tmp / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_json(tmp / "result.json", result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
                              "settings": asdict(s), "outputs": {"result": "result.json"}})
     r = result["summary"]

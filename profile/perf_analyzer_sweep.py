@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -71,17 +70,19 @@ def perf_analyzer_env() -> tuple[str, dict[str, str]]:
 
 def write_input_data(path: Path, prompts: list[str], s: PerfAnalyzerSettings) -> Path:
     """perf_analyzer --input-data JSON: one entry per prompt (shape excludes the batch dimension)."""
+    from lmopt.results import write_json
+    from lmopt.triton_client import GenRequest, perf_analyzer_entry
+
+    names = {"max_tokens": s.max_tokens_input}
     if s.prompt_input == "input_ids":  # the prompt as token ids (no STRING tensor)
         from lmopt.models import load_tokenizer
 
         tok = load_tokenizer(s.model)
-        enc = [tok(p)["input_ids"] for p in prompts]
-        data = [{"input_ids": {"content": ids, "shape": [len(ids)]},
-                 s.max_tokens_input: {"content": [s.max_tokens], "shape": [1]}} for ids in enc]
+        reqs = [GenRequest(input_ids=tok(p)["input_ids"], max_tokens=s.max_tokens, names=names) for p in prompts]
     else:
-        data = [{s.prompt_input: {"content": [p], "shape": [1]},
-                 s.max_tokens_input: {"content": [s.max_tokens], "shape": [1]}} for p in prompts]
-    path.write_text(json.dumps({"data": data}, indent=1) + "\n")
+        reqs = [GenRequest(prompt=p, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
+                for p in prompts]
+    write_json(path, {"data": [perf_analyzer_entry(r) for r in reqs]})
     return path
 
 

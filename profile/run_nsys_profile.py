@@ -32,6 +32,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 
+from lmopt import cli
 from lmopt.errors import UserError, cli_main
 from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
 from lmopt.profiling.workload import ProfileSettings
@@ -163,7 +164,8 @@ def profile(*, settings: ProfileSettings) -> dict:
     from lmopt.profiling.nsys_summary import summarize
     from lmopt.profiling.workload import ROOT_RANGE
 
-    from lmopt.manifest import machine_info, now_iso, package_versions, write_manifest
+    from lmopt.manifest import write_manifest
+    from lmopt.results import envelope, versions, write_json
     from lmopt.models import resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
@@ -187,21 +189,20 @@ def profile(*, settings: ProfileSettings) -> dict:
                                         s.pinned_repeats)
         dec = summary["nvtx"]["ranges"].get("decode_step", {})
         n_tok = sum(res["new_tokens"])
-        result = {
-            "kind": "profile", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-            "machine": machine_info(),
-            "versions": {**package_versions("torch", "onnxruntime", "transformers", "nvtx"),
-                         "nsys": _nsys_version() if profiler == "nsys" else None},
-            "settings": asdict(s), "profiler": profiler, "engine": res["engine"],
-            "raw": {k: res[k] for k in ("round_wall_s", "decode_steps", "new_tokens", "warmup_s")},
-            "figures": {"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
-                        "tokens_per_s": round(n_tok / res["wall_s"], 2),
-                        "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
-            "summary": summary, "not_traced": _not_traced(events["traced"], profiler, s.device, s.engine),
-            "pinned_vs_pageable": pinned,
-            "files": sorted(p.name for p in tmp.iterdir()),
-        }
-        (tmp / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        result = envelope(
+            "profile", settings=asdict(s),
+            versions={**versions("torch", "onnxruntime", "transformers", "nvtx"),
+                      "nsys": _nsys_version() if profiler == "nsys" else None},
+            profiler=profiler, engine=res["engine"],
+            raw={k: res[k] for k in ("round_wall_s", "decode_steps", "new_tokens", "warmup_s")},
+            figures={"wall_s": round(res["wall_s"], 5), "new_tokens": n_tok,
+                     "tokens_per_s": round(n_tok / res["wall_s"], 2),
+                     "decode_step_mean_ms": dec.get("mean_ms"), "decode_step_p90_ms": dec.get("p90_ms")},
+            summary=summary, not_traced=_not_traced(events["traced"], profiler, s.device, s.engine),
+            pinned_vs_pageable=pinned,
+            files=sorted(p.name for p in tmp.iterdir()),
+        )
+        write_json(tmp / "summary.json", result)
         log.info("Saving profile summary to %s", final / "summary.json")
         _log_findings(result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
@@ -245,36 +246,23 @@ def _log_findings(r: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ProfileSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision, help="fp32 | fp16 | int8")
-    p.add_argument("--device", default=d.device, help="cpu | cuda")
-    p.add_argument("--profiler", default=d.profiler, choices=PROFILERS,
-                   help="nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens per row")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens per round (exactly)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="rounds before the capture (not profiled)")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="profiled rounds")
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--pinned-repeats", type=int, default=d.pinned_repeats)
-    p.add_argument("--nsys-timeout", type=int, default=d.nsys_timeout)
-    p.add_argument("--out", default=d.out, help="output folder (default artifacts/<model>/profile/<variant>)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, ProfileSettings, help={
+        "engine": "ort | torch | trt",
+        "precision": "fp32 | fp16 | int8",
+        "device": "cpu | cuda",
+        "profiler": "nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed",
+        "prompt_len": "prompt tokens per row",
+        "max_new_tokens": "tokens per round (exactly)",
+        "warmup": "rounds before the capture (not profiled)",
+        "rounds": "profiled rounds",
+        "out": "output folder (default artifacts/<model>/profile/<variant>)",
+    }, choices={"profiler": PROFILERS})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = ProfileSettings(**{f.name: getattr(args, f.name) for f in fields(ProfileSettings)})
-    profile(settings=settings)
-    return 0
+main = cli.main_for(build_parser, ProfileSettings, profile)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -5,7 +5,7 @@
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
-        artifacts/<model>/quantize/<variant>), found with lmopt.engines.find_onnx; the tokenizer of --model
+        artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
 Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
           model_repository/lm/{config.pbtxt, 1/model.py}          non-streaming, dynamic batching
           model_repository/lm_stream/{config.pbtxt, 1/model.py}   decoupled streaming, dynamic batching
@@ -60,7 +60,7 @@ def resolve_precision(s: RepoSettings) -> str:
         return s.precision
     if s.engine != "ort":
         return "fp16" if s.device.startswith("cuda") else "fp32"
-    from lmopt.engines import find_onnx
+    from lmopt.artifacts import find_onnx
 
     try:
         find_onnx(s.artifacts, s.model, "int8", "onnxruntime")
@@ -113,8 +113,9 @@ instance_group [ {{ count: {s.instances} kind: {kind} }} ]
 
 
 def make_repository(*, settings: RepoSettings) -> dict:
-    from lmopt.engines import ENGINES, PRECISIONS, find_onnx, onnx_file
-    from lmopt.manifest import file_entry, list_variants, package_versions, write_manifest
+    from lmopt.artifacts import find_onnx, find_trt_engines, onnx_file
+    from lmopt.engines import ENGINES, PRECISIONS
+    from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.models import load_tokenizer
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
@@ -144,12 +145,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
             raise UserError("TensorRT engines run on the GPU — add --device cuda")
         # the server picks the engine of the installed TensorRT version (TrtEngine.from_artifacts); here we only
         # check that stage 3 produced one of this precision, through the manifests
-        found = {v: m for v, m in list_variants(s.artifacts, s.model, "engine").items()
-                 if m.get("precision") == precision and m.get("engine") == "tensorrt"}
-        if not found:
-            model_arg = "" if s.model == "tiny" else f" MODEL={s.model}"
-            raise UserError(f"no {precision} TensorRT engine under {stage_dir(s.artifacts, s.model, 'engine', '')} — "
-                            f"run: make engine{model_arg}")
+        found = find_trt_engines(s.artifacts, s.model, precision)
         inputs["engine_manifests"] = [str(stage_dir(s.artifacts, s.model, "engine", v) / "manifest.json")
                                       for v in sorted(found)]
     tok = load_tokenizer(s.model)  # fails here, with one line, rather than inside the server

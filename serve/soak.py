@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import sys
 import threading
 import time
@@ -63,52 +62,37 @@ def _rss_mb(pgid: int) -> float | None:
 
 
 def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: threading.Lock):
-    import numpy as np
-    import tritonclient.grpc as g
+    from lmopt.triton_client import GenRequest, GrpcStream
 
-    q: queue.Queue = queue.Queue()
-    c = g.InferenceServerClient(f"{s.host}:{s.grpc_port}")
-    c.start_stream(callback=lambda result, error: q.put((result, error)))
     n = 0
-    try:
+    with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
-            prompt = PROMPTS[(idx + n) % len(PROMPTS)]
-            x = g.InferInput("text_input", [1, 1], "BYTES")
-            x.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
-            m = g.InferInput("max_tokens", [1, 1], "INT32")
-            m.set_data_from_numpy(np.array([[s.max_tokens]], dtype=np.int32))
+            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_tokens)
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None}
             t0 = time.perf_counter()
-            c.async_stream_infer("lm_stream", [x, m], request_id=f"c{idx}-{n}", enable_empty_final_response=True)
             try:
-                while True:
-                    result, error = q.get(timeout=s.timeout)
-                    if error is not None:
-                        rec["error"] = str(error).splitlines()[0]
-                        break
-                    if result.as_numpy("token_ids") is not None:
+                for piece in st.generate(req, request_id=f"c{idx}-{n}"):
+                    if piece.token_ids:
                         rec["tokens"] += 1
                         if rec["ttft_s"] is None:
                             rec["ttft_s"] = time.perf_counter() - t0
-                    if result.get_response().parameters["triton_final_response"].bool_param:
-                        break
-            except queue.Empty:
-                rec["error"] = f"no response for {s.timeout} s"
+            except RuntimeError as e:
+                rec["error"] = str(e).splitlines()[0]
+            except TimeoutError as e:
+                rec["error"] = str(e)
             rec["total_s"] = time.perf_counter() - t0
             with lock:
                 records.append(rec)
             n += 1
             if rec["error"] and "no response" in rec["error"]:
                 break  # the stream is in an unknown state
-    finally:
-        c.stop_stream()
-        c.close()
 
 
 def run_load(*, settings: LoadSettings) -> dict:
     import numpy as np
 
-    from lmopt.manifest import list_variants, machine_info, now_iso, package_versions
+    from lmopt import results as R
+    from lmopt.manifest import list_variants
     from lmopt.paths import stage_dir
 
     s = settings
@@ -162,33 +146,28 @@ def run_load(*, settings: LoadSettings) -> dict:
     stats1 = stats()
     ok = [r for r in records if r["error"] is None]
     failed = [r for r in records if r["error"] is not None]
-    ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
-    tot = np.array([r["total_s"] for r in ok])
+    ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    tot = [r["total_s"] for r in ok]
     mem = [x["rss_mb"] for x in rss if x["rss_mb"]]
     half = len(mem) // 2
-    pct = (lambda a, q: float(np.percentile(a, q)) if len(a) else None)
     summary = {
         "requests": len(records), "failed": len(failed), "completed": len(ok),
         "failed_examples": sorted({r["error"] for r in failed})[:5],
         "tokens": int(sum(r["tokens"] for r in ok)), "wall_s": round(wall, 2),
         "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
-        "ttft_ms": {"p50": pct(ttft * 1e3, 50), "p95": pct(ttft * 1e3, 95), "max": pct(ttft * 1e3, 100)},
-        "request_ms": {"p50": pct(tot * 1e3, 50), "p95": pct(tot * 1e3, 95)},
+        "ttft_ms": R.stats(ttft, scale=1e3), "request_ms": R.stats(tot, scale=1e3),
         "server_rss_mb": {"start": mem[0] if mem else None, "end": mem[-1] if mem else None,
                           "max": max(mem) if mem else None,
                           "mean_first_half": round(float(np.mean(mem[:half])), 1) if half else None,
                           "mean_second_half": round(float(np.mean(mem[half:])), 1) if half else None},
         "server_stats_delta": {m: {k: stats1[m][k] - stats0[m][k] for k in stats0[m]} for m in stats0},
     }
-    result = {"kind": "serve-load", "created": now_iso(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-              "machine": machine_info(), "versions": package_versions("nvidia-pytriton", "tritonclient",
-                                                                      "onnxruntime"),
-              "model": s.model, "variant": variant, "settings": asdict(s), "summary": summary,
-              "samples": {"requests": records, "rss": rss}}
+    result = R.envelope("serve-load", settings=asdict(s),
+                        versions=R.versions("nvidia-pytriton", "tritonclient", "onnxruntime"),
+                        model=s.model, variant=variant, summary=summary, samples={"requests": records, "rss": rss})
     out = Path(s.out) if s.out else (stage_dir(s.artifacts, s.model, "profile", "serve-load")
                                      / f"{variant}-c{s.clients}-{int(s.duration)}s.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    R.write_json(out, result)
     log.info("%d requests (%d failed), %.1f tokens/s, TTFT p50 %.1f ms p95 %.1f ms, server RSS %s -> %s MB "
              "(max %s)", summary["requests"], summary["failed"], summary["tokens_per_s"],
              summary["ttft_ms"]["p50"] or -1, summary["ttft_ms"]["p95"] or -1,

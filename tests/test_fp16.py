@@ -12,7 +12,7 @@ def test_fp16_graph_keeps_accuracy_and_fp32_islands(tiny_export):
     import onnx
     from onnx import TensorProto
 
-    from lmopt.engines import find_onnx, onnx_file
+    from lmopt.artifacts import find_onnx, onnx_file
 
     artifacts = tiny_export.parent.parent.parent
     proc = run_cli(SCRIPT, "--model", "tiny", "--artifacts", str(artifacts))

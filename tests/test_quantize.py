@@ -94,7 +94,8 @@ def test_cpu_graph_is_u8s8_and_fused_trt_graph_is_symmetric(strict_quantize):
 
 
 def test_engines_find_and_run_the_int8_graphs(strict_quantize):
-    from lmopt.engines import create_engine, find_onnx
+    from lmopt.artifacts import find_onnx
+    from lmopt.engines import create_engine
     from lmopt.generate import SamplingParams, generate
 
     artifacts = strict_quantize.parent.parent

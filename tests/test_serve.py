@@ -113,18 +113,9 @@ def _http(mod_name="http"):
 
 
 def _inputs(mod, text, **opt):
-    dt = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_k": ("INT32", np.int32),
-          "top_p": ("FP32", np.float32), "seed": ("INT64", np.int64)}
-    ins = []
-    x = mod.InferInput("text_input", [1, 1], "BYTES")
-    x.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-    ins.append(x)
-    for k, v in opt.items():
-        t, npt = dt[k]
-        y = mod.InferInput(k, [1, 1], t)
-        y.set_data_from_numpy(np.array([[v]], dtype=npt))
-        ins.append(y)
-    return ins
+    from lmopt.triton_client import GenRequest, tensors
+
+    return tensors(mod, GenRequest(prompt=text, **opt))
 
 
 def _infer(server, text, protocol="http", **opt):

@@ -133,5 +133,6 @@ def test_bad_input_one_line_errors(tmp_path):
     proc = run_cli("profile/load_generator.py", "--concurrency", "0", "--artifacts", str(tmp_path), check=False)
     assert_one_line_error(proc, "--concurrency")
     # (each CLI start costs seconds: lmopt.log imports transformers, so the error cases are kept few)
-    for script in ("serve_bench.py", "load_generator.py", "perf_analyzer_sweep.py", "serving_report.py"):
-        assert "--artifacts" in run_cli(f"profile/{script}", "--help").stdout
+    for script in ("profile/serve_bench.py", "profile/load_generator.py", "profile/perf_analyzer_sweep.py",
+                   "report/publish_results.py"):
+        assert "--artifacts" in run_cli(script, "--help").stdout

@@ -6,11 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import load_script
+from lmopt import trt_build as bte
 from lmopt.errors import UserError
 from lmopt.models import load_config, model_shape
-
-bte = load_script("optimize/build_trt_engine.py")
 
 
 def _check_consistent(shape: dict, profiles: list[dict], max_batch: int, max_seq: int) -> None:
@@ -53,7 +51,7 @@ def test_profiles_gpt2_shape():
 
 
 def test_profile_inputs_match_the_real_export(tiny_export):
-    from lmopt.engines import onnx_file
+    from lmopt.artifacts import onnx_file
     from lmopt.manifest import read_manifest
 
     man = read_manifest(tiny_export)

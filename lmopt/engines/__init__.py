@@ -1,4 +1,4 @@
-"""Engines behind one interface (see base.py), created by name and precision; ONNX files found via manifests.
+"""Engines behind one interface (see base.py), created by name and precision; inputs found by lmopt.artifacts.
 
     create_engine("torch", "tiny", precision="fp32")          # PyTorch eager, the baseline
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
@@ -6,63 +6,11 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..artifacts import PRECISIONS, find_onnx, onnx_file
 from ..errors import UserError
-from ..manifest import MANIFEST, list_variants, load_stage, read_manifest
-from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
 ENGINES = ("torch", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
-# which stage/make target produces each ONNX precision
-_PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
-
-
-def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime") -> tuple[Path, dict]:
-    """(folder, manifest) of the ONNX graph of `precision` made for `target` ("onnxruntime" or "tensorrt")."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return load_stage(artifacts, model, "export", "fp32")
-    variants = list_variants(artifacts, model, "quantize")
-    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
-    if not found:
-        where = stage_dir(artifacts, model, "quantize", "")
-        other = sorted({t for m in variants.values() if m.get("precision") == precision for t in m.get("targets", [])})
-        if other:  # e.g. the FP16 graph is built for TensorRT only: rebuilding it would not help
-            raise UserError(f"the {precision} ONNX under {where} is made for {', '.join(other)} only, not {target} "
-                            f"— use --engine {'trt' if 'tensorrt' in other else 'ort'} for {precision}")
-        model_arg = "" if model == "tiny" else f" MODEL={model}"
-        raise UserError(f"no {precision} ONNX for {target} under {where} — run: make "
-                        f"{_PRECISION_TARGET[precision]}{model_arg}")
-    best = sorted(found.items(), key=lambda kv: (not kv[1].get("default", False), kv[1].get("created", "")),
-                  reverse=False)[0]
-    folder = stage_dir(artifacts, model, "quantize", best[0])
-    return folder, best[1]
-
-
-def onnx_file(folder: Path, manifest: dict, verify_hash_below: int = 512 << 20) -> Path:
-    """The ONNX file a manifest names, checked against the size and hash the manifest recorded, so a truncated or
-    replaced file fails with one line instead of deep inside ONNX Runtime."""
-    outputs = manifest.get("outputs", {})
-    p = folder / outputs.get("onnx", "model.onnx")
-    stage = manifest.get("stage", "export")
-    target = {"export": "export", "quantize": "quantize"}.get(stage, stage)
-    if not p.is_file():
-        raise UserError(f"{folder / MANIFEST} names {p.name}, which is missing — delete {folder} and run: make {target}")
-    from ..manifest import sha256_file
-
-    for name, entry in outputs.get("files", {}).items():
-        f = folder / name
-        size = f.stat().st_size if f.is_file() else -1
-        if size != entry.get("bytes"):
-            raise UserError(f"{f} is truncated or changed ({size} bytes, manifest says {entry.get('bytes')}) — "
-                            f"delete {folder} and run: make {target}")
-        if size < verify_hash_below and sha256_file(f) != entry.get("sha256"):
-            raise UserError(f"{f} does not match the sha256 in its manifest (corrupt or edited) — delete {folder} and "
-                            f"run: make {target}")
-    return p
 
 
 def create_engine(engine: str, model: str, precision: str = "fp32", device: str = "cpu",
@@ -112,5 +60,4 @@ def trt_unavailable_reason(device: str = "cuda") -> str | None:
     return None
 
 
-__all__ = ["Engine", "EngineInfo", "ENGINES", "PRECISIONS", "create_engine", "find_onnx", "onnx_file",
-           "read_manifest", "trt_unavailable_reason"]
+__all__ = ["Engine", "EngineInfo", "ENGINES", "PRECISIONS", "create_engine", "trt_unavailable_reason"]

@@ -80,34 +80,19 @@ class TrtEngine(Engine):
     def from_artifacts(cls, artifacts, model: str, precision: str, **kw) -> "TrtEngine":
         """The stage-3 engine of `precision` built by the installed TensorRT version, found through its manifest."""
         from .. import trt_api
-        from ..manifest import list_variants, sha256_file
-        from ..paths import stage_dir
+        from ..artifacts import find_trt_engines, make_hint, trt_plan
 
         trt = trt_api.import_tensorrt()
         tag = trt_api.version_tag(trt)
-        found = {v: m for v, m in list_variants(artifacts, model, "engine").items()
-                 if m.get("precision") == precision and m.get("engine") == "tensorrt"}
-        model_arg = "" if model == "tiny" else f" MODEL={model}"
-        if not found:
-            raise UserError(f"no {precision} TensorRT engine under {stage_dir(artifacts, model, 'engine', '')} — run: "
-                            f"make engine{model_arg}")
-        mine = {v: m for v, m in found.items() if v.startswith(f"{tag}-")}
-        if not mine:
-            raise UserError(f"the {precision} engines ({', '.join(found)}) were built by another TensorRT than the "
-                            f"installed {trt.__version__} (engines only load in the version that built them) — run: "
-                            f"make engine{model_arg}")
-        variant, man = sorted(mine.items(), key=lambda kv: kv[1].get("created", ""))[-1]
-        folder = stage_dir(artifacts, model, "engine", variant)
-        plan = folder / man["outputs"]["engine"]
-        entry = man["outputs"]["files"].get(plan.name, {})
-        if not plan.is_file() or plan.stat().st_size != entry.get("bytes") or sha256_file(plan) != entry.get("sha256"):
-            raise UserError(f"{plan} is missing or does not match its manifest — delete {folder} and run: "
-                            f"make engine{model_arg}")
+        found = find_trt_engines(artifacts, model, precision, version_tag=tag, installed=trt.__version__)
+        variant, man = list(found.items())[-1]
+        plan = trt_plan(artifacts, model, variant, man)
+        folder = plan.parent
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT {trt.__version__} could not load {plan} (other GPU or corrupt file) — delete "
-                            f"{folder} and run: make engine{model_arg}")
+                            f"{folder} and {make_hint('engine', model)}")
         shape = man.get("model_shape", {})
         eng = cls(engine, precision, variant=variant, source=str(plan),
                   max_positions=int(shape.get("max_positions", 2048)), vocab_size=int(shape.get("vocab_size", -1)),

@@ -58,35 +58,11 @@ class ClientSettings:
     out: str = ""
 
 
-def _inputs(mod, s: ClientSettings, prompt: str):
-    """KServe v2 input tensors for tritonclient.http or .grpc (shape [1, 1]: batch dim + one value)."""
-    import numpy as np
+def _request(s: ClientSettings, prompt: str):
+    from lmopt.triton_client import GenRequest
 
-    def t(name, arr, dtype):
-        x = mod.InferInput(name, list(arr.shape), dtype)
-        x.set_data_from_numpy(arr)
-        return x
-
-    ins = [t("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
-           t("max_tokens", np.array([[s.max_tokens]], dtype=np.int32), "INT32"),
-           t("temperature", np.array([[s.temperature]], dtype=np.float32), "FP32"),
-           t("top_k", np.array([[s.top_k]], dtype=np.int32), "INT32"),
-           t("top_p", np.array([[s.top_p]], dtype=np.float32), "FP32")]
-    if s.seed is not None:
-        ins.append(t("seed", np.array([[s.seed]], dtype=np.int64), "INT64"))
-    if s.stop:
-        ins.append(t("stop", np.array([[s.stop.encode()]], dtype=np.object_), "BYTES"))
-    return ins
-
-
-def _gen_body(s: ClientSettings, prompt: str) -> bytes:
-    body = {"text_input": prompt, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_k": s.top_k,
-            "top_p": s.top_p}
-    if s.seed is not None:
-        body["seed"] = s.seed
-    if s.stop:
-        body["stop"] = s.stop
-    return json.dumps(body).encode()
+    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                      seed=s.seed, stop=s.stop or None)
 
 
 def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
@@ -118,6 +94,8 @@ def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
 def _infer_unary(s: ClientSettings, prompt: str, piece):
     import numpy as np
 
+    from lmopt.triton_client import tensors
+
     if s.stream:
         raise UserError("streaming over the infer API needs gRPC — use --protocol grpc, or --api generate")
     if s.protocol == "grpc":
@@ -128,46 +106,31 @@ def _infer_unary(s: ClientSettings, prompt: str, piece):
         import tritonclient.http as mod
 
         client = mod.InferenceServerClient(f"{s.host}:{s.http_port}", network_timeout=s.timeout)
-    r = client.infer("lm", _inputs(mod, s, prompt))
+    r = client.infer("lm", tensors(mod, _request(s, prompt)))
     text = r.as_numpy("text_output").reshape(-1)[0]
     piece(text.decode() if isinstance(text, bytes) else str(text), np.asarray(r.as_numpy("token_ids")).reshape(-1))
     client.close()
 
 
 def _stream_grpc(s: ClientSettings, prompt: str, piece):
-    import queue
+    from lmopt.triton_client import GrpcStream
 
-    import tritonclient.grpc as grpcclient
-
-    q: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(f"{s.host}:{s.grpc_port}")
-    client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=s.timeout)
-    try:
-        client.async_stream_infer("lm_stream", _inputs(grpcclient, s, prompt), enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=s.timeout)
-            if error is not None:
-                raise RuntimeError(str(error))
-            final = result.get_response().parameters.get("triton_final_response")
-            text = result.as_numpy("text_output")
-            if text is not None:
-                t = text.reshape(-1)[0]
-                piece(t.decode() if isinstance(t, bytes) else str(t), result.as_numpy("token_ids").reshape(-1))
-            if final is not None and final.bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
+    with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
+        for p in st.generate(_request(s, prompt)):
+            if p.token_ids or p.text:
+                piece(p.text, p.token_ids)
 
 
 def _generate_http(s: ClientSettings, prompt: str, piece):
     import http.client
 
+    from lmopt.triton_client import generate_body
+
     if s.protocol != "http":
         raise UserError("the generate endpoints are HTTP only — use --protocol http")
     conn = http.client.HTTPConnection(s.host, s.http_port, timeout=s.timeout)
     path = "/v2/models/lm_stream/generate_stream" if s.stream else "/v2/models/lm/generate"
-    conn.request("POST", path, body=_gen_body(s, prompt), headers={"Content-Type": "application/json"})
+    conn.request("POST", path, body=generate_body(_request(s, prompt)), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     try:
         if not s.stream:

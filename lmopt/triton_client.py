@@ -1,0 +1,164 @@
+"""The one Triton client of the project: what a request to the served models looks like, and how its responses come
+back — used by serve/client/infer_client.py (the CLI), profile/load_generator.py, profile/perf_analyzer_sweep.py
+(its --input-data file), serve/soak.py and the tests.
+
+    from lmopt.triton_client import GenRequest, GrpcStream, tensors
+    req = GenRequest(prompt="def f(", max_tokens=16)              # or input_ids=[...] (token ids, no STRING tensor)
+    with GrpcStream("127.0.0.1:8001") as st:                      # one gRPC stream, many requests in turn
+        for piece in st.generate(req):                            # Piece(text, token_ids, final)
+            print(piece.text, end="")
+
+The served models (serve/make_model_repository.py): `lm` (one response) and `lm_stream` (decoupled: one response per
+token, then an empty final response flagged `triton_final_response`). Inputs: `text_input` BYTES or `input_ids`
+INT64, optional `max_tokens` INT32, `temperature` FP32, `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` BYTES;
+outputs `text_output` BYTES and `token_ids` INT64. With max_batch_size > 0 every input has a leading batch dimension
+(`[1, 1]` per value; input_ids `[1, n]`).
+"""
+from __future__ import annotations
+
+import json
+import queue
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+STREAM_MODEL = "lm_stream"
+UNARY_MODEL = "lm"
+FINAL_FLAG = "triton_final_response"
+
+
+@dataclass
+class GenRequest:
+    """One generation request: the prompt as text or token ids, and its sampling settings (None = server default)."""
+    prompt: str | None = None
+    input_ids: Sequence[int] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | None = None
+    names: dict = field(default_factory=dict)   # tensor renames, e.g. {"text_input": "prompt"} for another model
+
+    def values(self) -> list[tuple[str, Any, str]]:
+        """(tensor name, values as a flat list, Triton datatype) of every input this request sets."""
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("a request needs exactly one of prompt and input_ids")
+        out = [("text_input", [self.prompt], "BYTES")] if self.prompt is not None else \
+            [("input_ids", [int(i) for i in self.input_ids], "INT64")]
+        for name, dtype in (("max_tokens", "INT32"), ("temperature", "FP32"), ("top_k", "INT32"), ("top_p", "FP32"),
+                            ("seed", "INT64"), ("stop", "BYTES")):
+            v = getattr(self, name)
+            if v is not None:
+                out.append((name, [v], dtype))
+        return [(self.names.get(n, n), v, d) for n, v, d in out]
+
+
+_NP = {"BYTES": "object", "INT32": "int32", "INT64": "int64", "FP32": "float32"}
+
+
+def tensors(mod, req: GenRequest, batch_dim: bool = True) -> list:
+    """InferInput tensors of `req` for a tritonclient module (tritonclient.grpc, .http or .grpc.aio)."""
+    import numpy as np
+
+    ins = []
+    for name, vals, dtype in req.values():
+        a = np.array([v.encode() if isinstance(v, str) else v for v in vals], dtype=_NP[dtype])
+        if batch_dim:
+            a = a.reshape(1, -1)
+        x = mod.InferInput(name, list(a.shape), dtype)
+        x.set_data_from_numpy(a)
+        ins.append(x)
+    return ins
+
+
+def stream_request(mod, req: GenRequest, request_id: str = "", model: str = STREAM_MODEL,
+                   batch_dim: bool = True) -> dict:
+    """One item for tritonclient.grpc.aio's stream_infer(): the inputs plus the empty-final-response flag, so the end
+    of a request is the server's word, not a guess."""
+    return {"model_name": model, "inputs": tensors(mod, req, batch_dim), "request_id": request_id,
+            "parameters": {"triton_enable_empty_final_response": True}}
+
+
+def perf_analyzer_entry(req: GenRequest) -> dict:
+    """One entry of perf_analyzer's --input-data JSON (shapes exclude the batch dimension)."""
+    return {name: {"content": vals, "shape": [len(vals)]} for name, vals, _ in req.values()}
+
+
+def generate_body(req: GenRequest) -> bytes:
+    """JSON body for Triton's HTTP generate / generate_stream endpoints."""
+    return json.dumps({name: (vals if name == "input_ids" else vals[0]) for name, vals, _ in req.values()}).encode()
+
+
+@dataclass
+class Piece:
+    text: str                 # "" for the empty final response
+    token_ids: list[int]
+    final: bool
+
+
+def parse_response(result, tokens_output: str = "token_ids") -> Piece:
+    """A streamed or unary InferResult as text, token ids and the final flag."""
+    resp = result.get_response()
+    names = {o.name for o in resp.outputs}
+    text = result.as_numpy("text_output").reshape(-1)[0] if "text_output" in names else b""
+    ids = result.as_numpy(tokens_output).reshape(-1) if tokens_output in names else []
+    flag = resp.parameters.get(FINAL_FLAG)
+    return Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
+                 bool(flag is not None and flag.bool_param))
+
+
+class GrpcStream:
+    """One gRPC bidirectional stream to the decoupled model; requests on it run one after the other."""
+
+    def __init__(self, url: str, timeout: float = 120.0, model: str = STREAM_MODEL, batch_dim: bool = True):
+        import tritonclient.grpc as grpcclient
+
+        self.mod, self.url, self.timeout, self.model, self.batch_dim = grpcclient, url, timeout, model, batch_dim
+        self._q: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self._q.put((result, error)), stream_timeout=timeout)
+
+    def generate(self, req: GenRequest, request_id: str = "") -> Iterator[Piece]:
+        """Send one request; yield its pieces up to and including the final one. A server error raises
+        RuntimeError with its message; no response within `timeout` raises TimeoutError (the stream's state is
+        then unknown: close it)."""
+        self.client.async_stream_infer(self.model, tensors(self.mod, req, self.batch_dim), request_id=request_id,
+                                       enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = self._q.get(timeout=self.timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no response for {self.timeout} s") from None
+            if error is not None:
+                raise RuntimeError(str(error))
+            piece = parse_response(result)
+            yield piece
+            if piece.final:
+                return
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream()
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> "GrpcStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_BATCH_DIM: dict[str, bool] = {}   # url/model -> whether the model's inputs carry a batch dimension
+
+
+def has_batch_dim(url: str, model: str) -> bool:
+    """max_batch_size > 0 means every input has a leading batch dimension: a request is [1, 1], not [1]."""
+    key = f"{url}/{model}"
+    if key not in _BATCH_DIM:
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(url) as c:
+            cfg = c.get_model_config(model, as_json=True)["config"]
+        _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
+    return _BATCH_DIM[key]
