@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("openai")
 
@@ -99,6 +99,7 @@ class ModelInfo:
     context: int              # prompt + generated tokens
     max_tokens_cap: int
     default_max_tokens: int
+    batch_dim: bool = True    # the Triton model has max_batch_size > 0: inputs carry a leading batch dimension
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -151,6 +152,7 @@ class TritonBackend:
                                     f"{str(e).strip()[:200]}") from None
                 params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
                 self._info = await asyncio.to_thread(_load_info, params, self.served_name)
+                self._info.batch_dim = int(cfg.get("max_batch_size", 0)) > 0
                 log.info("serving '%s' (context %d tokens, max_tokens cap %d) from Triton model '%s' at %s",
                          self._info.name, self._info.context, self._info.max_tokens_cap, self.model, self.url)
         return self._info
@@ -159,37 +161,27 @@ class TritonBackend:
         """Token ids as the backend sends them (one list per response). Raises APIError. Leaving the loop early
         (client gone, stop string) cancels the request on the server."""
         import grpc
-        import numpy as np
         import tritonclient.grpc.aio as grpcclient
 
-        def tensor(name, arr, dtype):
-            t = grpcclient.InferInput(name, list(arr.shape), dtype)
-            t.set_data_from_numpy(arr)
-            return t
+        from lmopt.triton_client import GenRequest, parse_response, stream_request
 
-        inputs = [tensor("input_ids", np.asarray([prompt_ids], dtype=np.int64), "INT64"),
-                  tensor("max_tokens", np.array([[p.max_tokens]], dtype=np.int32), "INT32"),
-                  tensor("temperature", np.array([[p.temperature]], dtype=np.float32), "FP32"),
-                  tensor("top_p", np.array([[p.top_p]], dtype=np.float32), "FP32")]
-        if p.seed is not None:
-            inputs.append(tensor("seed", np.array([[p.seed]], dtype=np.int64), "INT64"))
-        if len(p.stop) == 1:  # the model stops on one string itself; several are matched (and cancelled) here
-            inputs.append(tensor("stop", np.array([[p.stop[0].encode()]], dtype=np.object_), "BYTES"))
+        # the model stops on one string itself; several are matched (and the request cancelled) here
+        req = GenRequest(input_ids=prompt_ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                         seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None)
+        item = stream_request(grpcclient, req, uuid.uuid4().hex[:16], self.model, self._info.batch_dim)
 
         async def requests():
-            yield {"model_name": self.model, "inputs": inputs, "request_id": uuid.uuid4().hex[:16],
-                   "parameters": {"triton_enable_empty_final_response": True}}
+            yield item
 
         call = self.client.stream_infer(requests(), stream_timeout=self.timeout)
         try:
             async for result, error in call:
                 if error is not None:
                     raise backend_error(str(error))
-                ids = result.as_numpy("token_ids")
-                if ids is not None and ids.size:
-                    yield ids.reshape(-1).tolist()
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                piece = parse_response(result)
+                if piece.token_ids:
+                    yield piece.token_ids
+                if piece.final:
                     return
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -645,26 +637,16 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = GatewaySettings()
-    p.add_argument("--host", default=d.host, help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--triton-grpc", default=d.triton_grpc, help="Triton's gRPC address host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="the decoupled (streaming) model to call")
-    p.add_argument("--served-model-name", default=d.served_model_name,
-                   help="the `model` clients send (default: the model spec of the Triton repository)")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds per request")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, GatewaySettings, help={
+        "host": "address to listen on (default: loopback only)", "port": "TCP port of the endpoint",
+        "triton_grpc": "Triton's gRPC address host:port", "triton_model": "the decoupled (streaming) model to call",
+        "served_model_name": "the `model` clients send (default: the model spec of the Triton repository)",
+        "request_timeout": "seconds one request may stream"})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    serve(settings=GatewaySettings(**{f.name: getattr(args, f.name) for f in fields(GatewaySettings)}))
-    return 0
-
+main = cli.main_for(build_parser, GatewaySettings, serve)
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)
