@@ -6,21 +6,22 @@ stream) on the same server in the same run, level by level: TTFT, ITL, output to
     python profile/aiperf_compare.py --model tiny --concurrency 1,2,4,8 --requests 32
     python profile/aiperf_compare.py --publish                 # also copy the result under results/<machine>/
 
-Per concurrency level: aiperf `profile` (completions endpoint, streaming, synthetic prompts of --prompt-tokens
-tokens, --max-tokens output tokens with no spread, temperature 0) against --openai-url, then our load generator
-(profile/load_generator.py: same prompt and output lengths, greedy, held-out prompts) against --triton-grpc.
-Definitions: TTFT is the same in both (send -> first token). aiperf's ITL is per request, (latency - TTFT) /
-(tokens - 1), then its percentiles over requests; the load generator's own ITL is every gap between token responses.
-Both are in the result; the comparison uses the per-request definition for both. Differences to expect: aiperf goes
-through the gateway (its overhead: profile/openai_overhead.py) and HTTP, ours straight to gRPC.
+Per concurrency level, one after the other on the same server: aiperf `profile` (completions endpoint, streaming,
+synthetic prompts of --prompt-tokens tokens, --max-new-tokens output tokens with no spread, temperature 0) against
+--openai-url; our load generator (profile/load_generator.py, run as its CLI: same lengths, greedy, held-out prompts)
+against --triton-grpc; and lmopt.openai_client against --openai-url (the same path as aiperf with our own timing).
+Definitions: TTFT is the same everywhere (send -> first token). aiperf's ITL is per request, (latency - TTFT) /
+(tokens - 1), then percentiles over requests; the load generator's own ITL is every gap between token responses.
+Both are in the result; the comparison uses the per-request definition for all. Differences to expect: aiperf and
+our endpoint client go through the gateway (its overhead: profile/openai_overhead.py), the load generator straight to
+gRPC; aiperf runs several processes of its own, which on a small CPU compete with the server.
 
-Reads:  aiperf's profile_export_aiperf.json per level; data/eval.txt
+Reads:  aiperf's profile_export_aiperf.json and the load generator's serving-stream-aiperf-c<N>.json per level
 Writes: artifacts/<model>/profile/aiperf/c<N>/ (aiperf's own artifacts), artifacts/<model>/profile/aiperf-compare.json;
         with --publish also results/<machine-tag>/<model>/aiperf-compare.json
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -28,14 +29,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from load_generator import run_level
-
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
-from lmopt.serving import LoadSettings, held_out_prompts
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("aiperf-compare")
 
@@ -48,7 +47,7 @@ class CompareSettings:
     triton_grpc: str = "127.0.0.1:8001"
     concurrency: str = "1,2,4,8"
     prompt_tokens: int = 32
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     requests: int = 32                  # measured requests per level and tool (at least 4 per client)
     aiperf: str = ".venv-aiperf/bin/aiperf"
     tolerance: float = 0.10             # agreement bar on TTFT and ITL medians
@@ -60,7 +59,7 @@ def _aiperf_level(s: CompareSettings, served: str, tokenizer_dir: str, c: int, o
     cmd = [s.aiperf, "profile", "--model", served, "--tokenizer", tokenizer_dir, "--url", s.openai_url,
            "--endpoint-type", "completions", "--streaming",
            "--synthetic-input-tokens-mean", str(s.prompt_tokens), "--synthetic-input-tokens-stddev", "0",
-           "--output-tokens-mean", str(s.max_tokens), "--output-tokens-stddev", "0",
+           "--output-tokens-mean", str(s.max_new_tokens), "--output-tokens-stddev", "0",
            "--extra-inputs", "temperature:0", "--concurrency", str(c), "--request-count", str(n),
            "--warmup-request-count", str(c), "--artifact-dir", str(out), "--random-seed", "0"]
     if out.exists():
@@ -80,17 +79,62 @@ def _aiperf_level(s: CompareSettings, served: str, tokenizer_dir: str, c: int, o
             "requests_per_s": d["request_throughput"]["avg"]}
 
 
-def _ours_level(s: CompareSettings, prompts: list[str], c: int) -> tuple[dict, list]:
+def _per_request_itl(times_s: list[list[float]]) -> dict:
+    """aiperf's ITL definition: per request (last - first token) / (tokens - 1), in ms; then statistics."""
     from lmopt.results import stats
 
-    ls = LoadSettings(model=s.model, artifacts=s.artifacts, url=s.triton_grpc, max_tokens=s.max_tokens,
-                      prompt_tokens=s.prompt_tokens, requests=max(s.requests, 4 * c), duration_s=600,
-                      prompt_input="input_ids", label="aiperf-compare")
-    row, recs = asyncio.run(run_level(s.triton_grpc, prompts, c, ls))
-    per_req = [(r.token_times_s[-1] - r.token_times_s[0]) / (len(r.token_times_s) - 1) * 1e3
-               for r in recs if not r.warmup and r.error is None and len(r.token_times_s) > 1]
-    row["itl_per_request_ms"] = stats(per_req)
-    return row, recs
+    return stats([(t[-1] - t[0]) / (len(t) - 1) * 1e3 for t in times_s if len(t) > 1])
+
+
+def _load_generator_level(s: CompareSettings, c: int) -> dict:
+    from lmopt.paths import REPO_ROOT
+    from lmopt.serving import result_path
+
+    label = f"aiperf-c{c}"
+    cmd = [sys.executable, str(REPO_ROOT / "profile" / "load_generator.py"), "--model", s.model, "--artifacts",
+           s.artifacts, "--url", s.triton_grpc, "--label", label, "--concurrency", str(c), "--prompt-tokens",
+           str(s.prompt_tokens), "--max-tokens", str(s.max_new_tokens), "--requests", str(max(s.requests, 4 * c)),
+           "--duration-s", "600", "--prompt-input", "input_ids", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise UserError(f"the load generator failed at concurrency {c}: {proc.stderr.strip().splitlines()[-1:]}")
+    doc = json.loads(result_path(s.artifacts, s.model, f"stream-{label}").read_text())
+    row = doc["summary"][0]
+    recs = [r for r in doc["samples"][str(c)] if not r.get("warmup") and r.get("error") is None]
+    row["itl_per_request_ms"] = _per_request_itl([r["token_times_s"] for r in recs])
+    return row
+
+
+async def _endpoint_level(s: CompareSettings, served: str, prompts: list[str], c: int) -> dict:
+    """Our endpoint client at concurrency c through the gateway: c loops, each one request at a time."""
+    import aiohttp
+
+    from lmopt.openai_client import stream_completion
+    from lmopt.results import stats
+
+    n = max(s.requests, 4 * c)
+    recs, issued = [], 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        body = lambda i: {"model": served, "prompt": prompts[i % len(prompts)],  # noqa: E731
+                          "max_tokens": s.max_new_tokens, "temperature": 0}
+        await asyncio.gather(*(stream_completion(session, s.openai_url, body(i)) for i in range(c)))  # warm-up
+        t0 = time.perf_counter()
+
+        async def loop():
+            nonlocal issued
+            while issued < n:
+                i, issued = issued, issued + 1
+                recs.append(await stream_completion(session, s.openai_url, body(i)))
+
+        await asyncio.gather(*(loop() for _ in range(c)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in recs if r.error is None]
+    tokens = sum(r.usage.get("completion_tokens", 0) for r in ok)
+    return {"requests": len(recs), "failed": len(recs) - len(ok), "wall_s": wall,
+            "output_tok_per_s": tokens / wall if wall > 0 else None,
+            "ttft_ms": stats([r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]),
+            "itl_per_request_ms": _per_request_itl([r.event_times_s for r in ok]),
+            "e2e_ms": stats([r.end_s * 1e3 for r in ok])}
 
 
 def _pct(a, b):
@@ -129,25 +173,32 @@ def run_compare(*, settings: CompareSettings) -> dict:
         from lmopt.models import BUILTIN_DIR
 
         tokenizer_dir = str(BUILTIN_DIR)
+    from lmopt.serving import held_out_prompts
+
     prompts = held_out_prompts(s.model, 16, s.prompt_tokens)
     out_dir = result_path(s.artifacts, s.model, "x").parent / "aiperf"
-    rows, samples = [], {}
+    rows = []
     for c in levels:
         log.info("concurrency %d: aiperf through %s", c, s.openai_url)
         a = _aiperf_level(s, served, tokenizer_dir, c, out_dir / f"c{c}")
         log.info("concurrency %d: load generator through %s", c, s.triton_grpc)
-        o, recs = _ours_level(s, prompts, c)
-        samples[str(c)] = [asdict(r) for r in recs]
-        agree = {"ttft_p50": _pct(a["ttft_ms"]["p50"], o["ttft_ms"]["p50"]),
-                 "itl_p50": _pct(a["itl_ms"]["p50"], o["itl_per_request_ms"]["p50"]),
-                 "output_tok_per_s": _pct(a["output_tok_per_s"], o["output_tok_per_s"])}
-        within = all(v is not None and abs(v) <= s.tolerance for k, v in agree.items() if k != "output_tok_per_s")
-        rows.append({"concurrency": c, "aiperf": a, "load_generator": o, "relative_difference": agree,
+        o = _load_generator_level(s, c)
+        log.info("concurrency %d: endpoint client through %s", c, s.openai_url)
+        e = asyncio.run(_endpoint_level(s, served, prompts, c))
+        diff = {"ttft_p50": _pct(a["ttft_ms"]["p50"], o["ttft_ms"]["p50"]),
+                "itl_p50": _pct(a["itl_ms"]["p50"], o["itl_per_request_ms"]["p50"]),
+                "output_tok_per_s": _pct(a["output_tok_per_s"], o["output_tok_per_s"])}
+        diff_same_path = {"ttft_p50": _pct(a["ttft_ms"]["p50"], e["ttft_ms"]["p50"]),
+                          "itl_p50": _pct(a["itl_ms"]["p50"], e["itl_per_request_ms"]["p50"]),
+                          "output_tok_per_s": _pct(a["output_tok_per_s"], e["output_tok_per_s"])}
+        within = all(v is not None and abs(v) <= s.tolerance for k, v in diff.items() if k != "output_tok_per_s")
+        rows.append({"concurrency": c, "aiperf": a, "load_generator": o, "endpoint_client": e,
+                     "relative_difference": diff, "relative_difference_same_path": diff_same_path,
                      "within_tolerance": within})
-        log.info("concurrency %d: TTFT p50 aiperf %.1f vs ours %.1f ms; ITL p50 %.2f vs %.2f ms; %.0f vs %.0f tok/s",
-                 c, a["ttft_ms"]["p50"], o["ttft_ms"]["p50"], a["itl_ms"]["p50"], o["itl_per_request_ms"]["p50"],
-                 a["output_tok_per_s"], o["output_tok_per_s"])
-    doc = results.envelope("aiperf-compare", settings=asdict(s), summary=rows, samples=samples,
+        log.info("concurrency %d: TTFT p50 aiperf %.1f, load generator %.1f, endpoint client %.1f ms; ITL p50 %.2f, "
+                 "%.2f, %.2f ms", c, a["ttft_ms"]["p50"], o["ttft_ms"]["p50"], e["ttft_ms"]["p50"],
+                 a["itl_ms"]["p50"], o["itl_per_request_ms"]["p50"], e["itl_per_request_ms"]["p50"])
+    doc = results.envelope("aiperf-compare", settings=asdict(s), summary=rows,
                            versions={**results.versions("tritonclient", "nvidia-pytriton", "starlette", "uvicorn"),
                                      "aiperf": _aiperf_version(s.aiperf)},
                            served_model=served, loadavg=[round(x, 2) for x in os.getloadavg()])
@@ -159,13 +210,13 @@ def run_compare(*, settings: CompareSettings) -> dict:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dest)
         log.info("Saving %s", dest)
-    print(f"{'conc':>4} | {'TTFT p50 aiperf':>15} {'ours':>7} {'diff':>6} | {'ITL p50 aiperf':>14} {'ours':>6} "
-          f"{'diff':>6} | {'tok/s aiperf':>12} {'ours':>6}")
+    print(f"TTFT p50 / ITL p50 (per request) in ms, output tok/s; prompt {s.prompt_tokens}, {s.max_new_tokens} tokens")
+    print(f"{'conc':>4} | {'aiperf':>20} | {'load generator':>20} | {'endpoint client':>20} | TTFT diff  ITL diff")
     for r in rows:
-        a, o, d = r["aiperf"], r["load_generator"], r["relative_difference"]
-        print(f"{r['concurrency']:>4} | {a['ttft_ms']['p50']:>13.1f}ms {o['ttft_ms']['p50']:>5.1f}ms "
-              f"{d['ttft_p50']:>+6.0%} | {a['itl_ms']['p50']:>12.2f}ms {o['itl_per_request_ms']['p50']:>4.2f}ms "
-              f"{d['itl_p50']:>+6.0%} | {a['output_tok_per_s']:>12.0f} {o['output_tok_per_s']:>6.0f}")
+        a, o, e, d = r["aiperf"], r["load_generator"], r["endpoint_client"], r["relative_difference"]
+        cell = lambda x, itl: f"{x['ttft_ms']['p50']:>6.1f} {x[itl]['p50']:>5.2f} {x['output_tok_per_s']:>6.0f}"  # noqa: E731
+        print(f"{r['concurrency']:>4} | {cell(a, 'itl_ms'):>20} | {cell(o, 'itl_per_request_ms'):>20} | "
+              f"{cell(e, 'itl_per_request_ms'):>20} | {d['ttft_p50']:>+8.0%} {d['itl_p50']:>+8.0%}")
     return doc
 
 
@@ -178,31 +229,18 @@ def _aiperf_version(exe: str) -> str | None:
         return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = CompareSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--openai-url", default=d.openai_url, help="the OpenAI endpoint's base URL (without /v1)")
-    p.add_argument("--triton-grpc", default=d.triton_grpc, help="the same server's Triton gRPC address")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of levels")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--requests", type=int, default=d.requests, help="measured requests per level and tool")
-    p.add_argument("--aiperf", default=d.aiperf, help="the aiperf executable (make aiperf-venv)")
-    p.add_argument("--tolerance", type=float, default=d.tolerance)
-    p.add_argument("--publish", action="store_true", help="copy the result to results/<machine-tag>/<model>/")
-    add_verbosity_args(p)
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_settings(p, CompareSettings, help={
+        "openai_url": "the OpenAI endpoint's base URL (without /v1)",
+        "triton_grpc": "the same server's Triton gRPC address", "prompt_tokens": "prompt length in tokens",
+        "requests": "measured requests per level and tool", "aiperf": "the aiperf executable (make aiperf-venv)",
+        "tolerance": "agreement bar on TTFT and ITL medians (0.10 = 10%%)",
+        "publish": "copy the result to results/<machine-tag>/<model>/"})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    run_compare(settings=CompareSettings(**{f.name: getattr(args, f.name) for f in fields(CompareSettings)}))
-    return 0
-
+main = cli.main_for(build_parser, CompareSettings, run_compare)
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)
