@@ -100,6 +100,7 @@ class ModelInfo:
     max_tokens_cap: int
     default_max_tokens: int
     batch_dim: bool = True    # the Triton model has max_batch_size > 0: inputs carry a leading batch dimension
+    vocab: int = 0            # len(tokenizer), computed once: transformers rebuilds the vocabulary on every len()
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -203,7 +204,7 @@ def _load_info(params: dict, served_name: str) -> ModelInfo:
         context = int(model_shape(load_config(spec))["max_positions"])
     except UserError:
         context = int(getattr(tok, "model_max_length", 0) or 2048)
-    return ModelInfo(name=served_name or spec, spec=spec, tokenizer=tok, context=context,
+    return ModelInfo(name=served_name or spec, spec=spec, tokenizer=tok, context=context, vocab=len(tok),
                      max_tokens_cap=int(params.get("max_tokens_cap") or 256),
                      default_max_tokens=int(params.get("default_max_tokens") or 16))
 
@@ -275,7 +276,7 @@ def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
         include_usage = so.get("include_usage", False)
 
     ids = _chat_ids(body, info) if chat else _prompt_ids(body, info)
-    vocab = len(info.tokenizer)
+    vocab = info.vocab or len(info.tokenizer)
     if any(not 0 <= t < vocab for t in ids):
         raise bad(f"the prompt holds a token id outside the vocabulary [0, {vocab})", "prompt")
 

@@ -403,3 +403,22 @@ def test_text_stream_holds_back_possible_stop_prefixes():
     assert pieces[3] == "" and pieces[4] == "" and pieces[5] == "XYd"  # "X", "XY" held until "d" rules XYZ out
     pieces, tail, stopped = run("hello world", ["lo w", "xyz"])
     assert "".join(pieces) + tail == "hel" and stopped
+
+
+# ---- the measuring CLIs ---------------------------------------------------------------------------------------------
+def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
+    srv, gw = stack
+    proc = run_cli("profile/openai_overhead.py", "--artifacts", str(srv.artifacts), "--openai-url", gw.base,
+                   "--triton-grpc", f"127.0.0.1:{srv.grpc}", "--requests", "3", "--warmup", "1",
+                   "--max-new-tokens", "4", env=_env())
+    assert "overhead: TTFT p50" in proc.stdout
+    doc = json.loads((srv.artifacts / "tiny" / "profile" / "openai-overhead.json").read_text())
+    assert doc["kind"] == "openai-overhead" and len(doc["samples"]) == 3
+    for row in doc["samples"]:
+        assert row["direct"]["output_tokens"] == row["openai"]["output_tokens"] == 4
+        assert len(row["openai"]["itl_ms"]) == 3 and row["openai"]["ttft_ms"] > 0
+
+
+def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):
+    proc = run_cli("profile/aiperf_compare.py", "--aiperf", str(tmp_path / "none" / "aiperf"), check=False, env=_env())
+    assert_one_line_error(proc, "no aiperf", "make aiperf-venv")
