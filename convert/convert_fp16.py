@@ -19,15 +19,15 @@ validation session disables that one optimizer; TensorRT parses the graph itself
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("fp16")
 
@@ -171,22 +171,13 @@ def _precision_counts(model) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = Fp16Settings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
+    cli.add_settings(p, Fp16Settings, skip=("max_ppl_increase", "keep_fp32_ops"))
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
                    help="accuracy budget: max perplexity increase over FP32, in percent")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    p.add_argument("--greedy-prompts", type=int, default=d.greedy_prompts)
-    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
     p.add_argument("--keep-fp32-ops", nargs="*", default=d.keep_fp32_ops, metavar="OP",
                    help="op types kept in FP32")
-    p.add_argument("--data-max", type=float, default=d.data_max)
-    p.add_argument("--threads", type=int, default=d.threads)
-    add_verbosity_args(p)
     return p
 
 
@@ -196,7 +187,7 @@ def main(argv=None) -> int:
 
     args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
-    settings = Fp16Settings(**{f.name: getattr(args, f.name) for f in fields(Fp16Settings)})
+    settings = cli.settings_from(Fp16Settings, args)
     t0 = time.time()
     convert(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -204,4 +195,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -18,14 +18,14 @@ prefill and 8 decode steps with the KV cache, greedy tokens identical, and a set
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("export")
 
@@ -35,7 +35,7 @@ class ExportSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     opset: int = 18
-    atol: float = 1e-4            # max |Δlogits| vs PyTorch in FP32
+    atol: float = 1e-4            # max |Δlogits| accepted vs PyTorch
     decode_steps: int = 8         # decode steps with KV cache compared logit by logit
     greedy_tokens: int = 32       # greedy tokens that must be identical
     threads: int = 0              # ONNX Runtime / torch threads (0 = library default)
@@ -202,24 +202,15 @@ def _cache_layers(cache):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ExportSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--opset", type=int, default=d.opset)
-    p.add_argument("--atol", type=float, default=d.atol, help="max |Δlogits| accepted vs PyTorch")
-    p.add_argument("--decode-steps", type=int, default=d.decode_steps)
-    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
-    p.add_argument("--threads", type=int, default=d.threads)
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, ExportSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    settings = ExportSettings(**{f.name: getattr(args, f.name) for f in fields(ExportSettings)})
+    settings = cli.settings_from(ExportSettings, args)
     t0 = time.time()
     export(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -227,4 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

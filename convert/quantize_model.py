@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("quantize")
 
@@ -63,7 +63,7 @@ class QuantizeSettings:
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
     compare_quantizers: bool = False
-    speed_check: bool = False          # time ORT FP32 vs the CPU INT8 graph (64 decode tokens) into the manifest
+    speed_check: bool = False  # also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest
     threads: int = 0
 
 
@@ -380,37 +380,20 @@ def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = QuantizeSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--target", default=d.target, choices=TARGETS, help="which INT8 graph(s) to build")
-    p.add_argument("--quantizer", default=d.quantizer, choices=QUANTIZERS,
-                   help="who makes the TensorRT graph (the CPU graph is always ONNX Runtime's)")
-    p.add_argument("--method", default=d.method, choices=("minmax", "entropy", "percentile"),
-                   help="calibration method")
+    cli.add_settings(p, QuantizeSettings, help={
+        "compare_quantizers": 'only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON',
+    }, choices={"target": TARGETS, "quantizer": QUANTIZERS, "method": ("minmax", "entropy", "percentile"),
+                "sweep_granularity": ("layer", "node")},
+        skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
-    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    p.add_argument("--greedy-prompts", type=int, default=d.greedy_prompts)
-    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
-    # a string, parsed in main, so a bad value gets the stage's one-line error rather than argparse's usage dump
     p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
                    help="accuracy budget: max perplexity increase over FP32, in percent")
     p.add_argument("--max-excluded", type=int, default=d.max_excluded,
                    help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
-    p.add_argument("--sweep-granularity", default=d.sweep_granularity, choices=("layer", "node"))
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="regex of MatMul/Gemm node names to keep in FP32 (repeatable)")
-    p.add_argument("--compare-quantizers", action="store_true",
-                   help="only measure ModelOpt vs ONNX Runtime for the TensorRT graph; write a result JSON")
-    p.add_argument("--speed-check", action="store_true",
-                   help="also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest")
-    p.add_argument("--threads", type=int, default=d.threads)
-    add_verbosity_args(p)
     return p
 
 
@@ -420,7 +403,7 @@ def main(argv=None) -> int:
 
     args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
-    settings = QuantizeSettings(**{f.name: getattr(args, f.name) for f in fields(QuantizeSettings)})
+    settings = cli.settings_from(QuantizeSettings, args)
     t0 = time.time()
     quantize(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -428,4 +411,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("diagram")
 HERE = Path(__file__).resolve().parent
@@ -190,22 +190,16 @@ def draw(*, settings: DiagramSettings) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = DiagramSettings()
+    cli.add_settings(p, DiagramSettings, skip=("source", "out"))
     p.add_argument("--source", default=d.source, help="text source of the diagram")
     p.add_argument("--out", default=d.out, help="PNG to write")
-    p.add_argument("--dpi", type=int, default=d.dpi)
-    add_verbosity_args(p)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    draw(settings=DiagramSettings(**{f.name: getattr(args, f.name) for f in fields(DiagramSettings)}))
-    return 0
+main = cli.main_for(build_parser, DiagramSettings, draw)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -16,7 +16,7 @@
         cli.run(main)                                               # one-line errors, exit codes (lmopt.errors)
 
 One flag per field (`--batch-sizes` for `batch_sizes`): its type is the default's, a bool is a switch, a list
-collects repeated flags. Arguments every script spells the same way get their help text here (COMMON_HELP). The
+collects repeated flags, and the field's trailing comment is its help text. Arguments every script spells the same way get their help text here (COMMON_HELP). The
 unified names: `--model`, `--artifacts`, `--device`, `--engine`, `--precision`, `--threads`, `--out`,
 `--max-new-tokens` (tokens to generate, in-process or per served request), `--batch-sizes` (a sweep) /
 `--batch-size` (one), `--repeats` (measured repetitions), `--warmup`, `--concurrency`; `-v/-q` for logging.
@@ -24,6 +24,8 @@ unified names: `--model`, `--artifacts`, `--device`, `--engine`, `--precision`, 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 from dataclasses import MISSING, fields
 from typing import Any, Callable, Sequence
@@ -60,11 +62,25 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_comments(cls) -> dict[str, str]:
+    """{field: its trailing comment} from the dataclass's source: the comment is the flag's help text."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?\s{2,}#\s(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip().replace("%", "%%")  # argparse formats help with %
+    return out
+
+
 def add_settings(p: argparse.ArgumentParser, cls, help: dict[str, str] | None = None,
                  choices: dict[str, Sequence] | None = None, skip: Sequence[str] = (), verbosity: bool = True) -> None:
     """One flag per field of the dataclass `cls` (except `skip`), defaults from the dataclass; -v/-q unless
-    verbosity=False."""
-    help, choices = help or {}, choices or {}
+    verbosity=False. Help text: `help[field]`, else the field's trailing comment, else COMMON_HELP."""
+    help, choices = {**field_comments(cls), **(help or {})}, choices or {}
     for f in fields(cls):
         if f.name in skip:
             continue

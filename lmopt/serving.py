@@ -25,11 +25,11 @@ class LoadSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     url: str = "127.0.0.1:8001"          # gRPC; loopback by default so the network is not what is measured
-    triton_model: str = "lm_stream"      # the decoupled (streaming) model
+    triton_model: str = "lm_stream"      # served streaming (decoupled) model name
     label: str = "batching-on"           # names the result: serving-stream-<label>.json
-    concurrency: str = "1,2,4,8"
+    concurrency: str = "1,2,4,8"         # comma list of requests in flight
     prompt_tokens: int = 32
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     num_prompts: int = 16                # distinct held-out prompts, sent round-robin
     requests: int = 32                   # measured requests per level (upper bound)
     duration_s: float = 60.0             # measured seconds per level (upper bound)
@@ -40,7 +40,7 @@ class LoadSettings:
     tokens_output: str = "token_ids"
     in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
     engine: str = "ort"                  # engine/precision the server runs, for --in-process
-    precision: str = "fp32"
+    precision: str = "fp32"              # precision the server runs (for --in-process)
     device: str = "cpu"                  # device the server's engine runs on, for --in-process
     threads: int = 0                     # in-process engine threads (0 = library default); match the server's
 
@@ -55,10 +55,10 @@ class PerfAnalyzerSettings:
     concurrency: str = "1,2,4,8"          # comma list; empty = skip the concurrency sweep
     request_rate: str = ""                # comma list of requests/s; empty = skip the request-rate sweep
     prompt_tokens: int = 32
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     num_prompts: int = 16                 # distinct prompts in the input-data file, sent round-robin
-    prompt_input: str = "text_input"      # input tensor names of the served model
-    max_tokens_input: str = "max_tokens"
+    prompt_input: str = "text_input"      # name of the model's prompt input tensor
+    max_tokens_input: str = "max_tokens"  # name of the model's max-tokens input
     measurement_requests: int = 40        # count_windows: requests per measurement window
     stability_percentage: float = 100.0   # a shared 2-core machine rarely meets perf_analyzer's default 10 %
     max_trials: int = 6

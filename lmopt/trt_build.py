@@ -35,23 +35,23 @@ VALIDATION_PRESETS = {"fp32": (1e-3, 1.0), "fp16": (0.1, 0.9), "int8": (2.0, 0.5
 class EngineSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    precision: str = "fp16"
+    precision: str = "fp16"        # which stage-2 graph to build from (the graph decides the engine's precision)
     onnx: str = ""                 # explicit ONNX file instead of the stage-2 output found through its manifest
     min_batch: int = 1
     opt_batch: int = 1             # the batch TensorRT tunes kernels for
     max_batch: int = 8
-    max_seq_len: int = 0           # prompt + generated tokens; 0 = the model's context, at most 1024
+    max_seq_len: int = 0           # prompt + generated tokens (0 = the model's context, at most 1024)
     opt_prompt_len: int = 0        # prefill length tuned for; 0 = max_seq_len // 4
     opt_past_len: int = 0          # decode past length tuned for; 0 = max_seq_len // 2
     workspace_mib: int = 4096      # workspace memory-pool limit
     opt_level: int = 3             # builder optimization level 0..5 (TensorRT's default is 3)
     timing_cache: str = ""         # "" = artifacts/<model>/engine/timing-trt<ver>.cache
     greedy_tokens: int = 32
-    atol: float = 0.0              # 0 = VALIDATION_PRESETS[precision]
-    min_agreement: float = 0.0     # 0 = VALIDATION_PRESETS[precision]
-    skip_if_unavailable: bool = False
+    atol: float = 0.0              # max |Δlogits| vs ONNX Runtime (0 = per precision)
+    min_agreement: float = 0.0     # fraction of greedy tokens that must match (0 = per precision)
+    skip_if_unavailable: bool = False  # without TensorRT or a GPU, print a note and exit 0 (make demo)
     emit_trtexec: bool = False     # print the equivalent trtexec command and exit (optimize/trtexec_command.sh)
-    trt_version: str = ""          # for --emit-trtexec without TensorRT here: the version trtexec will be (e.g. 11.4)
+    trt_version: str = ""  # with --emit-trtexec: TensorRT version for the engine folder name when it is not installed
 
 
 # ---- shapes ----------------------------------------------------------------------------------------------------------
@@ -277,26 +277,9 @@ def timing_cache_path(s: EngineSettings, tag: str) -> Path:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The build's arguments, shared by optimize/build_trt_engine.py and the trtexec wrapper's record step."""
-    d = EngineSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="which stage-2 graph to build from (the graph decides the engine's precision)")
-    p.add_argument("--onnx", default=d.onnx, help="build from this ONNX file instead of the stage-2 output")
-    p.add_argument("--min-batch", type=int, default=d.min_batch)
-    p.add_argument("--opt-batch", type=int, default=d.opt_batch)
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
-                   help="prompt + generated tokens (0 = the model's context, at most 1024)")
-    p.add_argument("--opt-prompt-len", type=int, default=d.opt_prompt_len, help="0 = max-seq-len / 4")
-    p.add_argument("--opt-past-len", type=int, default=d.opt_past_len, help="0 = max-seq-len / 2")
-    p.add_argument("--workspace-mib", type=int, default=d.workspace_mib, help="workspace memory-pool limit")
-    p.add_argument("--opt-level", type=int, default=d.opt_level, help="builder optimization level 0..5")
-    p.add_argument("--timing-cache", default=d.timing_cache, help="timing cache file (read and updated)")
-    p.add_argument("--greedy-tokens", type=int, default=d.greedy_tokens)
-    p.add_argument("--atol", type=float, default=d.atol, help="max |Δlogits| vs ONNX Runtime (0 = per precision)")
-    p.add_argument("--min-agreement", type=float, default=d.min_agreement,
-                   help="fraction of greedy tokens that must match (0 = per precision)")
+    from lmopt import cli
+
+    cli.add_settings(p, EngineSettings, choices={"precision": PRECISIONS}, verbosity=False)
 
 
 def record_trtexec_build(folder: Path, s: EngineSettings, onnx_path: Path, upstream: dict, shape: dict, graph: dict,

@@ -20,12 +20,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.log import get_logger
 
 log = get_logger("train_tiny")
 REPO = Path(__file__).resolve().parent.parent
@@ -174,20 +174,13 @@ def perplexity(model, ids, window: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainSettings):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, TrainSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
-    train(settings=settings)
-    return 0
+main = cli.main_for(build_parser, TrainSettings, train)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

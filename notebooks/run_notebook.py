@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("notebook")
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ class NotebookSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     results: str = "results"          # committed results root (results/<machine>/<model>/)
-    machine: str = ""                 # "" = this machine's artifacts; else a results/<machine> tag
-    out: str = ""                     # default artifacts/<model>/report
+    machine: str = ""                 # read results/<machine>/<model>/ instead of this machine's artifacts
+    out: str = ""                     # report folder (default artifacts/<model>/report)
     notebook: str = str(NOTEBOOK)
     cell_timeout: int = 300           # seconds per cell
 
@@ -115,25 +115,17 @@ def run_notebook(*, settings: NotebookSettings) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = NotebookSettings()
-    p.add_argument("--model", default=d.model, help="model whose results to plot (tiny, a preset, ...)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--results", default=d.results, help="committed results root (results/<machine>/<model>/)")
-    p.add_argument("--machine", default=d.machine,
-                   help="read results/<machine>/<model>/ instead of this machine's artifacts")
-    p.add_argument("--out", default=d.out, help="report folder (default artifacts/<model>/report)")
+    cli.add_settings(p, NotebookSettings, skip=("notebook",))
     p.add_argument("--notebook", default=d.notebook, help="notebook to execute")
-    p.add_argument("--cell-timeout", type=int, default=d.cell_timeout, help="seconds per cell")
-    add_verbosity_args(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    settings = NotebookSettings(**{f.name: getattr(args, f.name) for f in fields(NotebookSettings)})
+    settings = cli.settings_from(NotebookSettings, args)
     t0 = time.time()
     run_notebook(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -141,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

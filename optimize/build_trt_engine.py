@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import add_verbosity_args, get_logger, timed
 from lmopt.trt_build import (PRECISIONS, VALIDATION_PRESETS, EngineSettings, add_engine_args, check_graph_precision,
                              check_precision_proof, derive_profiles, engine_dir, graph_weight_bytes, inspect_onnx,
                              layer_precision_summary, locate_onnx, resolved_lengths, timing_cache_path,
@@ -273,22 +273,14 @@ def validate_engine(trt_engine, onnx_path: Path, s: EngineSettings, shape: dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     add_engine_args(p)
-    p.add_argument("--skip-if-unavailable", action="store_true",
-                   help="without TensorRT or a GPU, print a note and exit 0 (make demo)")
-    p.add_argument("--emit-trtexec", action="store_true", help="print the equivalent trtexec command and exit")
-    p.add_argument("--trt-version", default="",
-                   help="with --emit-trtexec: TensorRT version for the engine folder name when it is not installed")
     add_verbosity_args(p)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = EngineSettings(**{f.name: getattr(args, f.name) for f in fields(EngineSettings)})
+    settings, _ = cli.parse(build_parser, EngineSettings, argv)
     t0 = time.time()
     man = build_engine(settings=settings)
     if man is not None:
@@ -297,4 +289,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

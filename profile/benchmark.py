@@ -11,7 +11,7 @@ Reads:  artifacts/<model>/export/fp32/manifest.json (+ model.onnx), artifacts/<m
 Writes: artifacts/<model>/profile/benchmark-<device>.json (or --out): machine, versions, command, settings, raw
         samples per row/batch/prompt, summary; prints the "Before vs After" table.
 
-What is measured, per row (engine x precision) and batch size, with greedy generation of --new-tokens tokens:
+What is measured, per row (engine x precision) and batch size, with greedy generation of --max-new-tokens tokens:
   - TTFT (prefill + first token) of a short and a long prompt;
   - per-token decode latency (each decode step: forward + sampling, host logits) and decode tokens/s
     (batch / step latency), p50/p90/p99 over every step of every measured repetition;
@@ -26,14 +26,14 @@ fastest a memory-bound decode step could be on this machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 
 log = get_logger("benchmark")
 
@@ -42,18 +42,18 @@ log = get_logger("benchmark")
 class BenchmarkSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    device: str = "cpu"                      # cpu | cuda
-    engines: str = "torch,ort,trt"
-    precisions: str = "fp32,int8,fp16"
-    batch_sizes: str = "1,4"
-    short_prompt: int = 16                   # tokens
-    long_prompt: int = 256                   # tokens (capped to the context minus --new-tokens)
-    new_tokens: int = 32                     # generated per run (1 prefill token + new_tokens-1 decode steps)
-    warmup: int = 1                          # repetitions not recorded
+    device: str = "cpu"                      # cpu or cuda
+    engines: str = "torch,ort,trt"           # comma-separated subset of torch,ort,trt
+    precisions: str = "fp32,int8,fp16"       # comma-separated subset of fp32,int8,fp16
+    batch_sizes: str = "1,4"                 # comma-separated batch sizes
+    short_prompt: int = 16                   # tokens of the short prompt
+    long_prompt: int = 256                   # tokens (capped to the context minus --max-new-tokens)
+    max_new_tokens: int = 32                    # generated per run (1 prefill token + max_new_tokens-1 decode steps)
+    warmup: int = 1                          # repetitions run before measuring
     repeats: int = 5                         # recorded repetitions
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
     bandwidth_mb: int = 256                  # buffer size for the copy-bandwidth probe (0 = skip the floor)
-    out: str = ""                            # default artifacts/<model>/profile/benchmark-<device>.json
+    out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
 
 # rows in table order; the first one available is the "before" baseline for its device
@@ -90,8 +90,8 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
         raise UserError(f"--batch-sizes must be > 0 (got '{s.batch_sizes}')")
     if s.device not in ("cpu", "cuda") and not s.device.startswith("cuda:"):
         raise UserError(f"unknown device '{s.device}' — use cpu or cuda")
-    if s.new_tokens <= 0:
-        raise UserError(f"max new tokens must be > 0 (got --new-tokens {s.new_tokens})")
+    if s.max_new_tokens <= 0:
+        raise UserError(f"max new tokens must be > 0 (got --max-new-tokens {s.max_new_tokens})")
     if s.short_prompt <= 0 or s.long_prompt <= 0:
         raise UserError("--short-prompt and --long-prompt must be > 0 tokens")
     if s.repeats <= 0 or s.warmup < 0:
@@ -168,18 +168,18 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     out_path = Path(s.out) if s.out else stage_dir(s.artifacts, s.model, "profile", f"benchmark-{dev_tag}.json")
 
     # prompts: consecutive windows of real text, so every row sees the same, in-vocabulary tokens
-    long_len = min(s.long_prompt, shape["max_positions"] - s.new_tokens)
+    long_len = min(s.long_prompt, shape["max_positions"] - s.max_new_tokens)
     short_len = min(s.short_prompt, long_len)
     if short_len <= 0:
-        raise UserError(f"--new-tokens {s.new_tokens} leaves no room for a prompt in the model's context of "
-                        f"{shape['max_positions']} — lower --new-tokens")
+        raise UserError(f"--max-new-tokens {s.max_new_tokens} leaves no room for a prompt in the model's context of "
+                        f"{shape['max_positions']} — lower --max-new-tokens")
     text_ids = tok(builtin_text("eval"))["input_ids"]
     need = max(batches) * long_len
     while len(text_ids) < need:  # the eval text is ~17k tokens; only huge batch x prompt products wrap around
         text_ids = text_ids + text_ids
     prompts = {kind: {b: [text_ids[i * n:(i + 1) * n] for i in range(b)] for b in batches}
                for kind, n in (("short", short_len), ("long", long_len))}
-    params = SamplingParams(max_new_tokens=s.new_tokens)  # greedy, no stop tokens: every run is full length
+    params = SamplingParams(max_new_tokens=s.max_new_tokens)  # greedy, no stop tokens: every run is full length
 
     # rows: load what can run, give a reason for what cannot
     rows: list[dict] = []
@@ -255,7 +255,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     baseline = next((r for r in rows if r["status"] == "ok"), None)
     for r in rows:
         if r["status"] == "ok":
-            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.new_tokens)
+            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.max_new_tokens)
             r["memory"]["engine_rss_mb"] = round(r["memory"].get("rss_after_warmup_mb", r["memory"]["rss_after_load_mb"])
                                                  - r["memory"]["rss_before_load_mb"], 1)
 
@@ -277,7 +277,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "step_ms": "one decode step: forward with KV cache + sampling (host logits); raw samples in seconds "
                        "(step_s)",
             "decode_tokens_per_s": "batch / p50 step latency",
-            "e2e_tokens_per_s": "batch x new_tokens / p50 total time of the short-prompt run",
+            "e2e_tokens_per_s": "batch x max_new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
             "bandwidth_floor_ms": "lmopt.results.step_floor: (engine weight bytes + KV bytes at the mean context) / "
@@ -329,35 +329,13 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = BenchmarkSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--engines", default=d.engines, help="comma-separated subset of torch,ort,trt")
-    p.add_argument("--precisions", default=d.precisions, help="comma-separated subset of fp32,int8,fp16")
-    p.add_argument("--batch-sizes", default=d.batch_sizes, help="comma-separated batch sizes")
-    p.add_argument("--short-prompt", type=int, default=d.short_prompt, help="tokens of the short prompt")
-    p.add_argument("--long-prompt", type=int, default=d.long_prompt, help="tokens of the long prompt")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per run")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="repetitions run before measuring")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="measured repetitions")
-    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (0 = library default)")
-    p.add_argument("--bandwidth-mb", type=int, default=d.bandwidth_mb,
-                   help="MB copied by the bandwidth probe for the floor (0 = skip)")
-    p.add_argument("--out", default=d.out, help="result file (default artifacts/<model>/profile/benchmark-<device>.json)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, BenchmarkSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = BenchmarkSettings(**{f.name: getattr(args, f.name) for f in fields(BenchmarkSettings)})
-    benchmark(settings=settings)
-    return 0
+main = cli.main_for(build_parser, BenchmarkSettings, benchmark)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.serving import LoadSettings
 
 log = get_logger("load_generator")
@@ -66,8 +66,8 @@ def _request(prompt: str, s: LoadSettings):
 
     names = {"max_tokens": s.max_tokens_input}
     if s.prompt_input == "input_ids":
-        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_tokens, names=names)
-    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
+        return GenRequest(input_ids=_tokenizer(s.model)(prompt)["input_ids"], max_tokens=s.max_new_tokens, names=names)
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, names={**names, "text_input": s.prompt_input})
 
 
 async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin: float) -> RequestRecord:
@@ -186,7 +186,7 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
                            threads=s.threads or None)
     eos = tok.eos_token_id
     # same stopping rule as a served request: EOS ends it, otherwise max_tokens
-    params = SamplingParams(max_new_tokens=s.max_tokens, stop_token_ids=(eos,) if eos is not None else ())
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, stop_token_ids=(eos,) if eos is not None else ())
 
     def local(prompt: str) -> dict:
         times: list[float] = []
@@ -246,7 +246,7 @@ def run_load(*, settings: LoadSettings) -> dict:
         raise UserError(f"--concurrency must be a comma list of integers (got '{s.concurrency}')") from None
     if not levels or any(c <= 0 for c in levels):
         raise UserError(f"--concurrency needs levels > 0 (got '{s.concurrency}')")
-    for name in ("max_tokens", "requests", "num_prompts", "prompt_tokens"):
+    for name in ("max_new_tokens", "requests", "num_prompts", "prompt_tokens"):
         if getattr(s, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
     if s.duration_s <= 0:
@@ -294,7 +294,7 @@ def run_load(*, settings: LoadSettings) -> dict:
 
 
 def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) -> None:
-    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"streaming {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_new_tokens}")
     print(f"{'conc':>4} {'req':>4} {'fail':>4} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'e2e p50':>8} "
           f"{'p99':>7} {'tok/s':>7} {'req/s':>6}")
     for r in summary:
@@ -310,41 +310,13 @@ def _print_table(summary: list[dict], s: LoadSettings, overhead: dict | None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    p.add_argument("--model", default=d.model, help="model the server runs (tokenizer, result folder, --in-process)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="served streaming (decoupled) model name")
-    p.add_argument("--label", default=d.label, help="result name: serving-stream-<label>.json")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of requests in flight")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--requests", type=int, default=d.requests, help="measured requests per level (bound)")
-    p.add_argument("--duration-s", type=float, default=d.duration_s, help="measured seconds per level (bound)")
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests, help="per client, not measured")
-    p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
-    p.add_argument("--prompt-input", default=d.prompt_input)
-    p.add_argument("--max-tokens-input", default=d.max_tokens_input)
-    p.add_argument("--tokens-output", default=d.tokens_output)
-    p.add_argument("--in-process", action="store_true", help="also measure the same engine in-process (overhead)")
-    p.add_argument("--engine", default=d.engine, help="engine the server runs (for --in-process)")
-    p.add_argument("--precision", default=d.precision, help="precision the server runs (for --in-process)")
-    p.add_argument("--device", default=d.device, help="device the server runs on (for --in-process)")
-    p.add_argument("--threads", type=int, default=d.threads, help="in-process engine threads (match the server)")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)})
-    run_load(settings=settings)
-    return 0
+main = cli.main_for(build_parser, LoadSettings, run_load)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 
 log = get_logger("nvtx-overhead")
 
@@ -34,17 +34,17 @@ log = get_logger("nvtx-overhead")
 class OverheadSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    engine: str = "ort"
+    engine: str = "ort"            # ort | torch | trt
     precision: str = "fp32"
     device: str = "cpu"
-    batch: int = 1
+    batch_size: int = 1
     prompt_len: int = 32
     max_new_tokens: int = 32
-    pairs: int = 40                # annotated/bare pairs of rounds
+    repeats: int = 40              # measured pairs of rounds (one annotated, one bare)
     warmup: int = 2
     threads: int = 1               # 1: the engine runs on the timed thread, so its CPU time is all of the work
     budget: float = 0.02           # the annotated loop may be at most this much slower
-    out: str = ""
+    out: str = ""                  # output folder
 
 
 def measure(*, settings: OverheadSettings) -> dict:
@@ -61,8 +61,8 @@ def measure(*, settings: OverheadSettings) -> dict:
     s = settings
     if not nvtx_ranges.AVAILABLE:
         raise UserError("the nvtx package is missing, so there is nothing to measure — pip install nvtx==0.2.11")
-    if s.pairs < 2:
-        raise UserError("--pairs must be >= 2")
+    if s.repeats < 2:
+        raise UserError("--repeats must be >= 2")
     check_writable(s.artifacts)
     ps = ProfileSettings(**{f.name: getattr(s, f.name) for f in fields(ProfileSettings) if hasattr(s, f.name)})
     engine, tok, prompts, params = prepare(ps)
@@ -96,7 +96,7 @@ def measure(*, settings: OverheadSettings) -> dict:
     on, off, on_cpu, off_cpu = [], [], [], []
     prev = nvtx_ranges.ENABLED
     try:
-        for i in tqdm(range(s.pairs), desc="pairs", disable=None):
+        for i in tqdm(range(s.repeats), desc="pairs", disable=None):
             order = (True, False) if i % 2 == 0 else (False, True)
             for mode in order:
                 nvtx_ranges.set_enabled(mode)
@@ -163,7 +163,7 @@ def measure(*, settings: OverheadSettings) -> dict:
                              "settings": asdict(s), "outputs": {"result": "result.json"}})
     r = result["summary"]
     log.info("annotated %.2f ms vs bare %.2f ms per round (%d pairs, %d ranges per round)", 1e3 * r["annotated_median_s"],
-             1e3 * r["bare_median_s"], s.pairs, ranges_per_round)
+             1e3 * r["bare_median_s"], s.repeats, ranges_per_round)
     log.info("overhead measured on CPU time %+.2f%% (95%% interval %+.2f%%..%+.2f%%), on wall time %+.2f%%, "
              "predicted %+.3f%% (%.2f us per range): %s the %.0f%% budget", 100 * measured, *(100 * x for x in
              r["overhead_measured_ci95"]), 100 * measured_wall, 100 * predicted,
@@ -178,32 +178,13 @@ def _p10_p90(ratios: list[float]) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = OverheadSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--pairs", type=int, default=d.pairs)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--budget", type=float, default=d.budget)
-    p.add_argument("--out", default=d.out, help="output folder")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, OverheadSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    measure(settings=OverheadSettings(**{f.name: getattr(args, f.name) for f in fields(OverheadSettings)}))
-    return 0
+main = cli.main_for(build_parser, OverheadSettings, measure)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

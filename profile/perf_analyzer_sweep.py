@@ -1,7 +1,7 @@
 """Benchmark the served non-streaming model with Triton's real perf_analyzer: concurrency and request-rate sweeps.
 
     python profile/perf_analyzer_sweep.py --model tiny --url 127.0.0.1:8001 --label batching-on
-    python profile/perf_analyzer_sweep.py --concurrency 1,2,4,8 --request-rate 2,4 --max-tokens 16
+    python profile/perf_analyzer_sweep.py --concurrency 1,2,4,8 --request-rate 2,4 --max-new-tokens 16
 
 Needs a running server (bash serve/run_triton.sh, or `make serve-bench`, which starts and stops it).
 
@@ -25,12 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.serving import PerfAnalyzerSettings
 
 log = get_logger("perf_analyzer")
@@ -78,9 +79,9 @@ def write_input_data(path: Path, prompts: list[str], s: PerfAnalyzerSettings) ->
         from lmopt.models import load_tokenizer
 
         tok = load_tokenizer(s.model)
-        reqs = [GenRequest(input_ids=tok(p)["input_ids"], max_tokens=s.max_tokens, names=names) for p in prompts]
+        reqs = [GenRequest(input_ids=tok(p)["input_ids"], max_tokens=s.max_new_tokens, names=names) for p in prompts]
     else:
-        reqs = [GenRequest(prompt=p, max_tokens=s.max_tokens, names={**names, "text_input": s.prompt_input})
+        reqs = [GenRequest(prompt=p, max_tokens=s.max_new_tokens, names={**names, "text_input": s.prompt_input})
                 for p in prompts]
     write_json(path, {"data": [perf_analyzer_entry(r) for r in reqs]})
     return path
@@ -137,8 +138,8 @@ def run_sweep(*, settings: PerfAnalyzerSettings) -> dict:
     rates = _levels(s.request_rate, "request-rate")
     if not conc and not rates:
         raise UserError("nothing to run — give --concurrency and/or --request-rate levels")
-    if s.max_tokens <= 0:
-        raise UserError(f"--max-tokens must be > 0 (got {s.max_tokens})")
+    if s.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be > 0 (got {s.max_new_tokens})")
     binary, env = perf_analyzer_env()
     wait_ready(s.url, s.triton_model, 10.0)
     out_json = result_path(s.artifacts, s.model, f"pa-{s.label}")
@@ -203,7 +204,7 @@ def run_sweep(*, settings: PerfAnalyzerSettings) -> dict:
 
 
 def _print_table(summary: list[dict], s: PerfAnalyzerSettings) -> None:
-    print(f"perf_analyzer {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_tokens}")
+    print(f"perf_analyzer {s.triton_model} [{s.label}] prompt {s.prompt_tokens} tok, max_tokens {s.max_new_tokens}")
     print(f"{'mode':>12} {'level':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/exec':>8}")
     for r in summary:
         if r.get("unstable"):
@@ -215,36 +216,13 @@ def _print_table(summary: list[dict], s: PerfAnalyzerSettings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = PerfAnalyzerSettings()
-    p.add_argument("--model", default=d.model, help="model the server runs (for its tokenizer and result folder)")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--url", default=d.url, help="Triton gRPC host:port")
-    p.add_argument("--triton-model", default=d.triton_model, help="served non-streaming model name")
-    p.add_argument("--label", default=d.label, help="result name: serving-pa-<label>.json")
-    p.add_argument("--concurrency", default=d.concurrency, help="comma list of concurrency levels ('' = none)")
-    p.add_argument("--request-rate", default=d.request_rate, help="comma list of request rates/s ('' = none)")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--num-prompts", type=int, default=d.num_prompts)
-    p.add_argument("--prompt-input", default=d.prompt_input, help="name of the model's prompt input tensor")
-    p.add_argument("--max-tokens-input", default=d.max_tokens_input, help="name of the model's max-tokens input")
-    p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
-    p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
-    p.add_argument("--max-trials", type=int, default=d.max_trials)
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s)
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, PerfAnalyzerSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = PerfAnalyzerSettings(**{f.name: getattr(args, f.name) for f in fields(PerfAnalyzerSettings)})
-    run_sweep(settings=settings)
-    return 0
+main = cli.main_for(build_parser, PerfAnalyzerSettings, run_sweep)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -28,13 +28,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 
 from lmopt import cli
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 from lmopt.profiling.workload import ProfileSettings
 
 log = get_logger("profile")
@@ -111,7 +111,7 @@ def _nsys_profile(s: ProfileSettings, tmp: Path, timings: dict) -> tuple[dict, d
         if err:  # the workload's own one-line user error (missing export etc.)
             raise UserError(err[-1][len("error:"):].strip())
         if proc.returncode in (124, 137):
-            raise UserError(f"nsys profile ran past --nsys-timeout {s.nsys_timeout} s — raise it or lower --rounds")
+            raise UserError(f"nsys profile ran past --nsys-timeout {s.nsys_timeout} s — raise it or lower --repeats")
         raise RuntimeError(f"nsys profile failed (exit {proc.returncode}): {tail}\n{proc.stderr[-3000:]}")
     if not rep.is_file():
         raise UserError("nsys wrote no .nsys-rep (QdstrmImporter not found?) — run: make setup-nsys, which links it")
@@ -185,7 +185,7 @@ def profile(*, settings: ProfileSettings) -> dict:
             res, events = _torch_profile(s, tmp, timings)
         summary = summarize(events, ROOT_RANGE, res["wall_s"])
         with timed(log, "pinned vs pageable copies", timings, "pinned_s"):
-            pinned = pinned_vs_pageable(s.model, s.batch, s.prompt_len + s.max_new_tokens, s.precision, s.device,
+            pinned = pinned_vs_pageable(s.model, s.batch_size, s.prompt_len + s.max_new_tokens, s.precision, s.device,
                                         s.pinned_repeats)
         dec = summary["nvtx"]["ranges"].get("decode_step", {})
         n_tok = sum(res["new_tokens"])
@@ -247,17 +247,7 @@ def _log_findings(r: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, ProfileSettings, help={
-        "engine": "ort | torch | trt",
-        "precision": "fp32 | fp16 | int8",
-        "device": "cpu | cuda",
-        "profiler": "nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed",
-        "prompt_len": "prompt tokens per row",
-        "max_new_tokens": "tokens per round (exactly)",
-        "warmup": "rounds before the capture (not profiled)",
-        "rounds": "profiled rounds",
-        "out": "output folder (default artifacts/<model>/profile/<variant>)",
-    }, choices={"profiler": PROFILERS})
+    cli.add_settings(p, ProfileSettings, choices={"profiler": PROFILERS})
     return p
 
 

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging, timed
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, timed
 from lmopt.serving import LoadSettings, PerfAnalyzerSettings
 
 log = get_logger("serve_bench")
@@ -46,11 +47,11 @@ class ServeBenchSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     serve_variant: str = ""          # artifacts/<model>/serve/<variant>; empty = the newest one
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"                                               # address both servers bind to
     concurrency: str = LoadSettings.concurrency                           # both tools
     request_rate: str = PerfAnalyzerSettings.request_rate                 # perf_analyzer only
     prompt_tokens: int = LoadSettings.prompt_tokens
-    max_tokens: int = LoadSettings.max_tokens
+    max_new_tokens: int = LoadSettings.max_new_tokens
     measurement_requests: int = PerfAnalyzerSettings.measurement_requests
     stability_percentage: float = PerfAnalyzerSettings.stability_percentage
     requests: int = LoadSettings.requests                                 # load generator, per level
@@ -211,10 +212,10 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     srv = man.get("settings", {})
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
-                                   max_tokens=s.max_tokens, measurement_requests=s.measurement_requests,
+                                   max_new_tokens=s.max_new_tokens, measurement_requests=s.measurement_requests,
                                    stability_percentage=s.stability_percentage, prompt_input=s.prompt_input)
     ld_base = LoadSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
-                           prompt_tokens=s.prompt_tokens, max_tokens=s.max_tokens, requests=s.requests,
+                           prompt_tokens=s.prompt_tokens, max_new_tokens=s.max_new_tokens, requests=s.requests,
                            prompt_input=s.prompt_input,
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
                            precision=man.get("precision", "fp32"), device=man.get("device", "cpu"), threads=int(srv.get("threads", 0) or 0))
@@ -275,36 +276,25 @@ def _print(cmp: dict, over: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = ServeBenchSettings()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--serve-variant", default=d.serve_variant, help="serve variant folder (default: newest)")
-    p.add_argument("--host", default=d.host, help="address both servers bind to")
+    cli.add_settings(p, ServeBenchSettings, skip=("concurrency", "request_rate", "prompt_tokens", "max_new_tokens", "measurement_requests",
+             "stability_percentage", "requests", "duration_s", "prompt_input"))
     p.add_argument("--concurrency", default=d.concurrency)
     p.add_argument("--request-rate", default=d.request_rate, help="perf_analyzer request-rate levels ('' = none)")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--measurement-requests", type=int, default=d.measurement_requests)
     p.add_argument("--stability-percentage", type=float, default=d.stability_percentage)
     p.add_argument("--requests", type=int, default=d.requests)
     p.add_argument("--duration-s", type=float, default=d.duration_s)
-    p.add_argument("--overhead-requests", type=int, default=d.overhead_requests)
-    p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s)
     p.add_argument("--prompt-input", default=d.prompt_input,
                    help="text_input (prompt as text) or input_ids (the tools tokenize and send INT64 ids)")
-    add_verbosity_args(p)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    settings = ServeBenchSettings(**{f.name: getattr(args, f.name) for f in fields(ServeBenchSettings)})
-    serve_bench(settings=settings)
-    return 0
+main = cli.main_for(build_parser, ServeBenchSettings, serve_bench)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

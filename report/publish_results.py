@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.results import machine_tag
 
 log = get_logger("publish")
@@ -31,9 +31,9 @@ log = get_logger("publish")
 @dataclass
 class PublishSettings:
     artifacts: str = "artifacts"
-    results: str = "results"
+    results: str = "results"   # committed results folder
     model: str = ""            # empty = every model under --artifacts
-    kind: str = "benchmark"    # benchmark | serving
+    kind: str = "benchmark"    # which results to publish
 
 
 PATTERNS = {"benchmark": ("benchmark-*.json", "benchmark"), "serving": ("serving-*.json", "serve-bench")}
@@ -79,23 +79,13 @@ def publish(*, settings: PublishSettings) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = PublishSettings()
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--results", default=d.results, help="committed results folder")
-    p.add_argument("--model", default=d.model, help="only this model (default: all)")
-    p.add_argument("--kind", default=d.kind, choices=tuple(PATTERNS), help="which results to publish")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, PublishSettings, choices={"kind": tuple(PATTERNS)})
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    publish(settings=PublishSettings(**{f.name: getattr(args, f.name) for f in fields(PublishSettings)}))
-    return 0
+main = cli.main_for(build_parser, PublishSettings, publish)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.report import stat_ms
 
 log = get_logger("summary")
@@ -110,21 +110,13 @@ def _result_line(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = SummarySettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, SummarySettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    summarize(settings=SummarySettings(**{f.name: getattr(args, f.name) for f in fields(SummarySettings)}))
-    return 0
+main = cli.main_for(build_parser, SummarySettings, summarize)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

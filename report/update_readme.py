@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
 from lmopt.report import render_section
 
 log = get_logger("update_readme")
@@ -32,9 +32,9 @@ MARKER = re.compile(r"(<!-- BEGIN ([\w-]+)[^>]*-->)(.*?)(<!-- END \2 -->)", re.S
 
 @dataclass
 class ReadmeSettings:
-    readme: str = "README.md"
-    results: str = "results"
-    check: bool = False
+    readme: str = "README.md"           # README to update in place
+    results: str = "results"            # committed results folder
+    check: bool = False                 # only check: exit 1 if the README is stale
 
 
 def update(*, settings: ReadmeSettings) -> bool:
@@ -72,22 +72,13 @@ def update(*, settings: ReadmeSettings) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ReadmeSettings()
-    p.add_argument("--readme", default=d.readme, help="README to update in place")
-    p.add_argument("--results", default=d.results, help="committed results folder")
-    p.add_argument("--check", action="store_true", help="only check: exit 1 if the README is stale")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, ReadmeSettings)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args)
-    update(settings=ReadmeSettings(**{f.name: getattr(args, f.name) for f in fields(ReadmeSettings)}))
-    return 0
+main = cli.main_for(build_parser, ReadmeSettings, update)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("serve-repo")
 
@@ -199,29 +199,15 @@ HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = RepoSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--engine", default=d.engine, help="ort | torch | trt")
-    p.add_argument("--precision", default=d.precision, help="auto | fp32 | fp16 | int8")
-    p.add_argument("--device", default=d.device, help="cpu (KIND_CPU) or cuda (KIND_GPU)")
-    p.add_argument("--instances", type=int, default=d.instances)
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
-    p.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap)
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--output-transport", default=d.output_transport, help="auto | dlpack | numpy")
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, RepoSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    settings = RepoSettings(**{f.name: getattr(args, f.name) for f in fields(RepoSettings)})
+    settings = cli.settings_from(RepoSettings, args)
     t0 = time.time()
     make_repository(settings=settings)
     log.info("done in %.1f s", time.time() - t0)
@@ -229,4 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("serve-load")
 
@@ -34,7 +34,7 @@ PROMPTS = ["The list", "def f(", "A class attribute", "The import statement", "E
 class LoadSettings:
     clients: int = 64
     duration: float = 30.0           # seconds each client keeps sending
-    max_tokens: int = 32
+    max_new_tokens: int = 32
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     http_port: int = 8000
@@ -67,7 +67,7 @@ def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: thr
     n = 0
     with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
-            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_tokens)
+            req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_new_tokens)
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None}
             t0 = time.perf_counter()
             try:
@@ -182,22 +182,17 @@ def _r(x):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LoadSettings()
-    for f in fields(LoadSettings):
-        kind = type(getattr(d, f.name))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(d, f.name))
-    add_verbosity_args(p)
+    p = cli.parser(__doc__)
+    cli.add_settings(p, LoadSettings)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
-    res = run_load(settings=LoadSettings(**{f.name: getattr(args, f.name) for f in fields(LoadSettings)}))
+    res = run_load(settings=cli.settings_from(LoadSettings, args))
     return 1 if res["summary"]["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -15,7 +15,7 @@ from lmopt.results import SCHEMA_VERSION
 def bench_result(tiny_export, artifacts):
     out = artifacts / "tiny" / "profile" / "benchmark-cpu.json"
     proc = run_cli("profile/benchmark.py", "--model", "tiny", "--artifacts", str(artifacts),
-                   "--batch-sizes", "1,2", "--short-prompt", "8", "--long-prompt", "32", "--new-tokens", "6",
+                   "--batch-sizes", "1,2", "--short-prompt", "8", "--long-prompt", "32", "--max-new-tokens", "6",
                    "--warmup", "1", "--repeats", "2", "--threads", "2", "--bandwidth-mb", "16")
     return read_json(out), proc.stdout
 

@@ -22,7 +22,7 @@ WORK = {"tokenize", "prefill", "sample", "decode_step", "detokenize"}
 def test_nsys_profile_builtin_model(tiny_export, artifacts):
     rounds, new = 2, 6
     run_cli("profile/run_nsys_profile.py", "--model", "tiny", "--artifacts", str(artifacts), "--profiler", "nsys",
-            "--rounds", str(rounds), "--warmup", "1", "--max-new-tokens", str(new), "--nsys-timeout", "180")
+            "--repeats", str(rounds), "--warmup", "1", "--max-new-tokens", str(new), "--nsys-timeout", "180")
     out = artifacts / "tiny" / "profile" / "nsys-ort-fp32-cpu"
     r = read_json(out / "summary.json")
     assert (out / "run.nsys-rep").stat().st_size > 10_000 and (out / "manifest.json").is_file()
@@ -46,7 +46,7 @@ def test_nsys_profile_builtin_model(tiny_export, artifacts):
 def test_torch_profiler_backend_on_cpu(tmp_path):
     out = tmp_path / "prof"
     run_cli("profile/run_nsys_profile.py", "--model", "llama-test", "--engine", "torch", "--profiler", "torch",
-            "--artifacts", str(tmp_path), "--rounds", "1", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
+            "--artifacts", str(tmp_path), "--repeats", "1", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
     r = read_json(out / "summary.json")
     trace = json.loads(gzip.decompress((out / "trace.json.gz").read_bytes()))
     assert any(e.get("cat") == "user_annotation" and e.get("name") == "decode_step" for e in trace["traceEvents"])
@@ -117,7 +117,7 @@ def test_nvtx_ranges_switch_and_hook():
 def test_nvtx_overhead_cli(tmp_path):
     out = tmp_path / "ovh"
     run_cli("profile/nsys_nvtx_overhead.py", "--model", "llama-test", "--engine", "torch", "--artifacts",
-            str(tmp_path), "--pairs", "2", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
+            str(tmp_path), "--repeats", "2", "--warmup", "1", "--max-new-tokens", "4", "--out", str(out))
     r = read_json(out / "result.json")
     assert len(r["raw"]["annotated_round_s"]) == len(r["raw"]["bare_round_s"]) == 2
     # tokenize, prefill, detokenize once; sample/h2d/d2h per token; decode_step per token after the first

@@ -24,7 +24,7 @@ def _not_blank(png: Path) -> None:
 def tiny_bench(tiny_export, artifacts) -> Path:
     """A short real benchmark of the built-in model (torch fp32 vs ORT fp32, batch 1) in the session's artifacts."""
     run_cli("profile/benchmark.py", "--model", "tiny", "--artifacts", str(artifacts), "--batch-sizes", "1",
-            "--repeats", "2", "--warmup", "1", "--new-tokens", "4", "--long-prompt", "32", "--bandwidth-mb", "16",
+            "--repeats", "2", "--warmup", "1", "--max-new-tokens", "4", "--long-prompt", "32", "--bandwidth-mb", "16",
             "--engines", "torch,ort", "--precisions", "fp32")
     return artifacts / "tiny" / "profile" / "benchmark-cpu.json"
 

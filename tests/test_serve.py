@@ -150,7 +150,7 @@ def test_repository_is_generated_with_manifest(server):
 
 def test_client_cli_greedy_tokens_equal_in_process_engine(server):
     proc = run_cli("serve/client/infer_client.py", *server.client_args(
-        "--check", "--max-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
+        "--check", "--max-new-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
     assert "PASS: served greedy tokens equal the in-process ort fp32 engine (2/2 prompts)" in proc.stdout
     assert "time to first token" in proc.stdout
 

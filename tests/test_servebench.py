@@ -28,7 +28,7 @@ def bench(serve_repo, artifacts):
 
     perf_analyzer's stability check is relaxed: this checks the plumbing and the files, not the machine's quiet."""
     proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
-                   serve_repo.name, "--concurrency", "1,2", "--max-tokens", "8", "--prompt-tokens", "16",
+                   serve_repo.name, "--concurrency", "1,2", "--max-new-tokens", "8", "--prompt-tokens", "16",
                    "--measurement-requests", "6", "--stability-percentage", "1000", "--requests", "6", "--duration-s", "20",
                    "--overhead-requests", "3", timeout=600)
     return artifacts / "tiny" / "profile", proc

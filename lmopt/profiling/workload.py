@@ -28,14 +28,14 @@ class ProfileSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     engine: str = "ort"            # ort | torch | trt
-    precision: str = "fp32"
-    device: str = "cpu"
-    profiler: str = "auto"         # auto = nsys when on PATH, else torch
-    batch: int = 1
-    prompt_len: int = 32
-    max_new_tokens: int = 32
+    precision: str = "fp32"        # fp32 | fp16 | int8
+    device: str = "cpu"            # cpu | cuda
+    profiler: str = "auto"  # nsys (Nsight Systems), torch (PyTorch profiler + Chrome trace), auto = nsys if installed
+    batch_size: int = 1
+    prompt_len: int = 32           # prompt tokens per row
+    max_new_tokens: int = 32       # tokens per round (exactly)
     warmup: int = 2                # rounds before the capture range (not profiled)
-    rounds: int = 5                # profiled rounds
+    repeats: int = 5               # profiled rounds
     threads: int = 0               # engine threads (0 = library default)
     pinned_repeats: int = 30       # copies per mode in the pinned vs pageable comparison (GPU only)
     nsys_timeout: int = 900        # seconds; the nsys agent has been seen spinning after the app exited
@@ -50,8 +50,9 @@ def prepare(s):
     from lmopt.generate import SamplingParams
     from lmopt.models import load_tokenizer
 
-    if s.batch < 1 or s.prompt_len < 1 or s.max_new_tokens < 2 or s.rounds < 1 or s.warmup < 0:
-        raise UserError("need --batch >= 1, --prompt-len >= 1, --max-new-tokens >= 2, --rounds >= 1, --warmup >= 0")
+    if s.batch_size < 1 or s.prompt_len < 1 or s.max_new_tokens < 2 or s.repeats < 1 or s.warmup < 0:
+        raise UserError("need --batch-size >= 1, --prompt-len >= 1, --max-new-tokens >= 2, --repeats >= 1, "
+                        "--warmup >= 0")
     engine = create_engine(s.engine, s.model, precision=s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None)
     tok = load_tokenizer(s.model)
@@ -61,7 +62,7 @@ def prepare(s):
     except TypeError:  # a tokenizer without the flag
         ids = tok(text)["input_ids"]
     # different real text per row, the same every run
-    prompts = [tok.decode(ids[i * 97: i * 97 + s.prompt_len]) for i in range(s.batch)]
+    prompts = [tok.decode(ids[i * 97: i * 97 + s.prompt_len]) for i in range(s.batch_size)]
     # a stop id no model emits: every round runs exactly max_new_tokens (generate_text would add EOS otherwise), so
     # the decode-step count is known and rounds are comparable
     params = SamplingParams(max_new_tokens=s.max_new_tokens, stop_token_ids=(-1,))
@@ -97,7 +98,7 @@ def warmup_and_measure(s, on_measure=None) -> dict:
     warm_s = time.perf_counter() - t0
     with on_measure if on_measure is not None else nullcontext():
         with nvtx_range(ROOT_RANGE):
-            res = run_rounds(engine, tok, prompts, params, s.rounds)
+            res = run_rounds(engine, tok, prompts, params, s.repeats)
     res["warmup_s"] = warm_s
     res["engine"] = vars(engine.info)
     engine.close()

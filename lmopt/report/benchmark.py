@@ -37,7 +37,8 @@ def render_table(result: dict, markdown: bool = False) -> str:
         else f"{mach.get('cpu_model', mach.get('processor'))}, {mach.get('cpu_count')} cores"
     caption = (f"{result['model']} on {where} — {result['created'][:10]}, "
                f"`{' '.join(result['command'])}`; {s['repeats']} repetitions after {s['warmup']} warm-up, "
-               f"{s['new_tokens']} new tokens, greedy; speedup = baseline p50 step / row p50 step "
+               f"{s.get('max_new_tokens', s.get('new_tokens'))} new tokens, greedy; "
+               "speedup = baseline p50 step / row p50 step "
                f"(baseline {result['baseline']['engine']} {result['baseline']['precision']})"
                + (f"; floor at {result['copy_bandwidth_gbs']} GB/s copy bandwidth" if result.get("copy_bandwidth_gbs")
                   else "")

@@ -66,7 +66,8 @@ def render_profiles(results_dir: str | Path) -> str:
         steps = s["nvtx"]["ranges"].get("decode_step", {}).get("count") or 1
         k = s["cuda_kernels"]
         kernel_ms_per_step = k["total_ms"] / (steps + s["nvtx"]["ranges"].get("prefill", {}).get("count", 0))
-        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {st['batch']}, "
+        batch = st.get("batch_size", st.get("batch"))
+        out.append(f"**Where the time goes — {st['model']}, {st['engine']} {st['precision']}, batch {batch}, "
                    f"eager decode** ({d['machine'].get('gpu', {}).get('name', '?')}, {d['created'][:10]}, "
                    f"`{' '.join(d['command'])}`; data: `{p}`)\n")
         out.append(f"- decode step: {f['decode_step_mean_ms']:.2f} ms mean wall, of which GPU kernels "

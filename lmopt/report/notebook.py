@@ -374,7 +374,7 @@ def plot_streaming(sources: list[Source], params: Params) -> bool:
         ax.legend(fontsize=8)
     s0 = stream[0].doc.get("settings", {})
     fig.suptitle(f"{params.model}: streaming through Triton, prompt {s0.get('prompt_tokens', '?')} tokens, "
-                 f"{s0.get('max_tokens', '?')} output tokens — {machine_label(stream[0].doc)}", y=1.02)
+                 f"{s0.get('max_new_tokens', s0.get('max_tokens', '?'))} output tokens — {machine_label(stream[0].doc)}", y=1.02)
     stamp(fig, stamps)
     fig.tight_layout()
     save(fig, "streaming_ttft_itl", [s.path for s in stream + over], params)

@@ -17,6 +17,10 @@ def _f(x, fmt: str = ".1f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _new_tokens(settings: dict):
+    return settings.get("max_new_tokens", settings.get("max_tokens"))  # files written before the flags were unified
+
+
 def _find(docs: list[Doc], folder: Path, kind: str, label: str) -> dict | None:
     for d in docs:
         if d.path.parent == folder and d.kind == kind and d.label == label:
@@ -40,7 +44,7 @@ def _section(folder: Path, cmp_doc: dict, docs: list[Doc]) -> str:
     if st is not None:
         s = st["settings"]
         out += [f"**Streaming** (`{s['triton_model']}`, gRPC stream, prompt {s['prompt_tokens']} tokens, up to "
-                f"{s['max_tokens']} new, ≤{s['requests']} requests or {s['duration_s']:g} s per level, warm-up "
+                f"{_new_tokens(s)} new, ≤{s['requests']} requests or {s['duration_s']:g} s per level, warm-up "
                 "excluded; ms):", "",
                 "| concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | end-to-end p50 | end-to-end p99 "
                 "| output tok/s | req/s |",
@@ -56,7 +60,7 @@ def _section(folder: Path, cmp_doc: dict, docs: list[Doc]) -> str:
     if pa_on is not None and _find(docs, folder, "perf_analyzer", "batching-off") is not None:
         s = pa_on["settings"]
         out += [f"**perf_analyzer** (`{s['triton_model']}`, non-streaming, gRPC, {s['measurement_requests']} requests "
-                f"per window, prompt {s['prompt_tokens']} tokens, {s['max_tokens']} new) and **dynamic batching on vs "
+                f"per window, prompt {s['prompt_tokens']} tokens, {_new_tokens(s)} new) and **dynamic batching on vs "
                 "off** (same model and load; off = the same repository without its `dynamic_batching` block):", "",
                 "| concurrency | req/s on | req/s off | on/off | p95 ms on | p95 ms off | requests per execution on "
                 "| streaming tok/s on | off | on/off |",

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("generate")
 
@@ -27,20 +27,20 @@ log = get_logger("generate")
 class GenerateSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    engine: str = "torch"
-    precision: str = "fp32"
-    device: str = "cpu"
+    engine: str = "torch"           # torch, ort or trt
+    precision: str = "fp32"         # fp32, int8 or fp16
+    device: str = "cpu"             # cpu or cuda
     prompt: list[str] = field(default_factory=lambda: ["The built-in function"])
     max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False        # generate exactly max_new_tokens (benchmarks, parity checks)
-    stream: bool = False
-    json: bool = False
-    threads: int = 0
+    stream: bool = False            # print each token as it is generated
+    json: bool = False              # print one JSON object (token ids, texts, timings)
+    threads: int = 0                # intra-op threads (0 = library default)
 
 
 def run_generate(*, settings: GenerateSettings) -> dict:
@@ -81,27 +81,13 @@ def run_generate(*, settings: GenerateSettings) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = GenerateSettings()
-    p.add_argument("--model", default=d.model, help="tiny (built-in), a preset, a local HF folder or a hub id")
-    p.add_argument("--artifacts", default=d.artifacts, help="artifacts root folder")
-    p.add_argument("--engine", default=d.engine, help="torch, ort or trt")
-    p.add_argument("--precision", default=d.precision, help="fp32, int8 or fp16")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    cli.add_settings(p, GenerateSettings, skip=("prompt", "seed", "stop"))
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text; repeat for a batch (default: {d.prompt[0]!r})")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (same seed, same engine, same text)")
     p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
-    p.add_argument("--stream", action="store_true", help="print each token as it is generated")
-    p.add_argument("--json", action="store_true", help="print one JSON object (token ids, texts, timings)")
-    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (0 = library default)")
-    add_verbosity_args(p)
     return p
 
 
@@ -111,10 +97,10 @@ def main(argv=None) -> int:
     d = GenerateSettings()
     args.prompt = args.prompt or d.prompt
     args.stop = args.stop or d.stop
-    settings = GenerateSettings(**{f.name: getattr(args, f.name) for f in fields(GenerateSettings)})
+    settings = cli.settings_from(GenerateSettings, args)
     run_generate(settings=settings)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-from lmopt.errors import UserError, cli_main
-from lmopt.log import add_verbosity_args, get_logger, setup_logging
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger, setup_logging
 
 log = get_logger("client")
 
@@ -44,25 +44,25 @@ class ClientSettings:
     api: str = "infer"               # infer | generate (HTTP generate / generate_stream endpoints)
     stream: bool = False             # lm_stream (one response per token) instead of lm
     concurrency: int = 1             # prompts in flight at once
-    max_tokens: int = 16
+    max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop: str = ""
+    stop: str = ""                   # stop string
     check: bool = False              # compare greedy tokens with the in-process engine
     model: str = "tiny"
     artifacts: str = "artifacts"
     variant: str = ""                # serve variant to check against (default: the only/newest one)
     timeout: float = 120.0
-    out: str = ""
+    out: str = ""                    # write results JSON here
 
 
 def _request(s: ClientSettings, prompt: str):
     from lmopt.triton_client import GenRequest
 
-    return GenRequest(prompt=prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                      seed=s.seed, stop=s.stop or None)
+    return GenRequest(prompt=prompt, max_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                      top_p=s.top_p, seed=s.seed, stop=s.stop or None)
 
 
 def request_once(s: ClientSettings, prompt: str, on_piece=None) -> dict:
@@ -175,7 +175,7 @@ def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[i
     tok = load_tokenizer(s.model)
     toks = []
     for p in prompts:  # one at a time: the reference is batch 1
-        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_tokens,
+        _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_new_tokens,
                                                                 stop_strings=(s.stop,) if s.stop else ()))
         toks.append(out.tokens[0])
     engine.close()
@@ -251,30 +251,11 @@ def _check_server(s: ClientSettings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     d = ClientSettings()
+    cli.add_settings(p, ClientSettings, skip=("prompt", "seed"))
     p.add_argument("--prompt", action="append", help=f"prompt text (repeat for several; default {d.prompt})")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--http-port", type=int, default=d.http_port)
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
-    p.add_argument("--protocol", default=d.protocol, help="http | grpc")
-    p.add_argument("--api", default=d.api, help="infer (KServe v2) | generate (HTTP generate endpoints)")
-    p.add_argument("--stream", action="store_true", help="stream tokens from lm_stream")
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--stop", default=d.stop, help="stop string")
-    p.add_argument("--check", action="store_true", help="compare greedy tokens with the in-process engine")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--artifacts", default=d.artifacts)
-    p.add_argument("--variant", default=d.variant, help="serve variant for --check (default: newest)")
-    p.add_argument("--timeout", type=float, default=d.timeout)
-    p.add_argument("--out", default=d.out, help="write results JSON here")
-    add_verbosity_args(p)
     return p
 
 
@@ -289,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    cli.run(main)
