@@ -43,15 +43,15 @@ log = get_logger("aiperf-compare")
 class CompareSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    openai_url: str = "http://127.0.0.1:8080"
-    triton_grpc: str = "127.0.0.1:8001"
+    openai_url: str = "http://127.0.0.1:8080"   # the OpenAI endpoint's base URL (without /v1)
+    triton_grpc: str = "127.0.0.1:8001"         # the same server's Triton gRPC address
     concurrency: str = "1,2,4,8"
-    prompt_tokens: int = 32
+    prompt_tokens: int = 32                     # prompt length in tokens
     max_new_tokens: int = 16
-    requests: int = 32                  # measured requests per level and tool (at least 4 per client)
-    aiperf: str = ".venv-aiperf/bin/aiperf"
-    tolerance: float = 0.10             # agreement bar on TTFT and ITL medians
-    publish: bool = False
+    requests: int = 32                          # measured requests per level and tool (at least 4 per client)
+    aiperf: str = ".venv-aiperf/bin/aiperf"     # the aiperf executable (make aiperf-venv)
+    tolerance: float = 0.10                     # agreement bar on TTFT and ITL medians (0.10 = 10 percent)
+    publish: bool = False                       # also copy the result to results/<machine-tag>/<model>/
 
 
 def _aiperf_level(s: CompareSettings, served: str, tokenizer_dir: str, c: int, out: Path) -> dict:
@@ -93,7 +93,7 @@ def _load_generator_level(s: CompareSettings, c: int) -> dict:
     label = f"aiperf-c{c}"
     cmd = [sys.executable, str(REPO_ROOT / "profile" / "load_generator.py"), "--model", s.model, "--artifacts",
            s.artifacts, "--url", s.triton_grpc, "--label", label, "--concurrency", str(c), "--prompt-tokens",
-           str(s.prompt_tokens), "--max-tokens", str(s.max_new_tokens), "--requests", str(max(s.requests, 4 * c)),
+           str(s.prompt_tokens), "--max-new-tokens", str(s.max_new_tokens), "--requests", str(max(s.requests, 4 * c)),
            "--duration-s", "600", "--prompt-input", "input_ids", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -231,12 +231,7 @@ def _aiperf_version(exe: str) -> str | None:
 
 def build_parser():
     p = cli.parser(__doc__)
-    cli.add_settings(p, CompareSettings, help={
-        "openai_url": "the OpenAI endpoint's base URL (without /v1)",
-        "triton_grpc": "the same server's Triton gRPC address", "prompt_tokens": "prompt length in tokens",
-        "requests": "measured requests per level and tool", "aiperf": "the aiperf executable (make aiperf-venv)",
-        "tolerance": "agreement bar on TTFT and ITL medians (0.10 = 10%%)",
-        "publish": "copy the result to results/<machine-tag>/<model>/"})
+    cli.add_settings(p, CompareSettings)
     return p
 
 

@@ -38,14 +38,14 @@ log = get_logger("openai-overhead")
 class OverheadSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    openai_url: str = "http://127.0.0.1:8080"
-    triton_grpc: str = "127.0.0.1:8001"
-    triton_model: str = "lm_stream"
-    requests: int = 40                 # measured requests per path
-    warmup: int = 3                    # requests per path before measuring, excluded
-    prompt_tokens: int = 32
+    openai_url: str = "http://127.0.0.1:8080"   # the endpoint's base URL (without /v1)
+    triton_grpc: str = "127.0.0.1:8001"         # the same server's Triton gRPC address
+    triton_model: str = "lm_stream"             # the decoupled model both paths use
+    requests: int = 40                          # measured requests per path
+    warmup: int = 3                             # requests per path before measuring, excluded
+    prompt_tokens: int = 32                     # prompt length in tokens (held-out text)
     max_new_tokens: int = 32
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0             # seconds per request
     publish: bool = False              # also copy the result to results/<machine-tag>/<model>/
 
 
@@ -198,11 +198,7 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
 
 def build_parser():
     p = cli.parser(__doc__)
-    cli.add_settings(p, OverheadSettings, help={
-        "openai_url": "the endpoint's base URL (without /v1)", "triton_grpc": "the same server's Triton gRPC address",
-        "triton_model": "the decoupled model both paths use", "requests": "measured requests per path",
-        "prompt_tokens": "prompt length in tokens (held-out text)",
-        "request_timeout_s": "seconds per request", "publish": "copy the result to results/<machine-tag>/<model>/"})
+    cli.add_settings(p, OverheadSettings)
     return p
 
 

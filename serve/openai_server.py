@@ -45,9 +45,9 @@ MAX_STOP_STRINGS = 4                 # OpenAI's limit
 
 @dataclass
 class GatewaySettings:
-    host: str = "127.0.0.1"          # loopback only unless asked: there is no authentication
-    port: int = 8080                 # clear of Triton's 8000 (HTTP), 8001 (gRPC), 8002 (metrics)
-    triton_grpc: str = "127.0.0.1:8001"
+    host: str = "127.0.0.1"          # address to listen on; loopback only unless asked: there is no authentication
+    port: int = 8080                 # the endpoint's TCP port; clear of Triton's 8000, 8001 and 8002
+    triton_grpc: str = "127.0.0.1:8001"  # Triton's gRPC address host:port
     triton_model: str = "lm_stream"  # the decoupled model: one response per token
     served_model_name: str = ""      # the `model` clients send; default: the model spec Triton serves (e.g. tiny)
     request_timeout: float = 600.0   # seconds one request may stream before it is cut
@@ -639,11 +639,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, GatewaySettings, help={
-        "host": "address to listen on (default: loopback only)", "port": "TCP port of the endpoint",
-        "triton_grpc": "Triton's gRPC address host:port", "triton_model": "the decoupled (streaming) model to call",
-        "served_model_name": "the `model` clients send (default: the model spec of the Triton repository)",
-        "request_timeout": "seconds one request may stream"})
+    cli.add_settings(p, GatewaySettings)
     return p
 
 
