@@ -68,6 +68,21 @@ serve-repo: quantize
 	$(PY) serve/make_model_repository.py --model $(MODEL) --artifacts $(ART)
 serve-demo: serve-repo
 	bash serve/demo.sh $(MODEL) $(ART)
+# OpenAI-compatible endpoint (serve/openai_server.py) in front of Triton, both in the background; OPENAI_PORT (8080)
+.PHONY: serve-openai serve-stop
+serve-openai: serve-repo
+	PYTHON=$(PY) bash serve/serve_openai.sh start $(MODEL) $(ART)
+serve-stop:
+	PYTHON=$(PY) bash serve/serve_openai.sh stop $(MODEL) $(ART)
+# NVIDIA's aiperf (OpenAI-API LLM benchmark) in its own venv: it needs a newer transformers than the pinned set
+AIPERF_VENV := .venv-aiperf
+.PHONY: aiperf-venv
+aiperf-venv: $(AIPERF_VENV)/.installed
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q --upgrade pip
+	$(AIPERF_VENV)/bin/pip install -q aiperf==0.13.0
+	touch $@
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
