@@ -124,11 +124,20 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
 
     def take(step_logits):
         with nvtx_range("sample"):
+            # logits left on the device (a StepLogits): greedy rows take one id each from a device argmax instead
+            # of moving [batch, vocab] floats to the host every step
+            greedy = None
+            if not isinstance(step_logits, np.ndarray) and hasattr(step_logits, "argmax") \
+                    and any(g is None for g in rngs):
+                greedy = step_logits.argmax()
             for r in range(b):
                 if done[r]:
                     next_ids[r] = pad_id
                     continue
-                tok = sample_next(step_logits[r], plist[r], rngs[r])
+                if greedy is not None and rngs[r] is None:
+                    tok = int(greedy[r])
+                else:
+                    tok = sample_next(np.asarray(step_logits[r]), plist[r], rngs[r])
                 next_ids[r] = tok
                 if tok in stops[r]:
                     done[r], reasons[r] = True, "stop"

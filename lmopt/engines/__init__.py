@@ -3,17 +3,18 @@
     create_engine("torch", "tiny", precision="fp32")          # PyTorch eager, the baseline
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
     create_engine("trt", "tiny", precision="fp16", device="cuda")   # stage-3 TensorRT engine
-    create_engine("compiled", "llama-1b", precision="fp16", device="cuda")   # static KV slots + CUDA graphs
+    create_engine("compiled", "llama-1b", precision="fp16", device="cuda")   # slotted static KV + CUDA graphs
+    create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")  # HF model, static KV + CUDA graphs
+    create_engine("ort-gqa", "llama-1b", precision="fp16", device="cuda")    # fused GQA graph, fixed KV buffer
 """
 from __future__ import annotations
 
-from ..artifacts import PRECISIONS as ONNX_PRECISIONS
-from ..artifacts import find_onnx, onnx_file
+from ..artifacts import PRECISIONS, find_onnx, onnx_file
 from ..errors import UserError
+from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt", "compiled")
-PRECISIONS = (*ONNX_PRECISIONS, "bf16")    # bf16: the PyTorch and compiled engines only (no ONNX graph is built)
+ENGINES = ("torch", "ort", "trt", "compiled", "cudagraph", "ort-gqa")
 
 
 def create_engine(engine: str, model: str, precision: str = "fp32", device: str = "cpu",
@@ -26,8 +27,8 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from .compiled import CompiledEngine
 
         return CompiledEngine(model, precision, device, threads, **kwargs)
-    if precision == "bf16" and engine != "torch":
-        raise UserError(f"engine '{engine}' has no bf16 build — use --engine compiled or torch for bf16")
+    if precision == "bf16" and engine not in ("torch", "cudagraph"):
+        raise UserError(f"engine '{engine}' has no bf16 build — use --engine compiled, cudagraph or torch for bf16")
     if engine == "torch":
         if precision == "int8":
             raise UserError("the PyTorch baseline runs fp32 or fp16, not int8 — use --engine ort for INT8")
@@ -36,6 +37,26 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from .torch_engine import TorchEngine
 
         return TorchEngine(model, precision, device, threads)
+    if engine == "cudagraph":
+        if precision not in ("fp16", "bf16"):
+            raise UserError(f"engine 'cudagraph' runs fp16 or bf16, not {precision} — pass --precisions fp16")
+        from .cudagraph import CudaGraphEngine
+
+        return CudaGraphEngine(model, precision, device, threads, **kwargs)
+    if engine == "ort-gqa":
+        from ..manifest import list_variants
+        from .ort_gqa import OrtGqaEngine
+
+        variant = f"{precision}-gqa"
+        man = list_variants(artifacts, model, "export").get(variant)
+        if man is None:
+            model_arg = "" if model == "tiny" else f" --model {model}"
+            raise UserError(f"no {variant} ONNX under {stage_dir(artifacts, model, 'export', '')} — run: python "
+                            f"convert/export_onnx.py{model_arg} --dtype {precision} --attention gqa")
+        folder = stage_dir(artifacts, model, "export", variant)
+        return OrtGqaEngine(onnx_file(folder, man), precision, device, threads, variant=variant,
+                            max_len=man["graph"]["max_len"], max_positions=man["model_shape"]["max_positions"],
+                            **kwargs)
     if engine == "ort":
         from ..models import load_config, model_shape
         from .ort_engine import OrtEngine

@@ -30,32 +30,13 @@ import numpy as np
 from ..errors import UserError
 from ..models import load_model, resolve
 from .base import EngineInfo
-from .slots import SlotEngine, StepLogits
+from .slots import DeviceLogits, SlotEngine, StepLogits
 
 log = logging.getLogger("lmopt.compiled")
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KV_BUCKET_MIN = 256
 DEFAULT_MAX_LEN = 4096     # positions per slot unless asked (a 128k-context model would not fit 64 slots otherwise)
-
-
-class DeviceLogits(StepLogits):
-    """Logits left on the device: `argmax()` moves one id per row, `row(i)` one row. Valid until the engine's next
-    step (a replayed graph writes its outputs in place)."""
-
-    def __init__(self, logits, greedy, rows: Sequence[int] | None = None):
-        self.logits, self.greedy = logits, greedy
-        self.rows = list(range(logits.shape[0])) if rows is None else list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def argmax(self) -> np.ndarray:
-        ids = self.greedy.cpu().numpy().astype(np.int64)
-        return ids[self.rows]
-
-    def row(self, i: int) -> np.ndarray:
-        return self.logits[self.rows[i]].float().cpu().numpy()
 
 
 @dataclass
