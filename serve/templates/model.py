@@ -79,6 +79,7 @@ class TritonPythonModel:
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
                 max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
+                                       cancel_poll_s=float(_param(cfg, "cancel_poll_ms", "0")) / 1e3,
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
@@ -335,7 +336,10 @@ def _busy(msg):
 
 class _Metrics:
     """Scheduler counters as Triton custom metrics (pb_utils.MetricFamily); logged instead where it is missing.
-    Gauges are set when they change; counters are added at most every 0.2 s, and whenever the scheduler goes idle."""
+    Updated at most every INTERVAL_S (a scrape every few seconds sees them current), and whenever the scheduler goes
+    idle."""
+
+    INTERVAL_S = 0.1
 
     def __init__(self, model_name, logger):
         self.logger, self.labels = logger, {"model": model_name}
@@ -365,19 +369,21 @@ class _Metrics:
             if st["steps"] % 1000 == 0:
                 self.logger.log_info("scheduler " + json.dumps(st))
             return
+        # every metric update is a round trip to the server process: at most every INTERVAL_S (and always when the
+        # scheduler goes idle, so the gauges settle at their final values)
+        idle = st["slots_in_use"] == 0 and st["queue_length"] == 0
+        now = time.monotonic()
+        if not idle and now - self.flushed_at < self.INTERVAL_S:
+            return
         for k, m in self.gauges.items():
             if self.last.get(k) != st[k]:
                 m.set(st[k])
-        idle = st["slots_in_use"] == 0 and st["queue_length"] == 0
-        now = time.monotonic()
-        if idle or now - self.flushed_at > 0.2:
-            for k, m in self.counters.items():
-                d = st[k] - self.last.get(k, 0)
-                if d:
-                    m.increment(d)
-            self.flushed_at = now
-            self.last.update({k: st[k] for k in self.counters})
-        self.last.update({k: st[k] for k in self.gauges})
+        for k, m in self.counters.items():
+            d = st[k] - self.last.get(k, 0)
+            if d:
+                m.increment(d)
+        self.flushed_at = now
+        self.last.update({k: st[k] for k in (*self.gauges, *self.counters)})
 
 
 def _is_cancelled(request, sender):
