@@ -59,7 +59,7 @@ class RepoSettings:
     slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
     max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
     prefill_chunk: int = 256         # in-flight: prompt tokens prefilled per step while other requests decode
-    cancel_poll_ms: float = 0.0      # in-flight: ask Triton whether a request was cancelled at most this often (0 = every step; each ask is a round trip to the server process)
+    cancel_poll_ms: float = 10.0     # in-flight: ask Triton whether a request was cancelled at most this often (0 = every step; each ask is a round trip to the server process)
     max_batch_size: int = 8          # Triton's dynamic batcher (lm; lm_stream too when --batching static)
     queue_delay_us: int = 2000       # how long the dynamic batcher waits to fill a batch
     max_tokens_cap: int = 256        # requests asking for more are refused with an error naming the cap

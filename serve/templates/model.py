@@ -5,7 +5,8 @@ The same file serves both models; config.pbtxt decides which:
   lm_stream  decoupled: execute() hands each request to the scheduler and returns at once; the scheduler's loop
              thread sends one response per generated token through the request's response sender, then an empty
              response flagged FINAL. Requests join and leave the running batch at every decode step. A cancelled
-             request (client gone, stream closed: response_sender.is_cancelled()) frees its slot within one step.
+             request (client gone, stream closed: response_sender.is_cancelled(), asked at most every
+             `cancel_poll_ms` since each ask is a round trip to the server) frees its slot at the next step after.
   lm         one response per request with the full text. execute() submits its requests to the same kind of
              scheduler and waits for them (the Python backend runs one execute() per instance at a time, so requests
              arriving meanwhile wait in Triton's queue: in-flight joining is the streaming model's).
