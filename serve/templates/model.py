@@ -184,9 +184,9 @@ class TritonPythonModel:
             try:
                 ids, p, want_text = self._parse(r)
                 if self.decoupled:
-                    h = self.scheduler.submit(ids, p, on_event=self._streamer(r.request_id(), sender, want_text),
-                                              is_cancelled=sender.is_cancelled, request_id=r.request_id(),
-                                              text=want_text)
+                    on_event, is_cancelled = self._streamer(r.request_id(), sender, want_text)
+                    h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
+                                              request_id=r.request_id(), text=want_text)
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -212,16 +212,25 @@ class TritonPythonModel:
                 responses[i] = self._response(h.text if want_text else None, h.tokens, batched)
         return responses
 
-    def _streamer(self, request_id, sender, want_text):
-        """The on_event callback of one streaming request (runs on the scheduler thread)."""
+    def _streamer(self, request_id, response_sender, want_text):
+        """(on_event, is_cancelled) of one streaming request, called on the scheduler thread. The response sender is
+        dropped once the final response is out: nothing is sent on it after that, and nothing keeps it alive."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         count = [0]
+        holder = [response_sender]
+
+        def is_cancelled():
+            return holder[0].is_cancelled() if holder else True
 
         def on_event(ev):
+            if not holder:
+                return
+            sender = holder[0]
             if not ev.finished:
                 count[0] += 1
                 sender.send(self._response(ev.text if want_text else None, [ev.token], True))
                 return
+            holder.clear()
             if ev.finish_reason == "error":
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
                             flags=final)
@@ -236,7 +245,7 @@ class TritonPythonModel:
                 if ev.finish_reason != "cancelled":
                     raise
 
-        return on_event
+        return on_event, is_cancelled
 
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
@@ -317,8 +326,10 @@ class TritonPythonModel:
         return None if self.decoupled else responses
 
     def finalize(self):
+        self.logger.log_info(f"{self.model_name}: finalize")
         if self.scheduler is not None:
             self.scheduler.close()
+            self.logger.log_info(f"{self.model_name}: scheduler stopped")
         self.engine.close()
 
 
