@@ -9,7 +9,8 @@ Reads:  every result file under --results (results/<machine-tag>/<model>/*.json)
 Writes: README.md, only between `<!-- BEGIN name ... -->` and `<!-- END name -->` markers.
 
 Sections and their renderers (lmopt.report.SECTIONS): tiny-model, before-vs-after (kind benchmark), serving (kinds
-serving_batching_comparison, streaming_load, perf_analyzer), gpu (kinds gpu-suite, profile). A section without a
+serving_batching_comparison, streaming_load, perf_analyzer), gpu (kinds gpu-suite, profile), openai-endpoint (kinds
+openai-overhead, aiperf-compare). A section without a
 renderer is left as is. Every rendered table states the machine, date and command of its data.
 """
 from __future__ import annotations

@@ -53,13 +53,13 @@ def stat_ms(summary: dict, name: str) -> dict:
 
 
 def _sections() -> dict[str, Callable[[Path], str]]:
-    from lmopt.report import benchmark, gpu, serving, tiny
+    from lmopt.report import benchmark, gpu, openai, serving, tiny
 
     return {"tiny-model": tiny.render, "before-vs-after": benchmark.render, "serving": serving.render,
-            "gpu": gpu.render}
+            "gpu": gpu.render, "openai-endpoint": openai.render}
 
 
-SECTION_NAMES = ("tiny-model", "before-vs-after", "serving", "gpu")
+SECTION_NAMES = ("tiny-model", "before-vs-after", "serving", "gpu", "openai-endpoint")
 
 
 def render_section(name: str, results_dir: str | Path) -> str | None:

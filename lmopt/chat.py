@@ -1,0 +1,37 @@
+"""Chat messages to prompt token ids: the tokenizer's own chat template, or a simple one for models without one.
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is a list?"}])
+
+The built-in model (and any tokenizer without `chat_template`) gets SIMPLE_CHAT_TEMPLATE: one line per message,
+`Role: content`, then `Assistant:` for the model to continue. For the messages above that is
+
+    User: What is a list?
+    Assistant:
+
+The built-in model was not trained on conversations; the template only makes chat requests well defined.
+The rendered text is tokenized without adding special tokens: templates that want a BOS token write it themselves.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def chat_template(tokenizer) -> str:
+    return getattr(tokenizer, "chat_template", None) or SIMPLE_CHAT_TEMPLATE
+
+
+def render_chat(tokenizer, messages: Sequence[dict]) -> str:
+    """The prompt text for `messages` (each {"role", "content": str}), ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template(list(messages), chat_template=chat_template(tokenizer), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    return list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])

@@ -1,0 +1,208 @@
+"""The OpenAI endpoint's own overhead at one stream: the same server, the same prompts, interleaved request by request,
+through the gateway (serve/openai_server.py, HTTP + server-sent events) and through Triton's gRPC stream directly.
+
+    make serve-openai                                    # Triton + gateway (or start them yourself)
+    python profile/openai_overhead.py --model tiny --openai-url http://127.0.0.1:8080 --triton-grpc 127.0.0.1:8001
+    python profile/openai_overhead.py --requests 40 --publish     # also copy the result under results/<machine>/
+
+Both paths send the same token ids (the gateway tokenizes the prompt as the direct client does) to the same decoupled
+model `lm_stream`, greedy, `--max-new-tokens` each, one request at a time, alternating which path goes first. Per request:
+TTFT = first token (gRPC response / SSE event with text) - send; ITL = gaps between them. The direct path uses
+lmopt.triton_client's request and response helpers over tritonclient's asyncio gRPC stream, as the load generator
+does; the endpoint path lmopt.openai_client (raw SSE through aiohttp: the `openai` SDK's per-chunk parsing would be
+measured as the endpoint's time otherwise). Each gateway answer is checked against the direct one
+(same text); a mismatch fails the run.
+
+Reads:  data/eval.txt (held-out prompts of --prompt-tokens tokens); both servers
+Writes: artifacts/<model>/profile/openai-overhead.json (settings, every request's timings, medians and deltas);
+        with --publish also results/<machine-tag>/<model>/openai-overhead.json
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
+from lmopt.openai_client import StreamTiming, stream_completion
+
+log = get_logger("openai-overhead")
+
+
+@dataclass
+class OverheadSettings:
+    model: str = "tiny"
+    artifacts: str = "artifacts"
+    openai_url: str = "http://127.0.0.1:8080"   # the endpoint's base URL (without /v1)
+    triton_grpc: str = "127.0.0.1:8001"         # the same server's Triton gRPC address
+    triton_model: str = "lm_stream"             # the decoupled model both paths use
+    requests: int = 40                          # measured requests per path
+    warmup: int = 3                             # requests per path before measuring, excluded
+    prompt_tokens: int = 32                     # prompt length in tokens (held-out text)
+    max_new_tokens: int = 32
+    request_timeout_s: float = 60.0             # seconds per request
+    publish: bool = False              # also copy the result to results/<machine-tag>/<model>/
+
+
+async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: bool) -> StreamTiming:
+    """One greedy request straight to Triton's gRPC stream; the arrival of every token response."""
+    import tritonclient.grpc.aio as aio
+
+    from lmopt.triton_client import GenRequest, parse_response, stream_request
+
+    item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
+                          uuid.uuid4().hex[:16], s.triton_model, batch_dim)
+
+    async def requests():
+        yield item
+
+    rec, tokens = StreamTiming(), []
+    t_send = time.perf_counter()
+    it = client.stream_infer(requests(), stream_timeout=s.request_timeout_s)
+    try:
+        async for result, error in it:
+            now = time.perf_counter() - t_send
+            if error is not None:
+                rec.error = str(error)[:200]
+                break
+            piece = parse_response(result)
+            if piece.token_ids:
+                tokens.extend(piece.token_ids)
+                rec.event_times_s.append(now)
+            if piece.final:
+                rec.end_s = now
+                break
+    except Exception as e:
+        rec.error = f"{type(e).__name__}: {e}"[:200]
+    finally:
+        it.cancel()
+    rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
+    return rec
+
+
+async def _measure(s: OverheadSettings) -> dict:
+    import aiohttp
+    import tritonclient.grpc.aio as aio
+
+    from lmopt.models import load_tokenizer
+    from lmopt.serving import held_out_prompts
+
+    tok = load_tokenizer(s.model)
+    prompts = held_out_prompts(s.model, max(8, s.requests), s.prompt_tokens)
+    grpc = aio.InferenceServerClient(s.triton_grpc)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout_s)) as session:
+        try:
+            try:
+                async with session.get(f"{s.openai_url}/v1/models") as r:
+                    if r.status != 200:
+                        raise UserError(f"the endpoint at {s.openai_url} answered {r.status} — is Triton up? "
+                                        "(make serve-openai)")
+                    served = (await r.json())["data"][0]["id"]
+            except aiohttp.ClientError as e:
+                raise UserError(f"no OpenAI endpoint at {s.openai_url} ({e}) — start it: make serve-openai") from None
+            cfg = (await grpc.get_model_config(s.triton_model, as_json=True))["config"]
+            batch_dim = int(cfg.get("max_batch_size", 0)) > 0
+            rows, mismatches = [], []
+            for i in range(s.warmup + s.requests):
+                p = prompts[i % len(prompts)]
+                ids = list(tok(p)["input_ids"])  # what the endpoint sends for this prompt
+                order = ("direct", "openai") if i % 2 == 0 else ("openai", "direct")
+                got = {}
+                for path in order:
+                    if path == "direct":
+                        rec = await direct_one(grpc, ids, s, batch_dim)
+                        rec.text = tok.decode(rec.usage["token_ids"], skip_special_tokens=True)
+                    else:
+                        rec = await stream_completion(session, s.openai_url, {
+                            "model": served, "prompt": p, "max_tokens": s.max_new_tokens, "temperature": 0})
+                    if rec.error:
+                        raise UserError(f"{path} request {i} failed: {rec.error}")
+                    got[path] = rec
+                same = (got["direct"].text, got["direct"].usage["completion_tokens"]) == \
+                       (got["openai"].text, got["openai"].usage.get("completion_tokens"))
+                if not same:
+                    mismatches.append({"index": i, "direct": got["direct"].text, "openai": got["openai"].text})
+                if i >= s.warmup:
+                    rows.append({"index": i, "first": order[0], **{k: v.metrics() for k, v in got.items()}})
+        finally:
+            await grpc.close()
+    return {"served_model": served, "rows": rows, "mismatches": mismatches}
+
+
+def summarize(rows: list[dict]) -> dict:
+    from lmopt.results import percentile, stats
+
+    out = {}
+    for path in ("direct", "openai"):
+        out[path] = {"ttft_ms": stats([r[path]["ttft_ms"] for r in rows]),
+                     "itl_ms": stats([v for r in rows for v in r[path]["itl_ms"]]),
+                     "e2e_ms": stats([r[path]["e2e_ms"] for r in rows])}
+    out["overhead_ms"] = {m: round(out["openai"][m]["p50"] - out["direct"][m]["p50"], 4)
+                          for m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    # tokens can arrive in bursts (several responses queued behind one another), which pulls the ITL median towards
+    # zero; the mean ITL ((e2e - TTFT) / (tokens - 1) on average) is the per-token cost that does not hide in a burst
+    out["overhead_mean_ms"] = {m: round(out["openai"][m]["mean"] - out["direct"][m]["mean"], 4)
+                               for m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    # paired: both paths ran the same prompt back to back; the median of the per-request differences
+    out["paired_ttft_delta_ms_p50"] = round(percentile([r["openai"]["ttft_ms"] - r["direct"]["ttft_ms"]
+                                                        for r in rows], 50), 4)
+    return out
+
+
+def run_overhead(*, settings: OverheadSettings) -> dict:
+    from lmopt import results
+    from lmopt.paths import REPO_ROOT, model_slug
+    from lmopt.serving import result_path
+
+    s = settings
+    if s.requests < 1 or s.max_new_tokens < 2 or s.warmup < 0:
+        raise UserError("--requests must be >= 1, --max-new-tokens >= 2 (ITL needs two tokens), --warmup >= 0")
+    t0 = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    m = asyncio.run(_measure(s))
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    if m["mismatches"]:
+        raise UserError(f"{len(m['mismatches'])} endpoint answers differ from the direct stream (first: "
+                        f"{m['mismatches'][0]}) — the two paths do not run the same request")
+    summary = summarize(m["rows"])
+    path = result_path(s.artifacts, s.model, "x").with_name("openai-overhead.json")
+    doc = results.envelope("openai-overhead", settings=asdict(s), summary=summary, samples=m["rows"],
+                           versions=results.versions("tritonclient", "nvidia-pytriton", "starlette", "uvicorn",
+                                                     "aiohttp"),
+                           served_model=m["served_model"], wall_s=round(time.time() - t0, 2),
+                           # other work on a shared machine shows up as scheduling delay on both paths
+                           loadavg_before=load_before, loadavg_after=load_after)
+    results.write_json(path, doc)
+    log.info("Saving %s", path)
+    if s.publish:
+        dest = REPO_ROOT / "results" / results.machine_tag(doc) / model_slug(s.model) / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+        log.info("Saving %s", dest)
+    d, o = summary["direct"], summary["openai"]
+    print(f"{'path':<8} {'TTFT p50':>10} {'ITL p50':>9} {'ITL mean':>9} {'e2e p50':>9}   ({len(m['rows'])} requests "
+          f"each, {s.max_new_tokens} tokens, concurrency 1)")
+    for name, x in (("direct", d), ("openai", o)):
+        print(f"{name:<8} {x['ttft_ms']['p50']:>8.2f}ms {x['itl_ms']['p50']:>7.3f}ms {x['itl_ms']['mean']:>7.3f}ms "
+              f"{x['e2e_ms']['p50']:>7.1f}ms")
+    oh, om = summary["overhead_ms"], summary["overhead_mean_ms"]
+    print(f"overhead: TTFT p50 {oh['ttft_ms']:+.2f} ms (paired {summary['paired_ttft_delta_ms_p50']:+.2f} ms), "
+          f"ITL p50 {oh['itl_ms']:+.3f} ms, ITL mean {om['itl_ms']:+.3f} ms, e2e p50 {oh['e2e_ms']:+.1f} ms")
+    return doc
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_settings(p, OverheadSettings)
+    return p
+
+
+main = cli.main_for(build_parser, OverheadSettings, run_overhead)
+
+if __name__ == "__main__":
+    cli.run(main)

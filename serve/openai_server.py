@@ -1,0 +1,649 @@
+"""Stage 4c: an OpenAI-compatible HTTP endpoint in front of the Triton server (a thin ASGI gateway).
+
+    python serve/openai_server.py --triton-grpc 127.0.0.1:8001 --port 8080      # foreground; Ctrl-C stops
+    make serve-openai                                                          # Triton + this, in the background
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true -> server-sent events ending in
+`data: [DONE]`; `stream_options.include_usage` adds a last chunk with usage), GET /v1/models, GET /health.
+Request fields: model, prompt | messages, max_tokens (chat also max_completion_tokens), temperature, top_p, seed,
+stop (string or list of up to 4), n (1 only), stream, stream_options. Fields this server cannot honour (logprobs,
+echo, best_of > 1, penalties, tools, ...) are refused with 400 rather than ignored.
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON, wrong type, value out of
+range, prompt over the context; 404 unknown model or path; 429 the backend's queue is full ("server busy: ...");
+503 Triton or the model not ready. The server keeps serving after every one of them.
+
+How it works: the prompt is tokenized here (chat template from the tokenizer, lmopt.chat) and sent as `input_ids` to
+the decoupled model `lm_stream` over Triton's gRPC bidirectional stream (one channel for the process, one stream per
+request); each response carries one token id, detokenized here (lmopt.detokenize) and forwarded at once as an SSE
+chunk, so usage counts are exact and nothing is buffered. Stop strings are matched here on the text (text that may
+be the start of a stop string is held back until it is not), and the backend request is cancelled when one matches.
+Why a gateway and not Triton's own OpenAI frontend: README, "OpenAI-compatible endpoint".
+
+Reads:  Triton's config of the served model (its `parameters`: model spec, max_tokens_cap, default_max_tokens), the
+        model's tokenizer and config (context length) through lmopt.models
+Writes: nothing; logs to stderr
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from lmopt import cli
+from lmopt.errors import UserError
+from lmopt.log import get_logger
+
+log = get_logger("openai")
+
+BUSY_PREFIX = "server busy: "        # what the backend's bounded queue answers when it is full
+MAX_STOP_STRINGS = 4                 # OpenAI's limit
+
+
+@dataclass
+class GatewaySettings:
+    host: str = "127.0.0.1"          # address to listen on; loopback only unless asked: there is no authentication
+    port: int = 8080                 # the endpoint's TCP port; clear of Triton's 8000, 8001 and 8002
+    triton_grpc: str = "127.0.0.1:8001"  # Triton's gRPC address host:port
+    triton_model: str = "lm_stream"  # the decoupled model: one response per token
+    served_model_name: str = ""      # the `model` clients send; default: the model spec Triton serves (e.g. tiny)
+    request_timeout: float = 600.0   # seconds one request may stream before it is cut
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def not_ready(message: str) -> APIError:
+    return APIError(503, message, "service_unavailable", None, "backend_not_ready")
+
+
+# Texts of the model's own request checks (serve/templates/model.py): the backend streams errors as text only, so
+# these identify a client mistake the gateway did not catch first (e.g. an engine whose context is shorter).
+_CLIENT_ERROR_TEXTS = ("exceeds the context length", "is above this server's cap", "must be", "empty prompt",
+                       "outside the vocabulary")
+
+
+def backend_error(message: str) -> APIError:
+    """An error the backend sent for a request, as the status a client should see."""
+    msg = message.strip()
+    if BUSY_PREFIX in msg:
+        return APIError(429, msg[msg.index(BUSY_PREFIX):], "rate_limit_error", None, "server_busy")
+    if any(t in msg for t in _CLIENT_ERROR_TEXTS):
+        return bad(msg, None, "invalid_value")
+    return APIError(500, f"backend error: {msg}", "server_error", None, "backend_error")
+
+
+# ---- the backend: Triton over gRPC --------------------------------------------------------------------------------
+@dataclass
+class ModelInfo:
+    name: str                 # served model name (what `model` must be)
+    spec: str                 # lmopt model spec
+    tokenizer: object
+    context: int              # prompt + generated tokens
+    max_tokens_cap: int
+    default_max_tokens: int
+    batch_dim: bool = True    # the Triton model has max_batch_size > 0: inputs carry a leading batch dimension
+    vocab: int = 0            # len(tokenizer), computed once: transformers rebuilds the vocabulary on every len()
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class TritonBackend:
+    """One gRPC channel to Triton for the process; one bidirectional stream per request."""
+
+    def __init__(self, url: str, model: str, served_name: str = "", timeout: float = 600.0):
+        self.url, self.model, self.served_name, self.timeout = url, model, served_name, timeout
+        self.client = None
+        self._info: ModelInfo | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self):
+        import tritonclient.grpc.aio as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(self.url)
+
+    async def close(self):
+        if self.client is not None:
+            await self.client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=2)
+                        and await self.client.is_model_ready(self.model, client_timeout=2))
+        except Exception:
+            return False
+
+    async def info(self) -> ModelInfo:
+        """Model settings from Triton's config of the served model, loaded once (when the backend first answers)."""
+        if self._info is not None:
+            return self._info
+        async with self._lock:
+            if self._info is None:
+                if not await self.ready():
+                    raise not_ready(f"Triton at {self.url} or its model '{self.model}' is not ready")
+                try:
+                    cfg = (await self.client.get_model_config(self.model, as_json=True, client_timeout=5))["config"]
+                except Exception as e:
+                    raise not_ready(f"cannot read the config of '{self.model}' from Triton at {self.url}: "
+                                    f"{str(e).strip()[:200]}") from None
+                params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+                self._info = await asyncio.to_thread(_load_info, params, self.served_name)
+                self._info.batch_dim = int(cfg.get("max_batch_size", 0)) > 0
+                log.info("serving '%s' (context %d tokens, max_tokens cap %d) from Triton model '%s' at %s",
+                         self._info.name, self._info.context, self._info.max_tokens_cap, self.model, self.url)
+        return self._info
+
+    async def generate(self, prompt_ids: list[int], p: GenParams) -> AsyncIterator[list[int]]:
+        """Token ids as the backend sends them (one list per response). Raises APIError. Leaving the loop early
+        (client gone, stop string) cancels the request on the server."""
+        import grpc
+        import tritonclient.grpc.aio as grpcclient
+
+        from lmopt.triton_client import GenRequest, parse_response, stream_request
+
+        # the model stops on one string itself; several are matched (and the request cancelled) here
+        req = GenRequest(input_ids=prompt_ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                         seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None)
+        item = stream_request(grpcclient, req, uuid.uuid4().hex[:16], self.model, self._info.batch_dim)
+
+        async def requests():
+            yield item
+
+        call = self.client.stream_infer(requests(), stream_timeout=self.timeout)
+        try:
+            async for result, error in call:
+                if error is not None:
+                    raise backend_error(str(error))
+                piece = parse_response(result)
+                if piece.token_ids:
+                    yield piece.token_ids
+                if piece.final:
+                    return
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise not_ready(f"Triton at {self.url} is not reachable: {e.details()}") from None
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise APIError(504, f"request took longer than {self.timeout:g} s", "server_error", None,
+                               "timeout") from None
+            raise backend_error(f"{e.code().name}: {e.details()}") from None
+        finally:
+            call.cancel()
+
+
+def _load_info(params: dict, served_name: str) -> ModelInfo:
+    from lmopt.models import load_config, load_tokenizer, model_shape
+
+    spec = params.get("model") or "tiny"
+    tok = load_tokenizer(spec)
+    try:
+        context = int(model_shape(load_config(spec))["max_positions"])
+    except UserError:
+        context = int(getattr(tok, "model_max_length", 0) or 2048)
+    return ModelInfo(name=served_name or spec, spec=spec, tokenizer=tok, context=context, vocab=len(tok),
+                     max_tokens_cap=int(params.get("max_tokens_cap") or 256),
+                     default_max_tokens=int(params.get("default_max_tokens") or 16))
+
+
+# ---- request validation -------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    chat: bool
+    prompt_ids: list[int]
+    params: GenParams
+    stream: bool
+    include_usage: bool
+
+
+_UNSUPPORTED = {  # field: value that means "off" (anything else is refused, not silently ignored)
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "response_format": (None,),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def check_model(body: dict, info: ModelInfo) -> None:
+    m = body.get("model")
+    if not isinstance(m, str) or not m:
+        raise bad("'model' is required: a string, the id from GET /v1/models", "model", "missing_model")
+    if m != info.name:
+        raise APIError(404, f"the model '{m}' does not exist — this server serves '{info.name}'",
+                       "invalid_request_error", "model", "model_not_found")
+
+
+def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
+    for k, off in _UNSUPPORTED.items():
+        if k in body and body[k] not in off:
+            raise bad(f"'{k}' is not supported by this server — leave it out", k, "unsupported_parameter")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad(f"'n' must be 1 (got {n!r}): this server returns one choice per request", "n")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad(f"'stream' must be true or false (got {stream!r})", "stream", "invalid_type")
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not stream:
+            raise bad("'stream_options' is only allowed with \"stream\": true", "stream_options")
+        if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
+            raise bad("'stream_options' must be an object like {\"include_usage\": true}", "stream_options",
+                      "invalid_type")
+        include_usage = so.get("include_usage", False)
+
+    ids = _chat_ids(body, info) if chat else _prompt_ids(body, info)
+    vocab = info.vocab or len(info.tokenizer)
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad(f"the prompt holds a token id outside the vocabulary [0, {vocab})", "prompt")
+
+    key = "max_tokens"
+    mt = body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        key, mt = "max_completion_tokens", body["max_completion_tokens"]
+    room = info.context - len(ids)
+    if room <= 0:
+        raise bad(f"the prompt has {len(ids)} tokens, at or over the model's context of {info.context} — "
+                  "shorten it", "messages" if chat else "prompt", "context_length_exceeded")
+    if mt is None:
+        mt = min(info.default_max_tokens, room)
+    elif not _is_int(mt):
+        raise bad(f"'{key}' must be an integer (got {mt!r})", key, "invalid_type")
+    elif mt < 1:
+        raise bad(f"'{key}' must be >= 1 (got {mt})", key)
+    elif mt > info.max_tokens_cap:
+        raise bad(f"'{key}' {mt} is above this server's cap of {info.max_tokens_cap}", key)
+    elif len(ids) + mt > info.context:
+        raise bad(f"the prompt has {len(ids)} tokens + {key} {mt} = {len(ids) + mt}, over the model's context of "
+                  f"{info.context} — shorten the prompt or lower {key}", key, "context_length_exceeded")
+
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's default: sampling
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise bad("'top_p' must be in (0, 1] (got 0)", "top_p")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad(f"'seed' must be an integer (got {seed!r})", "seed", "invalid_type")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        raise bad("'seed' must fit in 64 bits", "seed")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,) if stop else ()
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad(f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS}", "stop")
+        stops = tuple(s for s in stop if s)
+    else:
+        raise bad(f"'stop' must be a string or a list of strings (got {stop!r})", "stop", "invalid_type")
+    return Job(chat, ids, GenParams(mt, float(temperature), float(top_p), seed, stops), stream, include_usage)
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not _is_num(v):
+        raise bad(f"'{key}' must be a number (got {v!r})", key, "invalid_type")
+    if not lo <= v <= hi:
+        raise bad(f"'{key}' must be between {lo:g} and {hi:g} (got {v})", key)
+    return float(v)
+
+
+def _prompt_ids(body: dict, info: ModelInfo) -> list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        if not p:
+            raise bad("'prompt' is empty — give some text", "prompt")
+        return list(info.tokenizer(p)["input_ids"])
+    if isinstance(p, list) and p and all(_is_int(t) for t in p):
+        return list(p)
+    if isinstance(p, list) and len(p) > 1:
+        raise bad("'prompt' holds several prompts; this server takes one per request", "prompt")
+    raise bad("'prompt' must be a string or a list of token ids", "prompt",
+              "missing_prompt" if p is None else "invalid_type")
+
+
+def _chat_ids(body: dict, info: ModelInfo) -> list[int]:
+    from lmopt.chat import ROLES, chat_prompt_ids
+
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages",
+                  "missing_messages" if msgs is None else "invalid_type")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad(f"messages[{i}] needs a 'role' (one of {', '.join(ROLES)})", f"messages[{i}].role")
+        c = m.get("content")
+        if isinstance(c, list):  # content parts: text only
+            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str) for x in c):
+                raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            c = "".join(x["text"] for x in c)
+        if c is None and m["role"] == "assistant":
+            c = ""
+        if not isinstance(c, str):
+            raise bad(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
+        out.append({"role": m["role"], "content": c})
+    try:
+        return chat_prompt_ids(info.tokenizer, out)
+    except Exception as e:  # a template that refuses this conversation (e.g. roles out of order)
+        raise bad(f"the model's chat template refused these messages: {str(e).strip()[:200]}", "messages") from None
+
+
+# ---- text: detokenize, stop strings -------------------------------------------------------------------------------
+class TextStream:
+    """Token ids in, text out: incremental detokenization, then stop strings. Text that could be the start of a
+    stop string is held back until the next tokens show it is not."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stops: tuple[str, ...]):
+        from lmopt.detokenize import IncrementalDetokenizer
+
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = stops
+        self.held = ""
+        self.stopped = False
+
+    def _push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        buf = self.held + piece
+        hits = [buf.find(s) for s in self.stops if s in buf]
+        if hits:
+            self.stopped, self.held = True, ""
+            return buf[:min(hits)]
+        keep = 0
+        for s in self.stops:  # longest tail of buf that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def add(self, token_id: int) -> str:
+        return self._push(self.detok.add(token_id))
+
+    def finish(self) -> str:
+        out = self._push(self.detok.flush())
+        if not self.stopped:
+            out, self.held = out + self.held, ""
+        return out
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+def _usage(job: Job, n_out: int) -> dict:
+    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
+            "total_tokens": len(job.prompt_ids) + n_out}
+
+
+def _finish_reason(text: TextStream, n_out: int, job: Job) -> str:
+    return "length" if not text.stopped and n_out >= job.params.max_tokens else "stop"
+
+
+async def run_job(backend: TritonBackend, info: ModelInfo, job: Job):
+    """Starts the backend request and waits for its first response, so an error before the first token still gets
+    its own HTTP status. Returns (first ids, the rest of the backend iterator)."""
+    it = backend.generate(job.prompt_ids, job.params).__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        first = []
+    except BaseException:
+        await it.aclose()
+        raise
+    return first, it
+
+
+async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
+    first, it = await run_job(backend, info, job)
+    text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
+    pieces, n_out = [], 0
+    try:
+        batch = first
+        while True:
+            for t in batch:
+                n_out += 1
+                pieces.append(text.add(t))
+            if text.stopped:
+                break
+            try:
+                batch = await it.__anext__()
+            except StopAsyncIteration:
+                break
+    finally:
+        await it.aclose()
+    pieces.append(text.finish())
+    out = "".join(pieces)
+    rid, created = uuid.uuid4().hex, int(time.time())
+    reason = _finish_reason(text, n_out, job)
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
+                  "finish_reason": reason}
+        return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": info.name,
+                "choices": [choice], "usage": _usage(job, n_out), "system_fingerprint": None}
+    choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": reason}
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": info.name,
+            "choices": [choice], "usage": _usage(job, n_out), "system_fingerprint": None}
+
+
+async def stream_events(info: ModelInfo, job: Job, first: list[int], it) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per piece of text as soon as its token arrives, then finish_reason, usage
+    (with include_usage) and `data: [DONE]`. Closing this generator (client gone) cancels the backend request."""
+    rid, created = uuid.uuid4().hex, int(time.time())
+    base = ({"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk"} if job.chat
+            else {"id": f"cmpl-{rid}", "object": "text_completion"})
+    base.update(created=created, model=info.name, system_fingerprint=None)
+
+    def chunk(piece: str | None, reason: str | None, first_chunk: bool = False) -> bytes:
+        if job.chat:
+            delta = {} if piece is None else ({"role": "assistant", "content": piece} if first_chunk
+                                              else {"content": piece})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+        ev = dict(base, choices=[choice])
+        if job.include_usage:
+            ev["usage"] = None
+        return b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+
+    text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
+    n_out = 0
+    try:
+        if job.chat:
+            yield chunk("", None, first_chunk=True)
+        batch = first
+        while True:
+            piece = ""
+            for t in batch:
+                n_out += 1
+                piece += text.add(t)
+            if piece:
+                yield chunk(piece, None)
+            if text.stopped:
+                break
+            try:
+                batch = await it.__anext__()
+            except StopAsyncIteration:
+                break
+    except APIError as e:  # mid-stream: the status line is gone, the error travels as an event
+        yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        return
+    finally:
+        await it.aclose()
+    tail = text.finish()
+    if tail:
+        yield chunk(tail, None)
+    yield chunk(None, _finish_reason(text, n_out, job))
+    if job.include_usage:
+        yield b"data: " + json.dumps(dict(base, choices=[], usage=_usage(job, n_out)),
+                                     separators=(",", ":")).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+# ---- the ASGI app -------------------------------------------------------------------------------------------------
+def create_app(backend, settings: GatewaySettings | None = None):
+    """The Starlette app over `backend` (a TritonBackend, or anything with the same start/close/ready/info/generate
+    methods: the tests use a stub)."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def error(e: APIError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    async def health(request: Request):
+        if await backend.ready():
+            return JSONResponse({"status": "ok"})
+        return error(not_ready("the backend (Triton or its model) is not ready"))
+
+    async def models(request: Request):
+        try:
+            info = await backend.info()
+        except APIError as e:
+            return error(e)
+        return JSONResponse({"object": "list", "data": [
+            {"id": info.name, "object": "model", "created": info.created, "owned_by": "lmopt",
+             "max_model_len": info.context}]})
+
+    def endpoint(chat: bool):
+        async def handle(request: Request):
+            try:
+                body = parse_body(await request.body())
+                info = await backend.info()
+                check_model(body, info)
+                job = parse_job(body, info, chat)
+                if not job.stream:
+                    return JSONResponse(await complete(backend, info, job))
+                first, it = await run_job(backend, info, job)
+                return StreamingResponse(stream_events(info, job, first, it), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            except APIError as e:
+                if e.status >= 500:
+                    log.warning("%s: %s", request.url.path, e.message)
+                return error(e)
+        return handle
+
+    async def http_error(request: Request, exc: HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        msg = (f"no route {request.method} {request.url.path} — this server has POST /v1/completions, "
+               "POST /v1/chat/completions, GET /v1/models, GET /health")
+        return error(APIError(exc.status_code, msg, "invalid_request_error", None, kind))
+
+    async def server_error(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await backend.start()
+        try:
+            await backend.info()  # tokenizer loaded before the first request, when Triton is up already
+        except APIError as e:
+            log.warning("%s — requests get 503 until it is", e.message)
+        yield
+        await backend.close()
+
+    routes = [Route("/v1/completions", endpoint(False), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint(True), methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def serve(*, settings: GatewaySettings) -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"missing {e.name} — run: pip install -r requirements.txt") from None
+    s = settings
+    if not 0 < s.port < 65536:
+        raise UserError(f"--port {s.port} is not a TCP port — pick one in 1..65535")
+    _check_port_free(s.host, s.port)
+    backend = TritonBackend(s.triton_grpc, s.triton_model, s.served_model_name, s.request_timeout)
+    log.info("OpenAI-compatible endpoint: http://%s:%d/v1 -> Triton gRPC %s (model %s)", s.host, s.port,
+             s.triton_grpc, s.triton_model)
+    uvicorn.run(create_app(backend, s), host=s.host, port=s.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--port {port} on {host} is in use ({e.strerror}) — pick a free port with --port "
+                        "(make serve-openai: OPENAI_PORT=...)") from None
+    finally:
+        sock.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    cli.add_settings(p, GatewaySettings)
+    return p
+
+
+main = cli.main_for(build_parser, GatewaySettings, serve)
+
+if __name__ == "__main__":
+    cli.run(main)

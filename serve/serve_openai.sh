@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# `make serve-openai` / `make serve-stop`: Triton (serve/run_triton.sh) on the newest model repository of MODEL plus
+# the OpenAI-compatible gateway (serve/openai_server.py) in front of it, both in the background; prints the base URL.
+#
+#   bash serve/serve_openai.sh start [MODEL] [ARTIFACTS]   # ports: OPENAI_PORT (8080); HTTP_PORT/GRPC_PORT/METRICS_PORT
+#   bash serve/serve_openai.sh stop  [MODEL] [ARTIFACTS]   # stops both; no process is left
+#
+# Pid files and logs: ARTIFACTS/MODEL/serve/run/{triton,openai}.{pid,log}. Both run in their own process group, so
+# stopping one stops everything it started (Triton's backend stubs included). Env: PYTHON (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ACTION="${1:-}" MODEL="${2:-tiny}" ART="${3:-artifacts}"
+OPENAI_PORT="${OPENAI_PORT:-8080}" HTTP_PORT="${HTTP_PORT:-8000}" GRPC_PORT="${GRPC_PORT:-8001}"
+METRICS_PORT="${METRICS_PORT:-8002}"
+PY="${PYTHON:-.venv/bin/python}"
+# the gateway imports this checkout's lmopt package
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RUN="$ART/$MODEL/serve/run"
+die() { echo "error: $*" >&2; exit 1; }
+
+stop_gateway() {
+  local f="$RUN/openai.pid" pgid i
+  [ -f "$f" ] || return 0
+  pgid="$(cat "$f")"
+  if kill -TERM -- "-$pgid" 2>/dev/null; then
+    for i in $(seq 1 40); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+  echo "openai gateway stopped"
+}
+
+case "$ACTION" in
+  stop)
+    [ -f "$RUN/openai.pid" ] || [ -f "$RUN/triton.pid" ] || { echo "nothing running under $RUN"; exit 0; }
+    stop_gateway
+    [ ! -f "$RUN/triton.pid" ] || bash serve/run_triton.sh stop --pid-file "$RUN/triton.pid"
+    exit 0 ;;
+  start) ;;
+  *) die "usage: bash serve/serve_openai.sh start|stop [MODEL] [ARTIFACTS]" ;;
+esac
+
+for f in openai triton; do
+  if [ -f "$RUN/$f.pid" ] && kill -0 -- "-$(cat "$RUN/$f.pid")" 2>/dev/null; then
+    die "already running ($RUN/$f.pid) — run: make serve-stop"
+  fi
+  rm -f "$RUN/$f.pid"
+done
+# the repository serve-repo wrote last
+REPO="$("$PY" - "$ART" "$MODEL" <<'PY'
+import sys
+from lmopt.manifest import list_variants
+from lmopt.paths import stage_dir
+v = list_variants(sys.argv[1], sys.argv[2], "serve")
+best = max(v, key=lambda k: v[k].get("created", "")) if v else None
+print(stage_dir(sys.argv[1], sys.argv[2], "serve", best) / "model_repository" if best else "-")
+PY
+)"
+[ "$REPO" != "-" ] || die "no model repository for $MODEL under $ART — run: make serve-repo"
+mkdir -p "$RUN"
+# refuse a busy gateway port before Triton is started
+"$PY" -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $OPENAI_PORT))" \
+  2>/dev/null || die "OPENAI_PORT $OPENAI_PORT is in use — pick a free one: make serve-openai OPENAI_PORT=..."
+
+bash serve/run_triton.sh "$REPO" --background --pid-file "$RUN/triton.pid" --log-file "$RUN/triton.log" \
+  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
+setsid "$PY" serve/openai_server.py --port "$OPENAI_PORT" --triton-grpc "127.0.0.1:$GRPC_PORT" \
+  >"$RUN/openai.log" 2>&1 </dev/null &
+echo "$!" > "$RUN/openai.pid"
+for i in $(seq 1 240); do
+  if "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$OPENAI_PORT/health', timeout=2)" 2>/dev/null
+  then
+    echo "OpenAI-compatible endpoint ready: base URL http://127.0.0.1:$OPENAI_PORT/v1  (model: $MODEL)"
+    echo "logs: $RUN/openai.log $RUN/triton.log; stop: make serve-stop"
+    exit 0
+  fi
+  kill -0 "$(cat "$RUN/openai.pid")" 2>/dev/null || break
+  sleep 0.5
+done
+tail -n 20 "$RUN/openai.log" >&2
+stop_gateway >/dev/null
+bash serve/run_triton.sh stop --pid-file "$RUN/triton.pid" >/dev/null
+die "the gateway did not become ready (log: $RUN/openai.log)"

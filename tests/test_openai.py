@@ -1,0 +1,426 @@
+"""The OpenAI-compatible endpoint (serve/openai_server.py) in front of a real Triton server, driven by the official
+`openai` client: completions and chat, streaming and not, greedy text equal to the in-process engine, exact usage,
+stop strings, every error status with OpenAI's error body, and the server still serving afterwards."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_cli
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from test_serve import VARIANT, Server, _free_ports, _group_alive  # noqa: E402
+
+GATEWAY = REPO / "serve" / "openai_server.py"
+MODEL = "tiny"
+# --max-tokens-cap of this module's repository: long enough that a stream is still generating when a client leaves
+CAP = 400
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+class Gateway:
+    def __init__(self, grpc_port: int, log: Path):
+        self.port = _free_ports(1)[0]
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, str(GATEWAY), "--port", str(self.port), "--triton-grpc",
+                                      f"127.0.0.1:{grpc_port}"], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     env=_env(), cwd=REPO, start_new_session=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_listening(self, healthy: bool = True, timeout: float = 120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            status, _ = http(self, "GET", "/health")
+            if status == 200 or (status == 503 and not healthy):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"gateway not ready in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        assert not _group_alive(self.proc.pid), "processes left after stopping the gateway"
+
+
+def http(gw: Gateway, method: str, path: str, body: bytes | None = None):
+    req = urllib.request.Request(gw.base + path, data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None, ""
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_export, artifacts, tmp_path_factory):
+    """Triton (as test_serve starts it) plus the gateway, started once for the module."""
+    run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(artifacts), "--precision",
+            "fp32", "--max-tokens-cap", str(CAP), "--default-max-tokens", "8")
+    tmp = tmp_path_factory.mktemp("openai")
+    srv = Server(artifacts, artifacts / "tiny" / "serve" / VARIANT / "model_repository", tmp)
+    srv.start()
+    gw = None
+    try:
+        gw = Gateway(srv.grpc, tmp / "openai.log")
+        gw.wait_listening()
+        yield srv, gw
+    finally:
+        if gw is not None:
+            gw.stop()
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack[1].base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(stack):
+    """Greedy text and token count of the in-process engine the server runs (ORT FP32), for given prompt ids."""
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate
+    from lmopt.models import load_tokenizer
+
+    tok = load_tokenizer(MODEL)
+    engine = create_engine("ort", MODEL, "fp32", artifacts=str(stack[0].artifacts))
+
+    def ref(ids: list[int], n: int) -> tuple[str, int]:
+        out = generate(engine, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=(tok.eos_token_id,)))
+        return tok.decode(out.tokens[0], skip_special_tokens=True), len(out.tokens[0])
+
+    ref.tok = tok
+    yield ref
+    engine.close()
+
+
+def still_serving(client):
+    r = client.completions.create(model=MODEL, prompt="Still serving", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+def test_models_and_health(stack, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http(stack[1], "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_completion_greedy_text_equals_in_process(client, reference, stream):
+    prompt = "The list"
+    ids = reference.tok(prompt)["input_ids"]
+    want, n = reference(ids, 12)
+    if not stream:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        text, usage, reason = r.choices[0].text, r.usage, r.choices[0].finish_reason
+        assert r.object == "text_completion" and r.model == MODEL
+    else:
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        usage = chunks[-1].usage
+        assert not chunks[-1].choices and all(c.usage is None for c in chunks[:-1])
+        assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 5  # token by token, not one blob
+    assert text == want and n == 12
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+    assert reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_chat_greedy_text_equals_in_process(client, reference, stream):
+    from lmopt.chat import chat_prompt_ids
+
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a tuple?"}]
+    ids = chat_prompt_ids(reference.tok, msgs)
+    want, n = reference(ids, 10)
+    if not stream:
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
+        assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+        text, usage = r.choices[0].message.content, r.usage
+    else:
+        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=10,
+                                                     temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    assert text == want
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), n)
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(client, reference):
+    prompt = "The list"
+    full, _ = reference(reference.tok(prompt)["input_ids"], 24)
+    stops = ["target", "is used"]
+    cut = min(full.index(s) for s in stops if s in full)
+    assert 0 < cut < len(full) - 4, f"pick stop strings inside the reference text: {full!r}"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stops)
+    assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 24
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                            stop="target", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index("target")]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(client):
+    kw = dict(model=MODEL, prompt="The", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens == 10
+
+
+def _body(**kw):
+    return json.dumps(dict({"model": MODEL, "prompt": "x"}, **kw)).encode()
+
+
+BAD = [  # (id, path, raw body, status, param, text in the message)
+    ("malformed JSON", "/v1/completions", b'{"model": "tiny", ', 400, None, "not valid JSON"),
+    ("body not an object", "/v1/completions", b'[1, 2]', 400, None, "JSON object"),
+    ("max_tokens wrong type", "/v1/completions", _body(max_tokens="many"), 400, "max_tokens", "integer"),
+    ("max_tokens 0", "/v1/completions", _body(max_tokens=0), 400, "max_tokens", ">= 1"),
+    ("max_tokens over cap", "/v1/completions", _body(max_tokens=CAP + 1), 400, "max_tokens", f"cap of {CAP}"),
+    ("temperature out of range", "/v1/completions", _body(temperature=3), 400, "temperature", "between 0 and 2"),
+    ("top_p out of range", "/v1/completions", _body(top_p=1.5), 400, "top_p", "between 0 and 1"),
+    ("seed wrong type", "/v1/completions", _body(seed="7"), 400, "seed", "integer"),
+    ("stop wrong type", "/v1/completions", _body(stop=[1]), 400, "stop", "list of strings"),
+    ("n > 1", "/v1/completions", _body(n=2), 400, "n", "must be 1"),
+    ("stream wrong type", "/v1/completions", _body(stream="yes"), 400, "stream", "true or false"),
+    ("stream_options without stream", "/v1/completions", _body(stream_options={"include_usage": True}), 400,
+     "stream_options", "stream"),
+    ("unsupported field", "/v1/completions", _body(logprobs=2), 400, "logprobs", "not supported"),
+    ("empty prompt", "/v1/completions", _body(prompt=""), 400, "prompt", "empty"),
+    ("prompt over context", "/v1/completions", _body(prompt="word " * 600), 400, "prompt", "context"),
+    ("prompt + max_tokens over context", "/v1/completions", _body(prompt="word " * 480, max_tokens=60), 400,
+     "max_tokens", "context"),
+    ("no messages", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400,
+     "messages", "non-empty list"),
+    ("bad role", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "x", "content": "a"}]}
+                                                    ).encode(), 400, "messages[0].role", "role"),
+    ("missing model", "/v1/completions", json.dumps({"prompt": "x"}).encode(), 400, "model", "required"),
+    ("unknown model", "/v1/completions", _body(model="nope"), 404, "model", "does not exist"),
+    ("unknown model (chat)", "/v1/chat/completions",
+     json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]}).encode(), 404, "model",
+     "does not exist"),
+    ("unknown path", "/v1/embeddings", _body(), 404, None, "no route"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_request_gets_openai_error(stack, client, case):
+    _, path, body, status, param, needle = case
+    got, text = http(stack[1], "POST", path, body)
+    assert got == status, text
+    err = json.loads(text)["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["param"] == param and needle in err["message"], err
+    assert err["type"] == "invalid_request_error"
+    still_serving(client)
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], n=3)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt="word " * 600, stream=True)
+    still_serving(client)
+
+
+def test_client_leaving_mid_stream_cancels_the_backend_request(stack, client):
+    srv, gw = stack
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": CAP, "temperature": 0, "stream": True})
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    s.settimeout(60)
+    got = b""
+    while got.count(b"data:") < 2:  # two events, then leave
+        chunk = s.recv(4096)
+        assert chunk, got
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+    s.close()
+    pat = re.compile(r"request '[0-9a-f]+' cancelled after (\d+) tokens")
+    deadline = time.time() + 30
+    while not pat.search(srv.log.read_text()) and time.time() < deadline:
+        time.sleep(0.3)
+    m = pat.search(srv.log.read_text())
+    assert m and int(m.group(1)) < CAP, "the backend generated the whole answer for a client that left"
+    still_serving(client)
+
+
+def test_backend_not_ready_is_503(tmp_path):
+    gw = Gateway(_free_ports(1)[0], tmp_path / "gw.log")  # no Triton on that port
+    try:
+        gw.wait_listening(healthy=False)
+        for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/completions", _body())]:
+            status, text = http(gw, method, path, body)
+            assert status == 503, text
+            assert json.loads(text)["error"]["code"] == "backend_not_ready"
+        assert http(gw, "POST", "/v1/completions", b"{")[0] == 400  # client mistakes stay 400
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+
+
+def test_port_in_use_is_one_line_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        proc = run_cli("serve/openai_server.py", "--port", str(s.getsockname()[1]), check=False, env=_env())
+    assert_one_line_error(proc, "in use", "--port")
+
+
+# ---- unit level: a stub backend instead of Triton ------------------------------------------------------------------
+class StubBackend:
+    """Answers like the Triton backend: a full queue ("server busy: ...") for prompts starting with "busy", else
+    token ids 5, 6, 7 (or an error after the first token for "fail")."""
+
+    def __init__(self, info):
+        self._info = info
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def ready(self):
+        return True
+
+    async def info(self):
+        return self._info
+
+    async def generate(self, ids, params):
+        mod = _gateway_module()
+        text = self._info.tokenizer.decode(ids)
+        if text.startswith("busy"):
+            raise mod.backend_error("server busy: 16 requests queued (max 16) — retry later")
+        for t in (5, 6, 7)[:params.max_tokens]:
+            yield [t]
+            if text.startswith("fail"):
+                raise mod.backend_error("generation failed: engine exploded")
+
+
+def _gateway_module():
+    import importlib.util
+
+    if "openai_server" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("openai_server", GATEWAY)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["openai_server"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["openai_server"]
+
+
+@pytest.fixture(scope="module")
+def stub_gateway():
+    import uvicorn
+
+    from lmopt.models import load_tokenizer
+
+    mod = _gateway_module()
+    backend = StubBackend(mod.ModelInfo(name=MODEL, spec=MODEL, tokenizer=load_tokenizer(MODEL), context=512,
+                                        max_tokens_cap=16, default_max_tokens=3))
+    port = _free_ports(1)[0]
+    server = uvicorn.Server(uvicorn.Config(mod.create_app(backend), host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    server.should_exit = True
+    th.join(10)
+
+
+def test_server_busy_is_429_with_openai_error(stub_gateway):
+    # the stub stands in for the in-flight scheduler's full queue, whose error text starts with "server busy: "
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as e:
+            stub_gateway.completions.create(model=MODEL, prompt="busy now", max_tokens=3, stream=stream)
+        assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+        assert e.value.body["code"] == "server_busy" and e.value.body["message"].startswith("server busy: ")
+    r = stub_gateway.completions.create(model=MODEL, prompt="fine", max_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_error_after_first_token_arrives_as_an_event(stub_gateway):
+    with stub_gateway.completions.with_streaming_response.create(model=MODEL, prompt="fail", max_tokens=3,
+                                                                 stream=True) as resp:
+        assert resp.status_code == 200
+        lines = [l for l in resp.iter_lines() if l.startswith("data:")]
+    assert '"error"' in lines[-2] and "engine exploded" in lines[-2] and lines[-1] == "data: [DONE]"
+
+
+def test_text_stream_holds_back_possible_stop_prefixes():
+    mod = _gateway_module()
+
+    class Tok:  # one character per token id
+        def decode(self, ids, **_):
+            return "".join(chr(i) for i in ids)
+
+    def run(text, stops):
+        ts = mod.TextStream(Tok(), [], tuple(stops))
+        pieces = [ts.add(ord(c)) for c in text]
+        return pieces, ts.finish(), ts.stopped
+
+    pieces, tail, stopped = run("abcXYdef", ["XYZ"])
+    assert "".join(pieces) + tail == "abcXYdef" and not stopped
+    assert pieces[3] == "" and pieces[4] == "" and pieces[5] == "XYd"  # "X", "XY" held until "d" rules XYZ out
+    pieces, tail, stopped = run("hello world", ["lo w", "xyz"])
+    assert "".join(pieces) + tail == "hel" and stopped
+
+
+# ---- the measuring CLIs ---------------------------------------------------------------------------------------------
+def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
+    srv, gw = stack
+    proc = run_cli("profile/openai_overhead.py", "--artifacts", str(srv.artifacts), "--openai-url", gw.base,
+                   "--triton-grpc", f"127.0.0.1:{srv.grpc}", "--requests", "3", "--warmup", "1",
+                   "--max-new-tokens", "4", env=_env())
+    assert "overhead: TTFT p50" in proc.stdout
+    doc = json.loads((srv.artifacts / "tiny" / "profile" / "openai-overhead.json").read_text())
+    assert doc["kind"] == "openai-overhead" and len(doc["samples"]) == 3
+    for row in doc["samples"]:
+        assert row["direct"]["output_tokens"] == row["openai"]["output_tokens"] == 4
+        assert len(row["openai"]["itl_ms"]) == 3 and row["openai"]["ttft_ms"] > 0
+
+
+def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):
+    proc = run_cli("profile/aiperf_compare.py", "--aiperf", str(tmp_path / "none" / "aiperf"), check=False, env=_env())
+    assert_one_line_error(proc, "no aiperf", "make aiperf-venv")
