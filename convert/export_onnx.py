@@ -86,7 +86,7 @@ def check_settings(s: ExportSettings) -> None:
 def export(*, settings: ExportSettings) -> dict:
     import torch
 
-    from lmopt.manifest import file_entry, package_versions, write_manifest
+    from lmopt.manifest import file_entry, package_versions
     from lmopt.models import check_supported, load_config, load_model, load_tokenizer, model_shape, resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
@@ -152,12 +152,7 @@ def export(*, settings: ExportSettings) -> dict:
             "timings_s": timings,
             "validation": checks.to_dict(),
         }
-        if not checks.passed:
-            bar = "--fp16-rtol" if s.dtype == "fp16" else "--atol"
-            raise UserError(f"export validation failed ({', '.join(c.name for c in checks.checks if not c.passed)}) "
-                            f"— nothing written; pass a larger {bar} only if you accept the difference")
-        write_manifest(tmp, manifest)
-    log.info("export finished: %s", final)
+        _finish(tmp, final, manifest, checks, s)
     return manifest
 
 
@@ -261,7 +256,7 @@ def validate_export(model, tokenizer, onnx_path: Path, s: ExportSettings):
 def export_gqa(model, tokenizer, spec, shape: dict, n_params: int, timings: dict, s: ExportSettings) -> dict:
     """--attention gqa: the fused graph built from the weights, checked through the ort-gqa engine."""
     from lmopt.engines.ort_gqa import OrtGqaEngine
-    from lmopt.manifest import file_entry, package_versions, write_manifest
+    from lmopt.manifest import file_entry, package_versions
     from lmopt.onnx_gqa import build_gqa_decoder
     from lmopt.paths import model_slug, stage_dir, staging_dir
 
@@ -288,12 +283,7 @@ def export_gqa(model, tokenizer, spec, shape: dict, n_params: int, timings: dict
             "versions": package_versions("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"),
             "timings_s": timings, "validation": checks.to_dict(),
         }
-        if not checks.passed:
-            bar = "--fp16-rtol" if s.dtype == "fp16" else "--atol"
-            raise UserError(f"export validation failed ({', '.join(c.name for c in checks.checks if not c.passed)}) "
-                            f"— nothing written; pass a larger {bar} only if you accept the difference")
-        write_manifest(tmp, manifest)
-    log.info("export finished: %s", final)
+        _finish(tmp, final, manifest, checks, s)
     return manifest
 
 
@@ -354,6 +344,18 @@ def _cache_layers(cache):
     if hasattr(cache, "layers"):
         return [(l.keys, l.values) for l in cache.layers]
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def _finish(tmp: Path, final: Path, manifest: dict, checks, s: ExportSettings) -> None:
+    """The manifest is written last, and only for an export that passed its validation (else nothing is kept)."""
+    from lmopt.manifest import write_manifest
+
+    if not checks.passed:
+        bar = "--fp16-rtol" if s.dtype == "fp16" else "--atol"
+        raise UserError(f"export validation failed ({', '.join(c.name for c in checks.checks if not c.passed)}) "
+                        f"— nothing written; pass a larger {bar} only if you accept the difference")
+    write_manifest(tmp, manifest)
+    log.info("export finished: %s", final)
 
 
 def build_parser() -> argparse.ArgumentParser:

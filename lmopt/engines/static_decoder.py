@@ -261,12 +261,7 @@ class StaticDecoder(nn.Module):
         B = ids.shape[0]
         rows = torch.arange(B, device=ids.device)
         pos_c = pos.clamp(max=self.max_len - 1)           # padding rows: any valid table row
-        x = F.embedding(ids, self.emb)
-        cos = sin = None
-        if self.arch == "gpt2":
-            x = x + F.embedding(pos_c, self.pos_emb)
-        else:
-            cos, sin = self.cos[pos_c], self.sin[pos_c]
+        x, cos, sin = self._embed(ids, pos_c)
         mask = torch.arange(kv_len, device=ids.device)[None, :] <= pos[:, None]   # [B, L]
         if self.decode_attention == "sdpa":
             mask = torch.zeros(mask.shape, dtype=self.emb.dtype, device=ids.device).masked_fill(~mask, float("-inf"))
@@ -274,6 +269,13 @@ class StaticDecoder(nn.Module):
             x = blk.decode(x, cos, sin, rows, pos, mask, kv_len)
         logits = self._head(x)
         return logits, logits.argmax(dim=-1)
+
+    def _embed(self, ids: torch.Tensor, pos: torch.Tensor):
+        """Token embeddings plus learned positions (GPT-2), or with the rotary tables at `pos` (Llama family)."""
+        x = F.embedding(ids, self.emb)
+        if self.arch == "gpt2":
+            return x + F.embedding(pos, self.pos_emb), None, None
+        return x, self.cos[pos], self.sin[pos]
 
     def prefill(self, slots: list[int], ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Append chunk r (ids[r, :lengths[r]], right-padded) to slot slots[r] at positions starts[r]...
@@ -287,12 +289,7 @@ class StaticDecoder(nn.Module):
         write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))   # padding -> scratch column
         pos_c = pos.clamp(max=self.max_len - 1)
         slot_rows = torch.tensor(slots, device=dev)[:, None].expand(R, S)
-        x = F.embedding(ids, self.emb)
-        cos = sin = None
-        if self.arch == "gpt2":
-            x = x + F.embedding(pos_c, self.pos_emb)
-        else:
-            cos, sin = self.cos[pos_c], self.sin[pos_c]
+        x, cos, sin = self._embed(ids, pos_c)
         attn: dict = {"fresh": all(s == 0 for s in starts)}
         if not attn["fresh"]:
             kv_len = max(s + n for s, n in zip(starts, lengths))
