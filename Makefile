@@ -15,7 +15,7 @@ A       := $(ART)/$(MODEL)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test export quantize fp16 engine serve-repo serve-demo benchmark profile notebook diagram \
+.PHONY: setup demo test export export-fp16 export-gqa quantize fp16 engine serve-repo serve-demo benchmark benchmark-gpu profile notebook diagram \
         readme-tables publish-results summary clean help setup-nsys
 
 help:
@@ -34,6 +34,18 @@ setup: $(STAMP)
 $(A)/export/fp32/manifest.json: $(STAMP)
 	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART)
 export: $(A)/export/fp32/manifest.json
+
+# FP16 graph for ONNX Runtime's CUDA EP (fused and converted by ONNX Runtime's tools; DEVICE=cuda validates on the GPU)
+DEVICE ?= cpu
+$(A)/export/fp16/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp16 --device $(DEVICE)
+export-fp16: $(A)/export/fp16/manifest.json
+# the fused GroupQueryAttention graph with a fixed-size KV buffer (engine ort-gqa; MAX_LEN positions, 0 = context)
+MAX_LEN ?= 0
+$(A)/export/fp16-gqa/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp16 --attention gqa --device $(DEVICE) \
+		--max-len $(MAX_LEN)
+export-gqa: $(A)/export/fp16-gqa/manifest.json
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
 # one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
@@ -76,6 +88,10 @@ $(AIPERF_VENV)/.installed:
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
+# on a GPU machine: every GPU engine side by side (profile/benchmark.py --preset gpu), ORT on the FP16 graph
+benchmark-gpu: DEVICE = cuda
+benchmark-gpu: export-fp16 export-gqa
+	$(PY) profile/benchmark.py --preset gpu --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 publish-results: $(STAMP)
 	$(PY) report/publish_results.py --artifacts $(ART) $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 # Nsight Systems from Debian 12 non-free (needs root); idempotent, never fails the build, NSYS=0 declines
@@ -87,8 +103,9 @@ profile: export setup-nsys
 
 # ---- stage 4-5: benchmark the served model (two Triton servers: dynamic batching on / off) -----------------------
 .PHONY: serve-bench serve-bench-publish
+# SERVE_BENCH_ARGS="--compare scheduler": in-flight vs static batching instead of dynamic batching on vs off
 serve-bench: serve-repo
-	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART)
+	$(PY) profile/serve_bench.py --model $(MODEL) --artifacts $(ART) $(SERVE_BENCH_ARGS)
 serve-bench-publish: $(STAMP)
 	$(PY) report/publish_results.py --kind serving --model $(MODEL) --artifacts $(ART)
 

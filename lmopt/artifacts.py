@@ -16,7 +16,7 @@ from lmopt.errors import UserError
 from lmopt.manifest import MANIFEST, list_variants, load_stage, sha256_file
 from lmopt.paths import stage_dir
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # which make target produces each ONNX precision
 PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 
@@ -44,8 +44,16 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
     """(folder, manifest) of the ONNX graph of `precision` made for `target` ("onnxruntime" or "tensorrt")."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISION_TARGET:
+        raise UserError(f"there is no {precision} ONNX stage — use fp32, fp16 or int8 with ONNX Runtime or TensorRT")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
+    if precision == "fp16" and target == "onnxruntime":
+        # the FP16 graph for ONNX Runtime is a stage-1 option (export_onnx.py --dtype fp16); stage 2's FP16 graph
+        # is TensorRT's
+        exported = list_variants(artifacts, model, "export").get("fp16")
+        if exported is not None:
+            return stage_dir(artifacts, model, "export", "fp16"), exported
     variants = list_variants(artifacts, model, "quantize")
     found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
     if not found:
@@ -54,6 +62,9 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
         if other:  # e.g. the FP16 graph is built for TensorRT only: rebuilding it would not help
             raise UserError(f"the {precision} ONNX under {where} is made for {', '.join(other)} only, not {target} "
                             f"— use --engine {'trt' if 'tensorrt' in other else 'ort'} for {precision}")
+        if precision == "fp16" and target == "onnxruntime":
+            raise UserError(f"no fp16 ONNX for onnxruntime under {stage_dir(artifacts, model, 'export', '')} — "
+                            f"{make_hint('export-fp16', model)} (python convert/export_onnx.py --dtype fp16)")
         raise UserError(f"no {precision} ONNX for {target} under {where} — "
                         f"{make_hint(PRECISION_TARGET[precision], model)}")
     best = sorted(found.items(), key=lambda kv: (not kv[1].get("default", False), kv[1].get("created", "")))[0]

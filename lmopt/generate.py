@@ -105,6 +105,10 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
         if len(pr) + p.max_new_tokens > ctx:
             raise UserError(f"prompt {i} has {len(pr)} tokens + max_new_tokens {p.max_new_tokens} exceeds the model's "
                             f"context of {ctx} — shorten the prompt or lower max_new_tokens")
+    from .engines.slots import SlotEngine
+
+    if isinstance(engine, SlotEngine):
+        return _generate_slots(engine, prompts, plist, on_token, stop_check)
     rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
     stops = [set(p.stop_token_ids) for p in plist]
     max_new = max(p.max_new_tokens for p in plist)
@@ -120,11 +124,20 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
 
     def take(step_logits):
         with nvtx_range("sample"):
+            # logits left on the device (a StepLogits): greedy rows take one id each from a device argmax instead
+            # of moving [batch, vocab] floats to the host every step
+            greedy = None
+            if not isinstance(step_logits, np.ndarray) and hasattr(step_logits, "argmax") \
+                    and any(g is None for g in rngs):
+                greedy = step_logits.argmax()
             for r in range(b):
                 if done[r]:
                     next_ids[r] = pad_id
                     continue
-                tok = sample_next(step_logits[r], plist[r], rngs[r])
+                if greedy is not None and rngs[r] is None:
+                    tok = int(greedy[r])
+                else:
+                    tok = sample_next(np.asarray(step_logits[r]), plist[r], rngs[r])
                 next_ids[r] = tok
                 if tok in stops[r]:
                     done[r], reasons[r] = True, "stop"
@@ -154,6 +167,64 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
             steps.append(time.perf_counter() - ts)
     finally:
         engine.release(state)
+    return GenerationOutput(out_tokens, reasons, [len(p) for p in prompts], ttft, steps, time.perf_counter() - t0)
+
+
+def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationOutput:
+    """generate() on an engine with KV-cache slots: one slot per prompt (no padding), only unfinished rows are
+    decoded, and greedy rows take their token from the device-side argmax (one id per row crosses to the host, not
+    a row of logits); sampled rows fetch their own row and share `sample_next` with the other engines."""
+    b = len(prompts)
+    if b > engine.num_free_slots():
+        raise UserError(f"{b} prompts need {b} KV-cache slots but the engine has {engine.num_free_slots()} free — "
+                        "send fewer prompts at once or build the engine with more slots")
+    rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
+    stops = [set(p.stop_token_ids) for p in plist]
+    out_tokens: list[list[int]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    done = [False] * b
+    slots: list[int] = []
+    steps: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        slots = [engine.alloc_slot() for _ in range(b)]
+
+        def take(rows: list[int], logits) -> None:
+            with nvtx_range("sample"):
+                greedy = logits.argmax() if any(rngs[r] is None for r in rows) else None
+                for i, r in enumerate(rows):
+                    tok = int(greedy[i]) if rngs[r] is None else sample_next(logits.row(i), plist[r], rngs[r])
+                    nxt[r] = tok
+                    if tok in stops[r]:
+                        done[r], reasons[r] = True, "stop"
+                        continue
+                    out_tokens[r].append(tok)
+                    if on_token is not None and on_token(r, tok):
+                        done[r], reasons[r] = True, "cancelled"
+                    elif stop_check is not None and stop_check(r, out_tokens[r]):
+                        done[r], reasons[r] = True, "stop"
+                    elif len(out_tokens[r]) >= plist[r].max_new_tokens:
+                        done[r] = True
+
+        nxt = [0] * b
+        with nvtx_range("prefill"):
+            many = getattr(engine, "prefill_slots", None)
+            if many is not None:
+                take(list(range(b)), many(slots, prompts))
+            else:
+                for r in range(b):
+                    take([r], engine.prefill_slot(slots[r], prompts[r]))
+        ttft = time.perf_counter() - t0
+        while not all(done):
+            ts = time.perf_counter()
+            rows = [r for r in range(b) if not done[r]]
+            with nvtx_range("decode_step"):
+                take(rows, engine.decode_slots([slots[r] for r in rows], [nxt[r] for r in rows]))
+            steps.append(time.perf_counter() - ts)
+    finally:
+        for s in slots:
+            if s is not None:
+                engine.free_slot(s)
     return GenerationOutput(out_tokens, reasons, [len(p) for p in prompts], ttft, steps, time.perf_counter() - t0)
 
 

@@ -36,3 +36,27 @@ def last_token_logits(src: str | Path, dst: str | Path) -> Path:
     dims[1].dim_value = 1
     onnx.save(m, str(dst))
     return dst
+
+
+def ort_fp16_graph(src: str | Path, dst: str | Path, shape: dict, use_gpu: bool = True) -> dict:
+    """FP16 graph for ONNX Runtime from the FP32 export: ONNX Runtime's transformer optimizer fuses what it
+    recognises (LayerNorm/RMSNorm, residual Add + norm into SkipLayerNormalization, GELU), then its FP16 converter
+    turns the whole graph, KV-cache inputs and outputs included, into FP16 with type-consistent casts.
+
+    Converting the FP32 graph avoids the mixed-type graph optimum writes from an FP16 PyTorch GPT-2 (a
+    LayerNormalization bound to float and float16 at once, which ONNX Runtime refuses to load: docs/ENVIRONMENT.md,
+    "ONNX Runtime CUDA"). Returns the optimizer's fused-operator counts (recorded in the manifest).
+    `dst` must not be `src`; a graph over 2 GB is written with external data next to it."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    src, dst = Path(src), Path(dst)
+    # "gpt2" is the decoder fusion set of ONNX Runtime's optimizer; it applies to Llama graphs too (RMSNorm ->
+    # SimplifiedLayerNormalization). Attention is left as exported: its fusions match ONNX Runtime's own exporters'
+    # patterns, not optimum's SDPA subgraph (see docs/ENVIRONMENT.md).
+    opt = optimize_model(str(src), model_type="gpt2", num_heads=shape["num_heads"], hidden_size=shape["hidden_size"],
+                         opt_level=0, use_gpu=use_gpu)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.convert_float_to_float16(keep_io_types=False, use_symbolic_shape_infer=True)
+    big = sum(t.ByteSize() for t in opt.model.graph.initializer) > (1 << 31) - (64 << 20)
+    opt.save_model_to_file(str(dst), use_external_data_format=big)
+    return fused

@@ -114,16 +114,30 @@ class GrpcStream:
         import tritonclient.grpc as grpcclient
 
         self.mod, self.url, self.timeout, self.model, self.batch_dim = grpcclient, url, timeout, model, batch_dim
-        self._q: queue.Queue = queue.Queue()
         self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self._q.put((result, error)), stream_timeout=timeout)
+        self._open()
+
+    def _open(self) -> None:
+        # a fresh queue per stream: no late answer of a cancelled stream is read as the next request's
+        q = self._q = queue.Queue()
+        # no stream_timeout: that is a deadline for the whole stream's life, not per response (generate() bounds
+        # the wait for each response); a long-lived stream would fail with "Deadline Exceeded" after it
+        self.client.start_stream(callback=lambda result, error: q.put((result, error)))
+
+    def cancel(self) -> None:
+        """Leave the request in flight mid-answer (the server sees its stream cancelled) and open a fresh stream."""
+        self.client.stop_stream(cancel_requests=True)
+        self._open()
 
     def generate(self, req: GenRequest, request_id: str = "") -> Iterator[Piece]:
         """Send one request; yield its pieces up to and including the final one. A server error raises
         RuntimeError with its message; no response within `timeout` raises TimeoutError (the stream's state is
         then unknown: close it)."""
-        self.client.async_stream_infer(self.model, tensors(self.mod, req, self.batch_dim), request_id=request_id,
-                                       enable_empty_final_response=True)
+        try:
+            self.client.async_stream_infer(self.model, tensors(self.mod, req, self.batch_dim), request_id=request_id,
+                                           enable_empty_final_response=True)
+        except Exception as e:  # tritonclient's InferenceServerException: the stream is broken
+            raise RuntimeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         while True:
             try:
                 result, error = self._q.get(timeout=self.timeout)

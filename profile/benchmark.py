@@ -1,9 +1,17 @@
-"""Offline "Before vs After" benchmark: every engine x precision available here, through one generation loop.
+"""Offline "Before vs After" benchmark: every engine x precision available here, through one generation loop,
+on the CPU or on an NVIDIA GPU, with one result schema.
 
     python profile/benchmark.py --model tiny                        # CPU rows: torch fp32, ort fp32/int8/fp16
     python profile/benchmark.py --model gpt2-124m --batch-sizes 1 --engines torch,ort --precisions fp32,int8
-    python profile/benchmark.py --model llama-1b --device cuda      # GPU rows: torch fp16, ort cuda, trt fp16/int8
+    python profile/benchmark.py --model llama-1b --preset gpu       # GPU: torch eager, cudagraph, compiled, ort
     make benchmark MODEL=gpt2-124m
+
+--engines takes any name registered in lmopt.engines.ENGINES. The `gpu` preset (--device cuda) measures PyTorch
+eager on the Hugging Face model (the baseline, what HF generate runs per token), the static-cache CUDA-graph engine,
+the compiled engine where one is registered, and ONNX Runtime's CUDA EP with IO binding (on the FP16 graph of
+`convert/export_onnx.py --dtype fp16 --device cuda`) and on the fused GroupQueryAttention graph with a fixed KV buffer
+replayed as an ONNX Runtime CUDA graph (`ort-gqa`, from `--attention gqa`), at batch 1/8/32/64 with a 128-token
+prompt, plus TTFT of a 2048-token prompt at batch 1; flags given on the command line override the preset's values.
 
 Reads:  artifacts/<model>/export/fp32/manifest.json (+ model.onnx), artifacts/<model>/quantize/*/manifest.json
         (INT8/FP16 graphs, found by the precision and target their manifests declare), TensorRT engines through
@@ -17,7 +25,8 @@ What is measured, per row (engine x precision) and batch size, with greedy gener
     (batch / step latency), p50/p90/p99 over every step of every measured repetition;
   - peak memory: the process RSS (rows share one process, so the engine's own share is the RSS growth while it
     loaded and ran its warm-up) and, on CUDA, device memory in use;
-  - greedy agreement of every row's tokens with the baseline row (torch fp32 on CPU, torch fp16 on CUDA).
+  - greedy agreement of every row's tokens with the baseline row (torch fp32 on CPU, torch fp16 on CUDA);
+  - decode figures per prompt length as well (`by_prompt`), each with its own bandwidth floor.
 Rows are interleaved inside each repetition (rep 1: A B C, rep 2: A B C, ...) after --warmup repetitions, so that
 load from other processes on a shared machine hits every row alike and the ratios stay meaningful.
 The memory-bandwidth floor (weights + KV cache bytes read per decode step / measured copy bandwidth) is the
@@ -33,7 +42,7 @@ from pathlib import Path
 
 from lmopt import cli
 from lmopt.errors import UserError
-from lmopt.log import get_logger, timed
+from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("benchmark")
 
@@ -43,8 +52,9 @@ class BenchmarkSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     device: str = "cpu"                      # cpu or cuda
-    engines: str = "torch,ort,trt"           # comma-separated subset of torch,ort,trt
-    precisions: str = "fp32,int8,fp16"       # comma-separated subset of fp32,int8,fp16
+    preset: str = ""                         # named settings (gpu); flags given on the command line override them
+    engines: str = "torch,ort,trt"           # comma-separated engine names (lmopt.engines.ENGINES)
+    precisions: str = "fp32,int8,fp16"       # comma-separated subset of fp32,int8,fp16,bf16
     batch_sizes: str = "1,4"                 # comma-separated batch sizes
     short_prompt: int = 16                   # tokens of the short prompt
     long_prompt: int = 256                   # tokens (capped to the context minus --max-new-tokens)
@@ -53,16 +63,40 @@ class BenchmarkSettings:
     repeats: int = 5                         # recorded repetitions
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
     bandwidth_mb: int = 256                  # buffer size for the copy-bandwidth probe (0 = skip the floor)
+    long_batch_sizes: str = ""               # batch sizes that also run the long prompt (default: all)
     out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
 
-# rows in table order; the first one available is the "before" baseline for its device
-def candidate_rows(device: str) -> list[tuple[str, str]]:
+# Named presets: the values of the flags a command line does not give. "gpu" is the side-by-side GPU run (README,
+# GPU section).
+PRESETS = {
+    "gpu": dict(
+        device="cuda",
+        engines="torch,cudagraph,compiled,ort,ort-gqa",  # names not registered in lmopt.engines are dropped
+        precisions="fp16",
+        batch_sizes="1,8,32,64",
+        short_prompt=128,                    # decode is measured after this prompt
+        long_prompt=2048,                    # TTFT of a long prompt (capped to the context)...
+        long_batch_sizes="1",                # ...at batch 1 only: 64 x 2048-token prefills measure nothing new
+        max_new_tokens=64,
+        warmup=1,
+        repeats=3,
+        bandwidth_mb=2048,                   # large enough that the copy is not launch-bound on an H200
+    ),
+}
+
+
+# rows in table order; the first one available is the "before" baseline for its device. Engines registered later
+# (lmopt.engines.ENGINES) that are not listed here follow in the order --engines names them.
+def candidate_rows(device: str, engines=(), precisions=()) -> list[tuple[str, str]]:
     if device.startswith("cuda"):
-        return [("torch", "fp16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"), ("ort", "int8"),
-                ("trt", "fp16"), ("trt", "int8")]
-    return [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
-            ("trt", "fp16"), ("trt", "int8")]
+        known = [("torch", "fp16"), ("torch", "bf16"), ("cudagraph", "fp16"), ("cudagraph", "bf16"),
+                 ("compiled", "fp16"), ("compiled", "bf16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"),
+                 ("ort-gqa", "fp16"), ("ort", "int8"), ("trt", "fp16"), ("trt", "int8")]
+    else:
+        known = [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
+                 ("trt", "fp16"), ("trt", "int8")]
+    return known + [(e, p) for e in engines for p in precisions if (e, p) not in known]
 
 
 def _csv(s: str, what: str) -> list[str]:
@@ -72,7 +106,7 @@ def _csv(s: str, what: str) -> list[str]:
     return items
 
 
-def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int]]:
+def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int], list[int]]:
     from lmopt.engines import ENGINES, PRECISIONS
 
     engines, precisions = _csv(s.engines, "engines"), _csv(s.precisions, "precisions")
@@ -84,10 +118,15 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
             raise UserError(f"unknown precision '{p}' — use one of {', '.join(PRECISIONS)}")
     try:
         batches = [int(b) for b in _csv(s.batch_sizes, "batch-sizes")]
+        long_batches = [int(b) for b in _csv(s.long_batch_sizes, "long-batch-sizes")] if s.long_batch_sizes \
+            else batches
     except ValueError:
-        raise UserError(f"--batch-sizes must be integers like 1,4 (got '{s.batch_sizes}')") from None
+        raise UserError(f"--batch-sizes and --long-batch-sizes must be integers like 1,4 (got '{s.batch_sizes}', "
+                        f"'{s.long_batch_sizes}')") from None
     if any(b <= 0 for b in batches):
         raise UserError(f"--batch-sizes must be > 0 (got '{s.batch_sizes}')")
+    if not set(long_batches) <= set(batches):
+        raise UserError(f"--long-batch-sizes {s.long_batch_sizes} must be a subset of --batch-sizes {s.batch_sizes}")
     if s.device not in ("cpu", "cuda") and not s.device.startswith("cuda:"):
         raise UserError(f"unknown device '{s.device}' — use cpu or cuda")
     if s.max_new_tokens <= 0:
@@ -96,7 +135,7 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
         raise UserError("--short-prompt and --long-prompt must be > 0 tokens")
     if s.repeats <= 0 or s.warmup < 0:
         raise UserError("--repeats must be > 0 and --warmup >= 0")
-    return engines, precisions, batches
+    return engines, precisions, batches, long_batches
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
@@ -122,6 +161,24 @@ def gpu_used_mb() -> float | None:
     except Exception:  # no torch / no driver: CPU-only numbers
         pass
     return None
+
+
+def gpu_info() -> dict:
+    """The GPU, its driver and clocks (nvidia-smi when present), for the result's `gpu` field."""
+    import subprocess
+
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "sm_count": p.multi_processor_count,
+            "capability": f"{p.major}.{p.minor}", "torch_cuda": torch.version.cuda}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        info["driver"], info["max_sm_clock"], info["max_mem_clock"] = [x.strip() for x in q.split(",")]
+    except Exception as e:  # nvidia-smi missing or odd output: keep going, say so
+        info["driver"] = f"unknown ({type(e).__name__})"
+    return info
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -150,7 +207,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     from lmopt.paths import check_writable, model_slug, stage_dir
 
     s = settings
-    engines, precisions, batches = check_settings(s)
+    engines, precisions, batches, long_batches = check_settings(s)
     if s.device.startswith("cuda"):
         import torch
 
@@ -184,7 +241,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     # rows: load what can run, give a reason for what cannot
     rows: list[dict] = []
     live: dict[int, object] = {}
-    wanted = [(e, p) for e, p in candidate_rows(s.device) if e in engines and p in precisions]
+    wanted = [(e, p) for e, p in candidate_rows(s.device, engines, precisions) if e in engines and p in precisions]
     for e, p in wanted:
         row = {"engine": e, "precision": p, "device": s.device, "status": "skipped", "reason": None}
         rows.append(row)
@@ -196,8 +253,10 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         rss0, gpu0 = rss_mb(), gpu_used_mb()
         try:
             t0 = time.perf_counter()
+            # static-cache engines size their cache for the prompt plus this many tokens
+            kw = {"max_new_tokens": s.max_new_tokens} if e == "cudagraph" else {}
             eng = create_engine(e, s.model, precision=p, device=s.device, artifacts=s.artifacts,
-                                threads=s.threads or None)
+                                threads=s.threads or None, **kw)
             row["load_s"] = round(time.perf_counter() - t0, 3)
         except UserError as err:
             row["reason"] = str(err)
@@ -216,22 +275,30 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
 
     # raw samples[row][batch][kind] = {"ttft_s": [...], "step_s": [[...], ...], "total_s": [...], "tokens": [...]}
     for i in live:
-        rows[i]["samples"] = {str(b): {k: {"ttft_s": [], "step_s": [], "total_s": []} for k in prompts}
+        rows[i]["samples"] = {str(b): {k: {"ttft_s": [], "step_s": [], "total_s": []} for k in prompts
+                                       if k == "short" or b in long_batches}
                               for b in batches}
         rows[i]["tokens"] = {}
     # other processes' load is the main source of noise on a shared machine: record it next to the numbers
     import os
 
     load_start = [round(x, 2) for x in os.getloadavg()]
-    runs = [(i, b, k) for i in live for b in batches for k in prompts]
+    runs = [(i, b, k) for i in live for b in batches for k in prompts if k == "short" or b in long_batches]
     total = (s.warmup + s.repeats) * len(runs)
     with tqdm(total=total, desc="benchmark", unit="run", disable=None) as bar:
         for rep in range(s.warmup + s.repeats):
             measured = rep >= s.warmup
             for i, b, k in runs:  # interleaved: every row runs once per repetition
                 eng = live[i]
-                out = generate(eng, prompts[k][b], params)
-                eng.synchronize()
+                try:
+                    out = generate(eng, prompts[k][b], params)
+                    eng.synchronize()
+                except UserError:
+                    raise
+                except Exception as err:  # e.g. CUDA out of memory at the largest batch: the other cells go on
+                    _record_failure(rows[i], b, k, err)
+                    bar.update()
+                    continue
                 if not measured and rep == s.warmup - 1 or (s.warmup == 0 and rep == 0):
                     mem = rows[i]["memory"]
                     mem["rss_after_warmup_mb"] = max(mem.get("rss_after_warmup_mb", 0), round(rss_mb(), 1))
@@ -247,6 +314,10 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
                 bar.update()
     for eng in live.values():
         eng.close()
+    if s.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
     bw = None
     if s.bandwidth_mb:
@@ -261,10 +332,12 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
 
     result = envelope(
         "benchmark",
-        versions=versions("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"),
+        versions=versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
+                          "tensorrt", "numpy"),
         settings={**asdict(s), "short_prompt_tokens": short_len, "long_prompt_tokens": long_len,
-                  "batch_sizes": batches, "sampling": "greedy",
+                  "batch_sizes": batches, "long_batch_sizes": long_batches, "sampling": "greedy",
                   "interleaved": "each repetition runs every row x batch x prompt once, in order"},
+        **({"gpu": gpu_info()} if s.device.startswith("cuda") else {}),
         model=model_slug(s.model), model_shape=shape,
         baseline={"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
         copy_bandwidth_gbs=round(bw, 2) if bw else None,
@@ -280,6 +353,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "e2e_tokens_per_s": "batch x max_new_tokens / p50 total time of the short-prompt run",
             "agreement_vs_baseline": "greedy tokens equal to the baseline row's up to the first divergence, "
                                      "averaged over rows and prompts",
+            "by_prompt": "decode figures of the short- and long-prompt runs apart, each floor at its own mean "
+                         "context (prompt + max_new_tokens / 2)",
             "bandwidth_floor_ms": "lmopt.results.step_floor: (engine weight bytes + KV bytes at the mean context) / "
                                   "copy bandwidth; ort's weight bytes are the ONNX file, which stores a tied "
                                   "embedding twice, so the ort floor of a tied model is an upper bound",
@@ -295,17 +370,40 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     return result
 
 
+def _record_failure(row: dict, batch: int, kind: str, err: Exception) -> None:
+    """A cell that raised (not a user error): the row keeps its other cells and says what failed where."""
+    msg = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    row.setdefault("failed", {})[f"b{batch}-{kind}"] = msg
+    log.warning("%s %s batch %d %s prompt failed: %s", row["engine"], row["precision"], batch, kind, msg)
+    if "out of memory" in msg.lower():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def kv_element_bytes(row: dict) -> int:
+    """Bytes per KV-cache element: half precision keeps a half cache, except ORT graphs with FP32 cache I/O."""
+    if row["precision"] in ("fp16", "bf16") and (row["engine"] != "ort" or row.get("variant") == "fp16"):
+        return 2
+    return 4
+
+
 def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dict, bw: float | None,
                   short_len: int, long_len: int, new_tokens: int) -> dict:
     from lmopt.results import stats, step_floor
 
     out = {}
+    kvb = kv_element_bytes(r)
     for b in batches:
         d = r["samples"][str(b)]
         st = stats([x for k in d for run in d[k]["step_s"] for x in run], scale=1e3)
-        e2e = stats(d["short"]["total_s"], scale=1e3)
-        row = {"ttft_short_ms": stats(d["short"]["ttft_s"], scale=1e3),
-               "ttft_long_ms": stats(d["long"]["ttft_s"], scale=1e3),
+        if not st["count"]:  # every cell of this batch failed (see the row's "failed")
+            out[str(b)] = {"step_ms": st, "ttft_short_ms": stats([]), "ttft_long_ms": stats([]),
+                           "decode_tokens_per_s": None, "e2e_tokens_per_s": None, "by_prompt": {}}
+            continue
+        e2e = stats(d["short"]["total_s"], scale=1e3) if "short" in d else stats([])
+        row = {"ttft_short_ms": stats(d["short"]["ttft_s"] if "short" in d else [], scale=1e3),
+               "ttft_long_ms": stats(d["long"]["ttft_s"] if "long" in d else [], scale=1e3),
                "step_ms": st,
                "decode_tokens_per_s": round(b / (st["p50"] / 1e3), 2) if st["p50"] else None,
                "e2e_tokens_per_s": round(b * new_tokens / (e2e["p50"] / 1e3), 2) if e2e["p50"] else None}
@@ -319,22 +417,60 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
             row["agreement_vs_baseline"] = 1.0
             row["decode_speedup_vs_baseline"] = 1.0
         if bw and r.get("weight_bytes"):
-            kv_bytes = 2 if r["precision"] == "fp16" and r["engine"] != "ort" else 4
             mean_ctx = (short_len + long_len) / 2 + new_tokens / 2
-            fl = step_floor(r["weight_bytes"], shape, b, int(mean_ctx), kv_bytes, bw)
+            fl = step_floor(r["weight_bytes"], shape, b, int(mean_ctx), kvb, bw)
             row["bytes_per_step"] = fl["bytes"]
             row["bandwidth_floor_ms"] = fl["floor_ms"]
+        # the same figures per prompt length: on a GPU the KV cache of a long prompt is a large share of the bytes
+        by_prompt = {}
+        for k, plen in (("short", short_len), ("long", long_len)):
+            ks = stats([x for run in d.get(k, {}).get("step_s", []) for x in run], scale=1e3)
+            if not ks["count"]:
+                continue
+            e = {"prompt_tokens": plen, "step_ms": ks, "decode_tokens_per_s": round(b / (ks["p50"] / 1e3), 2),
+                 "ttft_ms": stats(d[k]["ttft_s"], scale=1e3)}
+            base_k = (baseline or {}).get("summary", {}).get(str(b), {}).get("by_prompt", {}).get(k)
+            if baseline is r:
+                e["decode_speedup_vs_baseline"] = 1.0
+            elif base_k:
+                e["decode_speedup_vs_baseline"] = round(base_k["step_ms"]["p50"] / ks["p50"], 3)
+            if bw and r.get("weight_bytes"):
+                fl = step_floor(r["weight_bytes"], shape, b, int(plen + new_tokens / 2), kvb, bw)
+                e["bytes_per_step"] = fl["bytes"]
+                e["bandwidth_floor_ms"] = fl["floor_ms"]
+                e["ratio_to_floor"] = round(ks["p50"] / fl["floor_ms"], 3)
+            by_prompt[k] = e
+        row["by_prompt"] = by_prompt
         out[str(b)] = row
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    cli.add_settings(p, BenchmarkSettings)
+    cli.add_settings(p, BenchmarkSettings, choices={"preset": ["", *PRESETS]})
     return p
 
 
-main = cli.main_for(build_parser, BenchmarkSettings, benchmark)
+def settings_from_args(argv=None) -> tuple[argparse.Namespace, BenchmarkSettings]:
+    """Parse the command line; a --preset supplies the values of the flags not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        if "engines" in preset:  # only the engines this checkout has
+            from lmopt.engines import ENGINES
+
+            preset["engines"] = ",".join(e for e in preset["engines"].split(",") if e in ENGINES)
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args, cli.settings_from(BenchmarkSettings, args)
+
+
+def main(argv=None) -> int:
+    args, settings = settings_from_args(argv)
+    setup_logging(args)
+    benchmark(settings=settings)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with an NVIDIA GPU and torch (CUDA):
-#   1. suite   - profile/gpu_suite.py: HF generate vs static-KV CUDA graph vs ONNX Runtime CUDA EP, against the floor
+#   1. suite   - per model in $MODELS (default: tiny gpt2-124m llama-1b): the FP16 ONNX Runtime graph
+#                (convert/export_onnx.py --dtype fp16 --device cuda, and --attention gqa), then profile/benchmark.py
+#                --preset gpu: PyTorch eager vs static-KV CUDA graph vs compiled engine vs ONNX Runtime CUDA EP
+#                (optimum graph; fused GQA graph replayed as a CUDA graph), against the floor
 #   2. profile - profile/run_nsys_profile.py --profiler torch: kernels, memcpy, launch gaps, pinned vs pageable
 #   3. triton  - Triton (KIND_GPU, DLPack) on the Llama-1B shape: streaming load generator + perf_analyzer, batching
 #                on vs off (profile/serve_bench.py)
@@ -10,30 +13,45 @@
 # The Triton part sends prompts as token ids (PROMPT_INPUT=input_ids, the default here): STRING inputs crashed the
 # Python-backend stub on the H200 machine with NumPy 2.5 and 1.26 alike (results/nvidia-h200/triton-gpu-attempt.log).
 #
-# Writes OUTDIR/gpu-results.tar.gz (every result JSON, small) and OUTDIR/gpu-all.log. Large files (ONNX, traces)
+# Writes OUTDIR/gpu-results.tar.gz (every result JSON, small, laid out <model>/<file> as under results/<machine>/)
+# and OUTDIR/gpu-all.log. Large files (ONNX, traces)
 # stay in $WORK (default /tmp/gpuwork). Needs onnxruntime-gpu for the ONNX rows, nvidia-pytriton and
 # tritonclient 2.51.0 for the Triton part; each part that cannot run says why and the others go on.
 set -uo pipefail
 OUTDIR="${1:?usage: gpu_all.sh OUTDIR [parts]}"; shift
 PARTS="${*:-suite profile triton}"
 PY="${PYTHON:-python3}"
+MODELS="${MODELS:-tiny gpt2-124m llama-1b}"
 WORK="${WORK:-/tmp/gpuwork}"
 mkdir -p "$OUTDIR" "$WORK/results"
 export PYTHONUNBUFFERED=1
+# lmopt from this checkout: a GPU machine may have the pinned packages but not `make setup`'s editable install
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUTDIR/gpu-all.log"
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
 for part in $PARTS; do
   case "$part" in
     suite)
-      say "suite"
-      timeout 420 "$PY" profile/gpu_suite.py --out "$WORK/suite" 2>&1 | grep -v -i warning | tee -a "$LOG" | grep "gpu_suite" | tail -40
-      cp "$WORK"/suite/*.json "$WORK/results/" 2>/dev/null ;;
+      for m in $MODELS; do
+        say "suite $m: FP16 ONNX for ONNX Runtime CUDA, then benchmark --preset gpu"
+        timeout 600 "$PY" convert/export_onnx.py --model "$m" --dtype fp16 --device cuda --artifacts "$WORK/art" 2>&1 \
+          | grep -v -i warning | tail -8 | tee -a "$LOG"
+        # the fused GroupQueryAttention graph for engine ort-gqa (KV buffer: the 2048-token prompt + new tokens)
+        timeout 600 "$PY" convert/export_onnx.py --model "$m" --dtype fp16 --attention gqa --device cuda \
+          --artifacts "$WORK/art" $( [ "$m" = llama-1b ] && echo --max-len 2304 ) 2>&1 | grep -v -i warning | tail -8 \
+          | tee -a "$LOG"
+        mkdir -p "$WORK/results/$m"
+        timeout 900 "$PY" profile/benchmark.py --preset gpu --model "$m" --artifacts "$WORK/art" \
+          --out "$WORK/results/$m/benchmark-cuda.json" 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"
+      done ;;
     profile)
       say "profile (torch profiler, llama-1b)"
       timeout 300 "$PY" profile/run_nsys_profile.py --profiler torch --device cuda --engine torch --precision fp16 \
         --model llama-1b --out "$WORK/profile-llama-1b" 2>&1 | tail -40 | tee -a "$LOG"
-      cp "$WORK/profile-llama-1b/summary.json" "$WORK/results/profile-torch-llama-1b-cuda.json" 2>/dev/null ;;
+      mkdir -p "$WORK/results/llama-1b"
+      cp "$WORK/profile-llama-1b/summary.json" "$WORK/results/llama-1b/profile-torch-fp16-cuda.summary.json" 2>/dev/null ;;
     triton)
       say "triton (llama-1b, torch fp16, KIND_GPU)"
       if [ -n "${NUMPY1_DIR:-}" ]; then
@@ -53,7 +71,8 @@ PYEOF
       PYTHON="$PY" timeout 480 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
         --concurrency 1,4,16 --requests 48 --duration-s 20 --prompt-input "${PROMPT_INPUT:-input_ids}" 2>&1 \
         | tail -60 | tee -a "$LOG"
-      cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/" 2>/dev/null ;;
+      mkdir -p "$WORK/results/llama-1b"
+      cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/llama-1b/" 2>/dev/null ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done

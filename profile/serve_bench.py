@@ -1,6 +1,8 @@
-"""Benchmark the served model end to end: dynamic batching on vs off, perf_analyzer and streaming sweeps, overhead.
+"""Benchmark the served model end to end: dynamic batching on vs off (or in-flight vs static batching),
+perf_analyzer and streaming sweeps, overhead.
 
     python profile/serve_bench.py --model tiny                      # what `make serve-bench` runs
+    python profile/serve_bench.py --model tiny --compare scheduler  # in-flight (lmopt.scheduler) vs static batching
     python profile/serve_bench.py --concurrency 1,4 --requests 8 --measurement-requests 20   # a quick look
 
 Reads:  artifacts/<model>/serve/<variant>/manifest.json + model_repository (make serve-repo); newest variant unless
@@ -9,12 +11,17 @@ Writes: artifacts/<model>/profile/serving-repos/<variant>-batching-off/  the sam
         artifacts/<model>/profile/serving-pa-batching-{on,off}.json        perf_analyzer sweeps (perf_analyzer_sweep.py)
         artifacts/<model>/profile/serving-stream-batching-{on,off}.json    streaming sweeps (load_generator.py)
         artifacts/<model>/profile/serving-batching.json                    on vs off side by side, with the verdict
+        with --compare scheduler: serving-repos/<variant>-static/, serving-{pa,stream}-{inflight,static}.json and
+        serving-scheduler.json (in-flight vs static side by side)
 
 Same model, same load, two server configs: the repository made by serve/make_model_repository.py (dynamic batching)
 and a copy whose config.pbtxt files lose only the `dynamic_batching { ... }` block (max_batch_size and every tensor
 shape stay, so the clients send identical requests; Triton then runs each request alone). Both servers run at the
 same time on free loopback ports, and each tool alternates between them, so machine noise hits both alike.
 Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers.
+--compare scheduler pairs the in-flight repository with a copy set to `batching: static` (Triton's dynamic batcher
+groups requests and each execute() runs its group as one generation to the end: the behaviour before in-flight
+batching), same engine, slots = max batch size.
 The tools run as subprocesses in their own session, as the server does (see _run_tool: Linux autogroup).
 """
 from __future__ import annotations
@@ -38,7 +45,8 @@ from lmopt.serving import LoadSettings, PerfAnalyzerSettings
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
-CONFIGS = ("batching-on", "batching-off")
+PAIRS = {"batching": ("batching-on", "batching-off"), "scheduler": ("inflight", "static")}
+CONFIGS = PAIRS["batching"]
 
 
 @dataclass
@@ -59,6 +67,7 @@ class ServeBenchSettings:
     overhead_requests: int = 24      # concurrency-1 requests for the serving-overhead comparison
     startup_timeout_s: float = 180.0
     prompt_input: str = LoadSettings.prompt_input   # "input_ids": both tools send token ids instead of text
+    compare: str = "batching"        # batching: dynamic batching on vs off; scheduler: in-flight vs static batching
 
 
 def pick_serve_variant(artifacts: str, model: str, variant: str) -> tuple[Path, dict]:
@@ -87,10 +96,33 @@ def batching_off_repository(src_repo: Path, dst: Path) -> Path:
         for cfg in sorted(repo.glob("*/config.pbtxt")):
             text, n = block.subn("# dynamic_batching removed by profile/serve_bench.py: one request per execution\n",
                                  cfg.read_text())
-            if n != 1:
-                raise UserError(f"{cfg} has {n} dynamic_batching blocks (expected 1) — regenerate it: make serve-repo")
+            if n > 1:  # none: the model already takes one request per execution (in-flight lm_stream)
+                raise UserError(f"{cfg} has {n} dynamic_batching blocks (expected 0 or 1) — regenerate it: make "
+                                "serve-repo")
             cfg.write_text(text)
     log.info("Saving batching-off repository to %s", dst / "model_repository")
+    return dst / "model_repository"
+
+
+def static_repository(src_repo: Path, dst: Path, queue_delay_us: int) -> Path:
+    """Copy an in-flight model repository as the static-batching configuration: parameter `batching` set to static and
+    a dynamic_batching block in every config (the same engine, tensors and max batch size)."""
+    from lmopt.paths import staging_dir
+
+    param = re.compile(r'(key: "batching" value: \{ string_value: )"inflight"')
+    with staging_dir(dst) as tmp:
+        repo = tmp / "model_repository"
+        shutil.copytree(src_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
+        for cfg in sorted(repo.glob("*/config.pbtxt")):
+            text, n = param.subn(r'\1"static"', cfg.read_text())
+            if n != 1:
+                raise UserError(f"{cfg} is not an in-flight batching repository — regenerate it: make serve-repo")
+            text = re.sub(r"^# no dynamic batching:.*\n", "", text, flags=re.M)
+            if not re.search(r"^dynamic_batching\s*\{", text, re.M):
+                text = re.sub(r"^(max_batch_size: \d+\n)", rf"\1dynamic_batching {{\n  max_queue_delay_microseconds: "
+                              rf"{queue_delay_us}\n}}\n", text, count=1, flags=re.M)
+            cfg.write_text(text)
+    log.info("Saving static-batching repository to %s", dst / "model_repository")
     return dst / "model_repository"
 
 
@@ -153,13 +185,15 @@ def _run_tool(script: str, settings, result_name: str) -> dict:
     return {**json.loads(path.read_text()), "path": str(path)}
 
 
-def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
-    """On vs off per level: throughput ratio and p95 latency side by side; the "+40% throughput from dynamic batching" claim checked."""
+def compare(pa: dict[str, dict], st: dict[str, dict], configs: tuple[str, str] = CONFIGS) -> dict:
+    """The first config ("on") vs the second ("off") per level: throughput ratio and p95 latency side by side; for
+    dynamic batching on vs off the "+40% throughput" claim checked."""
     rows = []
-    on_rows = {r["level"]: r for r in pa["batching-on"]["summary"] if r["mode"] == "concurrency"}
-    off_rows = {r["level"]: r for r in pa["batching-off"]["summary"] if r["mode"] == "concurrency"}
-    st_on = {r["concurrency"]: r for r in st["batching-on"]["summary"]}
-    st_off = {r["concurrency"]: r for r in st["batching-off"]["summary"]}
+    on, off = configs
+    on_rows = {r["level"]: r for r in pa[on]["summary"] if r["mode"] == "concurrency"}
+    off_rows = {r["level"]: r for r in pa[off]["summary"] if r["mode"] == "concurrency"}
+    st_on = {r["concurrency"]: r for r in st[on]["summary"]}
+    st_off = {r["concurrency"]: r for r in st[off]["summary"]}
     for level in sorted(set(on_rows) & set(off_rows)):
         a, b = on_rows[level], off_rows[level]
         row = {"concurrency": level}
@@ -180,12 +214,13 @@ def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
                                             if x["output_tok_per_s"] and y["output_tok_per_s"] else None),
                 "stream_e2e_p95_ms_on": x["e2e_ms"]["p95"], "stream_e2e_p95_ms_off": y["e2e_ms"]["p95"],
                 "stream_ttft_p95_ms_on": x["ttft_ms"]["p95"], "stream_ttft_p95_ms_off": y["ttft_ms"]["p95"],
+                "stream_ttft_p50_ms_on": x["ttft_ms"]["p50"], "stream_ttft_p50_ms_off": y["ttft_ms"]["p50"],
             })
         rows.append(row)
     measured = [r for r in rows if "pa_throughput_ratio" in r]
     best = max(measured, key=lambda r: r["pa_throughput_ratio"], default=None)
     claim = None
-    if best is not None:
+    if best is not None and configs == PAIRS["batching"]:
         ok = best["pa_throughput_ratio"] >= 1.4 and best["pa_p95_ms_on"] <= best["pa_p95_ms_off"]
         claim = {
             "claim": "dynamic batching improves throughput by 40% with no latency trade-off",
@@ -196,7 +231,7 @@ def compare(pa: dict[str, dict], st: dict[str, dict]) -> dict:
                                                            if r["pa_throughput_ratio"] >= 1.4
                                                            and r["pa_p95_ms_on"] <= r["pa_p95_ms_off"]],
         }
-    return {"rows": rows, "claim_40pct": claim}
+    return {"configs": list(configs), "rows": rows, "claim_40pct": claim}
 
 
 def serve_bench(*, settings: ServeBenchSettings) -> dict:
@@ -208,8 +243,17 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     folder, man = pick_serve_variant(s.artifacts, s.model, s.serve_variant)
     repo_on = folder / man.get("outputs", {}).get("model_repository", "model_repository")
     prof = result_path(s.artifacts, s.model, "x").parent
-    repo_off = batching_off_repository(repo_on, prof / "serving-repos" / f"{folder.name}-batching-off")
     srv = man.get("settings", {})
+    if s.compare not in PAIRS:
+        raise UserError(f"unknown --compare '{s.compare}' — use one of {', '.join(PAIRS)}")
+    configs = PAIRS[s.compare]
+    if s.compare == "scheduler":
+        if man.get("batching", "static") != "inflight":
+            raise UserError(f"{folder} serves static batching — rebuild it with in-flight batching: make serve-repo")
+        repo_off = static_repository(repo_on, prof / "serving-repos" / f"{folder.name}-static",
+                                     int(srv.get("queue_delay_us", 2000)))
+    else:
+        repo_off = batching_off_repository(repo_on, prof / "serving-repos" / f"{folder.name}-batching-off")
     pa_base = PerfAnalyzerSettings(model=s.model, artifacts=s.artifacts, concurrency=s.concurrency,
                                    request_rate=s.request_rate, prompt_tokens=s.prompt_tokens,
                                    max_new_tokens=s.max_new_tokens, measurement_requests=s.measurement_requests,
@@ -224,33 +268,33 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
     with ExitStack() as stack:
         urls = {}
         with timed(log, "start both servers", timings, "startup_s"):
-            for name, repo in zip(CONFIGS, (repo_on, repo_off)):
+            for name, repo in zip(configs, (repo_on, repo_off)):
                 urls[name] = stack.enter_context(triton_server(repo, s.host, prof / f".triton-{name}.pid",
                                                                s.startup_timeout_s))
         # each tool alternates between the two servers so both see the same machine
         with timed(log, "perf_analyzer sweeps", timings, "perf_analyzer_s"):
-            for name in CONFIGS:
+            for name in configs:
                 pa[name] = _run_tool("perf_analyzer_sweep.py", replace(pa_base, url=urls[name], label=name),
                                      f"pa-{name}")
         with timed(log, "streaming sweeps", timings, "streaming_s"):
-            for name in CONFIGS:
+            for name in configs:
                 st[name] = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=name),
                                      f"stream-{name}")
         with timed(log, "serving overhead", timings, "overhead_s"):
-            for name in CONFIGS:
+            for name in configs:
                 r = _run_tool("load_generator.py", replace(ld_base, url=urls[name], label=f"overhead-{name}",
                                                            concurrency="1", requests=s.overhead_requests,
                                                            in_process=True), f"stream-overhead-{name}")
                 over[name] = {k: v for k, v in r["overhead"].items() if k != "samples"}
                 over[name]["result"] = r["path"]
-    cmp = compare(pa, st)
+    cmp = compare(pa, st, configs)
     summary = {**cmp, "overhead_c1": over,
                "results": {"perf_analyzer": {k: v["path"] for k, v in pa.items()},
                            "streaming": {k: v["path"] for k, v in st.items()}}}
-    out = result_path(s.artifacts, s.model, "batching")
-    write_result(out, "serving_batching_comparison", asdict(s), {}, summary,
+    out = result_path(s.artifacts, s.model, s.compare)
+    write_result(out, f"serving_{s.compare}_comparison", asdict(s), {}, summary,
                  {"serve_variant": folder.name, "serve_manifest": str(folder / "manifest.json"),
-                  "repositories": {"batching-on": str(repo_on), "batching-off": str(repo_off)},
+                  "repositories": {configs[0]: str(repo_on), configs[1]: str(repo_off)},
                   "timings_s": timings})
     log.info("Saving results to %s", out)
     _print(cmp, over)
@@ -258,13 +302,16 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
 
 
 def _print(cmp: dict, over: dict) -> None:
-    print("dynamic batching on vs off (perf_analyzer, lm; streaming, lm_stream)")
-    print(f"{'conc':>4} {'req/s on':>9} {'off':>7} {'x':>5} {'p95 on':>8} {'off':>7} {'tok/s on':>9} {'off':>7} {'x':>5}")
+    on, off = cmp["configs"]
+    print(f"{on} vs {off} (perf_analyzer, lm; streaming, lm_stream); 'on' = {on}, 'off' = {off}")
+    print(f"{'conc':>4} {'req/s on':>9} {'off':>7} {'x':>5} {'p95 on':>8} {'off':>7} {'tok/s on':>9} {'off':>7} {'x':>5} "
+          f"{'TTFT p50 on':>12} {'off':>7}")
     for r in cmp["rows"]:
         print(f"{r['concurrency']:>4g} {r.get('pa_rps_on', 0):>9.2f} {r.get('pa_rps_off', 0):>7.2f} "
               f"{r.get('pa_throughput_ratio', 0):>5.2f} {r.get('pa_p95_ms_on', 0):>8.1f} {r.get('pa_p95_ms_off', 0):>7.1f} "
               f"{r.get('stream_tok_s_on') or 0:>9.1f} {r.get('stream_tok_s_off') or 0:>7.1f} "
-              f"{r.get('stream_throughput_ratio') or 0:>5.2f}")
+              f"{r.get('stream_throughput_ratio') or 0:>5.2f} {r.get('stream_ttft_p50_ms_on') or 0:>12.1f} "
+              f"{r.get('stream_ttft_p50_ms_off') or 0:>7.1f}")
     c = cmp["claim_40pct"]
     if c:
         print(f"dynamic-batching +40% claim: {'confirmed' if c['confirmed'] else 'refuted'} (best: concurrency "

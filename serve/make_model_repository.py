@@ -1,14 +1,15 @@
 """Stage 4a: generate a Triton model repository that serves the pipeline's engine (never hand-edited).
 
-    python serve/make_model_repository.py --model tiny                       # ORT on CPU, INT8 if built, else FP32
+    python serve/make_model_repository.py --model tiny                       # ORT on CPU, the fastest precision built
+    python serve/make_model_repository.py --model tiny --slots 16 --max-queue 64   # in-flight batching capacity
     python serve/make_model_repository.py --model tiny --precision fp32
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
         artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
 Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
-          model_repository/lm/{config.pbtxt, 1/model.py}          non-streaming, dynamic batching
-          model_repository/lm_stream/{config.pbtxt, 1/model.py}   decoupled streaming, dynamic batching
+          model_repository/lm/{config.pbtxt, 1/model.py}          one response per request
+          model_repository/lm_stream/{config.pbtxt, 1/model.py}   decoupled streaming
           README.md                                               model names, inputs, outputs (stable API)
           manifest.json                                           written last
 
@@ -17,8 +18,15 @@ Model names and tensors (stable; serve/client and profile/ depend on them):
                           top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
                   outputs text_output STRING [1], token_ids INT64 [-1]
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
-Both models run lmopt.generate over lmopt.engines.create_engine(engine, model, precision) inside the Python
-backend; settings travel in config.pbtxt `parameters`. Start it with serve/run_triton.sh.
+Both models run lmopt.scheduler (in-flight batching: requests join and leave the running batch at every decode
+step) over lmopt.engines.create_engine(engine, model, precision) inside the Python backend; settings travel in
+config.pbtxt `parameters`. A request beyond --slots running + --max-queue waiting gets an error starting with
+"server busy: " (UNAVAILABLE). --batching static keeps the previous per-execute batches (for comparisons).
+Start it with serve/run_triton.sh.
+
+--precision auto (ONNX Runtime): the candidates are FP32 and the CPU INT8 graph when stage 2 built one (it exists
+only when it met its accuracy budget); a quick speed check (ms per token, batch 1, in process) picks the faster.
+The manifest's "choice" records the candidates, their measured speed and accuracy, and the reason.
 """
 from __future__ import annotations
 
@@ -44,30 +52,62 @@ class RepoSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     engine: str = "ort"              # ort | torch | trt
-    precision: str = "auto"          # auto = int8 when a CPU INT8 graph was built (make quantize), else fp32
+    precision: str = "auto"          # auto = the faster of fp32 and the INT8 graph (when built), by a quick speed check
     device: str = "cpu"              # cpu -> KIND_CPU; cuda -> KIND_GPU (DLPack outputs, engine on the GPU)
     instances: int = 1               # model instances per model
-    max_batch_size: int = 8          # dynamic batcher groups up to this many concurrent requests
-    queue_delay_us: int = 2000       # how long the batcher waits to fill a batch
+    batching: str = "inflight"       # inflight (lmopt.scheduler) | static (one generation per execute() batch)
+    slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
+    max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
+    prefill_chunk: int = 256         # in-flight: prompt tokens prefilled per step while other requests decode
+    max_batch_size: int = 8          # Triton's dynamic batcher (lm; lm_stream too when --batching static)
+    queue_delay_us: int = 2000       # how long the dynamic batcher waits to fill a batch
     max_tokens_cap: int = 256        # requests asking for more are refused with an error naming the cap
     default_max_tokens: int = 32
     threads: int = 0                 # intra-op threads of the engine (0 = library default)
     output_transport: str = "auto"   # auto | dlpack | numpy (auto = DLPack whenever torch is importable)
 
 
-def resolve_precision(s: RepoSettings) -> str:
+def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
+    """(precision, choice record for the manifest)."""
     if s.precision != "auto":
-        return s.precision
+        return s.precision, {"precision": s.precision, "reason": "--precision given"}
     if s.engine != "ort":
-        return "fp16" if s.device.startswith("cuda") else "fp32"
+        p = "fp16" if s.device.startswith("cuda") else "fp32"
+        return p, {"precision": p, "reason": f"default for --engine {s.engine} on {s.device}"}
     from lmopt.artifacts import find_onnx
 
+    cands: dict[str, dict] = {"fp32": {"accuracy": "reference"}}
     try:
-        find_onnx(s.artifacts, s.model, "int8", "onnxruntime")
-        return "int8"
+        _, man = find_onnx(s.artifacts, s.model, "int8", "onnxruntime")
+        cands["int8"] = {"accuracy": man.get("accuracy", {}),
+                         "budget_pct": man.get("settings", {}).get("max_ppl_increase")}
     except UserError:
         log.info("no INT8 graph for ONNX Runtime (make quantize) — serving fp32")
-        return "fp32"
+        return "fp32", {"precision": "fp32", "candidates": cands, "reason": "the only ONNX Runtime graph built"}
+    for p, c in cands.items():
+        c["ms_per_token"] = _speed_check(s, p)
+        log.info("speed check: ort %s %.2f ms/token", p, c["ms_per_token"])
+    best = min(cands, key=lambda p: cands[p]["ms_per_token"])
+    other = next(p for p in cands if p != best)
+    reason = (f"fastest measured here: {cands[best]['ms_per_token']:.2f} ms/token vs {other} "
+              f"{cands[other]['ms_per_token']:.2f} (batch 1, in process); the INT8 graph met its accuracy budget")
+    return best, {"precision": best, "candidates": cands, "reason": reason}
+
+
+def _speed_check(s: RepoSettings, precision: str, tokens: int = 24, repeats: int = 3) -> float:
+    """Milliseconds per decode token of the ORT engine at batch 1 (best of `repeats`, after a warm-up)."""
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate
+
+    eng = create_engine("ort", s.model, precision, device=s.device, artifacts=s.artifacts,
+                        threads=s.threads or None)
+    try:
+        p = SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,))
+        generate(eng, [[1] * 16], SamplingParams(max_new_tokens=2, stop_token_ids=(-1,)))
+        best = min(sum(generate(eng, [[1] * 16], p).step_s) / (tokens - 1) for _ in range(repeats))
+    finally:
+        eng.close()
+    return round(best * 1e3, 3)
 
 
 def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, params: dict[str, str]) -> str:
@@ -75,17 +115,23 @@ def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, pa
     what = ("decoupled streaming: one response per token, then an empty response flagged final" if decoupled
             else "one response per request with the full generated text")
     p = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
+    if s.batching == "static":
+        how = (f'lmopt.generate over create_engine("{s.engine}", "{s.model}", "{precision}") on {s.device}; Triton\'s '
+               "dynamic batcher groups requests and each execute() runs its group as one generation")
+    else:
+        how = (f'lmopt.scheduler (in-flight batching, {s.slots} slots, queue {s.max_queue}) over create_engine('
+               f'"{s.engine}", "{s.model}", "{precision}") on {s.device}')
+    if s.batching == "static" or not decoupled:
+        batcher = f"dynamic_batching {{\n  max_queue_delay_microseconds: {s.queue_delay_us}\n}}\n"
+    else:  # execute() only hands requests over: waiting in Triton's batcher would only add latency
+        batcher = "# no dynamic batching: execute() hands each request to the scheduler, which batches per step\n"
     return f"""# Generated by serve/make_model_repository.py — edit the script, not this file.
 # {name}: {what}.
-# Runs lmopt.generate over create_engine("{s.engine}", "{s.model}", "{precision}") on {s.device}.
+# Runs {how}.
 name: "{name}"
 backend: "python"
-# Requests are batched by Triton's dynamic batcher; model.py runs each batch as one generation.
 max_batch_size: {s.max_batch_size}
-dynamic_batching {{
-  max_queue_delay_microseconds: {s.queue_delay_us}
-}}
-model_transaction_policy {{ decoupled: {"true" if decoupled else "false"} }}
+{batcher}model_transaction_policy {{ decoupled: {"true" if decoupled else "false"} }}
 
 input [
   # the prompt: text, or token ids already tokenized by the client (exactly one of the two per request)
@@ -128,13 +174,17 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --device '{s.device}' — use cpu or cuda")
     if s.output_transport not in ("auto", "dlpack", "numpy"):
         raise UserError(f"unknown --output-transport '{s.output_transport}' — use auto, dlpack or numpy")
-    for name in ("instances", "max_batch_size", "max_tokens_cap", "default_max_tokens"):
+    if s.batching not in ("inflight", "static"):
+        raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
+    if s.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0 (got {s.max_queue})")
+    for name in ("instances", "max_batch_size", "max_tokens_cap", "default_max_tokens", "slots", "prefill_chunk"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
     if s.default_max_tokens > s.max_tokens_cap:
         raise UserError(f"--default-max-tokens {s.default_max_tokens} is above --max-tokens-cap {s.max_tokens_cap}")
     check_writable(s.artifacts)
-    precision = resolve_precision(s)
+    precision, choice = resolve_precision(s)
     inputs = {}
     if s.engine == "ort":
         folder, man = find_onnx(s.artifacts, s.model, precision, "onnxruntime")
@@ -155,7 +205,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
     params = {"artifacts": str(Path(s.artifacts).resolve()), "model": s.model,
               "engine": s.engine, "precision": precision, "device": s.device, "threads": str(s.threads),
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
-              "output_transport": s.output_transport}
+              "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
+              "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk)}
     with staging_dir(final) as tmp:
         repo = tmp / "model_repository"
         for name in MODELS:
@@ -164,10 +215,11 @@ def make_repository(*, settings: RepoSettings) -> dict:
             (repo / name / "config.pbtxt").write_text(
                 config_pbtxt(name, s, precision, name == "lm_stream", params))
             log.info("Saving %s", final / "model_repository" / name / "config.pbtxt")
-        (tmp / "README.md").write_text(_readme(s, precision, variant))
+        (tmp / "README.md").write_text(_readme(s, precision, variant, choice))
         manifest = {
             "stage": "serve", "variant": variant, "model": model_slug(s.model), "model_spec": s.model,
-            "precision": precision, "engine": s.engine, "device": s.device,
+            "precision": precision, "engine": s.engine, "device": s.device, "choice": choice,
+            "batching": s.batching,
             "instance_kind": "KIND_GPU" if s.device == "cuda" else "KIND_CPU",
             "models": {"lm": {"decoupled": False}, "lm_stream": {"decoupled": True}},
             "inputs": inputs, "outputs": {"model_repository": "model_repository"},
@@ -180,15 +232,26 @@ def make_repository(*, settings: RepoSettings) -> dict:
     return manifest
 
 
-def _readme(s: RepoSettings, precision: str, variant: str) -> str:
+def _readme(s: RepoSettings, precision: str, variant: str, choice: dict) -> str:
+    if s.batching == "static":
+        lm = f"non-streaming, dynamic batching (max batch {s.max_batch_size}), one generation per batch"
+        st = "decoupled, dynamic batching, one generation per batch"
+    else:
+        lm = f"non-streaming, in-flight batching ({s.slots} slots, queue {s.max_queue})"
+        st = "decoupled, in-flight batching: joins the running batch at the next step"
     return f"""# Triton model repository `{variant}` (generated by serve/make_model_repository.py)
 
-Engine: `{s.engine}` {precision} on {s.device}; model `{s.model}`. Start: `bash serve/run_triton.sh <this folder>/model_repository`.
+Engine: `{s.engine}` {precision} on {s.device}; model `{s.model}` ({choice.get("reason", "")}).
+Start: `bash serve/run_triton.sh <this folder>/model_repository`.
 
 | model | kind | responses |
 |---|---|---|
-| `lm` | non-streaming, dynamic batching (max batch {s.max_batch_size}) | one, full text |
-| `lm_stream` | decoupled, dynamic batching | one per token, then an empty one flagged final |
+| `lm` | {lm} | one, full text |
+| `lm_stream` | {st} | one per token, then an empty one flagged final |
+
+Busy: more than {s.slots} running + {s.max_queue} waiting requests get an error starting with `server busy: `
+(code UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE); retry later. Metrics port: `lm_scheduler_slots_in_use`,
+`lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`.
 
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
 default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING.

@@ -1,13 +1,17 @@
-"""Load test: N concurrent streaming clients (gRPC streams to lm_stream) for a fixed time against a running server;
-counts failed requests, times to first token and tokens, and samples the server's memory (tritonserver plus its
-backend stubs) to show it does not grow without bound.
+"""Soak test: N concurrent streaming clients (gRPC streams to lm_stream) for a fixed time against a running server,
+some of them cancelling their request at a random token; counts failed requests (cancelled ones aside), times to
+first token and tokens, samples the server's memory (tritonserver plus its backend stubs) to show it does not grow
+without bound, and reads the scheduler's slots in use from the metrics port afterwards (back to 0 = every
+cancelled request gave its slot back).
 
     bash serve/run_triton.sh artifacts/tiny/serve/ort-fp32-cpu/model_repository --background --pid-file /tmp/t.pid
-    python serve/soak.py --pid-file /tmp/t.pid --clients 64 --duration 30
+    python serve/soak.py --pid-file /tmp/t.pid --clients 64 --duration 60 --cancel-fraction 0.25
     bash serve/run_triton.sh stop --pid-file /tmp/t.pid
 
 Bounded: every client stops sending at --duration, and a request that gets no response for --timeout seconds
-counts as failed. Reads: the server, its pid file. Writes: artifacts/<model>/profile/serve-load/
+counts as failed. A "server busy: " answer counts as failed too (size --slots/--max-queue of the repository for the
+load). Memory: `rss_change_pct` compares the mean of the last third of the samples with the first third, after a
+warm-up of the first quarter of the run. Reads: the server, its pid file. Writes: artifacts/<model>/profile/serve-load/
 <variant>-c<clients>-<duration>s.json (machine, versions, command, settings, raw samples, summary).
 """
 from __future__ import annotations
@@ -40,6 +44,9 @@ class LoadSettings:
     http_port: int = 8000
     pid_file: str = ""               # run_triton.sh's pid file: memory of the server's process group is sampled
     timeout: float = 60.0            # no response for this long = failed request
+    cancel_fraction: float = 0.0     # share of requests the client cancels at a random token (leaves mid-answer)
+    metrics_port: int = 8002         # lm_scheduler_slots_in_use is read from this metrics port after the run
+    seed: int = 0                    # which requests are cancelled, and at which token
     model: str = "tiny"
     artifacts: str = "artifacts"
     variant: str = ""                # serve variant the server runs (names the result file; default newest)
@@ -62,13 +69,19 @@ def _rss_mb(pgid: int) -> float | None:
 
 
 def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: threading.Lock):
+    import numpy as np
+
     from lmopt.triton_client import GenRequest, GrpcStream
+
+    rng = np.random.default_rng([s.seed, idx])
 
     n = 0
     with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
             req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_new_tokens)
-            rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None}
+            cancel_at = int(rng.integers(1, s.max_new_tokens + 1)) if rng.random() < s.cancel_fraction else None
+            rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None,
+                   "cancelled": False}
             t0 = time.perf_counter()
             try:
                 for piece in st.generate(req, request_id=f"c{idx}-{n}"):
@@ -76,6 +89,10 @@ def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: thr
                         rec["tokens"] += 1
                         if rec["ttft_s"] is None:
                             rec["ttft_s"] = time.perf_counter() - t0
+                    if cancel_at is not None and rec["tokens"] >= cancel_at and not piece.final:
+                        st.cancel()  # the client leaves mid-answer
+                        rec["cancelled"] = True
+                        break
             except RuntimeError as e:
                 rec["error"] = str(e).splitlines()[0]
             except TimeoutError as e:
@@ -88,6 +105,25 @@ def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: thr
                 break  # the stream is in an unknown state
 
 
+def _slots_in_use(s: LoadSettings, settle_s: float = 10.0) -> float | None:
+    """lm_scheduler_slots_in_use of lm_stream on the metrics port, waiting up to settle_s for it to reach 0 (None:
+    the server exports no scheduler metrics)."""
+    import re
+    import urllib.request
+
+    deadline = time.time() + settle_s
+    while True:
+        try:
+            text = urllib.request.urlopen(f"http://{s.host}:{s.metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return None
+        m = re.search(r'^lm_scheduler_slots_in_use\{model="lm_stream"\} (\S+)', text, re.M)
+        value = float(m.group(1)) if m else None
+        if value in (None, 0.0) or time.time() > deadline:
+            return value
+        time.sleep(0.25)
+
+
 def run_load(*, settings: LoadSettings) -> dict:
     import numpy as np
 
@@ -98,6 +134,8 @@ def run_load(*, settings: LoadSettings) -> dict:
     s = settings
     if s.clients < 1 or s.duration <= 0:
         raise UserError("--clients must be >= 1 and --duration > 0")
+    if not 0.0 <= s.cancel_fraction <= 1.0 or s.max_new_tokens < 1:
+        raise UserError("--cancel-fraction must be in [0, 1] and --max-new-tokens >= 1")
     if not s.pid_file or not Path(s.pid_file).is_file():
         raise UserError(f"no server pid file '{s.pid_file}' — start the server with: bash serve/run_triton.sh REPO "
                         "--background --pid-file FILE, and pass --pid-file FILE")
@@ -144,15 +182,23 @@ def run_load(*, settings: LoadSettings) -> dict:
                 break  # bounded even if a client hangs
     wall = time.time() - t_start
     stats1 = stats()
-    ok = [r for r in records if r["error"] is None]
+    slots_after = _slots_in_use(s)
+    ok = [r for r in records if r["error"] is None and not r["cancelled"]]
+    cancelled = [r for r in records if r["cancelled"] and r["error"] is None]
     failed = [r for r in records if r["error"] is not None]
     ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
     tot = [r["total_s"] for r in ok]
     mem = [x["rss_mb"] for x in rss if x["rss_mb"]]
     half = len(mem) // 2
+    steady = [x["rss_mb"] for x in rss if x["rss_mb"] and x["t"] >= s.duration / 4]  # after warm-up
+    third = len(steady) // 3
+    rss_change = round(100 * (float(np.mean(steady[-third:])) / float(np.mean(steady[:third])) - 1), 2) if third \
+        else None
     summary = {
-        "requests": len(records), "failed": len(failed), "completed": len(ok),
+        "requests": len(records), "failed": len(failed), "completed": len(ok), "cancelled": len(cancelled),
+        "busy": sum(1 for r in failed if "server busy: " in r["error"]),
         "failed_examples": sorted({r["error"] for r in failed})[:5],
+        "slots_in_use_after": slots_after, "rss_change_pct": rss_change,
         "tokens": int(sum(r["tokens"] for r in ok)), "wall_s": round(wall, 2),
         "requests_per_s": round(len(ok) / wall, 2), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
         "ttft_ms": R.stats(ttft, scale=1e3), "request_ms": R.stats(tot, scale=1e3),
@@ -168,11 +214,12 @@ def run_load(*, settings: LoadSettings) -> dict:
     out = Path(s.out) if s.out else (stage_dir(s.artifacts, s.model, "profile", "serve-load")
                                      / f"{variant}-c{s.clients}-{int(s.duration)}s.json")
     R.write_json(out, result)
-    log.info("%d requests (%d failed), %.1f tokens/s, TTFT p50 %.1f ms p95 %.1f ms, server RSS %s -> %s MB "
-             "(max %s)", summary["requests"], summary["failed"], summary["tokens_per_s"],
+    log.info("%d requests (%d failed, %d cancelled by the client), %.1f tokens/s, TTFT p50 %.1f ms p95 %.1f ms, "
+             "server RSS %s -> %s MB (max %s; steady-state change %s%%), slots in use afterwards %s",
+             summary["requests"], summary["failed"], summary["cancelled"], summary["tokens_per_s"],
              summary["ttft_ms"]["p50"] or -1, summary["ttft_ms"]["p95"] or -1,
              _r(summary["server_rss_mb"]["start"]), _r(summary["server_rss_mb"]["end"]),
-             _r(summary["server_rss_mb"]["max"]))
+             _r(summary["server_rss_mb"]["max"]), rss_change, slots_after)
     log.info("Saving results to %s", out)
     return result
 

@@ -49,7 +49,7 @@ def test_rows_that_cannot_run_say_why(bench_result):
     r, stdout = bench_result
     skipped = {(x["engine"], x["precision"]): x["reason"] for x in r["rows"] if x["status"] != "ok"}
     if ("ort", "fp16") in skipped:
-        assert "make fp16" in skipped[("ort", "fp16")] or "--engine trt" in skipped[("ort", "fp16")]
+        assert "make export-fp16" in skipped[("ort", "fp16")] or "--engine trt" in skipped[("ort", "fp16")]
     assert "--device cuda" in skipped[("torch", "fp16")]
     assert "TensorRT" in skipped[("trt", "fp16")]
     for (e, p), reason in skipped.items():
@@ -90,3 +90,63 @@ def test_benchmark_bad_input(tmp_path):
     proc = run_cli("profile/benchmark.py", "--engines", "ort", "--precisions", "int8", "--artifacts", str(tmp_path),
                    check=False)
     assert_one_line_error(proc, "nothing to benchmark", "run: make quantize")
+    proc = run_cli("profile/benchmark.py", "--engines", "cudagraph", "--precisions", "fp16", "--artifacts",
+                   str(tmp_path), check=False)
+    assert_one_line_error(proc, "nothing to benchmark", "needs an NVIDIA GPU", "--device cuda")
+    proc = run_cli("profile/benchmark.py", "--batch-sizes", "1,2", "--long-batch-sizes", "4", "--artifacts",
+                   str(tmp_path), check=False)
+    assert_one_line_error(proc, "--long-batch-sizes 4 must be a subset")
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = run_cli("profile/benchmark.py", "--preset", "gpu", "--artifacts", str(tmp_path), check=False)
+        assert_one_line_error(proc, "no CUDA device")
+
+
+def test_gpu_preset_settings():
+    """The preset fills what the command line leaves out; flags win; unregistered engines are dropped."""
+    import importlib.util
+
+    from lmopt.engines import ENGINES
+
+    spec = importlib.util.spec_from_file_location("bench_preset", REPO / "profile" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(bench)
+    _, s = bench.settings_from_args(["--preset", "gpu", "--batch-sizes", "1,8"])
+    assert s.device == "cuda" and s.batch_sizes == "1,8" and s.short_prompt == 128 and s.long_prompt == 2048
+    assert s.long_batch_sizes == "1" and s.precisions == "fp16"
+    engines = s.engines.split(",")
+    assert engines[:2] == ["torch", "cudagraph"] and "ort" in engines and set(engines) <= set(ENGINES)
+    assert ("compiled" in engines) == ("compiled" in ENGINES)
+    _, d = bench.settings_from_args([])
+    assert d == bench.BenchmarkSettings()
+
+
+def test_gpu_section_renders_a_cuda_benchmark(bench_result, tmp_path):
+    """A benchmark result of device cuda goes to the README's GPU section (rendered by its kind), per prompt length,
+    against its floor, and stays out of the CPU before-vs-after section. (The CPU run's numbers stand in for a GPU's:
+    this checks the rendering, not a GPU.)"""
+    r = json.loads(json.dumps(bench_result[0]))
+    r["settings"]["device"] = "cuda"
+    r["gpu"] = {"name": "Test GPU", "driver": "1.0", "torch_cuda": "13.0"}
+    folder = tmp_path / "results" / "nvidia-test" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "benchmark-cuda.json").write_text(json.dumps(r))
+    readme = tmp_path / "README.md"
+    shutil.copyfile(REPO / "README.md", readme)
+    run_cli("report/update_readme.py", "--readme", str(readme), "--results", str(tmp_path / "results"))
+    text = readme.read_text()
+    gpu = text.split("<!-- BEGIN gpu")[1].split("<!-- END gpu -->")[0]
+    before = text.split("<!-- BEGIN before-vs-after")[1].split("<!-- END before-vs-after -->")[0]
+    assert "Test GPU" in gpu and "Test GPU" not in before
+    ort = next(x for x in r["rows"] if x["engine"] == "ort" and x["status"] == "ok")
+    e = ort["summary"]["2"]["by_prompt"]["short"]
+    line = next(l for l in gpu.splitlines() if l.startswith("| ONNX Runtime CUDA EP (IO binding) | fp32 | 2 | 8 |"))
+    assert f"| {e['step_ms']['p50']:.3f} |" in line and f"| {e['bandwidth_floor_ms']:.3f} |" in line
+    assert "fastest decode is" in gpu
+    for x in r["rows"]:
+        if x["status"] != "ok":
+            assert x["reason"] in gpu

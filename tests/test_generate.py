@@ -97,7 +97,7 @@ def test_missing_precision_names_make_target(tiny_export, artifacts):
     if not list((artifacts / "tiny" / "quantize").glob("*/manifest.json")):
         proc = run_cli("serve/client/generate.py", "--engine", "ort", "--precision", "fp16", "--artifacts",
                        str(artifacts), check=False)
-        assert_one_line_error(proc, "no fp16 ONNX", "run: make fp16")
+        assert_one_line_error(proc, "no fp16 ONNX", "run: make export-fp16")
 
 
 def test_prompt_longer_than_context(tiny_export, artifacts):

@@ -29,7 +29,8 @@ pytest.importorskip("pytriton")
 
 RUN = REPO / "serve" / "run_triton.sh"
 VARIANT = "ort-fp32-cpu"
-CAP = 64  # --max-tokens-cap of the test repository
+CAP = 256  # --max-tokens-cap of the test repository (long enough that a cancellation lands mid-answer)
+SLOTS, QUEUE = 4, 8  # its in-flight batching capacity: 4 running + 8 waiting
 
 
 def _free_ports(n: int) -> list[int]:
@@ -86,7 +87,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_export, artifacts, tmp_path_factory):
     run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(artifacts), "--precision",
-            "fp32", "--max-tokens-cap", str(CAP), "--default-max-tokens", "8")
+            "fp32", "--max-tokens-cap", str(CAP), "--default-max-tokens", "8", "--slots", str(SLOTS),
+            "--max-queue", str(QUEUE))
     srv = Server(artifacts, artifacts / "tiny" / "serve" / VARIANT / "model_repository",
                  tmp_path_factory.mktemp("triton"))
     srv.start()
@@ -144,7 +146,9 @@ def test_repository_is_generated_with_manifest(server):
     st = (server.repo / "lm_stream" / "config.pbtxt").read_text()
     assert "decoupled: false" in lm and "decoupled: true" in st
     assert "dynamic_batching" in lm and "kind: KIND_CPU" in lm
-    assert re.search(r'key: "max_tokens_cap" value: \{ string_value: "64" \}', lm)
+    assert re.search(r'key: "max_tokens_cap" value: \{ string_value: "256" \}', lm)
+    assert re.search(r'key: "slots" value: \{ string_value: "4" \}', st) and "dynamic_batching" not in st
+    assert man["batching"] == "inflight" and man["choice"]["reason"] == "--precision given"
     assert (folder / "README.md").is_file()
 
 
@@ -167,7 +171,7 @@ def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     client = load_script("serve/client/infer_client.py")
     ClientSettings, run_client = client.ClientSettings, client.run_client
 
-    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_tokens=12, check=True, model="tiny",
+    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_new_tokens=12, check=True, model="tiny",
                        artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,
                        grpc_port=server.grpc, **mode)
     report = run_client(settings=s)
@@ -283,6 +287,91 @@ def test_malformed_json_and_wrong_tensor_type_or_shape(server):
     assert len(_infer(server, "Still serving", protocol="grpc", max_tokens=2)) == 2
 
 
+def _metric(server, name: str, model: str = "lm_stream") -> float | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics").read().decode()
+    m = re.search(rf'^{name}\{{model="{model}"\}} (\S+)', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def _stream_many(server, requests: list[tuple[str, str, int]], timeout=120) -> tuple[dict[str, list[int]], list[str]]:
+    """Send (request_id, prompt, max_tokens) on one gRPC stream to lm_stream at once; (token ids per request id that
+    got its final response, error messages: an error on a stream names no request)."""
+    import tritonclient.grpc as g
+
+    q: queue.Queue = queue.Queue()
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    for rid, text, n in requests:
+        c.async_stream_infer("lm_stream", _inputs(g, text, max_tokens=n), request_id=rid,
+                             enable_empty_final_response=True)
+    tokens: dict[str, list[int]] = {}
+    done, errors = set(), []
+    try:
+        while len(done) + len(errors) < len(requests):
+            result, error = q.get(timeout=timeout)
+            if error is not None:
+                errors.append(str(error))
+                continue
+            resp = result.get_response()
+            ids = result.as_numpy("token_ids")
+            if ids is not None:
+                tokens.setdefault(resp.id, []).extend(ids.reshape(-1).tolist())
+            if resp.parameters["triton_final_response"].bool_param:
+                done.add(resp.id)
+                tokens.setdefault(resp.id, [])
+    finally:
+        c.stop_stream()
+        c.close()
+    return tokens, errors
+
+
+@pytest.fixture(scope="module")
+def in_process(server):
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate
+    from lmopt.models import load_tokenizer
+
+    eng, tok = create_engine("ort", "tiny", artifacts=str(server.artifacts), threads=1), load_tokenizer("tiny")
+
+    def tokens(text, n):
+        return generate(eng, [tok(text)["input_ids"]],
+                        SamplingParams(max_new_tokens=n, stop_token_ids=(tok.eos_token_id,))).tokens[0]
+
+    yield tokens
+    eng.close()
+
+
+def test_concurrent_streams_of_different_lengths_equal_in_process(server, in_process):
+    prompts = ["The list", "def f(", "A class attribute", "The import statement", "Exceptions", "for x in",
+               "The with statement", "Numbers", "Return a new", "import"]
+    lengths = [3, 40, 7, 64, 12, 25, 5, 50, 2, 33]
+    steps0, tokens0 = _metric(server, "lm_scheduler_steps_total") or 0, _metric(server, "lm_scheduler_tokens_total") or 0
+    got, errors = _stream_many(server, [(f"mix-{i}", p, n) for i, (p, n) in enumerate(zip(prompts, lengths))])
+    assert not errors
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        assert got[f"mix-{i}"] == in_process(p, n), (p, n)
+    # requests shared decode steps: more tokens than steps (in-flight batching, not one request at a time)
+    deadline = time.time() + 10
+    while (_metric(server, "lm_scheduler_tokens_total") or 0) - tokens0 < sum(lengths) and time.time() < deadline:
+        time.sleep(0.2)
+    d_tokens = _metric(server, "lm_scheduler_tokens_total") - tokens0
+    d_steps = _metric(server, "lm_scheduler_steps_total") - steps0
+    assert d_tokens == sum(len(t) for t in got.values()) and d_steps < d_tokens / 2, (d_steps, d_tokens)
+    # the non-streaming model, concurrently
+    with ThreadPoolExecutor(4) as pool:
+        unary = list(pool.map(lambda pn: _infer(server, pn[0], max_tokens=pn[1]), zip(prompts[:6], lengths[:6])))
+    assert unary == [in_process(p, n) for p, n in zip(prompts[:6], lengths[:6])]
+
+
+def test_full_queue_gets_busy_error_and_server_keeps_serving(server, in_process):
+    n = 3 * (SLOTS + QUEUE)
+    served, busy = _stream_many(server, [(f"flood-{i}", "The list", CAP) for i in range(n)])
+    assert busy and all("server busy: " in e for e in busy), set(busy)
+    assert len(served) + len(busy) == n and len(served) >= SLOTS + QUEUE
+    assert all(t == in_process("The list", CAP) for t in served.values())
+    assert _infer(server, "Still serving", max_tokens=3) == in_process("Still serving", 3)
+
+
 def test_client_disconnect_mid_stream_cancels_request(server):
     import tritonclient.grpc as g
 
@@ -314,6 +403,11 @@ def test_client_disconnect_mid_stream_cancels_request(server):
         time.sleep(0.5)
     m = pat.search(server.log.read_text())
     assert m and int(m.group(1)) < CAP, "the server generated the whole answer for a client that left"
+    deadline = time.time() + 10  # both cancelled requests gave their slots back
+    while _metric(server, "lm_scheduler_slots_in_use") != 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "lm_scheduler_slots_in_use") == 0
+    assert _metric(server, "lm_scheduler_queue_length") == 0
     assert len(_infer(server, "Still serving", max_tokens=2)) == 2
 
 
@@ -329,3 +423,60 @@ def test_user_errors_are_one_line(tmp_path):
     port = _free_ports(1)[0]
     proc = run_cli("serve/client/infer_client.py", "--http-port", str(port), check=False)
     assert_one_line_error(proc, "no ready Triton server", "run_triton.sh")
+
+
+@pytest.fixture(scope="module")
+def soak_server(tiny_export, artifacts, tmp_path_factory):
+    """A second server sized for 64 streams (8 slots + 128 waiting), on its own artifacts root that links the
+    export, so its repository does not replace the one the first server runs."""
+    root = tmp_path_factory.mktemp("soak-artifacts")
+    (root / "tiny" / "export").mkdir(parents=True)
+    (root / "tiny" / "export" / "fp32").symlink_to(tiny_export, target_is_directory=True)
+    run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(root), "--precision", "fp32",
+            "--max-tokens-cap", "64", "--slots", "8", "--max-queue", "128", "-q")
+    srv = Server(root, root / "tiny" / "serve" / VARIANT / "model_repository", tmp_path_factory.mktemp("soak"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_soak_64_streams_with_random_cancellation(soak_server, tmp_path):
+    # bounded for CI (40 s of load); the CLI's defaults run longer
+    out = tmp_path / "soak.json"
+    run_cli("serve/soak.py", "--pid-file", str(soak_server.pid_file), "--grpc-port", str(soak_server.grpc),
+            "--http-port", str(soak_server.http), "--metrics-port", str(soak_server.metrics), "--clients", "64",
+            "--duration", "40", "--max-new-tokens", "32", "--cancel-fraction", "0.25", "--timeout", "30",
+            "--artifacts", str(soak_server.artifacts), "--out", str(out), "-q", timeout=200)
+    s = read_json(out)["summary"]
+    assert s["failed"] == 0, s["failed_examples"]
+    assert s["cancelled"] > 0 and s["completed"] > 64
+    assert s["slots_in_use_after"] == 0          # every cancelled request gave its slot back
+    assert abs(s["rss_change_pct"]) <= 5.0, s["server_rss_mb"]
+
+
+def test_auto_precision_serves_the_faster_measured_graph(tiny_export, tmp_path, monkeypatch):
+    """--precision auto: FP32 and the CPU INT8 graph (present only when it met its accuracy budget) are timed, and the
+    faster one is served; the manifest says which and why. The timings are faked here (which graph is faster depends
+    on the CPU); the speed check itself runs for real on FP32."""
+    repo = load_script("serve/make_model_repository.py")
+    root = tmp_path / "a"
+    (root / "tiny" / "export").mkdir(parents=True)
+    (root / "tiny" / "export" / "fp32").symlink_to(tiny_export, target_is_directory=True)
+    s = repo.RepoSettings(artifacts=str(root))
+    assert repo.resolve_precision(s)[0] == "fp32"  # no INT8 graph: FP32, without a speed check
+    real = repo._speed_check(s, "fp32", tokens=4, repeats=1)
+    assert 0 < real < 1000
+    int8 = root / "tiny" / "quantize" / "int8-cpu"
+    int8.mkdir(parents=True)
+    (int8 / "manifest.json").write_text(json.dumps({
+        "stage": "quantize", "precision": "int8", "targets": ["onnxruntime"], "default": True,
+        "accuracy": {"ppl_increase_pct": 0.4}, "settings": {"max_ppl_increase": 1.0}}))
+    for fast, slow in (("fp32", "int8"), ("int8", "fp32")):
+        times = {fast: 1.87, slow: 5.72}
+        monkeypatch.setattr(repo, "_speed_check", lambda s, p, **kw: times[p])
+        precision, choice = repo.resolve_precision(s)
+        assert precision == fast and choice["candidates"][slow]["ms_per_token"] == 5.72
+        assert "fastest measured here: 1.87 ms/token" in choice["reason"]
+    assert choice["candidates"]["int8"]["accuracy"] == {"ppl_increase_pct": 0.4}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, read_json, run_cli
+from conftest import assert_one_line_error, load_script, read_json, run_cli
 from lmopt.results import SCHEMA_VERSION
 
 
@@ -77,7 +77,7 @@ def test_streaming_results_consistent(bench):
             # tokens counted = tokens received: one token per stream response, none lost or invented
             assert row["output_tokens"] == sum(len(r["tokens"]) for r in recs) == row["token_responses"]
             for r in recs:
-                assert 0 < len(r["tokens"]) <= s["max_tokens"]
+                assert 0 < len(r["tokens"]) <= s["max_new_tokens"]
                 assert len(r["token_times_s"]) == len(r["tokens"])
                 assert 0 < r["token_times_s"][0] <= r["token_times_s"][-1] <= r["end_s"]
             assert row["ttft_ms"]["p50"] > 0 and row["itl_ms"]["p50"] > 0 and row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
@@ -125,6 +125,24 @@ def test_report_renders_published_results(bench, tmp_path):
     if "pa_rps_on" in first:
         assert f"{first['pa_rps_on']:.1f}" in text  # the table's numbers are the file's numbers
     assert "No serving results" in serving_report.render(tmp_path / "empty")
+
+
+def test_comparison_repositories_from_an_in_flight_repository(serve_repo, tmp_path):
+    """--compare scheduler serves a static-batching copy (batching=static, a dynamic_batching block in both models);
+    the batching-off copy of an in-flight repository drops lm's block (lm_stream has none to drop)."""
+    sb = load_script("profile/serve_bench.py")
+    src = serve_repo / "model_repository"
+    assert "dynamic_batching {" not in (src / "lm_stream" / "config.pbtxt").read_text()
+    static = sb.static_repository(src, tmp_path / "static", 1500)
+    off = sb.batching_off_repository(src, tmp_path / "off")
+    for m in ("lm", "lm_stream"):
+        text = (static / m / "config.pbtxt").read_text()
+        assert 'key: "batching" value: { string_value: "static" }' in text and "inflight" not in text
+        assert text.count("dynamic_batching {") == 1 and "max_batch_size" in text
+        assert "dynamic_batching {" not in (off / m / "config.pbtxt").read_text()
+    assert "max_queue_delay_microseconds: 1500" in (static / "lm_stream" / "config.pbtxt").read_text()
+    with pytest.raises(Exception, match="not an in-flight batching repository"):
+        sb.static_repository(static, tmp_path / "again", 1500)
 
 
 def test_bad_input_one_line_errors(tmp_path):

@@ -105,3 +105,25 @@ def test_network_flags_per_major_version():
     assert trt_api.network_flags(SimpleNamespace(__version__="11.4.0.106", NetworkDefinitionCreationFlag=flag)) == 0
     assert trt_api.network_flags(SimpleNamespace(__version__="10.13.3.9", NetworkDefinitionCreationFlag=flag)) == 2
     assert trt_api.version_tag(SimpleNamespace(__version__="11.4.0.106")) == "trt11.4"
+
+
+def test_trt_runtime_device_memory_needs_cuda_torch(monkeypatch):
+    """The TensorRT runtime's device buffers are torch CUDA tensors: without torch, or with a CPU-only torch, one
+    line names the install (README, "TensorRT runtime")."""
+    import sys
+
+    import pytest
+
+    from lmopt.engines.trt_engine import torch_for_device_memory
+    from lmopt.errors import UserError
+
+    import torch
+
+    if torch.cuda.is_available():
+        assert torch_for_device_memory() is torch
+    else:
+        with pytest.raises(UserError, match="CUDA build of torch.*pip install torch"):
+            torch_for_device_memory()
+    monkeypatch.setitem(sys.modules, "torch", None)   # import torch now raises ImportError
+    with pytest.raises(UserError, match="torch is not installed — pip install torch"):
+        torch_for_device_memory()

@@ -3,14 +3,18 @@
     create_engine("torch", "tiny", precision="fp32")          # PyTorch eager, the baseline
     create_engine("ort", "tiny", precision="int8")            # stage-2 INT8 graph for ONNX Runtime
     create_engine("trt", "tiny", precision="fp16", device="cuda")   # stage-3 TensorRT engine
+    create_engine("compiled", "llama-1b", precision="fp16", device="cuda")   # slotted static KV + CUDA graphs
+    create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")  # HF model, static KV + CUDA graphs
+    create_engine("ort-gqa", "llama-1b", precision="fp16", device="cuda")    # fused GQA graph, fixed KV buffer
 """
 from __future__ import annotations
 
 from ..artifacts import PRECISIONS, find_onnx, onnx_file
 from ..errors import UserError
+from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt")
+ENGINES = ("torch", "ort", "trt", "compiled", "cudagraph", "ort-gqa")
 
 
 def create_engine(engine: str, model: str, precision: str = "fp32", device: str = "cpu",
@@ -19,14 +23,40 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         raise UserError(f"unknown engine '{engine}' — use one of {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
+    if engine == "compiled":
+        from .compiled import CompiledEngine
+
+        return CompiledEngine(model, precision, device, threads, **kwargs)
+    if precision == "bf16" and engine not in ("torch", "cudagraph"):
+        raise UserError(f"engine '{engine}' has no bf16 build — use --engine compiled, cudagraph or torch for bf16")
     if engine == "torch":
         if precision == "int8":
             raise UserError("the PyTorch baseline runs fp32 or fp16, not int8 — use --engine ort for INT8")
-        if precision == "fp16" and not device.startswith("cuda"):
-            raise UserError("PyTorch fp16 needs a GPU (--device cuda) — use fp32 on CPU")
+        if precision in ("fp16", "bf16") and not device.startswith("cuda"):
+            raise UserError(f"PyTorch {precision} needs a GPU (--device cuda) — use fp32 on CPU")
         from .torch_engine import TorchEngine
 
         return TorchEngine(model, precision, device, threads)
+    if engine == "cudagraph":
+        if precision not in ("fp16", "bf16"):
+            raise UserError(f"engine 'cudagraph' runs fp16 or bf16, not {precision} — pass --precisions fp16")
+        from .cudagraph import CudaGraphEngine
+
+        return CudaGraphEngine(model, precision, device, threads, **kwargs)
+    if engine == "ort-gqa":
+        from ..manifest import list_variants
+        from .ort_gqa import OrtGqaEngine
+
+        variant = f"{precision}-gqa"
+        man = list_variants(artifacts, model, "export").get(variant)
+        if man is None:
+            model_arg = "" if model == "tiny" else f" --model {model}"
+            raise UserError(f"no {variant} ONNX under {stage_dir(artifacts, model, 'export', '')} — run: python "
+                            f"convert/export_onnx.py{model_arg} --dtype {precision} --attention gqa")
+        folder = stage_dir(artifacts, model, "export", variant)
+        return OrtGqaEngine(onnx_file(folder, man), precision, device, threads, variant=variant,
+                            max_len=man["graph"]["max_len"], max_positions=man["model_shape"]["max_positions"],
+                            **kwargs)
     if engine == "ort":
         from ..models import load_config, model_shape
         from .ort_engine import OrtEngine

@@ -1,8 +1,9 @@
 """The engine interface every backend implements: prefill, decode step with KV cache, release.
 
 Inputs are host numpy arrays (int64): input_ids [B, S], attention_mask [B, past+S], position_ids [B, S].
-Outputs are the last position's logits as host float32 [B, V] plus an opaque state holding the KV cache
-(kept on the engine's device between steps).
+Outputs are the last position's logits as host float32 [B, V] (or, from an engine that keeps them on its device,
+a lmopt.engines.slots.StepLogits: np.asarray converts it, argmax runs on the device) plus an opaque state holding
+the KV cache (kept on the engine's device between steps).
 """
 from __future__ import annotations
 

@@ -38,6 +38,14 @@ class StepLogits:
         """Row i as float32 [vocab] on the host."""
         raise NotImplementedError
 
+    # callers written for a host array [rows, vocab] keep working: logits[i], np.asarray(logits)
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.row(i)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = np.stack([self.row(i) for i in range(len(self))]) if len(self) else np.zeros((0, 0), np.float32)
+        return a if dtype is None else a.astype(dtype)
+
 
 class HostLogits(StepLogits):
     """StepLogits over a host array (engines that compute on the CPU)."""
@@ -53,6 +61,31 @@ class HostLogits(StepLogits):
 
     def row(self, i: int) -> np.ndarray:
         return np.asarray(self.logits[i], dtype=np.float32)
+
+
+class DeviceLogits(StepLogits):
+    """Logits [B, vocab] left on a torch device: `argmax()` moves one id per row to the host, `row(i)` one row.
+    `greedy` (optional): argmax ids already computed on the device, e.g. inside a captured graph; `rows`: the
+    rows of the step that belong to the caller (a padded batch has more). Valid until the engine's next step (a
+    replayed graph writes its outputs in place)."""
+
+    def __init__(self, logits, greedy=None, rows: Sequence[int] | None = None):
+        self.logits, self.greedy = logits, greedy
+        self.rows = list(range(int(logits.shape[0]))) if rows is None else list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), int(self.logits.shape[-1]))
+
+    def argmax(self) -> np.ndarray:
+        ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
+        return ids.cpu().numpy().astype(np.int64)[self.rows]
+
+    def row(self, i: int) -> np.ndarray:
+        return self.logits[self.rows[i]].float().cpu().numpy()
 
 
 class SlotEngine(Engine):

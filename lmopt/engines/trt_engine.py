@@ -5,9 +5,10 @@
 
 The engine has two optimization profiles (optimize/build_trt_engine.py): 0 = prefill (past length 0), 1 = decode
 (one new token). Each gets its own execution context, bound once to its profile, so no call switches profiles.
-Device buffers are torch CUDA tensors (torch's caching allocator makes the per-step `present` buffers cheap); the
-state between steps is the list of `present.*` tensors, which become the next step's `past_key_values.*` without
-leaving the GPU. Every TensorRT name used here is listed in lmopt/trt_api.py.
+Device buffers are torch CUDA tensors (torch's caching allocator makes the per-step `present` buffers cheap; the
+README's "TensorRT runtime" section says why torch rather than cuda-python or pycuda); the state between steps is
+the list of `present.*` tensors, which become the next step's `past_key_values.*` without leaving the GPU. Every
+TensorRT name used here is listed in lmopt/trt_api.py.
 """
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ from .base import Engine, EngineInfo
 PREFILL, DECODE = 0, 1
 
 
+def torch_for_device_memory():
+    """torch, whose CUDA tensors hold this runtime's device memory, or one line saying what to install."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("the TensorRT runtime keeps its device buffers in torch CUDA tensors, and torch is not "
+                        "installed — pip install torch (a CUDA build, e.g. from https://download.pytorch.org/whl/cu130)"
+                        ) from None
+    if not torch.cuda.is_available():
+        raise UserError(f"the TensorRT runtime needs a CUDA build of torch for its device buffers (this torch "
+                        f"{torch.__version__} sees no CUDA device) — pip install torch from "
+                        "https://download.pytorch.org/whl/cu130 on a GPU machine")
+    return torch
+
+
 class TrtEngine(Engine):
     def __init__(self, engine, precision: str, variant: str = "", source: str = "", max_positions: int = 2048,
                  vocab_size: int = -1, device: str = "cuda", weights: int = 0):
@@ -34,8 +50,7 @@ class TrtEngine(Engine):
         problem = trt_api.gpu_problem()
         if problem:
             raise UserError(problem)
-        import torch
-
+        torch = torch_for_device_memory()
         self.trt, self.torch = trt, torch
         self.engine = engine
         if engine.num_optimization_profiles < 2:

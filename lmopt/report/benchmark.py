@@ -23,6 +23,8 @@ def render_table(result: dict, markdown: bool = False) -> str:
         if r["status"] != "ok":
             notes.append(f"{r['engine']} {r['precision']}: not run — {r['reason']}")
             continue
+        for cell, why in r.get("failed", {}).items():
+            notes.append(f"{r['engine']} {r['precision']} {cell}: failed — {why}")
         for b, m in r["summary"].items():
             body.append([r["engine"], f"{r['precision']}" + (f" ({r['variant']})" if r["variant"] not in ("hf", r["precision"]) else ""),
                          b, _ms(stat_ms(m, "ttft_short")["p50"]), _ms(stat_ms(m, "ttft_long")["p50"]),
@@ -61,7 +63,8 @@ def render_table(result: dict, markdown: bool = False) -> str:
 def render(results_dir: Path) -> str:
     from lmopt.report import collect
 
-    docs = collect(results_dir, kinds=["benchmark"])
+    # GPU results have their own section (lmopt.report.gpu)
+    docs = [d for d in collect(results_dir, kinds=["benchmark"]) if d.data["settings"].get("device", "cpu") == "cpu"]
     if not docs:
         return "_No committed benchmark results yet: run `make benchmark publish-results readme-tables`._"
     parts = []

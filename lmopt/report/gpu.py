@@ -1,25 +1,44 @@
-"""The README "gpu" section: committed GPU-suite results (kind "gpu-suite") and GPU profile summaries (kind "profile",
-device cuda) under results/. `render(results_dir) -> str`."""
+"""The README "gpu" section, from result files under results/ by their `kind`: `render(results_dir) -> str`.
+
+  benchmark   (settings.device cuda) written by `profile/benchmark.py --preset gpu`: one table per file
+  gpu-suite   the older GPU suite's files (its script was folded into profile/benchmark.py; its committed H200
+              figures still render as they were measured)
+  profile     (device cuda) the PyTorch-profiler summaries of GPU decode loops
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 ENGINE_NAMES = {"torch-generate": "PyTorch eager (HF generate)", "torch-cudagraph": "PyTorch static KV + CUDA graph",
-                "ort-cuda": "ONNX Runtime CUDA EP (IO binding)"}
+                "ort-cuda": "ONNX Runtime CUDA EP (IO binding)",
+                # engine names of lmopt.engines, as profile/benchmark.py records them
+                "torch": "PyTorch eager (HF model)", "cudagraph": "PyTorch static KV + CUDA graph",
+                "compiled": "compiled decoder (KV slots, CUDA graphs)", "ort": "ONNX Runtime CUDA EP (IO binding)",
+                "ort-gqa": "ONNX Runtime CUDA EP, GQA graph, fixed KV buffer + CUDA graph", "trt": "TensorRT"}
+
+
+def is_gpu_result(d: dict) -> bool:
+    return d.get("kind") == "gpu-suite" or (d.get("kind") == "benchmark"
+                                           and str(d.get("settings", {}).get("device", "cpu")).startswith("cuda"))
 
 
 def load(results_dir: str | Path) -> list[dict]:
     from lmopt.report import collect
 
-    return [dict(d.data, _path=str(d.path)) for d in collect(results_dir, kinds=["gpu-suite"])]
+    return [dict(d.data, _path=str(d.path)) for d in collect(results_dir, kinds=["gpu-suite", "benchmark"])
+            if is_gpu_result(d.data)]
 
 
 def render(results_dir: str | Path) -> str:
     docs = load(results_dir)
     if not docs:
-        return "_No GPU results committed yet — run `python profile/gpu_suite.py` on a GPU and copy the JSON to results/._\n"
+        return ("_No GPU results committed yet — run `python profile/benchmark.py --preset gpu` on a GPU and copy the "
+                "JSON to results/._\n")
     out = []
     for d in docs:
+        if d["kind"] == "benchmark":
+            out.append(render_benchmark(d))
+            continue
         g = d["gpu"]
         out.append(f"**{d['model']}** — {g['name']}, driver {g.get('driver')}, CUDA {g.get('torch_cuda')}, "
                    f"torch {d['versions'].get('torch')}, onnxruntime-gpu {d['versions'].get('onnxruntime-gpu')}; "
@@ -51,6 +70,51 @@ def render(results_dir: str | Path) -> str:
             out.append(f"\n- not measured: `{k}` — {v}")
         out.append("")
     return "\n".join(out) + "\n" + render_profiles(results_dir)
+
+
+def render_benchmark(d: dict) -> str:
+    """One GPU benchmark file: a row per engine x batch x prompt length, against the bandwidth floor."""
+    g, v, st = d.get("gpu", {}), d["versions"], d["settings"]
+    out = [f"**{d['model']}** — {g.get('name', '?')}, driver {g.get('driver')}, CUDA {g.get('torch_cuda')}, "
+           f"torch {v.get('torch')}, onnxruntime-gpu {v.get('onnxruntime-gpu')}; {d['created'][:10]}; copy bandwidth "
+           f"{d['copy_bandwidth_gbs'] or 0:.0f} GB/s (read+write); {st['repeats']} repetitions after {st['warmup']} "
+           f"warm-up, {st.get('max_new_tokens')} new tokens, greedy; `{' '.join(d['command'])}`; data: "
+           f"`{d['_path']}`\n",
+           "| engine | precision | batch | prompt | TTFT ms | decode ms/token | tokens/s | floor ms/token | × floor "
+           "| vs baseline | greedy agreement |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    best, notes = None, []
+    for r in d["rows"]:
+        name = ENGINE_NAMES.get(r["engine"], r["engine"])
+        if r["status"] != "ok":
+            notes.append(f"- not measured: {name} {r['precision']} — {r['reason']}")
+            continue
+        notes += [f"- failed: {name} {r['precision']} `{cell}` — {why}" for cell, why in r.get("failed", {}).items()]
+        for b, m in r["summary"].items():
+            for k, e in m.get("by_prompt", {}).items():
+                step = e["step_ms"]["p50"]
+                floor = e.get("bandwidth_floor_ms")
+                speed = e.get("decode_speedup_vs_baseline")
+                agree = m.get("agreement_vs_baseline")
+                out.append(f"| {name} | {r['precision']} | {b} | {e['prompt_tokens']} | {e['ttft_ms']['p50']:.2f} | "
+                           f"{step:.3f} | {e['decode_tokens_per_s']:.0f} | "
+                           f"{'–' if floor is None else f'{floor:.3f}'} | "
+                           f"{'–' if floor is None else f'{step / floor:.1f}'} | "
+                           f"{'–' if speed is None else f'{speed:.2f}x'} | {'–' if agree is None else f'{agree:.0%}'} |")
+                if b == "1" and k == "short" and (best is None or step < best[0]):
+                    best = (step, name, e)
+    base = next((r for r in d["rows"] if r["status"] == "ok"), None)
+    b1 = base and base["summary"].get("1", {}).get("by_prompt", {}).get("short")
+    if best and b1 and best[2].get("bandwidth_floor_ms"):
+        step, name, e = best
+        out.append(f"\nBatch 1, prompt {e['prompt_tokens']}: fastest decode is {name} at {step:.3f} ms/token = "
+                   f"{b1['step_ms']['p50'] / step:.1f}x {ENGINE_NAMES.get(base['engine'], base['engine'])} and "
+                   f"{step / e['bandwidth_floor_ms']:.1f}x the bandwidth floor ({e['bytes_per_step'] / 1e9:.2f} GB "
+                   f"read per token / {d['copy_bandwidth_gbs']:.0f} GB/s = {e['bandwidth_floor_ms']:.3f} ms).")
+    if notes:
+        out += [""] + notes
+    out.append("")
+    return "\n".join(out)
 
 
 def render_profiles(results_dir: str | Path) -> str:

@@ -7,8 +7,8 @@ The notebook reads result files only — never runs a model. Inputs, by kind:
   profile    profile/run_nsys_profile.py     -> a summary JSON under artifacts/<model>/profile/
   accuracy   convert/quantize_model.py, convert/convert_fp16.py -> artifacts/<model>/quantize/*/manifest.json
 With MACHINE set, result JSON comes from the committed results/<machine>/<model>/ instead of the artifacts tree.
-Benchmark files of other machines and the GPU suite (profile/gpu_suite.py: results/*/<model>/gpu-suite-*.json) are
-the "GPU next to CPU" records.
+Benchmark files of other machines (`profile/benchmark.py --preset gpu` on a GPU) and the older GPU suite's committed
+files (results/*/<model>/gpu-suite-*.json, kind "gpu-suite") are the "GPU next to CPU" records.
 """
 from __future__ import annotations
 

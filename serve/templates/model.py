@@ -1,25 +1,40 @@
-"""Triton Python-backend model: runs the pipeline's engine (lmopt.engines) through the shared generation loop
-(lmopt.generate). Generated into the model repository by serve/make_model_repository.py; do not edit the copy.
+"""Triton Python-backend model: serves the pipeline's engine (lmopt.engines) through the in-flight batching scheduler
+(lmopt.scheduler). Generated into the model repository by serve/make_model_repository.py; do not edit the copy.
 
 The same file serves both models; config.pbtxt decides which:
-  lm         non-streaming: one response per request with the full text; Triton's dynamic batcher hands execute()
-             several requests, which run as ONE batched generation (left padding, per-row sampling settings).
-  lm_stream  decoupled: one response per generated token, then an empty response flagged FINAL; requests batched
-             the same way; a cancelled request (client gone, stream closed) stops its row at the next token.
+  lm_stream  decoupled: execute() hands each request to the scheduler and returns at once; the scheduler's loop
+             thread sends one response per generated token through the request's response sender, then an empty
+             response flagged FINAL. Requests join and leave the running batch at every decode step. A cancelled
+             request (client gone, stream closed: response_sender.is_cancelled()) frees its slot within one step.
+  lm         one response per request with the full text. execute() submits its requests to the same kind of
+             scheduler and waits for them (the Python backend runs one execute() per instance at a time, so requests
+             arriving meanwhile wait in Triton's queue: in-flight joining is the streaming model's).
+Parameter `batching` = "static" keeps the previous behaviour (each execute() batch runs as ONE generation, under a
+lock), for side-by-side measurements.
+
+Busy: the scheduler holds `slots` running and `max_queue` waiting requests; a request beyond that gets an error
+response whose message starts with "server busy: " with code UNAVAILABLE (HTTP 503 / gRPC UNAVAILABLE): the
+Python backend of the bundled Triton (2.51) has no RESOURCE_EXHAUSTED code. Retry later.
+
+Metrics (Triton custom metrics, on the metrics port next to Triton's own): lm_scheduler_slots_in_use,
+lm_scheduler_queue_length, lm_scheduler_decode_batch_size (gauges), lm_scheduler_steps_total,
+lm_scheduler_tokens_total (counters); label model=<model name>.
 
 Inputs  (per request; batch dim added by Triton): text_input STRING [1] or input_ids INT64 [-1] (the prompt already
         tokenized; exactly one of the two); optional max_tokens INT32 [1], temperature FP32 [1], top_k INT32 [1],
         top_p FP32 [1], seed INT64 [1], stop STRING [1]
-Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text; only for text_input requests),
-         token_ids INT64 [-1]
+Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text, from lmopt.detokenize; only for
+         text_input requests), token_ids INT64 [-1]
 A request that sends input_ids gets token_ids only: no STRING tensor crosses the backend boundary. That is the path
 that works with Triton 2.51's Python-backend stub on the GPU machine we measured, where decoding a STRING input
 crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
 
-Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, ...).
+Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, slots,
+max_queue, prefill_chunk, batching, ...).
 """
 import json
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -50,9 +65,25 @@ class TritonPythonModel:
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
         self.default_max_tokens = int(_param(cfg, "default_max_tokens"))
         self.use_dlpack = _dlpack_choice(_param(cfg, "output_transport", "auto"))
+        self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
+        self.scheduler = None
+        if self.batching == "inflight":
+            from lmopt.engines.slotted import create_slot_engine
+            from lmopt.scheduler import Scheduler
+
+            slots = create_slot_engine(self.engine, num_slots=int(_param(cfg, "slots", "8")),
+                                       max_prefill_chunk=int(_param(cfg, "prefill_chunk", "256")))
+            self.metrics = _Metrics(self.model_name, self.logger)
+            max_queue = int(_param(cfg, "max_queue", "32"))
+            if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
+                max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
+            self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
+                                       on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
-                             f"outputs via {'DLPack' if self.use_dlpack else 'numpy'}")
+                             f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
+                             + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
+                                f"max_queue={self.scheduler.max_queue}" if self.scheduler else ""))
 
     # ---- outputs: the one place that decides DLPack or numpy ---------------------------------------------------
     def _ids_tensor(self, ids):
@@ -138,6 +169,78 @@ class TritonPythonModel:
         return ids, p, id_tensor is None
 
     def execute(self, requests):
+        if self.scheduler is None:
+            return self._execute_static(requests)
+        from lmopt.errors import UserError
+        from lmopt.scheduler import ServerBusy
+
+        batched = True  # both configs set max_batch_size > 0
+        responses = [None] * len(requests)
+        handles = []
+        for i, r in enumerate(requests):
+            sender = r.get_response_sender() if self.decoupled else None
+            try:
+                ids, p, want_text = self._parse(r)
+                if self.decoupled:
+                    h = self.scheduler.submit(ids, p, on_event=self._streamer(r.request_id(), sender, want_text),
+                                              is_cancelled=sender.is_cancelled, request_id=r.request_id(),
+                                              text=want_text)
+                else:
+                    h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
+                                              text=want_text)
+                    handles.append((i, h, want_text))
+                continue
+            except ServerBusy as e:
+                err = pb_utils.InferenceResponse(error=_busy(str(e)))
+            except (ValueError, UserError) as e:
+                err = pb_utils.InferenceResponse(error=_invalid_arg(str(e)))
+            if self.decoupled:
+                sender.send(err, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                responses[i] = err
+        if self.decoupled:
+            return None
+        for i, h, want_text in handles:
+            h.wait()
+            if h.finish_reason == "error":
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(h.error or "generation failed"))
+            else:
+                if h.finish_reason == "cancelled":
+                    self._log_cancelled(h)
+                responses[i] = self._response(h.text if want_text else None, h.tokens, batched)
+        return responses
+
+    def _streamer(self, request_id, sender, want_text):
+        """The on_event callback of one streaming request (runs on the scheduler thread)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        count = [0]
+
+        def on_event(ev):
+            if not ev.finished:
+                count[0] += 1
+                sender.send(self._response(ev.text if want_text else None, [ev.token], True))
+                return
+            if ev.finish_reason == "error":
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
+                            flags=final)
+                return
+            if ev.finish_reason == "cancelled":
+                self.logger.log_info(f"{self.model_name}: request {request_id!r} cancelled after {count[0]} tokens")
+            if ev.text and want_text:  # text held back until the end (an incomplete character, a stop-string start)
+                sender.send(self._response(ev.text, [], True))
+            try:
+                sender.send(flags=final)
+            except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
+                if ev.finish_reason != "cancelled":
+                    raise
+
+        return on_event
+
+    def _log_cancelled(self, h):
+        self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
+
+    def _execute_static(self, requests):
+        """batching=static: the requests of one execute() run as one generation (lmopt.generate)."""
         from lmopt.generate import generate
 
         batched = True  # both configs set max_batch_size > 0 (dynamic batching)
@@ -212,6 +315,8 @@ class TritonPythonModel:
         return None if self.decoupled else responses
 
     def finalize(self):
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.engine.close()
 
 
@@ -219,6 +324,60 @@ def _invalid_arg(msg):
     """A bad request is the client's mistake: HTTP 400 / gRPC INVALID_ARGUMENT rather than an internal error."""
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     return pb_utils.TritonError(msg, code) if code is not None else pb_utils.TritonError(msg)
+
+
+def _busy(msg):
+    """The queue is full: UNAVAILABLE (HTTP 503, gRPC UNAVAILABLE), the closest code the bundled Python backend has to
+    RESOURCE_EXHAUSTED; the message starts with "server busy: "."""
+    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+    return pb_utils.TritonError(msg, code) if code is not None else pb_utils.TritonError(msg)
+
+
+class _Metrics:
+    """Scheduler counters as Triton custom metrics (pb_utils.MetricFamily); logged instead where it is missing.
+    Gauges are set when they change; counters are added at most every 0.2 s, and whenever the scheduler goes idle."""
+
+    def __init__(self, model_name, logger):
+        self.logger, self.labels = logger, {"model": model_name}
+        self.last = {}
+        self.pending = {"steps": 0, "tokens": 0}
+        self.flushed_at = 0.0
+        try:
+            fam = pb_utils.MetricFamily
+            self.families = []  # a Metric stops working once its MetricFamily is garbage-collected: keep them
+
+            def metric(name, description, kind):
+                self.families.append(fam(name=name, description=description, kind=kind))
+                return self.families[-1].Metric(labels=self.labels)
+
+            self.gauges = {k: metric(f"lm_scheduler_{n}", d, fam.GAUGE)
+                           for k, n, d in (("slots_in_use", "slots_in_use", "KV-cache slots holding a request"),
+                                           ("queue_length", "queue_length", "requests waiting for a slot"),
+                                           ("last_decode_batch", "decode_batch_size", "rows of the last decode step"))}
+            self.counters = {k: metric(f"lm_scheduler_{k}_total", d, fam.COUNTER)
+                             for k, d in (("steps", "scheduler steps"), ("tokens", "generated tokens"))}
+        except Exception as e:  # noqa: BLE001  (an older Python backend without custom metrics)
+            logger.log_warn(f"custom metrics unavailable ({e}): scheduler stats go to the log")
+            self.gauges = None
+
+    def update(self, st):
+        if self.gauges is None:
+            if st["steps"] % 1000 == 0:
+                self.logger.log_info("scheduler " + json.dumps(st))
+            return
+        for k, m in self.gauges.items():
+            if self.last.get(k) != st[k]:
+                m.set(st[k])
+        idle = st["slots_in_use"] == 0 and st["queue_length"] == 0
+        now = time.monotonic()
+        if idle or now - self.flushed_at > 0.2:
+            for k, m in self.counters.items():
+                d = st[k] - self.last.get(k, 0)
+                if d:
+                    m.increment(d)
+            self.flushed_at = now
+            self.last.update({k: st[k] for k in self.counters})
+        self.last.update({k: st[k] for k in self.gauges})
 
 
 def _is_cancelled(request, sender):

@@ -1,0 +1,311 @@
+"""The compiled decode engine: a static, slotted KV cache and one CUDA graph per decode batch bucket.
+
+    eng = CompiledEngine("llama-1b", precision="fp16", device="cuda")   # or create_engine("compiled", ...)
+    slot = eng.alloc_slot()
+    first = eng.prefill_slot(slot, prompt_ids).argmax()[0]
+    nxt = eng.decode_slots([slot], [first]).argmax()
+
+The model is lmopt.engines.static_decoder (weights copied from the Hugging Face model `lmopt.models.load_model`
+gives). Decode pads the step to a captured batch bucket (1, 2, 4, ..., num_slots): slots are handed out lowest id
+first, so the rows of a step are slots [0, bucket) and the cache is read as a view; rows of the bucket that are not
+in the step write to a scratch column and their outputs are dropped. Attention reads the first `kv_len` cache
+columns, a power-of-two bucket (from 256) over the longest row, so a short request does not pay for the whole
+context. On CUDA each (batch bucket, kv bucket) pair is compiled with torch.compile (inductor, fullgraph, static
+shapes) and captured once in a CUDA graph sharing one memory pool, then replayed; on the CPU the same step runs
+eagerly. Prefill runs eagerly (it is compute-bound). docs/compiled_engine.md explains the choices.
+
+The plain Engine interface (prefill/decode/release) is built on slots: one slot per row of the batch.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..models import load_model, resolve
+from .base import EngineInfo
+from .slots import DeviceLogits, SlotEngine, StepLogits
+
+log = logging.getLogger("lmopt.compiled")
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+KV_BUCKET_MIN = 256
+
+
+@dataclass
+class SlotState:
+    """State of one plain-interface generation: the slots of its rows."""
+    slots: list[int]
+
+
+class CompiledEngine(SlotEngine):
+    def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
+                 num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
+                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None):
+        import torch
+
+        if precision not in _DTYPES:
+            raise UserError(f"the compiled engine runs fp32, fp16 or bf16, not {precision} — pick one of those")
+        cuda = device.startswith("cuda")
+        if precision != "fp32" and not cuda:
+            raise UserError(f"compiled {precision} needs a GPU (--device cuda) — use fp32 on CPU")
+        if cuda and not torch.cuda.is_available():
+            raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu")
+        if threads:
+            torch.set_num_threads(threads)
+        spec = resolve(model)
+        if spec.kind in ("builtin", "local") and not any(spec.path.glob("*.safetensors")):
+            raise UserError(f"{spec.path} has no *.safetensors file — the compiled engine loads safetensors "
+                            "weights only (re-save the model with save_pretrained(..., safe_serialization=True))")
+        self.torch, self.device, self.cuda = torch, device, cuda
+        dtype = getattr(torch, _DTYPES[precision])
+        t0 = time.perf_counter()
+        hf = hf_model if hf_model is not None else load_model(model, dtype=_DTYPES[precision], device=device)
+        from .static_decoder import StaticDecoder
+
+        with torch.inference_mode():
+            self.model = StaticDecoder.from_hf(hf, dtype, device)
+        del hf
+        if decode_attention not in ("matmul", "sdpa"):
+            raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
+        self.model.decode_attention = decode_attention
+        ctx = self.model.cfg["max_positions"]
+        self.max_len = min(max_len or ctx, ctx)
+        self.num_slots = num_slots or (64 if cuda else 8)
+        if self.num_slots < 1 or self.max_len < 2:
+            raise UserError(f"num_slots must be >= 1 and max_len >= 2 (got {self.num_slots}, {self.max_len})")
+        with torch.inference_mode():
+            self.model.allocate_cache(self.num_slots, self.max_len)
+        self.info = EngineInfo("compiled", precision, device, "hf", model, self.max_len, self.model.cfg["vocab"])
+        self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.num_slots] + [self.num_slots]
+        self.kv_buckets = sorted({min(self.max_len, KV_BUCKET_MIN << i) for i in range(16)})
+        self.use_compile = cuda if compile is None else compile
+        self.use_graphs = cuda if cuda_graphs is None else (cuda_graphs and cuda)
+        self._step = self.model.decode
+        if self.use_compile:
+            import torch._dynamo.config as dc
+
+            # one compiled variant per (batch bucket, kv bucket): raise dynamo's recompile limit to hold them all
+            n = len(self.batch_buckets) * len(self.kv_buckets) + 8
+            for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                         "accumulated_recompile_limit"):
+                if hasattr(dc, name):
+                    setattr(dc, name, max(getattr(dc, name), n))
+            self._step = torch.compile(self.model.decode, fullgraph=True, dynamic=False)
+        self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.compile_error: str | None = None
+        self._pool = None
+        B = self.batch_buckets[-1]
+        # the step's inputs, ids and positions, live in one buffer so a step uploads them with one copy
+        self._host = torch.zeros((2, B), dtype=torch.long, pin_memory=cuda)
+        self._dev = torch.zeros((2, B), dtype=torch.long, device=device)
+        self._ids, self._pos = self._dev[0], self._dev[1]
+        self._h2d_done = torch.cuda.Event() if cuda else None
+        self._free = list(range(self.num_slots))      # a heap: the lowest free id first keeps decode rows packed
+        self._used = [False] * self.num_slots
+        self._len = [0] * self.num_slots
+        self.load_s = time.perf_counter() - t0
+        log.info("compiled engine: %s %s on %s, %d slots x %d positions, KV cache %.1f MB, loaded in %.1f s",
+                 model, precision, device, self.num_slots, self.max_len,
+                 self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token() / 1e6, self.load_s)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # slots
+    def alloc_slot(self) -> int | None:
+        if not self._free:
+            return None
+        s = heapq.heappop(self._free)
+        self._used[s], self._len[s] = True, 0
+        return s
+
+    def free_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        self._used[slot], self._len[slot] = False, 0
+        heapq.heappush(self._free, slot)
+
+    def slot_length(self, slot: int) -> int:
+        self._check_slot(slot)
+        return self._len[slot]
+
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def _check_slot(self, slot: int) -> None:
+        if not (0 <= slot < self.num_slots) or not self._used[slot]:
+            raise ValueError(f"slot {slot} is not allocated")
+
+    # ---------------------------------------------------------------------------------------------------------
+    def prefill_slot(self, slot: int, token_ids: Sequence[int]) -> StepLogits:
+        return self.prefill_slots([slot], [token_ids])
+
+    def prefill_slots(self, slots: Sequence[int], seqs: Sequence[Sequence[int]]) -> StepLogits:
+        """Prefill several slots in one forward (rows right-padded to the longest chunk); one logits row each."""
+        t = self.torch
+        slots = list(slots)
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one prefill")
+        starts = []
+        for s, seq in zip(slots, seqs):
+            self._check_slot(s)
+            if len(seq) == 0:
+                raise UserError("empty prompt — give at least one token")
+            if self._len[s] + len(seq) > self.max_len:
+                raise UserError(f"prompt of {len(seq)} tokens after {self._len[s]} cached does not fit the engine's "
+                                f"{self.max_len} positions — shorten the prompt or build the engine with a larger "
+                                "max length")
+            starts.append(self._len[s])
+        lengths = [len(q) for q in seqs]
+        ids = np.zeros((len(slots), max(lengths)), dtype=np.int64)
+        for r, q in enumerate(seqs):
+            ids[r, :len(q)] = np.asarray(q, dtype=np.int64)
+        self._check_vocab(ids)
+        with t.inference_mode():
+            logits = self.model.prefill(slots, t.from_numpy(ids).to(self.device), starts, lengths)
+            greedy = logits.argmax(dim=-1)
+        for s, n in zip(slots, lengths):
+            self._len[s] += n
+        return DeviceLogits(logits, greedy)
+
+    def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int]) -> StepLogits:
+        slots = [int(s) for s in slots]
+        if not slots:
+            raise ValueError("decode_slots needs at least one slot")
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one decode step")
+        if len(token_ids) != len(slots):
+            raise ValueError("one token per slot")
+        for s in slots:
+            self._check_slot(s)
+            if self._len[s] >= self.max_len:
+                raise UserError(f"slot {s} is full ({self.max_len} positions) — stop generating at the context "
+                                "length or build the engine with a larger max length")
+        B = self.batch_buckets[bisect.bisect_left(self.batch_buckets, max(slots) + 1)]
+        L = self.kv_buckets[bisect.bisect_left(self.kv_buckets, max(self._len[s] for s in slots) + 1)]
+        ids = np.asarray(token_ids, dtype=np.int64)
+        self._check_vocab(ids)
+        t = self.torch
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()           # the previous step's upload has left the pinned buffer
+        host = self._host.numpy()
+        host[0, :B] = 0
+        host[1, :B] = self.max_len                 # rows not in the step: scratch column
+        host[0, slots] = ids
+        host[1, slots] = [self._len[s] for s in slots]
+        with t.inference_mode():
+            self._dev.copy_(self._host, non_blocking=True)
+            if self._h2d_done is not None:
+                self._h2d_done.record()
+            if self.use_graphs:
+                graph, out = self._graph(B, L)
+                graph.replay()
+            else:
+                out = self._step(self._ids[:B], self._pos[:B], L)
+        for s in slots:
+            self._len[s] += 1
+        return DeviceLogits(out[0], out[1], slots)
+
+    def _graph(self, B: int, L: int):
+        """The CUDA graph of the decode step at batch bucket B and kv bucket L, captured on first use."""
+        key = (B, L)
+        if key in self._graphs:
+            return self._graphs[key]
+        t = self.torch
+        t0 = time.perf_counter()
+        ids, pos = self._ids[:B], self._pos[:B]
+        # warm-up (compiles, autotunes, initializes cuBLAS) with every row on the scratch column, so no slot's
+        # cache changes; then restore the real inputs
+        saved = ids.clone(), pos.clone()
+        ids.zero_()
+        pos.fill_(self.max_len)
+        s = t.cuda.Stream()
+        s.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(s):
+            try:
+                for _ in range(3):
+                    self._step(ids, pos, L)
+            except Exception as e:
+                if not self.use_compile:
+                    raise
+                # a compiler failure costs speed, not the run: capture the eager step instead, and say so
+                self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log.warning("torch.compile failed (%s); capturing the eager decode step instead", self.compile_error)
+                self.use_compile, self._step = False, self.model.decode
+                self._graphs.clear()
+                for _ in range(3):
+                    self._step(ids, pos, L)
+        t.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = t.cuda.graph_pool_handle()
+        g = t.cuda.CUDAGraph()
+        # thread_local: a serving thread that touches CUDA while this one captures does not break the capture
+        with t.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            out = self._step(ids, pos, L)
+        ids.copy_(saved[0])
+        pos.copy_(saved[1])
+        self._graphs[key] = (g, out)
+        log.info("captured decode graph batch %d, kv %d in %.1f s", B, L, time.perf_counter() - t0)
+        return g, out
+
+    def capture(self, batches: Sequence[int], kv_len: int) -> None:
+        """Capture the graphs a run will need before timing it (a first use otherwise compiles mid-run)."""
+        if not self.use_graphs:
+            return
+        L = self.kv_buckets[bisect.bisect_left(self.kv_buckets, min(kv_len, self.max_len))]
+        with self.torch.inference_mode():
+            for b in batches:
+                self._graph(self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)], L)
+
+    def _check_vocab(self, ids: np.ndarray) -> None:
+        v = self.info.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= v):
+            raise UserError(f"token id {int(ids.max() if ids.max() >= v else ids.min())} is outside the model's "
+                            f"vocabulary of {v} — use the model's own tokenizer")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the plain Engine interface, one slot per row
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        b = input_ids.shape[0]
+        if b > self.num_free_slots():
+            raise UserError(f"a batch of {b} needs {b} KV-cache slots but {self.num_free_slots()} of "
+                            f"{self.num_slots} are free — lower the batch or build the engine with more slots")
+        # left padding is dropped: each row's real tokens go into its own slot from position 0
+        seqs = [input_ids[r][attention_mask[r].astype(bool)].tolist() for r in range(b)]
+        slots = [self.alloc_slot() for _ in range(b)]
+        try:
+            out = self.prefill_slots(slots, seqs)
+            logits = out.logits.float().cpu().numpy()
+        except BaseException:
+            for s in slots:
+                self.free_slot(s)
+            raise
+        return logits, SlotState(slots)
+
+    def decode(self, state: SlotState, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+        out = self.decode_slots(state.slots, input_ids[:, -1].tolist())
+        return out.logits[out.rows].float().cpu().numpy(), state
+
+    def release(self, state: Any) -> None:
+        if isinstance(state, SlotState):
+            for s in state.slots:
+                if self._used[s]:
+                    self.free_slot(s)
+            state.slots = []
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def weight_bytes(self) -> int:
+        return self.model.weight_bytes()
+
+    def close(self) -> None:
+        self._graphs.clear()
+        del self.model
+        if self.cuda:
+            self.torch.cuda.empty_cache()

@@ -1,0 +1,308 @@
+"""A gpt-fast style decoder over a static, slotted KV cache, with weights taken from a Hugging Face model.
+
+Two architectures, one module:
+    llama   Llama, Mistral, Qwen2: fused QKV (+ bias for Qwen2), rotary embeddings (rotate-half layout, the inverse
+            frequencies taken from the HF model so llama3/linear/dynamic rope scaling come along), RMSNorm, SwiGLU
+            with gate and up fused, grouped-query attention, tied or untied head
+    gpt2    learned positions, LayerNorm, GELU (tanh), fused QKV; HF's Conv1D weights are [in, out]: transposed
+
+The cache of each layer is one tensor [num_slots, kv_heads, max_len + 1, head_dim]. Column `max_len` is a scratch
+column: rows of a padded decode batch that belong to no request write there, so the captured graph never needs a
+branch. Attention reads only the first `kv_len` columns (a bucket chosen by the engine), not the whole cache.
+
+`decode(ids, pos, kv_len)` is the step that is compiled and captured: row b is slot b (rows 0..B-1 are a plain view
+of the cache, no gather), one token per row at its own position. `prefill(slots, ids, starts, lengths)` appends a
+chunk to each slot, causal within the chunk and attending to the slot's past.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+GPT2_TYPES = ("gpt2",)
+SUPPORTED = LLAMA_TYPES + GPT2_TYPES
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # the order of operations of HF's LlamaRMSNorm (normalize in fp32, cast back, then scale), so fp16 logits match
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, arch: str, n_heads: int, n_kv: int, head_dim: int, eps: float):
+        super().__init__()
+        self.arch, self.n_heads, self.n_kv, self.head_dim, self.eps = arch, n_heads, n_kv, head_dim, eps
+        for name in ("wqkv", "bqkv", "wo", "bo", "w1", "b1", "w2", "b2", "n1w", "n1b", "n2w", "n2b",
+                     "k_cache", "v_cache"):
+            self.register_buffer(name, None, persistent=False)
+
+    # ---- pieces shared by prefill and decode
+    def _qkv(self, h: torch.Tensor):
+        qkv = F.linear(h, self.wqkv, self.bqkv)
+        d = self.head_dim
+        q, k, v = qkv.split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        return (q.unflatten(-1, (self.n_heads, d)), k.unflatten(-1, (self.n_kv, d)), v.unflatten(-1, (self.n_kv, d)))
+
+    def _norm(self, x, w, b):
+        if self.arch == "gpt2":
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+        return _rms_norm(x, w, self.eps)
+
+    def _mlp(self, x):
+        if self.arch == "gpt2":
+            return F.linear(F.gelu(F.linear(x, self.w1, self.b1), approximate="tanh"), self.w2, self.b2)
+        gate, up = F.linear(x, self.w1).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+    # ---- decode: x [B, C], row b = slot b
+    def decode(self, x, cos, sin, rows, pos, mask, kv_len: int):
+        B = x.shape[0]
+        q, k, v = self._qkv(self._norm(x, self.n1w, self.n1b))          # [B, H, D], [B, KV, D]
+        if cos is not None:
+            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        self.k_cache[rows, :, pos] = k
+        self.v_cache[rows, :, pos] = v
+        kc = self.k_cache[:B, :, :kv_len]                                # [B, KV, L, D] (a view)
+        vc = self.v_cache[:B, :, :kv_len]
+        # grouped-query attention without expanding the cache: the G query heads of one KV head are treated as G
+        # queries of that head, so each KV head is read once
+        g = self.n_heads // self.n_kv
+        qg = q.view(B, self.n_kv, g, self.head_dim)
+        if mask.dtype == torch.bool:       # three kernels: scores, masked softmax (fp32), weighted sum
+            s = torch.matmul(qg, kc.transpose(-1, -2)).float() * (self.head_dim ** -0.5)   # [B, KV, G, L]
+            s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+            p = torch.softmax(s, dim=-1).to(q.dtype)
+            a = torch.matmul(p, vc)
+        else:                              # an additive mask: one fused attention kernel (SDPA, memory-efficient)
+            a = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask[:, None, None, :].expand(B, 1, g, kv_len))
+        a = a.reshape(B, self.n_heads * self.head_dim)
+        x = x + F.linear(a, self.wo, self.bo)
+        return x + self._mlp(self._norm(x, self.n2w, self.n2b))
+
+    # ---- prefill: x [R, S, C]; row r writes slot slots[r] at positions starts[r] + i
+    def prefill(self, x, cos, sin, slot_rows, write_pos, attn):
+        R, S, _ = x.shape
+        q, k, v = self._qkv(self._norm(x, self.n1w, self.n1b))          # [R, S, H, D]
+        if cos is not None:
+            q = q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]
+            k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+        self.k_cache[slot_rows, :, write_pos] = k                        # index [R, S] -> values [R, S, KV, D]
+        self.v_cache[slot_rows, :, write_pos] = v
+        q = q.transpose(1, 2)
+        if attn["fresh"]:
+            # every row starts at 0: causal attention over the chunk itself (flash attention on a GPU); padded
+            # tail positions of shorter rows only see real keys before them and are never read
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=True)
+        else:
+            kv_len, idx = attn["kv_len"], attn["cache_index"]
+            kc, vc = self.k_cache[idx, :, :kv_len], self.v_cache[idx, :, :kv_len]   # a view for a slice of slots
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn["mask"], enable_gqa=True)
+        a = o.transpose(1, 2).reshape(R, S, self.n_heads * self.head_dim)
+        x = x + F.linear(a, self.wo, self.bo)
+        return x + self._mlp(self._norm(x, self.n2w, self.n2b))
+
+
+class StaticDecoder(nn.Module):
+    """The decoder; build it with `from_hf`, then `allocate_cache`."""
+
+    def __init__(self, arch: str, cfg: dict):
+        super().__init__()
+        self.arch, self.cfg = arch, cfg
+        self.layers = nn.ModuleList(Block(arch, cfg["n_heads"], cfg["n_kv"], cfg["head_dim"], cfg["eps"])
+                                    for _ in range(cfg["n_layers"]))
+        for name in ("emb", "pos_emb", "norm_w", "norm_b", "head", "cos", "sin"):
+            self.register_buffer(name, None, persistent=False)
+        self.num_slots = 0
+        self.max_len = 0
+        self.decode_attention = "matmul"      # or "sdpa" (see Block.decode)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf, dtype: torch.dtype, device: str) -> "StaticDecoder":
+        """Copy (and fuse) the weights of an HF causal LM of a supported architecture."""
+        c = hf.config
+        mt = getattr(c, "model_type", None)
+        if mt not in SUPPORTED:
+            raise UserError(f"architecture '{mt}' is not supported by the compiled engine (supported: "
+                            f"{', '.join(SUPPORTED)}) — use --engine torch for this model")
+
+        def t(w):
+            return None if w is None else w.detach().to(device=device, dtype=dtype).contiguous()
+
+        if mt in GPT2_TYPES:
+            if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False) \
+                    or not getattr(c, "scale_attn_weights", True):
+                raise UserError("this GPT-2 config changes attention scaling, which the compiled engine does not "
+                                "implement — use --engine torch for this model")
+            act = getattr(c, "activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise UserError(f"GPT-2 activation '{act}' is not supported by the compiled engine (gelu_new only) "
+                                "— use --engine torch")
+            tr = hf.transformer
+
+            def lin(mod):  # HF's Conv1D stores [in, out]; F.linear wants [out, in]
+                return mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+
+            n_heads = c.n_head
+            cfg = dict(n_layers=c.n_layer, n_heads=n_heads, n_kv=n_heads, head_dim=c.n_embd // n_heads,
+                       eps=c.layer_norm_epsilon, vocab=c.vocab_size, max_positions=c.n_positions)
+            m = cls("gpt2", cfg)
+            for blk, h in zip(m.layers, tr.h):
+                blk.wqkv, blk.bqkv = t(lin(h.attn.c_attn)), t(h.attn.c_attn.bias)
+                blk.wo, blk.bo = t(lin(h.attn.c_proj)), t(h.attn.c_proj.bias)
+                blk.w1, blk.b1 = t(lin(h.mlp.c_fc)), t(h.mlp.c_fc.bias)
+                blk.w2, blk.b2 = t(lin(h.mlp.c_proj)), t(h.mlp.c_proj.bias)
+                blk.n1w, blk.n1b, blk.n2w, blk.n2b = t(h.ln_1.weight), t(h.ln_1.bias), t(h.ln_2.weight), t(h.ln_2.bias)
+            m.emb, m.pos_emb = t(tr.wte.weight), t(tr.wpe.weight)
+            m.norm_w, m.norm_b = t(tr.ln_f.weight), t(tr.ln_f.bias)
+            head = hf.get_output_embeddings().weight
+            m.head = m.emb if head is tr.wte.weight else t(head)
+            return m
+
+        act = getattr(c, "hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"activation '{act}' is not supported by the compiled engine (silu only) — use --engine "
+                            "torch")
+        body = hf.model
+        a0 = body.layers[0].self_attn
+        n_heads = c.num_attention_heads
+        n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+        head_dim = a0.q_proj.weight.shape[0] // n_heads
+        cfg = dict(n_layers=c.num_hidden_layers, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, eps=c.rms_norm_eps,
+                   vocab=c.vocab_size, max_positions=c.max_position_embeddings,
+                   sliding_window=getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True)
+                   else None)
+        m = cls("llama", cfg)
+        for blk, layer in zip(m.layers, body.layers):
+            at, mlp = layer.self_attn, layer.mlp
+            if getattr(mlp.gate_proj, "bias", None) is not None or getattr(at.o_proj, "bias", None) is not None:
+                raise UserError("MLP/output biases are not supported by the compiled engine — use --engine torch")
+            blk.wqkv = t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]))
+            if at.q_proj.bias is not None:  # Qwen2
+                blk.bqkv = t(torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]))
+            blk.wo = t(at.o_proj.weight)
+            blk.w1 = t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            blk.w2 = t(mlp.down_proj.weight)
+            blk.n1w, blk.n2w = t(layer.input_layernorm.weight), t(layer.post_attention_layernorm.weight)
+        m.emb = t(body.embed_tokens.weight)
+        m.norm_w = t(body.norm.weight)
+        head = hf.get_output_embeddings().weight
+        m.head = m.emb if head is body.embed_tokens.weight else t(head)
+        # HF's own inverse frequencies (and attention scaling) carry the static rope-scaling variants (linear, llama3,
+        # yarn); the ones that change the frequencies with the sequence length need HF's runtime update
+        rot = body.rotary_emb
+        rope_type = getattr(rot, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise UserError(f"rope scaling '{rope_type}' changes with the sequence length, which the compiled engine "
+                            "does not implement — use --engine torch for this model")
+        m._inv_freq = rot.inv_freq.detach().float().to(device)
+        m._rope_scale = float(getattr(rot, "attention_scaling", 1.0))
+        return m
+
+    def allocate_cache(self, num_slots: int, max_len: int) -> None:
+        c = self.cfg
+        dt, dev = self.emb.dtype, self.emb.device
+        if self.arch == "llama":
+            sw = c.get("sliding_window")
+            if sw and max_len > sw:
+                raise UserError(f"this model uses a sliding attention window of {sw} tokens, which the compiled "
+                                f"engine does not implement — pass a max length of at most {sw}")
+            pos = torch.arange(max_len, device=dev, dtype=torch.float32)
+            freqs = torch.outer(pos, self._inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = (emb.cos() * self._rope_scale).to(dt)
+            self.sin = (emb.sin() * self._rope_scale).to(dt)
+        shape = (num_slots, c["n_kv"], max_len + 1, c["head_dim"])
+        for blk in self.layers:
+            blk.k_cache = torch.zeros(shape, dtype=dt, device=dev)
+            blk.v_cache = torch.zeros(shape, dtype=dt, device=dev)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every layer, the final norm and the head; the input embedding
+        (and GPT-2's position table) only when shared with the head, since a step reads just B rows of them."""
+        n = 0
+        for blk in self.layers:
+            for name in ("wqkv", "bqkv", "wo", "bo", "w1", "b1", "w2", "b2", "n1w", "n1b", "n2w", "n2b"):
+                w = getattr(blk, name)
+                n += 0 if w is None else w.numel() * w.element_size()
+        for w in (self.norm_w, self.norm_b, self.head):
+            n += 0 if w is None else w.numel() * w.element_size()
+        return n
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c["n_layers"] * c["n_kv"] * c["head_dim"] * self.emb.element_size()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.arch == "gpt2":
+            h = F.layer_norm(h, (h.shape[-1],), self.norm_w, self.norm_b, self.cfg["eps"])
+        else:
+            h = _rms_norm(h, self.norm_w, self.cfg["eps"])
+        return F.linear(h, self.head)
+
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int):
+        """One token per row; row b is slot b; pos[b] = max_len sends a padding row to the scratch column.
+        Returns (logits [B, V] in the model dtype, greedy ids [B])."""
+        B = ids.shape[0]
+        rows = torch.arange(B, device=ids.device)
+        pos_c = pos.clamp(max=self.max_len - 1)           # padding rows: any valid table row
+        x = F.embedding(ids, self.emb)
+        cos = sin = None
+        if self.arch == "gpt2":
+            x = x + F.embedding(pos_c, self.pos_emb)
+        else:
+            cos, sin = self.cos[pos_c], self.sin[pos_c]
+        mask = torch.arange(kv_len, device=ids.device)[None, :] <= pos[:, None]   # [B, L]
+        if self.decode_attention == "sdpa":
+            mask = torch.zeros(mask.shape, dtype=self.emb.dtype, device=ids.device).masked_fill(~mask, float("-inf"))
+        for blk in self.layers:
+            x = blk.decode(x, cos, sin, rows, pos, mask, kv_len)
+        logits = self._head(x)
+        return logits, logits.argmax(dim=-1)
+
+    def prefill(self, slots: list[int], ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """Append chunk r (ids[r, :lengths[r]], right-padded) to slot slots[r] at positions starts[r]...
+        Returns the logits [R, V] of each row's last real token."""
+        R, S = ids.shape
+        dev = ids.device
+        start_t = torch.tensor(starts, device=dev)[:, None]
+        ar = torch.arange(S, device=dev)[None, :]
+        pos = start_t + ar                                                  # [R, S]
+        real = ar < torch.tensor(lengths, device=dev)[:, None]
+        write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))   # padding -> scratch column
+        pos_c = pos.clamp(max=self.max_len - 1)
+        slot_rows = torch.tensor(slots, device=dev)[:, None].expand(R, S)
+        x = F.embedding(ids, self.emb)
+        cos = sin = None
+        if self.arch == "gpt2":
+            x = x + F.embedding(pos_c, self.pos_emb)
+        else:
+            cos, sin = self.cos[pos_c], self.sin[pos_c]
+        attn: dict = {"fresh": all(s == 0 for s in starts)}
+        if not attn["fresh"]:
+            kv_len = max(s + n for s, n in zip(starts, lengths))
+            contiguous = slots == list(range(slots[0], slots[0] + R))
+            attn["cache_index"] = slice(slots[0], slots[0] + R) if contiguous else torch.tensor(slots, device=dev)
+            attn["kv_len"] = kv_len
+            # key j is visible to query i of row r when j <= starts[r] + i (its past and the chunk up to itself)
+            attn["mask"] = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R,1,S,L]
+        for blk in self.layers:
+            x = blk.prefill(x, cos, sin, slot_rows, write_pos, attn)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        h = x[torch.arange(R, device=dev), last]                              # [R, C]
+        return self._head(h)

@@ -1,0 +1,348 @@
+"""Check and time the compiled engine on one model: logits and greedy tokens against the Hugging Face model, decode
+speed at several batch sizes, time to first token for a long prompt, each against the memory-bandwidth floor.
+
+    python profile/compiled_engine_gpu.py --model llama-1b --profile-steps 20      # on a GPU (fp16)
+    python profile/compiled_engine_gpu.py --model llama-test --device cpu --precision fp32   # CPU smoke run
+
+Reads:  the model (built-in weights, a preset made with seeded random weights, or a local HF folder)
+Writes: --out (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json): machine, GPU, versions,
+        command, settings, validation, raw step times, summary rows
+
+Figures: the HF model's last-token logits vs the engine's after a prompt of --short-prompt (max |diff| against a
+tolerance scaled by the logits' range; a miss fails the run after the JSON is written), greedy agreement over
+--parity-tokens tokens; decode ms per step and tokens/s at each batch (prompt --short-prompt, --max-new-tokens - 1
+steps, host sync every step as a streaming server does), after the batch's CUDA graph is captured; TTFT (prefill +
+first token on the host) for one --long-prompt prompt; with --profile-steps, kernels per batch-1 step and the GPU's
+idle share. Floor (`floor_ms`, `ratio_to_floor`) = weight bytes one step reads / device read bandwidth measured in
+the same run (a read-only reduction over a large buffer); `floor_step` beside it is lmopt.results' common floor
+(weights + KV cache at the mean context / copy bandwidth).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmopt import cli
+from lmopt import results as R
+from lmopt.errors import UserError
+from lmopt.log import get_logger
+
+log = get_logger("compiled_engine_gpu")
+
+
+@dataclass
+class CheckSettings:
+    model: str = "llama-1b"
+    device: str = "cuda"
+    precision: str = "fp16"                 # fp16 | bf16 on a GPU, fp32 on the CPU
+    batch_sizes: str = "1,8,32,64"
+    short_prompt: int = 128                 # prompt tokens of the decode cells and the validation
+    long_prompt: int = 2048                 # prompt tokens of the TTFT cell (skipped when over the context)
+    max_new_tokens: int = 64                # decode steps per cell + 1
+    repeats: int = 3
+    num_slots: int = 64                     # KV-cache slots (the largest decode batch)
+    max_len: int = 0                        # positions per slot (0: long prompt + new tokens, capped at the context)
+    compile: str = "auto"                   # auto (on for CUDA) | on | off
+    cuda_graphs: str = "auto"               # auto (on for CUDA) | on | off
+    decode_attention: str = "sdpa"          # sdpa (one fused kernel) | matmul (scores, softmax, sum)
+    parity_tokens: int = 32                 # greedy tokens compared with the HF model
+    profile_steps: int = 0                  # > 0: profile this many batch-1 decode steps (kernels, GPU idle share)
+    out: str = ""                           # result file (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json)
+
+
+# relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
+_TOL = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 2e-2)}
+
+
+def read_bandwidth_gbs(device: str) -> dict:
+    """Bytes per second a reduction reads from device memory (the floor's denominator)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    nbytes = (1 << 30) if cuda else (256 << 20)
+    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    reps = 20 if cuda else 5
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        a.sum()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a.sum()
+    sync()
+    dt = (time.perf_counter() - t) / reps
+    del a
+    return {"read_gbs": nbytes / dt / 1e9, "buffer_bytes": nbytes, "reps": reps}
+
+
+def gpu_info() -> dict:
+    import subprocess
+
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    info = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
+            "torch_cuda": torch.version.cuda}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20).stdout.strip()
+        info["driver"] = q
+    except Exception as e:  # nvidia-smi missing: keep going, say so
+        info["driver"] = f"unknown ({type(e).__name__})"
+    return info
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, min(vocab, 32000), size=(n, length)).tolist()
+
+
+def validate(engine, hf, s: CheckSettings) -> dict:
+    """Engine vs HF model: last-token logits after a prompt, and greedy tokens."""
+    import numpy as np
+    import torch
+
+    from lmopt.generate import SamplingParams, generate
+
+    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=1)[0]
+    slot = engine.alloc_slot()
+    try:
+        got = engine.prefill_slot(slot, prompt).row(0)
+    finally:
+        engine.free_slot(slot)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device=s.device)
+        want = hf(input_ids=ids).logits[0, -1].float().cpu().numpy()
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.parity_tokens,
+                          min_new_tokens=s.parity_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref_tokens = ref[0, len(prompt):].tolist()
+    ours = generate(engine, [prompt], SamplingParams(max_new_tokens=s.parity_tokens)).tokens[0]
+    diff = float(np.abs(got - want).max())
+    rtol, atol = _TOL[s.precision]
+    tol = atol + rtol * float(np.abs(want).max())
+    agree = sum(a == b for a, b in zip(ref_tokens, ours)) / max(1, len(ref_tokens))
+    first_diverge = next((i for i, (a, b) in enumerate(zip(ref_tokens, ours)) if a != b), None)
+    res = {"prompt_len": len(prompt), "max_abs_logit_diff": diff, "max_abs_logit": float(np.abs(want).max()),
+           "tolerance": tol, "top1_equal": int(np.argmax(got)) == int(np.argmax(want)),
+           "greedy_agreement_vs_hf": agree, "first_divergence": first_diverge, "tokens_hf": ref_tokens,
+           "tokens_engine": ours, "ok": diff <= tol}
+    log.info("[%s] logits vs HF: max |diff| %.3g (tolerance %.3g); greedy agreement %.2f over %d tokens",
+             "ok" if res["ok"] else "FAIL", diff, tol, agree, len(ref_tokens))
+    return res
+
+
+def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
+    t0 = time.perf_counter()
+    engine.capture([batch], s.short_prompt + s.max_new_tokens)
+    capture_s = time.perf_counter() - t0
+    prompts = make_prompts(batch, s.short_prompt, engine.info.vocab_size, seed=2)
+    medians, raw = [], []
+    for rep in range(s.repeats + 1):                  # rep 0 warms up
+        slots = [engine.alloc_slot() for _ in range(batch)]
+        try:
+            toks = engine.prefill_slots(slots, prompts).argmax()
+            engine.synchronize()
+            steps = []
+            for _ in range(s.max_new_tokens - 1):
+                ts = time.perf_counter()
+                toks = engine.decode_slots(slots, toks.tolist()).argmax()   # host sync, as a server streams
+                steps.append(time.perf_counter() - ts)
+        finally:
+            for sl in slots:
+                engine.free_slot(sl)
+        if rep:
+            medians.append(statistics.median(steps))
+            raw.append(steps)
+    ms = statistics.median(medians) * 1e3
+    ctx = s.short_prompt + s.max_new_tokens // 2
+    m = engine.model
+    shape = {"num_layers": m.cfg["n_layers"], "num_kv_heads": m.cfg["n_kv"], "head_dim": m.cfg["head_dim"]}
+    kv_bytes = R.kv_bytes(shape, batch, ctx, m.emb.element_size())
+    row = {"batch": batch, "prompt_len": s.short_prompt, "new_tokens": s.max_new_tokens, "ms_per_step": ms,
+           "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor["floor_ms"],
+           "ratio_to_floor": ms / floor["floor_ms"], "kv_bytes_read_mean": kv_bytes,
+           "floor_with_kv_ms": (floor["weight_bytes"] + kv_bytes) / floor["read_bytes_per_ms"],
+           # the project's common floor (lmopt.results): weights + KV at the mean context / copy bandwidth
+           "floor_step": R.step_floor(floor["weight_bytes"], shape, batch, ctx, m.emb.element_size(),
+                                      floor["copy_gbs"]),
+           "step_ms": R.stats([x for st in raw for x in st], scale=1e3),
+           "capture_s": capture_s, "raw_step_s": raw}
+    log.info("batch %-3d decode %.3f ms/step, %.0f tokens/s, %.2fx the %.3f ms floor (graph ready in %.1f s)",
+             batch, ms, row["tokens_per_s"], row["ratio_to_floor"], floor["floor_ms"], capture_s)
+    return row
+
+
+def time_ttft(engine, length: int, s: CheckSettings) -> dict:
+    prompt = make_prompts(1, length, engine.info.vocab_size, seed=3)[0]
+    times = []
+    for rep in range(s.repeats + 1):
+        engine.synchronize()
+        t = time.perf_counter()
+        slot = engine.alloc_slot()
+        try:
+            int(engine.prefill_slot(slot, prompt).argmax()[0])
+            if rep:
+                times.append(time.perf_counter() - t)
+        finally:
+            engine.free_slot(slot)
+    ms = statistics.median(times) * 1e3
+    log.info("TTFT %d-token prompt: %.2f ms", length, ms)
+    return {"prompt_len": length, "ms": ms, "raw_s": times}
+
+
+def profile_decode(engine, s: CheckSettings, step_ms: float | None) -> dict:
+    """Kernels per batch-1 decode step and the share of the step the GPU is idle, from the PyTorch profiler
+    (CUPTI; it sees the kernels a replayed CUDA graph launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=4)
+    slot = engine.alloc_slot()
+    try:
+        toks = engine.prefill_slots([slot], prompt).argmax()
+        for _ in range(3):
+            toks = engine.decode_slots([slot], toks.tolist()).argmax()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(s.profile_steps):
+                toks = engine.decode_slots([slot], toks.tolist()).argmax()
+            wall = (time.perf_counter() - t) / s.profile_steps
+    finally:
+        engine.free_slot(slot)
+    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:                      # union of kernel intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    per_name: dict[str, list[float]] = {}
+    for e in kernels:
+        per_name.setdefault(e.name[:120], []).append(e.time_range.end - e.time_range.start)
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    n = s.profile_steps
+    busy_ms = busy / 1e3 / n
+    ref = step_ms or wall * 1e3
+    res = {"steps": n, "kernels_per_step": len(kernels) / n, "memcpy_per_step": (len(dev) - len(kernels)) / n,
+           "gpu_busy_ms_per_step": busy_ms, "step_ms_unprofiled": step_ms, "step_ms_profiled": wall * 1e3,
+           "gpu_idle_share": max(0.0, 1 - busy_ms / ref) if kernels else None,
+           "top_kernels": [{"name": k, "calls_per_step": len(v) / n, "ms_per_step": sum(v) / 1e3 / n}
+                           for k, v in top]}
+    log.info("profile: %.0f kernels per step, GPU busy %.3f ms of a %.3f ms step (idle %.0f%%)",
+             res["kernels_per_step"], busy_ms, ref, 100 * (res["gpu_idle_share"] or 0))
+    return res
+
+
+def run_check(*, settings: CheckSettings) -> Path:
+    s = settings
+    try:
+        import torch
+    except ImportError:
+        raise UserError("torch is not installed — pip install torch") from None
+    from lmopt.engines.compiled import CompiledEngine
+    from lmopt.models import load_model
+    from lmopt.paths import stage_dir
+
+    cuda = s.device.startswith("cuda")
+    if s.precision in ("fp16", "bf16") and not cuda:
+        raise UserError(f"{s.precision} needs a GPU — pass --precision fp32 with --device cpu")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
+    if s.decode_attention not in ("sdpa", "matmul"):
+        raise UserError(f"--decode-attention {s.decode_attention} is unknown — use sdpa or matmul")
+    if s.compile not in ("auto", "on", "off") or s.cuda_graphs not in ("auto", "on", "off"):
+        raise UserError("--compile and --cuda-graphs take auto, on or off")
+    try:
+        batches = [int(b) for b in s.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {s.batch_sizes!r} is not a comma-separated list of integers") from None
+    if not batches or min(batches) < 1 or max(batches) > s.num_slots:
+        raise UserError(f"--batch-sizes {s.batch_sizes} need 1..{s.num_slots} rows each — raise --num-slots")
+    out = Path(s.out) if s.out else stage_dir("artifacts", s.model, "profile", "") / \
+        f"compiled-engine-{s.precision}-{'cuda' if cuda else 'cpu'}.json"
+    flag = {"auto": None, "on": True, "off": False}
+    t0 = time.perf_counter()
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
+    hf = load_model(s.model, dtype=dtype, device=s.device)
+    ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
+    max_len = s.max_len or min(ctx, max(s.long_prompt, s.short_prompt) + s.max_new_tokens)
+    engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,
+                            compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs],
+                            decode_attention=s.decode_attention, hf_model=hf)
+    load_s = time.perf_counter() - t0
+    bw = read_bandwidth_gbs(s.device)
+    bw["copy_gbs"] = R.copy_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (256 << 20))
+    wbytes = engine.weight_bytes()
+    floor = {"weight_bytes": wbytes, "read_gbs": bw["read_gbs"], "read_bytes_per_ms": bw["read_gbs"] * 1e6,
+             "floor_ms": wbytes / (bw["read_gbs"] * 1e6), "copy_gbs": bw["copy_gbs"]}
+    log.info("weights read per step %.1f MB; read bandwidth %.0f GB/s (copy %.0f GB/s); floor %.3f ms/step",
+             wbytes / 1e6, bw["read_gbs"], bw["copy_gbs"], floor["floor_ms"])
+    doc: dict = R.envelope("compiled-engine-check", settings=asdict(s),
+                           versions=R.versions("torch", "transformers", "numpy", "safetensors", "triton"),
+                           gpu=gpu_info() if cuda else None, engine={"compile": engine.use_compile, "cuda_graphs": engine.use_graphs,
+                                                    "decode_attention": s.decode_attention,
+                                                    "num_slots": engine.num_slots, "max_len": engine.max_len,
+                                                    "batch_buckets": engine.batch_buckets,
+                                                    "kv_buckets": engine.kv_buckets},
+                           complete=False, load_s=load_s, bandwidth=bw, floor=floor, errors={})
+
+    def save():  # after every cell (atomically): a run cut short still leaves what it measured, complete=false
+        doc["elapsed_s"] = time.perf_counter() - t0
+        R.write_json(out, doc)
+
+    doc["validation"] = validate(engine, hf, s)
+    save()
+    del hf
+    if cuda:
+        torch.cuda.empty_cache()
+    doc["decode"] = []
+    for b in batches:
+        try:
+            doc["decode"].append(time_decode(engine, b, s, floor))
+        except torch.cuda.OutOfMemoryError as e:
+            doc["errors"][f"decode/b{b}"] = f"out of memory: {str(e)[:200]}"
+            torch.cuda.empty_cache()
+        doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
+        save()
+    if s.long_prompt <= engine.max_len:
+        doc["ttft"] = time_ttft(engine, s.long_prompt, s)
+    else:
+        doc["ttft"] = None
+        doc["errors"]["ttft"] = f"prompt {s.long_prompt} exceeds the engine's {engine.max_len} positions"
+    doc["ttft_short"] = time_ttft(engine, s.short_prompt, s)
+    if s.profile_steps > 0:
+        b1 = next((r["ms_per_step"] for r in doc["decode"] if r["batch"] == 1), None)
+        doc["profile"] = profile_decode(engine, s, b1)
+    doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
+    doc["complete"] = True
+    save()
+    log.info("Saving results to %s", out)
+    engine.close()
+    if not doc["validation"]["ok"]:
+        v = doc["validation"]
+        raise UserError(f"engine logits differ from the HF model by {v['max_abs_logit_diff']:.3g} (tolerance "
+                        f"{v['tolerance']:.3g}); the measurements are in {out} — this is a bug to report")
+    return out
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_settings(p, CheckSettings, choices={"compile": ("auto", "on", "off"), "cuda_graphs": ("auto", "on", "off"),
+                                                "decode_attention": ("sdpa", "matmul")})
+    return p
+
+
+main = cli.main_for(build_parser, CheckSettings, run_check)
+
+if __name__ == "__main__":
+    cli.run(main)

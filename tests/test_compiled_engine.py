@@ -1,0 +1,283 @@
+"""The compiled engine on the CPU (eager; the same decode step the GPU compiles and captures): logits against the
+Hugging Face model, greedy tokens against the PyTorch engine, slots at different positions in one step, chunked
+prefill, slot reuse, one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, read_json, run_cli
+from lmopt.engines import create_engine
+from lmopt.errors import UserError
+from lmopt.generate import SamplingParams, generate
+from lmopt.models import load_model
+
+MODELS = ["tiny", "llama-test", "gpt2-test"]
+
+
+def prompts(n: int, length: int, seed: int = 0, vocab: int = 4096) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=length - 3 * i).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def engines(request):
+    torch.set_num_threads(2)
+    comp = create_engine("compiled", request.param, "fp32", num_slots=6)
+    ref = create_engine("torch", request.param, "fp32")
+    yield request.param, comp, ref
+    comp.close()
+
+
+def test_logits_match_hf(engines):
+    name, comp, _ = engines
+    hf = load_model(name)
+    ids = prompts(1, 40, seed=3)[0]
+    slot = comp.alloc_slot()
+    try:
+        got = comp.prefill_slot(slot, ids)
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(got.row(0) - want).max() < 1e-4
+        assert int(got.argmax()[0]) == int(np.argmax(want))
+        toks = ids + [int(got.argmax()[0])]
+        step = comp.decode_slots([slot], [toks[-1]])
+        with torch.no_grad():
+            want = hf(torch.tensor([toks])).logits[0, -1].numpy()
+        assert np.abs(step.row(0) - want).max() < 1e-4
+    finally:
+        comp.free_slot(slot)
+
+
+def test_greedy_tokens_equal_torch_engine(engines):
+    _, comp, ref = engines
+    ps = prompts(3, 24, seed=1)
+    p = SamplingParams(max_new_tokens=32)
+    a, b = generate(comp, ps, p), generate(ref, ps, p)
+    assert a.tokens == b.tokens
+    assert all(len(t) == 32 for t in a.tokens)
+    assert comp.num_free_slots() == comp.num_slots      # generate() gave every slot back
+
+
+def test_sampled_tokens_equal_torch_engine(engines):
+    _, comp, ref = engines
+    ps = prompts(2, 16, seed=2)
+    p = [SamplingParams(max_new_tokens=12, temperature=0.8, top_k=50, seed=7), SamplingParams(max_new_tokens=12)]
+    assert generate(comp, ps, p).tokens == generate(ref, ps, p).tokens
+
+
+def test_stop_tokens_and_cancellation_like_torch_engine(engines):
+    """generate()'s slot path ends rows the way the padded path does: stop token, cancellation, own max length."""
+    _, comp, ref = engines
+    ps = prompts(3, 18, seed=10)
+    first = generate(ref, ps, SamplingParams(max_new_tokens=12)).tokens
+    stop = first[0][4]                                        # row 0 stops at its 5th token
+    p = [SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)), SamplingParams(max_new_tokens=12),
+         SamplingParams(max_new_tokens=5)]
+
+    def cancel_row1(row, tok):
+        return row == 1 and tok == first[1][2]                 # row 1 cancelled at its 3rd token
+
+    a, b = generate(comp, ps, p, on_token=cancel_row1), generate(ref, ps, p, on_token=cancel_row1)
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
+    assert a.finish_reasons[0] == "stop" and a.finish_reasons[1] == "cancelled" and len(a.tokens[2]) == 5
+    assert comp.num_free_slots() == comp.num_slots
+
+
+def test_plain_engine_interface(engines):
+    """prefill/decode/release with left padding, as the benchmark calls it."""
+    from lmopt.generate import pad_batch
+
+    _, comp, ref = engines
+    ps = prompts(2, 12, seed=4)
+    ids, mask, pos = pad_batch(ps, 0)
+    la, sa = comp.prefill(ids, mask, pos)
+    lb, sb = ref.prefill(ids, mask, pos)
+    assert np.abs(la - lb).max() < 1e-4
+    nxt = la.argmax(-1)[:, None]
+    mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    da, _ = comp.decode(sa, nxt, mask, pos[:, -1:] + 1)
+    db, _ = ref.decode(sb, nxt, mask, pos[:, -1:] + 1)
+    assert np.abs(da - db).max() < 1e-4
+    comp.release(sa)
+    assert comp.num_free_slots() == comp.num_slots
+
+
+def _alone(comp, prompt: list[int], n: int) -> list[int]:
+    s = comp.alloc_slot()
+    try:
+        tok = int(comp.prefill_slot(s, prompt).argmax()[0])
+        out = [tok]
+        for _ in range(n - 1):
+            tok = int(comp.decode_slots([s], [tok]).argmax()[0])
+            out.append(tok)
+        return out
+    finally:
+        comp.free_slot(s)
+
+
+def test_rows_at_different_positions_in_one_step(engines):
+    """Three requests of different lengths, started at different times, decoded together (out of slot order, one
+    slot left idle inside the batch bucket) give each request's own tokens."""
+    _, comp, _ = engines
+    ps = prompts(3, 30, seed=5)
+    n = 10
+    alone = [_alone(comp, p, n) for p in ps]
+    slots = [comp.alloc_slot() for _ in range(4)]          # slot 1 stays idle: a hole in the bucket
+    use = [slots[0], slots[2], slots[3]]
+    toks: list[list[int]] = [[], [], []]
+    for r in range(3):
+        toks[r].append(int(comp.prefill_slot(use[r], ps[r]).argmax()[0]))
+    # request 0 runs two steps alone first, so the rows sit at different offsets from their prompts too
+    for _ in range(2):
+        toks[0].append(int(comp.decode_slots([use[0]], [toks[0][-1]]).argmax()[0]))
+    while len(toks[2]) < n:
+        rows = [r for r in (2, 0, 1) if len(toks[r]) < n]
+        out = comp.decode_slots([use[r] for r in rows], [toks[r][-1] for r in rows]).argmax()
+        for i, r in enumerate(rows):
+            toks[r].append(int(out[i]))
+    assert [comp.slot_length(use[r]) for r in range(3)] == [len(ps[r]) + n - 1 for r in range(3)]
+    for s in slots:
+        comp.free_slot(s)
+    assert toks == alone
+
+
+@pytest.mark.parametrize("name", ["llama-test", "gpt2-test"])
+def test_sdpa_decode_attention_matches(name):
+    """The fused-attention decode variant gives the logits of the three-kernel one, rows at different lengths."""
+    a = create_engine("compiled", name, "fp32", num_slots=4)
+    b = create_engine("compiled", name, "fp32", num_slots=4, decode_attention="sdpa")
+    ps = prompts(3, 20, seed=9)
+    for e in (a, b):
+        for p in ps:
+            e.prefill_slot(e.alloc_slot(), p)
+    la, lb = a.decode_slots([2, 0], [7, 8]), b.decode_slots([2, 0], [7, 8])
+    for i in range(2):
+        assert np.abs(la.row(i) - lb.row(i)).max() < 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(engines):
+    _, comp, _ = engines
+    p = prompts(1, 45, seed=6)[0]
+    a, b = comp.alloc_slot(), comp.alloc_slot()
+    try:
+        one = comp.prefill_slot(a, p).row(0)
+        for chunk in (p[:16], p[16:17], p[17:40], p[40:]):
+            last = comp.prefill_slot(b, chunk)
+        assert comp.slot_length(b) == len(p)
+        assert np.abs(last.row(0) - one).max() < 1e-4
+        ta = comp.decode_slots([a, b], [5, 5]).argmax()
+        assert ta[0] == ta[1]
+    finally:
+        comp.free_slot(a)
+        comp.free_slot(b)
+
+
+def test_free_and_reuse(engines):
+    _, comp, _ = engines
+    ps = prompts(2, 20, seed=8)
+    want = _alone(comp, ps[1], 6)
+    s0, s1 = comp.alloc_slot(), comp.alloc_slot()
+    assert (s0, s1) == (0, 1)
+    comp.prefill_slot(s0, ps[0])
+    comp.free_slot(s0)                          # cancelled: its stale cache must not leak into the next request
+    assert comp.alloc_slot() == 0               # the lowest free id comes back first
+    assert comp.slot_length(0) == 0
+    got = [int(comp.prefill_slot(0, ps[1]).argmax()[0])]
+    for _ in range(5):
+        got.append(int(comp.decode_slots([0], [got[-1]]).argmax()[0]))
+    comp.free_slot(0)
+    comp.free_slot(s1)
+    assert got == want
+    with pytest.raises(ValueError):
+        comp.free_slot(s1)                      # double free is a bug, not a user error
+
+
+def test_errors():
+    comp = create_engine("compiled", "llama-test", "fp32", num_slots=2, max_len=64)
+    held = [comp.alloc_slot(), comp.alloc_slot()]
+    assert comp.alloc_slot() is None and comp.num_free_slots() == 0
+    with pytest.raises(UserError, match="slots"):
+        comp.prefill(np.ones((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64), np.zeros((1, 4), np.int64))
+    comp.free_slot(held[1])
+    with pytest.raises(UserError, match="does not fit"):
+        comp.prefill_slot(held[0], list(range(1, 66)))
+    comp.prefill_slot(held[0], list(range(1, 60)))
+    with pytest.raises(UserError, match="does not fit"):
+        comp.prefill_slot(held[0], list(range(1, 10)))    # the cached 59 + 9 exceed 64 positions
+    with pytest.raises(UserError, match="vocabulary"):
+        comp.decode_slots([held[0]], [10**6])
+    with pytest.raises(UserError, match="GPU"):
+        create_engine("compiled", "llama-test", "fp16", device="cpu")
+    with pytest.raises(UserError, match="int8"):
+        create_engine("compiled", "llama-test", "int8")
+
+
+def _small_hf(kind: str):
+    import transformers as T
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if kind == "qwen2":            # q/k/v biases
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**common)).eval()
+    if kind == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**common)).eval()
+    # Llama 3 rope scaling, untied head
+    rs = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+    return T.LlamaForCausalLM(T.LlamaConfig(**common, rope_scaling=rs, tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama3-rope-untied"])
+def test_other_llama_family_configs_match_hf(kind):
+    from lmopt.engines.static_decoder import StaticDecoder
+
+    hf = _small_hf(kind)
+    m = StaticDecoder.from_hf(hf, torch.float32, "cpu")
+    m.allocate_cache(2, 200)
+    ids = torch.randint(0, 512, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = m.prefill([1], ids, [0], [150])[0]
+        want = hf(ids).logits[0, -1]
+        assert (got - want).abs().max() < 1e-4
+        nxt = int(want.argmax())
+        pos = torch.tensor([m.max_len, 150])                 # row 0 idle (scratch column), row 1 = slot 1
+        step, greedy = m.decode(torch.tensor([0, nxt]), pos, 200)
+        want = hf(torch.cat([ids, torch.tensor([[nxt]])], dim=1)).logits[0, -1]
+    assert (step[1] - want).abs().max() < 1e-4
+    assert int(greedy[1]) == int(want.argmax())
+
+
+def test_unsupported_architecture():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from lmopt.engines.static_decoder import StaticDecoder
+
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, vocab_size=128))
+    with pytest.raises(UserError, match="not supported by the compiled engine"):
+        StaticDecoder.from_hf(hf, torch.float32, "cpu")
+
+
+def test_gpu_check_script_on_cpu(tmp_path):
+    out = tmp_path / "r.json"
+    run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--precision", "fp32",
+            "--batch-sizes", "1,4", "--short-prompt", "16", "--long-prompt", "64", "--max-new-tokens", "8",
+            "--repeats", "1", "--profile-steps", "2", "--out", str(out))
+    r = read_json(out)
+    assert r["kind"] == "compiled-engine-check" and r["complete"]
+    assert r["validation"]["ok"] and r["validation"]["greedy_agreement_vs_hf"] == 1.0
+    assert [row["batch"] for row in r["decode"]] == [1, 4]
+    assert all(row["ms_per_step"] > 0 and row["floor_ms"] > 0 and row["step_ms"]["count"] == 7
+               and row["floor_step"]["kv_bytes"] > 0 for row in r["decode"])
+    assert r["ttft"]["prompt_len"] == 64 and r["ttft"]["ms"] > 0
+    bad = run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--model", "llama-test", "--out",
+                  str(tmp_path / "x.json"), check=False)
+    assert_one_line_error(bad, "fp16", "GPU")
+    assert not (tmp_path / "x.json").exists()
+    bad = run_cli("profile/compiled_engine_gpu.py", "--device", "cpu", "--precision", "fp32", "--model", "llama-test",
+                  "--batch-sizes", "1,128", "--out", str(tmp_path / "x.json"), check=False)
+    assert_one_line_error(bad, "--num-slots")
+    assert not (tmp_path / "x.json").exists()

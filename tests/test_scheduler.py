@@ -1,0 +1,234 @@
+"""In-flight batching in process (lmopt.scheduler over lmopt.engines.slotted) on the built-in model: the tokens equal
+lmopt.generate run one request at a time; requests join and leave the running batch; cancellation, the bounded
+queue, chunked prefill, seeded sampling and stop strings."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lmopt.errors import UserError
+from lmopt.generate import SamplingParams, generate, generate_text
+
+NO_EOS = (-1,)  # never sampled: lengths are exactly max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_export, artifacts):
+    from lmopt.engines import create_engine
+    from lmopt.models import load_tokenizer
+
+    eng = {name: create_engine(name, "tiny", artifacts=str(artifacts), threads=2) for name in ("ort", "torch")}
+    yield eng, load_tokenizer("tiny")
+    for e in eng.values():
+        e.close()
+
+
+def _scheduler(engine, tok=None, slots=4, chunk=64, max_queue=16, **kw):
+    from lmopt.engines.slotted import create_slot_engine
+    from lmopt.scheduler import Scheduler
+
+    return Scheduler(create_slot_engine(engine, num_slots=slots, max_prefill_chunk=chunk), tokenizer=tok,
+                     max_queue=max_queue, **kw)
+
+
+def _until(pred, timeout=30.0) -> bool:
+    deadline = time.time() + timeout
+    while not pred() and time.time() < deadline:
+        time.sleep(0.002)
+    return pred()
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n, stop_token_ids=NO_EOS)
+
+
+def test_slot_engine_picks():
+    from lmopt.engines.slots import SlotEngine
+    from lmopt.engines.slotted import OrtSlotEngine, SerialSlotEngine, create_slot_engine
+    from lmopt.engines.ort_engine import OrtEngine
+    from lmopt.engines.torch_engine import TorchEngine
+
+    ort, pt = OrtEngine.__new__(OrtEngine), TorchEngine.__new__(TorchEngine)
+    ort.device, ort.kv_dtype, ort.kv_heads, ort.head_dim, ort.info = "cpu", np.float32, 2, 32, None
+    pt.info = None
+    assert isinstance(create_slot_engine(ort, 2), OrtSlotEngine)
+    assert isinstance(create_slot_engine(pt, 2), SerialSlotEngine)
+    native = SlotEngine()
+    assert create_slot_engine(native) is native
+
+
+# batched ONNX Runtime slots (16 requests); the serial adapter over PyTorch (fewer: PyTorch eager is slow per call)
+@pytest.mark.parametrize("name,count", [("ort", 16), ("torch", 6)])
+def test_random_arrivals_give_the_tokens_of_each_request_run_alone(engines, name, count):
+    eng, _ = engines
+    rng = np.random.default_rng(15)
+    prompts = [rng.integers(1, eng[name].info.vocab_size, int(n)).tolist() for n in rng.integers(1, 90, count)]
+    lengths = [int(n) for n in rng.integers(1, 40, count)]
+    alone = [generate(eng[name], [p], _greedy(n)).tokens[0] for p, n in zip(prompts, lengths)]
+    with _scheduler(eng[name], slots=6, chunk=32) as s:
+        reqs = []
+        for p, n in zip(prompts, lengths):  # arrivals at random times, while earlier requests generate
+            time.sleep(float(rng.uniform(0, 0.01)))
+            reqs.append(s.submit(p, _greedy(n)))
+        for r in reqs:
+            r.result(timeout=120)
+        st = s.stats()
+    assert [r.tokens for r in reqs] == alone
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert st["slots_in_use"] == 0 and st["queue_length"] == 0 and st["finished"] == count
+    assert st["tokens"] == sum(lengths)
+
+
+def test_short_request_arriving_during_a_long_one_finishes_first(engines):
+    # under static batching the short request would wait for the long one to finish
+    eng, _ = engines
+    with _scheduler(eng["ort"], slots=4) as s:
+        started = threading.Event()
+        long = s.submit([5, 6, 7], _greedy(400), on_event=lambda ev: started.set() if ev.token is not None else None)
+        assert started.wait(60)
+        short = s.submit([9, 10, 11, 12], _greedy(4))
+        short.result(timeout=60)
+        long_done_at_short_end = long.finished
+        long.result(timeout=120)
+    assert not long_done_at_short_end
+    assert short.finished_at < long.finished_at and long.first_token_at < short.submitted_at
+    assert len(long.tokens) == 400 and len(short.tokens) == 4
+    assert short.tokens == generate(eng["ort"], [[9, 10, 11, 12]], _greedy(4)).tokens[0]
+
+
+@pytest.mark.parametrize("how", ["cancel", "is_cancelled"])
+def test_cancellation_frees_the_slot_within_one_step(engines, how):
+    eng, _ = engines
+    flag = threading.Event()
+    with _scheduler(eng["ort"], slots=2) as s:
+        seen, at_final = [], {}
+
+        def on_event(ev):
+            if ev.finished:
+                at_final.update(s.stats(), reason=ev.finish_reason)
+            else:
+                seen.append(ev.token)
+
+        other = s.submit([3, 4], _greedy(300))
+        r = s.submit([1, 2, 3], _greedy(400), on_event=on_event,
+                     is_cancelled=flag.is_set if how == "is_cancelled" else None)
+        assert _until(lambda: len(seen) >= 5)
+        steps_at_cancel = s.stats()["steps"]
+        r.cancel() if how == "cancel" else flag.set()
+        assert r.wait(30)
+        # the step running when cancel() came may finish; the next one retires the request first thing
+        assert at_final["reason"] == "cancelled" and at_final["steps"] <= steps_at_cancel + 1
+        assert at_final["slots_in_use"] == 1  # only `other` still holds a slot
+        assert len(r.tokens) < 400 and not other.finished
+        other.cancel()
+        other.wait(30)
+        assert s.stats()["slots_in_use"] == 0 and s.stats()["cancelled"] == 2
+
+
+def test_full_queue_raises_server_busy_and_keeps_serving(engines):
+    from lmopt.scheduler import BUSY_PREFIX, ServerBusy
+
+    eng, _ = engines
+    with _scheduler(eng["ort"], slots=2, max_queue=1) as s:
+        running = [s.submit([7, 8, 9], _greedy(300)) for _ in range(3)]  # 2 in slots + 1 waiting
+        with pytest.raises(ServerBusy) as e:
+            s.submit([1, 2], _greedy(4))
+        assert str(e.value).startswith(BUSY_PREFIX) and str(e.value).startswith("server busy: ")
+        assert isinstance(e.value, UserError)
+        assert _until(lambda: s.stats()["slots_in_use"] == 2)  # the loop admits the first two
+        assert s.stats()["rejected"] == 1 and s.stats()["queue_length"] == 1
+        running[2].cancel()    # a waiting request can be cancelled too: it frees its queue place
+        running[2].wait(30)
+        ok = s.submit([1, 2], _greedy(4))
+        for r in running[:2]:
+            r.cancel()
+        assert ok.result(timeout=60).tokens == generate(eng["ort"], [[1, 2]], _greedy(4)).tokens[0]
+        assert ok.finish_reason == "length"
+
+
+def test_chunked_prefill_does_not_stall_running_streams(engines):
+    eng, _ = engines
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(1, eng["ort"].info.vocab_size, 300).tolist()
+    with _scheduler(eng["ort"], slots=2, chunk=32) as s:
+        times: list[float] = []
+        running = s.submit([4, 5, 6], _greedy(450), on_event=lambda ev: times.append(time.perf_counter()))
+        assert _until(lambda: len(times) >= 3)
+        r = s.submit(prompt, _greedy(8))
+        r.result(timeout=60)
+        during = [t for t in times if r.submitted_at <= t <= r.first_token_at]
+        running.cancel()
+        running.wait(30)
+    # 300 prompt tokens in chunks of 32: ten steps, each of which also decoded the running stream
+    assert len(during) >= 9, len(during)
+    assert r.tokens == generate(eng["ort"], [prompt], _greedy(8)).tokens[0]
+
+
+@pytest.mark.parametrize("name", ["ort", "torch"])
+def test_seeded_sampling_is_reproducible_and_equals_generate(engines, name):
+    eng, _ = engines
+    p = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=11, stop_token_ids=NO_EOS)
+    with _scheduler(eng[name]) as s:
+        # a greedy neighbour in the same batch must not disturb the sampled request's generator
+        reqs = [s.submit([1, 2, 3], p), s.submit([7, 7], _greedy(24)), s.submit([1, 2, 3], p)]
+        a, _, b = [r.result(timeout=60).tokens for r in reqs]
+        c = s.submit([1, 2, 3], SamplingParams(**{**p.__dict__, "seed": 12})).result(timeout=60).tokens
+    assert a == b == generate(eng[name], [[1, 2, 3]], p).tokens[0]
+    assert a != c
+
+
+def test_text_stop_strings_and_stop_tokens_match_generate_text(engines):
+    eng, tok = engines
+    prompts = ["The list", "def f(", "A class attribute"]
+    with _scheduler(eng["ort"], tok) as s:
+        for stop in ((" the",), ("\n",), ()):
+            p = SamplingParams(max_new_tokens=40, stop_strings=stop, stop_token_ids=(tok.eos_token_id,))
+            texts, out = generate_text(eng["ort"], tok, prompts, [p] * len(prompts))
+            pieces: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+            reqs = [s.submit(tok(t)["input_ids"], p, on_event=lambda ev, i=i: pieces[i].append(ev.text))
+                    for i, t in enumerate(prompts)]
+            for i, r in enumerate(reqs):
+                r.result(timeout=60)
+                assert r.text == texts[i] == "".join(pieces[i]), (stop, i)
+                assert r.tokens == out.tokens[i]
+                assert r.finish_reason == out.finish_reasons[i]
+
+
+def test_bad_requests_are_one_line_user_errors(engines):
+    eng, tok = engines
+    with _scheduler(eng["ort"]) as s:
+        with pytest.raises(UserError, match="empty prompt"):
+            s.submit([], _greedy(4))
+        with pytest.raises(UserError, match="exceeds the context length"):
+            s.submit([1] * 500, _greedy(100))
+        with pytest.raises(UserError, match="top_p"):
+            s.submit([1], SamplingParams(top_p=2.0))
+        with pytest.raises(UserError, match="need a tokenizer"):
+            s.submit([1], SamplingParams(stop_strings=("x",)))
+        assert s.submit([1, 2], _greedy(3)).result(timeout=30).finish_reason == "length"
+        assert s.stats()["rejected"] == 0
+
+
+def test_requests_admitted_together_share_one_batched_prefill(engines):
+    from lmopt.engines.slotted import OrtSlotEngine, create_slot_engine
+    from lmopt.scheduler import Scheduler
+
+    eng, _ = engines
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, eng["ort"].info.vocab_size, int(n)).tolist() for n in (5, 31, 12, 2, 60, 17)]
+    slots = create_slot_engine(eng["ort"], num_slots=6, max_prefill_chunk=256)
+    assert isinstance(slots, OrtSlotEngine)
+    calls = []
+    batched = slots.prefill_slots
+    slots.prefill_slots = lambda s, t: calls.append(len(s)) or batched(s, t)
+    s = Scheduler(slots, max_queue=8)
+    with s._cond:  # submitted while the loop waits on the lock: all six are admitted in the same step
+        reqs = [s.submit(p, _greedy(10)) for p in prompts]
+    for r in reqs:
+        r.result(timeout=60)
+    s.close()
+    assert calls == [6]
+    assert [r.tokens for r in reqs] == [generate(eng["ort"], [p], _greedy(10)).tokens[0] for p in prompts]
