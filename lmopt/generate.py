@@ -109,12 +109,8 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
 
     if isinstance(engine, SlotEngine):
         return _generate_slots(engine, prompts, plist, on_token, stop_check)
-    rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
-    stops = [set(p.stop_token_ids) for p in plist]
+    rows = _Rows(plist, on_token, stop_check)
     max_new = max(p.max_new_tokens for p in plist)
-    out_tokens: list[list[int]] = [[] for _ in range(b)]
-    reasons = ["length"] * b
-    done = np.zeros(b, dtype=bool)
 
     t0 = time.perf_counter()
     ids, mask, pos = pad_batch(prompts, pad_id)
@@ -124,31 +120,11 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
 
     def take(step_logits):
         with nvtx_range("sample"):
-            # logits left on the device (a StepLogits): greedy rows take one id each from a device argmax instead
-            # of moving [batch, vocab] floats to the host every step
-            greedy = None
-            if not isinstance(step_logits, np.ndarray) and hasattr(step_logits, "argmax") \
-                    and any(g is None for g in rngs):
-                greedy = step_logits.argmax()
-            for r in range(b):
-                if done[r]:
-                    next_ids[r] = pad_id
-                    continue
-                if greedy is not None and rngs[r] is None:
-                    tok = int(greedy[r])
-                else:
-                    tok = sample_next(np.asarray(step_logits[r]), plist[r], rngs[r])
+            live = [r for r in range(b) if not rows.done[r]]
+            next_ids[:] = pad_id
+            for r, tok in zip(live, rows.pick(step_logits, live, live)):
                 next_ids[r] = tok
-                if tok in stops[r]:
-                    done[r], reasons[r] = True, "stop"
-                    continue
-                out_tokens[r].append(tok)
-                if on_token is not None and on_token(r, tok):
-                    done[r], reasons[r] = True, "cancelled"
-                elif stop_check is not None and stop_check(r, out_tokens[r]):
-                    done[r], reasons[r] = True, "stop"
-                elif len(out_tokens[r]) >= plist[r].max_new_tokens:
-                    done[r] = True
+                rows.accept(r, tok)
 
     take(logits)
     ttft = time.perf_counter() - t0
@@ -156,7 +132,7 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
     last_pos = pos[:, -1].copy()
     try:
         for _ in range(max_new - 1):
-            if done.all():
+            if all(rows.done):
                 break
             ts = time.perf_counter()
             with nvtx_range("decode_step"):
@@ -167,7 +143,45 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
             steps.append(time.perf_counter() - ts)
     finally:
         engine.release(state)
-    return GenerationOutput(out_tokens, reasons, [len(p) for p in prompts], ttft, steps, time.perf_counter() - t0)
+    return GenerationOutput(rows.out_tokens, rows.reasons, [len(p) for p in prompts], ttft, steps,
+                            time.perf_counter() - t0)
+
+
+class _Rows:
+    """Per-row state of one generation, shared by both loops: sampling generators, stop rules, outputs."""
+
+    def __init__(self, plist: Sequence[SamplingParams], on_token, stop_check):
+        b = len(plist)
+        self.plist, self.on_token, self.stop_check = plist, on_token, stop_check
+        self.rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
+        self.stops = [set(p.stop_token_ids) for p in plist]
+        self.out_tokens: list[list[int]] = [[] for _ in range(b)]
+        self.reasons = ["length"] * b
+        self.done = [False] * b
+
+    def pick(self, logits, rows: Sequence[int], index: Sequence[int]) -> list[int]:
+        """Next token of each row in `rows`, whose logits are `logits[index[i]]`. Greedy rows take the argmax; logits
+        left on the device (a StepLogits) compute it there, so one id per row crosses to the host, not a row of
+        [vocab] floats; sampled rows bring their own row and share `sample_next`."""
+        greedy = None
+        if any(self.rngs[r] is None for r in rows):
+            greedy = np.argmax(logits, axis=-1) if isinstance(logits, np.ndarray) else logits.argmax()
+        return [int(greedy[i]) if self.rngs[r] is None else
+                sample_next(np.asarray(logits[i], dtype=np.float32), self.plist[r], self.rngs[r])
+                for r, i in zip(rows, index)]
+
+    def accept(self, r: int, tok: int) -> None:
+        """Record row r's new token and apply the stop rules: stop token, on_token cancel, stop check, length."""
+        if tok in self.stops[r]:
+            self.done[r], self.reasons[r] = True, "stop"
+            return
+        self.out_tokens[r].append(tok)
+        if self.on_token is not None and self.on_token(r, tok):
+            self.done[r], self.reasons[r] = True, "cancelled"
+        elif self.stop_check is not None and self.stop_check(r, self.out_tokens[r]):
+            self.done[r], self.reasons[r] = True, "stop"
+        elif len(self.out_tokens[r]) >= self.plist[r].max_new_tokens:
+            self.done[r] = True
 
 
 def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationOutput:
@@ -178,11 +192,7 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
     if b > engine.num_free_slots():
         raise UserError(f"{b} prompts need {b} KV-cache slots but the engine has {engine.num_free_slots()} free — "
                         "send fewer prompts at once or build the engine with more slots")
-    rngs = [np.random.default_rng(p.seed) if p.temperature > 0 else None for p in plist]
-    stops = [set(p.stop_token_ids) for p in plist]
-    out_tokens: list[list[int]] = [[] for _ in range(b)]
-    reasons = ["length"] * b
-    done = [False] * b
+    st = _Rows(plist, on_token, stop_check)
     slots: list[int] = []
     steps: list[float] = []
     t0 = time.perf_counter()
@@ -191,20 +201,9 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
 
         def take(rows: list[int], logits) -> None:
             with nvtx_range("sample"):
-                greedy = logits.argmax() if any(rngs[r] is None for r in rows) else None
-                for i, r in enumerate(rows):
-                    tok = int(greedy[i]) if rngs[r] is None else sample_next(logits.row(i), plist[r], rngs[r])
+                for r, tok in zip(rows, st.pick(logits, rows, range(len(rows)))):
                     nxt[r] = tok
-                    if tok in stops[r]:
-                        done[r], reasons[r] = True, "stop"
-                        continue
-                    out_tokens[r].append(tok)
-                    if on_token is not None and on_token(r, tok):
-                        done[r], reasons[r] = True, "cancelled"
-                    elif stop_check is not None and stop_check(r, out_tokens[r]):
-                        done[r], reasons[r] = True, "stop"
-                    elif len(out_tokens[r]) >= plist[r].max_new_tokens:
-                        done[r] = True
+                    st.accept(r, tok)
 
         nxt = [0] * b
         with nvtx_range("prefill"):
@@ -215,9 +214,9 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
                 for r in range(b):
                     take([r], engine.prefill_slot(slots[r], prompts[r]))
         ttft = time.perf_counter() - t0
-        while not all(done):
+        while not all(st.done):
             ts = time.perf_counter()
-            rows = [r for r in range(b) if not done[r]]
+            rows = [r for r in range(b) if not st.done[r]]
             with nvtx_range("decode_step"):
                 take(rows, engine.decode_slots([slots[r] for r in rows], [nxt[r] for r in rows]))
             steps.append(time.perf_counter() - ts)
@@ -225,7 +224,8 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
         for s in slots:
             if s is not None:
                 engine.free_slot(s)
-    return GenerationOutput(out_tokens, reasons, [len(p) for p in prompts], ttft, steps, time.perf_counter() - t0)
+    return GenerationOutput(st.out_tokens, st.reasons, [len(p) for p in prompts], ttft, steps,
+                            time.perf_counter() - t0)
 
 
 def generate_text(engine, tokenizer, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],

@@ -94,6 +94,7 @@ class Request:
         self._prefilled = 0
         self._next: int | None = None
         self._stop_string_hit = False
+        self._next_poll = 0.0
 
     # ---- caller side -------------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -127,10 +128,15 @@ class Request:
     # ---- loop side ---------------------------------------------------------------------------------------------
     _wake: Callable[[], None] = staticmethod(lambda: None)
 
-    def _cancelled(self) -> bool:
+    def _cancelled(self, poll_s: float = 0.0) -> bool:
         if self._cancel.is_set():
             return True
         if self._is_cancelled is not None:
+            if poll_s > 0:  # the transport's check may cost a round trip: at most every poll_s
+                now = time.monotonic()
+                if now < self._next_poll:
+                    return False
+                self._next_poll = now + poll_s
             try:
                 return bool(self._is_cancelled())
             except Exception:  # the transport is gone: nobody is listening any more
@@ -193,13 +199,17 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class Scheduler:
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, tokenizer=None,
-                 on_step: Callable[[dict], None] | None = None, name: str = "scheduler"):
+                 on_step: Callable[[dict], None] | None = None, name: str = "scheduler",
+                 cancel_poll_s: float = 0.0):
+        """cancel_poll_s: call a request's is_cancelled() at most this often (0 = every step); Request.cancel() is
+        always seen at the next step."""
         if max_queue < 0:
             raise UserError(f"max_queue must be >= 0 (got {max_queue})")
         self.engine = engine
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.on_step = on_step
+        self.cancel_poll_s = cancel_poll_s
         self._cond = threading.Condition()
         self._waiting: list[Request] = []       # submitted, no slot yet
         self._prefilling: list[Request] = []    # in a slot, prompt not fully in the cache
@@ -298,10 +308,10 @@ class Scheduler:
         eng = self.engine
         # 1. cancellations, wherever the request is
         with self._cond:
-            for r in [r for r in self._waiting if r._cancelled()]:
+            for r in [r for r in self._waiting if r._cancelled(self.cancel_poll_s)]:
                 self._waiting.remove(r)
                 self._finish(r, "cancelled")
-        for r in [r for r in self._prefilling + self._decoding if r._cancelled()]:
+        for r in [r for r in self._prefilling + self._decoding if r._cancelled(self.cancel_poll_s)]:
             self._finish(r, "cancelled")
         # 2. admission and chunked prefill
         with self._cond:

@@ -59,6 +59,7 @@ class RepoSettings:
     slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
     max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
     prefill_chunk: int = 256         # in-flight: prompt tokens prefilled per step while other requests decode
+    cancel_poll_ms: float = 10.0     # in-flight: ask Triton whether a request was cancelled at most this often (0 = every step; each ask is a round trip to the server process)
     max_batch_size: int = 8          # Triton's dynamic batcher (lm; lm_stream too when --batching static)
     queue_delay_us: int = 2000       # how long the dynamic batcher waits to fill a batch
     max_tokens_cap: int = 256        # requests asking for more are refused with an error naming the cap
@@ -176,8 +177,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --output-transport '{s.output_transport}' — use auto, dlpack or numpy")
     if s.batching not in ("inflight", "static"):
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
-    if s.max_queue < 0:
-        raise UserError(f"--max-queue must be >= 0 (got {s.max_queue})")
+    if s.max_queue < 0 or s.cancel_poll_ms < 0:
+        raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
     for name in ("instances", "max_batch_size", "max_tokens_cap", "default_max_tokens", "slots", "prefill_chunk"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
@@ -206,7 +207,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "engine": s.engine, "precision": precision, "device": s.device, "threads": str(s.threads),
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
-              "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk)}
+              "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
+              "cancel_poll_ms": f"{s.cancel_poll_ms:g}"}
     with staging_dir(final) as tmp:
         repo = tmp / "model_repository"
         for name in MODELS:

@@ -232,3 +232,25 @@ def test_requests_admitted_together_share_one_batched_prefill(engines):
     s.close()
     assert calls == [6]
     assert [r.tokens for r in reqs] == [generate(eng["ort"], [p], _greedy(10)).tokens[0] for p in prompts]
+
+
+def test_transport_cancel_check_is_rate_limited_when_asked(engines):
+    # is_cancelled() of a server transport can be a round trip to another process: cancel_poll_s bounds how often
+    # it is called, and a cancellation is still seen within that time
+    eng, _ = engines
+    calls, flag = [], threading.Event()
+
+    def is_cancelled():
+        calls.append(time.monotonic())
+        return flag.is_set()
+
+    with _scheduler(eng["ort"], cancel_poll_s=0.05) as s:
+        r = s.submit([1, 2, 3], _greedy(400), is_cancelled=is_cancelled)
+        assert _until(lambda: len(r.tokens) >= 50)
+        flag.set()
+        t_cancel = time.monotonic()
+        assert r.wait(30) and r.finish_reason == "cancelled"
+        stopped = time.monotonic()
+    gaps = np.diff(calls)
+    assert len(gaps) and gaps.min() >= 0.045, gaps.min()
+    assert stopped - t_cancel < 1.0 and s.stats()["steps"] > len(calls)  # checked less often than every step

@@ -36,6 +36,7 @@ log = logging.getLogger("lmopt.compiled")
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KV_BUCKET_MIN = 256
+DEFAULT_MAX_LEN = 4096     # positions per slot unless asked (a 128k-context model would not fit 64 slots otherwise)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class CompiledEngine(SlotEngine):
             raise UserError(f"compiled {precision} needs a GPU (--device cuda) — use fp32 on CPU")
         if cuda and not torch.cuda.is_available():
             raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu")
+        if decode_attention not in ("matmul", "sdpa"):
+            raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
         if threads:
             torch.set_num_threads(threads)
         spec = resolve(model)
@@ -72,14 +75,19 @@ class CompiledEngine(SlotEngine):
         with torch.inference_mode():
             self.model = StaticDecoder.from_hf(hf, dtype, device)
         del hf
-        if decode_attention not in ("matmul", "sdpa"):
-            raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
         self.model.decode_attention = decode_attention
         ctx = self.model.cfg["max_positions"]
-        self.max_len = min(max_len or ctx, ctx)
+        self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
         self.num_slots = num_slots or (64 if cuda else 8)
         if self.num_slots < 1 or self.max_len < 2:
             raise UserError(f"num_slots must be >= 1 and max_len >= 2 (got {self.num_slots}, {self.max_len})")
+        kv_total = self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token()
+        if cuda:
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+            if kv_total > 0.9 * free:
+                raise UserError(f"a KV cache of {self.num_slots} slots x {self.max_len} positions needs "
+                                f"{kv_total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of GPU memory is free — "
+                                "lower num_slots or max_len")
         with torch.inference_mode():
             self.model.allocate_cache(self.num_slots, self.max_len)
         self.info = EngineInfo("compiled", precision, device, "hf", model, self.max_len, self.model.cfg["vocab"])
@@ -112,8 +120,7 @@ class CompiledEngine(SlotEngine):
         self._len = [0] * self.num_slots
         self.load_s = time.perf_counter() - t0
         log.info("compiled engine: %s %s on %s, %d slots x %d positions, KV cache %.1f MB, loaded in %.1f s",
-                 model, precision, device, self.num_slots, self.max_len,
-                 self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token() / 1e6, self.load_s)
+                 model, precision, device, self.num_slots, self.max_len, kv_total / 1e6, self.load_s)
 
     # ---------------------------------------------------------------------------------------------------------
     # slots

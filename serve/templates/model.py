@@ -5,7 +5,8 @@ The same file serves both models; config.pbtxt decides which:
   lm_stream  decoupled: execute() hands each request to the scheduler and returns at once; the scheduler's loop
              thread sends one response per generated token through the request's response sender, then an empty
              response flagged FINAL. Requests join and leave the running batch at every decode step. A cancelled
-             request (client gone, stream closed: response_sender.is_cancelled()) frees its slot within one step.
+             request (client gone, stream closed: response_sender.is_cancelled(), asked at most every
+             `cancel_poll_ms` since each ask is a round trip to the server) frees its slot at the next step after.
   lm         one response per request with the full text. execute() submits its requests to the same kind of
              scheduler and waits for them (the Python backend runs one execute() per instance at a time, so requests
              arriving meanwhile wait in Triton's queue: in-flight joining is the streaming model's).
@@ -79,6 +80,7 @@ class TritonPythonModel:
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
                 max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
+                                       cancel_poll_s=float(_param(cfg, "cancel_poll_ms", "0")) / 1e3,
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
@@ -182,9 +184,9 @@ class TritonPythonModel:
             try:
                 ids, p, want_text = self._parse(r)
                 if self.decoupled:
-                    h = self.scheduler.submit(ids, p, on_event=self._streamer(r.request_id(), sender, want_text),
-                                              is_cancelled=sender.is_cancelled, request_id=r.request_id(),
-                                              text=want_text)
+                    on_event, is_cancelled = self._streamer(r.request_id(), sender, want_text)
+                    h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
+                                              request_id=r.request_id(), text=want_text)
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -210,16 +212,25 @@ class TritonPythonModel:
                 responses[i] = self._response(h.text if want_text else None, h.tokens, batched)
         return responses
 
-    def _streamer(self, request_id, sender, want_text):
-        """The on_event callback of one streaming request (runs on the scheduler thread)."""
+    def _streamer(self, request_id, response_sender, want_text):
+        """(on_event, is_cancelled) of one streaming request, called on the scheduler thread. The response sender is
+        dropped once the final response is out: nothing is sent on it after that, and nothing keeps it alive."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         count = [0]
+        holder = [response_sender]
+
+        def is_cancelled():
+            return holder[0].is_cancelled() if holder else True
 
         def on_event(ev):
+            if not holder:
+                return
+            sender = holder[0]
             if not ev.finished:
                 count[0] += 1
                 sender.send(self._response(ev.text if want_text else None, [ev.token], True))
                 return
+            holder.clear()
             if ev.finish_reason == "error":
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
                             flags=final)
@@ -234,7 +245,7 @@ class TritonPythonModel:
                 if ev.finish_reason != "cancelled":
                     raise
 
-        return on_event
+        return on_event, is_cancelled
 
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
@@ -315,8 +326,10 @@ class TritonPythonModel:
         return None if self.decoupled else responses
 
     def finalize(self):
+        self.logger.log_info(f"{self.model_name}: finalize")
         if self.scheduler is not None:
             self.scheduler.close()
+            self.logger.log_info(f"{self.model_name}: scheduler stopped")
         self.engine.close()
 
 
@@ -335,7 +348,10 @@ def _busy(msg):
 
 class _Metrics:
     """Scheduler counters as Triton custom metrics (pb_utils.MetricFamily); logged instead where it is missing.
-    Gauges are set when they change; counters are added at most every 0.2 s, and whenever the scheduler goes idle."""
+    Updated at most every INTERVAL_S (a scrape every few seconds sees them current), and whenever the scheduler goes
+    idle."""
+
+    INTERVAL_S = 0.1
 
     def __init__(self, model_name, logger):
         self.logger, self.labels = logger, {"model": model_name}
@@ -365,19 +381,21 @@ class _Metrics:
             if st["steps"] % 1000 == 0:
                 self.logger.log_info("scheduler " + json.dumps(st))
             return
+        # every metric update is a round trip to the server process: at most every INTERVAL_S (and always when the
+        # scheduler goes idle, so the gauges settle at their final values)
+        idle = st["slots_in_use"] == 0 and st["queue_length"] == 0
+        now = time.monotonic()
+        if not idle and now - self.flushed_at < self.INTERVAL_S:
+            return
         for k, m in self.gauges.items():
             if self.last.get(k) != st[k]:
                 m.set(st[k])
-        idle = st["slots_in_use"] == 0 and st["queue_length"] == 0
-        now = time.monotonic()
-        if idle or now - self.flushed_at > 0.2:
-            for k, m in self.counters.items():
-                d = st[k] - self.last.get(k, 0)
-                if d:
-                    m.increment(d)
-            self.flushed_at = now
-            self.last.update({k: st[k] for k in self.counters})
-        self.last.update({k: st[k] for k in self.gauges})
+        for k, m in self.counters.items():
+            d = st[k] - self.last.get(k, 0)
+            if d:
+                m.increment(d)
+        self.flushed_at = now
+        self.last.update({k: st[k] for k in (*self.gauges, *self.counters)})
 
 
 def _is_cancelled(request, sender):
