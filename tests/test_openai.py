@@ -407,6 +407,46 @@ def test_text_stream_holds_back_possible_stop_prefixes():
     assert "".join(pieces) + tail == "hel" and stopped
 
 
+def test_server_busy_from_the_scheduler_is_429(tiny_export, tmp_path):
+    """End to end: a repository with one slot and a queue of one; six concurrent requests; the overflow gets 429."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    if "--max-queue" not in run_cli("serve/make_model_repository.py", "--help").stdout:
+        pytest.skip("this Triton model has no bounded queue (no --max-queue): the 429 mapping is covered by the stub "
+                    "backend test")
+    art = tmp_path / "art"  # its own artifacts root: the module's server keeps its repository
+    shutil.copytree(tiny_export, art / "tiny" / "export" / "fp32")
+    run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(art), "--precision", "fp32",
+            "--slots", "1", "--max-queue", "1", "--max-tokens-cap", str(CAP))
+    srv = Server(art, art / "tiny" / "serve" / VARIANT / "model_repository", tmp_path)
+    srv.start()
+    gw = None
+    try:
+        gw = Gateway(srv.grpc, tmp_path / "gw.log")
+        gw.wait_listening()
+        c = openai.OpenAI(base_url=gw.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def one(i):
+            try:
+                return c.completions.create(model=MODEL, prompt=f"Request {i}", max_tokens=200, temperature=0,
+                                            stream=i % 2 == 0)
+            except openai.RateLimitError as e:
+                return e
+
+        with ThreadPoolExecutor(6) as pool:
+            out = list(pool.map(one, range(6)))
+        busy = [e for e in out if isinstance(e, openai.RateLimitError)]
+        assert busy and len(busy) < 6, out
+        assert all(e.status_code == 429 and e.body["code"] == "server_busy" for e in busy)
+        assert all(e.body["message"].startswith("server busy: ") for e in busy)
+        still_serving(c)
+    finally:
+        if gw is not None:
+            gw.stop()
+        srv.stop()
+
+
 # ---- the measuring CLIs ---------------------------------------------------------------------------------------------
 def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
     srv, gw = stack
