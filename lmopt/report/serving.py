@@ -29,10 +29,7 @@ def _find(docs: list[Doc], folder: Path, kind: str, label: str) -> dict | None:
 
 
 def _section(folder: Path, cmp_doc: dict, docs: list[Doc]) -> str:
-    m = cmp_doc["machine"]
-    where = f"{m.get('cpu_model', m.get('processor', '?'))}, {m.get('cpu_count', '?')} cores"
-    if m.get("gpu"):
-        where = f"{m['gpu']['name']} + {where}"
+    where = _where(cmp_doc)
     model = cmp_doc["settings"]["model"]
     out = [f"### {model} on {where}",
            "",
@@ -106,10 +103,52 @@ def _section(folder: Path, cmp_doc: dict, docs: list[Doc]) -> str:
     return "\n".join(out)
 
 
+def _where(doc: dict) -> str:
+    m = doc["machine"]
+    where = f"{m.get('cpu_model', m.get('processor', '?'))}, {m.get('cpu_count', '?')} cores"
+    return f"{m['gpu']['name']} + {where}" if m.get("gpu") else where
+
+
+def _scheduler_section(folder: Path, doc: dict, docs: list[Doc]) -> str:
+    """In-flight batching (lmopt.scheduler) vs static batching: same model, load and machine, both servers measured
+    by the same tools in the same run (kind serving_scheduler_comparison)."""
+    s = doc["settings"]
+    out = [f"### In-flight vs static batching — {s['model']} on {_where(doc)}", "",
+           f"Data: `{folder.as_posix()}/serving-*-{{inflight,static}}.json` and `serving-scheduler.json`, "
+           f"{doc['created'][:10]}, command `{' '.join(doc['command'])}` (serve variant "
+           f"`{doc.get('serve_variant', '?')}`). Static = the same repository with `batching: static` (Triton's "
+           f"dynamic batcher groups requests, each group runs to completion); in-flight = requests join and leave "
+           f"the running batch at every decode step. Streaming: `lm_stream`, prompt {s['prompt_tokens']} tokens, up "
+           f"to {_new_tokens(s)} new; perf_analyzer: `lm`, non-streaming.", "",
+           "| concurrency | output tok/s in-flight | static | in-flight/static | TTFT p50 ms in-flight | static "
+           "| TTFT p95 ms in-flight | static | req/s (perf_analyzer) in-flight | static |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["summary"]["rows"]:
+        out.append(f"| {r['concurrency']:g} | {_f(r.get('stream_tok_s_on'))} | {_f(r.get('stream_tok_s_off'))} "
+                   f"| {_f(r.get('stream_throughput_ratio'), '.2f')}x | {_f(r.get('stream_ttft_p50_ms_on'))} "
+                   f"| {_f(r.get('stream_ttft_p50_ms_off'))} | {_f(r.get('stream_ttft_p95_ms_on'))} "
+                   f"| {_f(r.get('stream_ttft_p95_ms_off'))} | {_f(r.get('pa_rps_on'))} | {_f(r.get('pa_rps_off'))} |")
+    over = doc["summary"].get("overhead_c1") or {}
+    if over:
+        out += ["", "Serving overhead at concurrency 1 against the same engine in-process (ms):", "",
+                "| server | TTFT p50 served | in-process | Δ | ITL mean served | in-process | Δ | same tokens |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, o in over.items():
+            sv, ip, d = o["served"], o["in_process"], o["overhead_ms"]
+            out.append(f"| {name} | {_f(sv['ttft_ms']['p50'], '.2f')} | {_f(ip['ttft_ms']['p50'], '.2f')} "
+                       f"| {d['ttft_p50']:+.2f} | {_f(sv['itl_ms']['mean'], '.3f')} | {_f(ip['itl_ms']['mean'], '.3f')} "
+                       f"| {d['itl_mean']:+.3f} | {o['same_tokens']} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def render(results_dir) -> str:
-    """Markdown for the README's serving section (no markers) from every serving-batching.json under results_dir."""
-    docs = collect(results_dir, kinds=["serving_batching_comparison", "streaming_load", "perf_analyzer"])
+    """Markdown for the README's serving section (no markers) from the serving comparisons under results_dir: dynamic
+    batching on vs off, and in-flight vs static batching."""
+    docs = collect(results_dir, kinds=["serving_batching_comparison", "serving_scheduler_comparison",
+                                       "streaming_load", "perf_analyzer"])
     found = [d for d in docs if d.kind == "serving_batching_comparison"]
+    inflight = [d for d in docs if d.kind == "serving_scheduler_comparison"]
     if not found:
         return ("No serving results committed yet — run `make serve-bench` then `make serve-bench-publish` "
                 "(writes results/<machine>/<model>/serving-*.json).")
@@ -117,4 +156,5 @@ def render(results_dir) -> str:
             "measured by `profile/serve_bench.py` (`make serve-bench`) with Triton's perf_analyzer and our asyncio "
             "gRPC streaming load generator (`profile/load_generator.py`). TTFT = time to first token, ITL = time "
             "between tokens.\n")
-    return "\n".join([head] + [_section(d.path.parent, d.data, docs) for d in found]).rstrip() + "\n"
+    return "\n".join([head] + [_scheduler_section(d.path.parent, d.data, docs) for d in inflight]
+                     + [_section(d.path.parent, d.data, docs) for d in found]).rstrip() + "\n"
