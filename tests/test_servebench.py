@@ -154,3 +154,27 @@ def test_bad_input_one_line_errors(tmp_path):
     for script in ("profile/serve_bench.py", "profile/load_generator.py", "profile/perf_analyzer_sweep.py",
                    "report/publish_results.py"):
         assert "--artifacts" in run_cli(script, "--help").stdout
+
+
+def test_inflight_vs_static_section_comes_from_the_file(tmp_path):
+    """The README's in-flight vs static table: found by kind (any file name), every number from the file."""
+    from lmopt.report import serving as serving_report
+
+    folder = tmp_path / "results" / "cpu-x-2c" / "tiny"
+    folder.mkdir(parents=True)
+    row = {"concurrency": 4, "stream_tok_s_on": 1249.3, "stream_tok_s_off": 795.1, "stream_throughput_ratio": 1.571,
+           "stream_ttft_p50_ms_on": 12.4, "stream_ttft_p50_ms_off": 28.4, "stream_ttft_p95_ms_on": 30.2,
+           "stream_ttft_p95_ms_off": 61.7, "pa_rps_on": 88.8, "pa_rps_off": 55.5}
+    base = {"schema": SCHEMA_VERSION, "created": "2026-12-01T00:00:00+00:00", "command": ["serve_bench.py"],
+            "machine": {"cpu_model": "Test CPU", "cpu_count": 2}, "versions": {}}
+    doc = {**base, "kind": "serving_scheduler_comparison", "serve_variant": "ort-fp32-cpu",
+           "settings": {"model": "tiny", "prompt_tokens": 32, "max_new_tokens": 16},
+           "summary": {"rows": [row], "overhead_c1": {}}}
+    (folder / "anything.json").write_text(json.dumps(doc))
+    # the section needs the batching comparison's folder too (the serving section's frame)
+    cmp_doc = {**base, "kind": "serving_batching_comparison", "settings": {"model": "tiny"},
+               "summary": {"rows": [], "overhead_c1": {}}}
+    (folder / "other.json").write_text(json.dumps(cmp_doc))
+    text = serving_report.render(tmp_path / "results")
+    assert "In-flight vs static batching — tiny on Test CPU, 2 cores" in text
+    assert "| 4 | 1249.3 | 795.1 | 1.57x | 12.4 | 28.4 | 30.2 | 61.7 | 88.8 | 55.5 |" in text
