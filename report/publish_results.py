@@ -60,10 +60,12 @@ def publish(*, settings: PublishSettings) -> list[Path]:
     tags: dict[Path, str] = {}
     if s.kind == "serving":  # one set per model, under the machine of its batching comparison
         for folder in sorted({f.parent for f in found}):
-            cmp_path = folder / "serving-batching.json"
-            if not cmp_path.is_file():
-                raise UserError(f"missing {cmp_path} — run: make serve-bench MODEL={folder.parent.name}")
-            tags[folder] = machine_tag(_read(cmp_path, target))
+            # the comparison that serve_bench.py writes last (--compare batching or scheduler) names the machine
+            cmps = [p for p in (folder / "serving-batching.json", folder / "serving-scheduler.json") if p.is_file()]
+            if not cmps:
+                raise UserError(f"no serving comparison (serving-batching.json or serving-scheduler.json) in {folder} "
+                                f"— run: make serve-bench MODEL={folder.parent.name}")
+            tags[folder] = machine_tag(_read(cmps[0], target))
     written = []
     for f in found:
         result = _read(f, target)

@@ -119,7 +119,9 @@ def _scheduler_section(folder: Path, doc: dict, docs: list[Doc]) -> str:
            f"`{doc.get('serve_variant', '?')}`). Static = the same repository with `batching: static` (Triton's "
            f"dynamic batcher groups requests, each group runs to completion); in-flight = requests join and leave "
            f"the running batch at every decode step. Streaming: `lm_stream`, prompt {s['prompt_tokens']} tokens, up "
-           f"to {_new_tokens(s)} new; perf_analyzer: `lm`, non-streaming.", "",
+           f"to {_new_tokens(s)} new; perf_analyzer: `lm`, non-streaming (the Python backend runs one `execute()` "
+           f"per instance at a time, so `lm` requests that arrive during one wait in Triton's queue: in-flight "
+           f"batching pays off for the streaming model).", "",
            "| concurrency | output tok/s in-flight | static | in-flight/static | TTFT p50 ms in-flight | static "
            "| TTFT p95 ms in-flight | static | req/s (perf_analyzer) in-flight | static |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
