@@ -1,6 +1,6 @@
 """Serving benchmarks (profile/serve_bench.py, perf_analyzer_sweep.py, load_generator.py) and their README section
-(lmopt/report/serving.py): one brief real run against two real Triton servers (dynamic batching on / off), result files checked for schema and
-consistency; one-line errors for bad input."""
+(lmopt/report/serving.py): one brief real run against two real Triton servers (dynamic batching on / off), result
+files checked for schema and consistency; one-line errors for bad input."""
 from __future__ import annotations
 
 import json
