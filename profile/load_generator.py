@@ -103,7 +103,8 @@ async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin:
     except Exception as e:  # grpc errors (deadline, unavailable) end this request, not the run
         rec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
-        it.cancel()
+        if rec.end_s is None:  # left early: cancel. A finished call is not cancelled (a cancellation racing the
+            it.cancel()        # completion can crash Triton 2.51's gRPC frontend, docs/ENVIRONMENT.md)
     return rec
 
 

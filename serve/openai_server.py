@@ -175,6 +175,7 @@ class TritonBackend:
             yield item
 
         call = self.client.stream_infer(requests(), stream_timeout=self.timeout)
+        finished = False
         try:
             async for result, error in call:
                 if error is not None:
@@ -183,6 +184,7 @@ class TritonBackend:
                 if piece.token_ids:
                     yield piece.token_ids
                 if piece.final:
+                    finished = True
                     return
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -192,7 +194,10 @@ class TritonBackend:
                                "timeout") from None
             raise backend_error(f"{e.code().name}: {e.details()}") from None
         finally:
-            call.cancel()
+            # cancel only a request left early: Triton 2.51's gRPC frontend can crash (SIGSEGV) when a cancellation
+            # races the completion of the same request (docs/ENVIRONMENT.md), so a finished call is not cancelled
+            if not finished:
+                call.cancel()
 
 
 def _load_info(params: dict, served_name: str) -> ModelInfo:
