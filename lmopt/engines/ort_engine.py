@@ -19,8 +19,8 @@ _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def make_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                  optimized_model_path: str | None = None, extra_config: dict[str, str] | None = None,
-                 disable_optimizers: list[str] | None = None):
-    """An InferenceSession with a clear error for a missing or corrupt file."""
+                 disable_optimizers: list[str] | None = None, cuda_options: dict[str, str] | None = None):
+    """An InferenceSession with a clear error for a missing or corrupt file; `cuda_options` go to the CUDA EP."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -39,7 +39,7 @@ def make_session(path: str | os.PathLike, device: str = "cpu", threads: int | No
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("ONNX Runtime has no CUDA execution provider — pip install onnxruntime-gpu (CUDA 13 build)")
-        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        providers = [("CUDAExecutionProvider", {"device_id": 0, **(cuda_options or {})}), "CPUExecutionProvider"]
     try:
         kw = {"disabled_optimizers": disable_optimizers} if disable_optimizers else {}
         return ort.InferenceSession(str(path), so, providers=providers, **kw)

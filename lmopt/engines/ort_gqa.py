@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import UserError
 from ..nvtx_ranges import nvtx_range
 from .base import Engine, EngineInfo
-from .ort_engine import _ORT_TO_NP, _layer_key
+from .ort_engine import _ORT_TO_NP, _layer_key, make_session
 
 
 @dataclass
@@ -53,21 +53,11 @@ class OrtGqaEngine(Engine):
         path = Path(onnx_path)
         if not path.is_file():
             raise UserError(f"missing ONNX model {path} — run: python convert/export_onnx.py --attention gqa")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        providers = ["CPUExecutionProvider"]
-        if self.device == "cuda":
-            if precision != "fp16":
-                raise UserError(f"GroupQueryAttention runs FP16 on ONNX Runtime's CUDA EP (got {precision}) — export "
-                                "with --dtype fp16 --attention gqa")
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError("ONNX Runtime has no CUDA execution provider — pip install onnxruntime-gpu "
-                                "(CUDA 13 build)")
-            providers = [("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1" if self.cuda_graph
-                                                    else "0"}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if self.device == "cuda" and precision != "fp16":
+            raise UserError(f"GroupQueryAttention runs FP16 on ONNX Runtime's CUDA EP (got {precision}) — export "
+                            "with --dtype fp16 --attention gqa")
+        self.session = make_session(path, self.device, threads,
+                                    cuda_options={"enable_cuda_graph": "1" if self.cuda_graph else "0"})
         ins = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted((n for n in ins if n.startswith("past_key_values.")), key=_layer_key)
         if "seqlens_k" not in ins or not self.past_names:
