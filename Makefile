@@ -84,6 +84,22 @@ $(AIPERF_VENV)/.installed:
 	$(AIPERF_VENV)/bin/pip install -q aiperf==0.13.0
 	touch $@
 
+# llama.cpp as a benchmark engine (`--engines ...,llamacpp`): llama-cpp-python built from source for this CPU into
+# $(LLAMACPP)/site (not in `make test`'s path; ~20 min on 2 cores), plus the converter and gguf-py its sdist vendors
+LLAMACPP     := .llamacpp
+LLAMACPP_VER := 0.3.36
+.PHONY: llamacpp
+llamacpp: $(LLAMACPP)/.installed
+$(LLAMACPP)/.installed: $(STAMP)
+	rm -rf $(LLAMACPP)/src $(LLAMACPP)/site && mkdir -p $(LLAMACPP)/src
+	$(VENV)/bin/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VER) -d $(LLAMACPP)/src
+	tar xzf $(LLAMACPP)/src/llama_cpp_python-$(LLAMACPP_VER).tar.gz -C $(LLAMACPP)/src
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(VENV)/bin/pip install -q --no-deps --target $(LLAMACPP)/site $(LLAMACPP)/src/llama_cpp_python-$(LLAMACPP_VER)
+	$(VENV)/bin/pip install -q --no-deps --target $(LLAMACPP)/site diskcache==5.6.3
+	touch $@
+
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
 benchmark: quantize fp16

@@ -11,10 +11,14 @@ Conventions:
   Percentiles interpolate linearly between samples (numpy's default, "type 7").
 - The envelope: `schema`, `kind`, `created` (UTC ISO), `command`, `machine`, `versions`, `settings`, then the
   kind's own fields, then `summary` and the raw `samples`. Readers (README, notebook) find files by `kind`.
-- The bandwidth floor of one decode step = bytes the step must read / measured copy bandwidth. Bytes read =
+- The bandwidth floor of one decode step = bytes the step must read / measured *read* bandwidth. Bytes read =
   the engine's `weight_bytes()` (every weight once; an input embedding that is not tied to the LM head is left
-  out, since a step reads only its B rows) + the KV cache at the step's context. Copy bandwidth counts bytes read +
-  written (STREAM's copy convention), best of N timed copies of a buffer much larger than the caches.
+  out, since a step reads only its B rows) + the KV cache at the step's context. Read bandwidth: best of N timed
+  reductions (a sum) over a buffer much larger than the last-level cache, with every core's thread (CPU) or on the
+  device (CUDA) — the kind of traffic a decode step makes. A step faster than its floor is a measurement error
+  (`below_floor`), unless its bytes fit in the last-level cache, where the memory floor does not bind. Result files
+  written before the read probe existed hold only a copy bandwidth (bytes read + written, STREAM's convention);
+  `floor_bandwidth` reads either.
 """
 from __future__ import annotations
 
@@ -137,6 +141,88 @@ def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20, reps: int =
             best = min(best, time.perf_counter() - t0)
         del a, b
     return 2 * nbytes / best / 1e9
+
+
+def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20, reps: int = 5,
+                       threads: int | None = None) -> dict | None:
+    """Best-of-`reps` read bandwidth in GB/s: a float32 sum over an `nbytes` buffer, bytes read only; None if
+    nbytes<=0. Returns {"gbs", "buffer_bytes", "reps", "threads", "llc_bytes"}.
+
+    CPU: torch's reduction on `threads` threads (default: every core this process may run on), timed with the host
+    clock; the caller's thread count is restored. CUDA: the same reduction timed with CUDA events."""
+    if nbytes <= 0:
+        return None
+    import torch
+
+    n = max(1, nbytes // 4)
+    if str(device).startswith("cuda"):
+        a = torch.ones(n, dtype=torch.float32, device=device)
+        for _ in range(3):
+            a.sum()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(reps):
+            start.record()
+            a.sum()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        del a
+        torch.cuda.empty_cache()
+        used = None
+    else:
+        used = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        before = torch.get_num_threads()
+        torch.set_num_threads(used)
+        try:
+            a = torch.ones(n, dtype=torch.float32)
+            for _ in range(2):
+                a.sum()
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                a.sum()
+                best = min(best, time.perf_counter() - t0)
+            del a
+        finally:
+            torch.set_num_threads(before)
+    return {"gbs": round(n * 4 / best / 1e9, 2), "buffer_bytes": n * 4, "reps": reps, "threads": used,
+            "llc_bytes": None if used is None else llc_bytes()}
+
+
+def llc_bytes() -> int | None:
+    """Size of the largest CPU cache (sysfs), or None where the system does not say."""
+    best = None
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            txt = f.read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            size = int(txt.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            continue
+        best = max(best or 0, size)
+    return best
+
+
+def floor_bandwidth(result: dict) -> tuple[float | None, str | None]:
+    """(GB/s, "read" | "copy") a benchmark result's floor divides by: the read bandwidth where the file has it, else
+    the copy bandwidth of files written before the read probe; (None, None) when neither was measured."""
+    if result.get("read_bandwidth_gbs"):
+        return result["read_bandwidth_gbs"], "read"
+    if result.get("copy_bandwidth_gbs"):
+        return result["copy_bandwidth_gbs"], "copy"
+    return None, None
+
+
+def below_floor(step_ms: float | None, floor: dict, llc: int | None) -> bool:
+    """True when a measured step is faster than its bandwidth floor although its bytes cannot sit in the last-level
+    cache: the measurement is wrong (the step did not do its work, or the bytes read are miscounted)."""
+    if not step_ms or not floor.get("floor_ms"):
+        return False
+    if llc and floor["bytes"] <= llc:
+        return False
+    return step_ms < floor["floor_ms"]
 
 
 def kv_bytes(shape: dict, batch: int, context: int, bytes_per: int) -> int:

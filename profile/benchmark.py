@@ -29,8 +29,10 @@ What is measured, per row (engine x precision) and batch size, with greedy gener
   - decode figures per prompt length as well (`by_prompt`), each with its own bandwidth floor.
 Rows are interleaved inside each repetition (rep 1: A B C, rep 2: A B C, ...) after --warmup repetitions, so that
 load from other processes on a shared machine hits every row alike and the ratios stay meaningful.
-The memory-bandwidth floor (weights + KV cache bytes read per decode step / measured copy bandwidth) is the
-fastest a memory-bound decode step could be on this machine.
+The memory-bandwidth floor (weights + KV cache bytes read per decode step / the machine's read bandwidth, measured
+in the same run with every core's thread) is the fastest a memory-bound decode step could be on this machine; a row
+whose p50 step beats it (with more bytes than the last-level cache holds) is flagged as a measurement error
+(`below_floor`, `measurement_errors`), never reported as a win.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class BenchmarkSettings:
     warmup: int = 1                          # repetitions run before measuring
     repeats: int = 5                         # recorded repetitions
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
-    bandwidth_mb: int = 256                  # buffer size for the copy-bandwidth probe (0 = skip the floor)
+    bandwidth_mb: int = 256                  # buffer size for the read- and copy-bandwidth probes (0 = skip the floor)
     long_batch_sizes: str = ""               # batch sizes that also run the long prompt (default: all)
     out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
@@ -81,7 +83,7 @@ PRESETS = {
         max_new_tokens=64,
         warmup=1,
         repeats=3,
-        bandwidth_mb=2048,                   # large enough that the copy is not launch-bound on an H200
+        bandwidth_mb=2048,                   # large enough that the probes are not launch-bound on an H200
     ),
 }
 
@@ -203,7 +205,7 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     from lmopt.engines import create_engine, trt_unavailable_reason
     from lmopt.generate import SamplingParams, generate
     from lmopt.models import load_config, load_tokenizer, model_shape
-    from lmopt.results import copy_bandwidth_gbs, envelope, versions, write_json
+    from lmopt.results import copy_bandwidth_gbs, envelope, read_bandwidth_gbs, versions, write_json
     from lmopt.paths import check_writable, model_slug, stage_dir
 
     s = settings
@@ -319,16 +321,25 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
 
         torch.cuda.empty_cache()
 
-    bw = None
+    bw, probe, copy_bw = None, None, None
     if s.bandwidth_mb:
-        with timed(log, "copy-bandwidth probe"):
-            bw = copy_bandwidth_gbs(s.device, s.bandwidth_mb << 20)
+        with timed(log, "bandwidth probes"):
+            probe = read_bandwidth_gbs(s.device, s.bandwidth_mb << 20)
+            copy_bw = copy_bandwidth_gbs(s.device, s.bandwidth_mb << 20)
+        bw = probe["gbs"]
+        log.info("read bandwidth %.1f GB/s (%s threads), copy %.1f GB/s (read + write)", bw,
+                 probe["threads"] or "device", copy_bw)
     baseline = next((r for r in rows if r["status"] == "ok"), None)
+    llc = (probe or {}).get("llc_bytes")
     for r in rows:
         if r["status"] == "ok":
-            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.max_new_tokens)
+            r["summary"] = summarize_row(r, baseline, batches, shape, bw, short_len, long_len, s.max_new_tokens,
+                                         llc)
             r["memory"]["engine_rss_mb"] = round(r["memory"].get("rss_after_warmup_mb", r["memory"]["rss_after_load_mb"])
                                                  - r["memory"]["rss_before_load_mb"], 1)
+    errors = measurement_errors(rows)
+    for e in errors:
+        log.warning("measurement error: %s", e)
 
     result = envelope(
         "benchmark",
@@ -340,7 +351,9 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
         **({"gpu": gpu_info()} if s.device.startswith("cuda") else {}),
         model=model_slug(s.model), model_shape=shape,
         baseline={"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
-        copy_bandwidth_gbs=round(bw, 2) if bw else None,
+        read_bandwidth_gbs=bw, read_bandwidth_probe=probe,
+        copy_bandwidth_gbs=round(copy_bw, 2) if copy_bw else None,
+        measurement_errors=errors,
         peak_rss_process_mb=round(peak_rss_mb(), 1),
         load_average={"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
                       "cpu_count": os.cpu_count()},
@@ -356,8 +369,13 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             "by_prompt": "decode figures of the short- and long-prompt runs apart, each floor at its own mean "
                          "context (prompt + max_new_tokens / 2)",
             "bandwidth_floor_ms": "lmopt.results.step_floor: (engine weight bytes + KV bytes at the mean context) / "
-                                  "copy bandwidth; ort's weight bytes are the ONNX file, which stores a tied "
-                                  "embedding twice, so the ort floor of a tied model is an upper bound",
+                                  "read bandwidth (read_bandwidth_gbs: a sum over a buffer larger than the "
+                                  "last-level cache, every core's thread); ort's weight bytes are the ONNX file, "
+                                  "which stores a tied embedding twice, so the ort floor of a tied model is an "
+                                  "upper bound",
+            "below_floor": "the p50 step is faster than its floor while its bytes exceed the last-level cache: a "
+                           "measurement error to fix (listed in measurement_errors), not a win",
+            "copy_bandwidth_gbs": "bytes read + written per second by a copy (STREAM's convention), for reference",
             "engine_rss_mb": "process RSS growth while this row loaded and ran its warm-up (rows share a process)",
         },
         rows=rows,
@@ -388,9 +406,23 @@ def kv_element_bytes(row: dict) -> int:
     return 4
 
 
+def measurement_errors(rows: list[dict]) -> list[str]:
+    """One line per row x batch (x prompt) whose p50 step beats its bandwidth floor."""
+    out = []
+    for r in rows:
+        for b, m in r.get("summary", {}).items():
+            cells = [("", m)] + [(f" {k} prompt", e) for k, e in m.get("by_prompt", {}).items()]
+            for where, c in cells:
+                if c.get("below_floor"):
+                    out.append(f"{r['engine']} {r['precision']} batch {b}{where}: p50 step "
+                               f"{c['step_ms']['p50']:.3f} ms < floor {c['bandwidth_floor_ms']:.3f} ms "
+                               f"({c['bytes_per_step'] / 1e6:.1f} MB per step)")
+    return out
+
+
 def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dict, bw: float | None,
-                  short_len: int, long_len: int, new_tokens: int) -> dict:
-    from lmopt.results import stats, step_floor
+                  short_len: int, long_len: int, new_tokens: int, llc: int | None = None) -> dict:
+    from lmopt.results import below_floor, stats, step_floor
 
     out = {}
     kvb = kv_element_bytes(r)
@@ -421,6 +453,7 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
             fl = step_floor(r["weight_bytes"], shape, b, int(mean_ctx), kvb, bw)
             row["bytes_per_step"] = fl["bytes"]
             row["bandwidth_floor_ms"] = fl["floor_ms"]
+            row["below_floor"] = below_floor(st["p50"], fl, llc)
         # the same figures per prompt length: on a GPU the KV cache of a long prompt is a large share of the bytes
         by_prompt = {}
         for k, plen in (("short", short_len), ("long", long_len)):
@@ -439,6 +472,7 @@ def summarize_row(r: dict, baseline: dict | None, batches: list[int], shape: dic
                 e["bytes_per_step"] = fl["bytes"]
                 e["bandwidth_floor_ms"] = fl["floor_ms"]
                 e["ratio_to_floor"] = round(ks["p50"] / fl["floor_ms"], 3)
+                e["below_floor"] = below_floor(ks["p50"], fl, llc)
             by_prompt[k] = e
         row["by_prompt"] = by_prompt
         out[str(b)] = row

@@ -14,8 +14,8 @@ tolerance scaled by the logits' range; a miss fails the run after the JSON is wr
 steps, host sync every step as a streaming server does), after the batch's CUDA graph is captured; TTFT (prefill +
 first token on the host) for one --long-prompt prompt; with --profile-steps, kernels per batch-1 step and the GPU's
 idle share. Floor (`floor_ms`, `ratio_to_floor`) = weight bytes one step reads / device read bandwidth measured in
-the same run (a read-only reduction over a large buffer); `floor_step` beside it is lmopt.results' common floor
-(weights + KV cache at the mean context / copy bandwidth).
+the same run (lmopt.results.read_bandwidth_gbs: a read-only reduction over a large buffer); `floor_step` beside it
+is lmopt.results' common floor (weights + KV cache at the mean context / the same read bandwidth).
 """
 from __future__ import annotations
 
@@ -54,31 +54,6 @@ class CheckSettings:
 
 # relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
 _TOL = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 2e-2)}
-
-
-def read_bandwidth_gbs(device: str) -> dict:
-    """Bytes per second a reduction reads from device memory (the floor's denominator)."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    nbytes = (1 << 30) if cuda else (256 << 20)
-    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    reps = 20 if cuda else 5
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        a.sum()
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a.sum()
-    sync()
-    dt = (time.perf_counter() - t) / reps
-    del a
-    return {"read_gbs": nbytes / dt / 1e9, "buffer_bytes": nbytes, "reps": reps}
 
 
 def gpu_info() -> dict:
@@ -170,9 +145,9 @@ def time_decode(engine, batch: int, s: CheckSettings, floor: dict) -> dict:
            "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor["floor_ms"],
            "ratio_to_floor": ms / floor["floor_ms"], "kv_bytes_read_mean": kv_bytes,
            "floor_with_kv_ms": (floor["weight_bytes"] + kv_bytes) / floor["read_bytes_per_ms"],
-           # the project's common floor (lmopt.results): weights + KV at the mean context / copy bandwidth
+           # the project's common floor (lmopt.results): weights + KV at the mean context / read bandwidth
            "floor_step": R.step_floor(floor["weight_bytes"], shape, batch, ctx, m.emb.element_size(),
-                                      floor["copy_gbs"]),
+                                      floor["read_gbs"]),
            "step_ms": R.stats([x for st in raw for x in st], scale=1e3),
            "capture_s": capture_s, "raw_step_s": raw}
     log.info("batch %-3d decode %.3f ms/step, %.0f tokens/s, %.2fx the %.3f ms floor (graph ready in %.1f s)",
@@ -280,7 +255,9 @@ def run_check(*, settings: CheckSettings) -> Path:
                             compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs],
                             decode_attention=s.decode_attention, hf_model=hf)
     load_s = time.perf_counter() - t0
-    bw = read_bandwidth_gbs(s.device)
+    probe = R.read_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (256 << 20), reps=20 if cuda else 5)
+    bw = {"read_gbs": probe["gbs"], "buffer_bytes": probe["buffer_bytes"], "reps": probe["reps"],
+          "threads": probe["threads"]}
     bw["copy_gbs"] = R.copy_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (256 << 20))
     wbytes = engine.weight_bytes()
     floor = {"weight_bytes": wbytes, "read_gbs": bw["read_gbs"], "read_bytes_per_ms": bw["read_gbs"] * 1e6,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, read_json, run_cli
+from conftest import REPO, assert_one_line_error, load_script, read_json, run_cli
 from lmopt.results import SCHEMA_VERSION
 
 
@@ -43,6 +43,51 @@ def test_benchmark_result_file(bench_result):
     # ORT FP32 computes the same greedy tokens as the baseline
     assert ok[("ort", "fp32")]["summary"]["1"]["agreement_vs_baseline"] == 1.0
     assert "Before vs After" in stdout
+    # the floor divides by the read bandwidth of every core, measured in this run; no row beats it
+    probe = r["read_bandwidth_probe"]
+    assert r["read_bandwidth_gbs"] == probe["gbs"] > 0 and probe["buffer_bytes"] == 16 << 20
+    assert probe["threads"] >= 1 and r["copy_bandwidth_gbs"] > 0
+    assert r["measurement_errors"] == []
+    assert all(m["below_floor"] is False for row in ok.values() for m in row["summary"].values())
+    assert "GB/s read bandwidth" in stdout
+
+
+def test_read_bandwidth_probe_restores_threads():
+    import torch
+
+    from lmopt.results import read_bandwidth_gbs
+
+    before = torch.get_num_threads()
+    one = read_bandwidth_gbs("cpu", 8 << 20, reps=2, threads=1)
+    assert one["gbs"] > 0 and one["threads"] == 1 and one["reps"] == 2
+    assert torch.get_num_threads() == before
+    assert read_bandwidth_gbs("cpu", 0) is None
+
+
+def test_rows_faster_than_the_floor_are_measurement_errors(bench_result, tmp_path):
+    """Recomputed with a read bandwidth so low that every measured step beats its floor: each row is flagged (unless
+    its bytes fit in the last-level cache), the table marks it, and the caption names the read bandwidth; a file
+    written before the read probe renders its floor as a copy bandwidth."""
+    from lmopt.report.benchmark import render_table
+
+    bench = load_script("profile/benchmark.py")
+    r = json.loads(json.dumps(bench_result[0]))
+    st, shape = r["settings"], r["model_shape"]
+    ok = [x for x in r["rows"] if x["status"] == "ok"]
+    args = (st["batch_sizes"], shape, 1e-3, st["short_prompt_tokens"], st["long_prompt_tokens"], st["max_new_tokens"])
+    assert bench.summarize_row(ok[0], None, *args, llc=1 << 40)["1"]["below_floor"] is False  # cache-resident
+    for x in ok:
+        x["summary"] = bench.summarize_row(x, None, *args, llc=0)
+    errors = bench.measurement_errors(r["rows"])
+    assert len(errors) == len(ok) * len(st["batch_sizes"]) * 3  # each batch: all steps, short and long prompt
+    r["measurement_errors"] = errors
+    table = render_table(r, markdown=True)
+    assert table.count("⚠ below floor") == len(ok) * len(st["batch_sizes"])
+    assert "measurement error (faster than the bandwidth floor): torch fp32 batch 1" in table
+    assert f"floor at {r['read_bandwidth_gbs']:.1f} GB/s read bandwidth" in table
+    for k in ("read_bandwidth_gbs", "read_bandwidth_probe", "measurement_errors"):
+        del r[k]
+    assert "GB/s copy bandwidth (read + write" in render_table(r, markdown=True)
 
 
 def test_rows_that_cannot_run_say_why(bench_result):

@@ -52,6 +52,21 @@ def stat_ms(summary: dict, name: str) -> dict:
     return {k: (v * 1e3 if isinstance(v, (int, float)) and k not in ("n", "count") else v) for k, v in old.items()}
 
 
+def floor_note(result: dict) -> str:
+    """What a benchmark result's bandwidth floor divides by, e.g. "36 GB/s read bandwidth (2 threads)"; files from
+    before the read probe say that their floor is a copy bandwidth. Empty when no floor was measured."""
+    from lmopt.results import floor_bandwidth
+
+    gbs, how = floor_bandwidth(result)
+    if gbs is None:
+        return ""
+    gbs = f"{gbs:.0f}" if gbs >= 100 else f"{gbs:.1f}"
+    if how == "copy":
+        return f"{gbs} GB/s copy bandwidth (read + write; measured before the read probe existed)"
+    threads = (result.get("read_bandwidth_probe") or {}).get("threads")
+    return f"{gbs} GB/s read bandwidth" + (f" ({threads} threads)" if threads else "")
+
+
 def _sections() -> dict[str, Callable[[Path], str]]:
     from lmopt.report import benchmark, gpu, openai, serving, tiny
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmopt.report import stat_ms
+from lmopt.report import floor_note, stat_ms
 
 
 def _ms(x) -> str:
@@ -32,8 +32,11 @@ def render_table(result: dict, markdown: bool = False) -> str:
                          f"{m['decode_tokens_per_s']:.1f}" if m["decode_tokens_per_s"] else "—",
                          f"{m['decode_speedup_vs_baseline']:.2f}x" if m.get("decode_speedup_vs_baseline") else "—",
                          f"{m['agreement_vs_baseline']:.0%}" if m.get("agreement_vs_baseline") is not None else "—",
-                         f"{m['bandwidth_floor_ms']:.2f}" if m.get("bandwidth_floor_ms") else "—",
+                         (f"{m['bandwidth_floor_ms']:.2f}" + (" ⚠ below floor" if m.get("below_floor") else ""))
+                         if m.get("bandwidth_floor_ms") else "—",
                          f"{r['memory']['engine_rss_mb']:.0f}"])
+    errors = [f"measurement error (faster than the bandwidth floor): {e}"
+              for e in result.get("measurement_errors", [])]
     mach = result["machine"]
     where = mach.get("gpu", {}).get("name") if mach.get("gpu") and result["settings"]["device"] != "cpu" \
         else f"{mach.get('cpu_model', mach.get('processor'))}, {mach.get('cpu_count')} cores"
@@ -42,21 +45,20 @@ def render_table(result: dict, markdown: bool = False) -> str:
                f"{s.get('max_new_tokens', s.get('new_tokens'))} new tokens, greedy; "
                "speedup = baseline p50 step / row p50 step "
                f"(baseline {result['baseline']['engine']} {result['baseline']['precision']})"
-               + (f"; floor at {result['copy_bandwidth_gbs']} GB/s copy bandwidth" if result.get("copy_bandwidth_gbs")
-                  else "")
+               + (f"; floor at {floor_note(result)}" if floor_note(result) else "")
                + (f"; 1-min load average {result['load_average']['start'][0]} at start, "
                   f"{result['load_average']['end'][0]} at end ({result['load_average']['cpu_count']} cores)"
                   if result.get("load_average") else ""))
     if markdown:
         lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in body]
-        lines += [""] + [f"- {n}" for n in notes] if notes else []
+        lines += [""] + [f"- {n}" for n in notes + errors] if notes or errors else []
         return "\n".join(lines)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda row: "  ".join(str(x).rjust(w) if j >= 2 else str(x).ljust(w)  # noqa: E731
                                 for j, (x, w) in enumerate(zip(row, widths)))
     lines = ["Before vs After — " + caption, fmt(head), fmt(["-" * w for w in widths])]
-    lines += [fmt(row) for row in body] + notes
+    lines += [fmt(row) for row in body] + notes + errors
     return "\n".join(lines)
 
 

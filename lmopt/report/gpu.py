@@ -74,10 +74,14 @@ def render(results_dir: str | Path) -> str:
 
 def render_benchmark(d: dict) -> str:
     """One GPU benchmark file: a row per engine x batch x prompt length, against the bandwidth floor."""
+    from lmopt.report import floor_note
+    from lmopt.results import floor_bandwidth
+
     g, v, st = d.get("gpu", {}), d["versions"], d["settings"]
+    gbs = floor_bandwidth(d)[0] or 0
     out = [f"**{d['model']}** — {g.get('name', '?')}, driver {g.get('driver')}, CUDA {g.get('torch_cuda')}, "
-           f"torch {v.get('torch')}, onnxruntime-gpu {v.get('onnxruntime-gpu')}; {d['created'][:10]}; copy bandwidth "
-           f"{d['copy_bandwidth_gbs'] or 0:.0f} GB/s (read+write); {st['repeats']} repetitions after {st['warmup']} "
+           f"torch {v.get('torch')}, onnxruntime-gpu {v.get('onnxruntime-gpu')}; {d['created'][:10]}; floor at "
+           f"{floor_note(d) or 'no bandwidth measured'}; {st['repeats']} repetitions after {st['warmup']} "
            f"warm-up, {st.get('max_new_tokens')} new tokens, greedy; `{' '.join(d['command'])}`; data: "
            f"`{d['_path']}`\n",
            "| engine | precision | batch | prompt | TTFT ms | decode ms/token | tokens/s | floor ms/token | × floor "
@@ -99,7 +103,8 @@ def render_benchmark(d: dict) -> str:
                 out.append(f"| {name} | {r['precision']} | {b} | {e['prompt_tokens']} | {e['ttft_ms']['p50']:.2f} | "
                            f"{step:.3f} | {e['decode_tokens_per_s']:.0f} | "
                            f"{'–' if floor is None else f'{floor:.3f}'} | "
-                           f"{'–' if floor is None else f'{step / floor:.1f}'} | "
+                           f"{'–' if floor is None else f'{step / floor:.1f}'}"
+                           f"{' ⚠ below floor' if e.get('below_floor') else ''} | "
                            f"{'–' if speed is None else f'{speed:.2f}x'} | {'–' if agree is None else f'{agree:.0%}'} |")
                 if b == "1" and k == "short" and (best is None or step < best[0]):
                     best = (step, name, e)
@@ -110,7 +115,8 @@ def render_benchmark(d: dict) -> str:
         out.append(f"\nBatch 1, prompt {e['prompt_tokens']}: fastest decode is {name} at {step:.3f} ms/token = "
                    f"{b1['step_ms']['p50'] / step:.1f}x {ENGINE_NAMES.get(base['engine'], base['engine'])} and "
                    f"{step / e['bandwidth_floor_ms']:.1f}x the bandwidth floor ({e['bytes_per_step'] / 1e9:.2f} GB "
-                   f"read per token / {d['copy_bandwidth_gbs']:.0f} GB/s = {e['bandwidth_floor_ms']:.3f} ms).")
+                   f"read per token / {gbs:.0f} GB/s = {e['bandwidth_floor_ms']:.3f} ms).")
+    notes += [f"- measurement error (faster than the bandwidth floor): {x}" for x in d.get("measurement_errors", [])]
     if notes:
         out += [""] + notes
     out.append("")
