@@ -85,7 +85,7 @@ $(AIPERF_VENV)/.installed:
 	touch $@
 
 # llama.cpp as a benchmark engine (`--engines ...,llamacpp`): llama-cpp-python built from source for this CPU into
-# $(LLAMACPP)/site (not in `make test`'s path; ~20 min on 2 cores), plus the converter and gguf-py its sdist vendors
+# $(LLAMACPP)/site (not in `make test`'s path; ~15 min on 2 cores), plus the converter and gguf-py its sdist vendors
 LLAMACPP     := .llamacpp
 LLAMACPP_VER := 0.3.36
 .PHONY: llamacpp
@@ -97,8 +97,13 @@ $(LLAMACPP)/.installed: $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
 		$(VENV)/bin/pip install -q --no-deps --target $(LLAMACPP)/site $(LLAMACPP)/src/llama_cpp_python-$(LLAMACPP_VER)
-	$(VENV)/bin/pip install -q --no-deps --target $(LLAMACPP)/site diskcache==5.6.3
+	$(VENV)/bin/pip install -q --no-deps --target $(LLAMACPP)/site diskcache==5.6.3 sentencepiece==0.2.1
 	touch $@
+# llama.cpp's files of MODEL (F32 by the vendored converter, Q8_0 and Q4_0 by llama.cpp's quantizer), for the engine
+.PHONY: gguf
+$(A)/gguf/f32/manifest.json $(A)/gguf/q8_0/manifest.json $(A)/gguf/q4_0/manifest.json &: $(LLAMACPP)/.installed
+	$(PY) convert/export_gguf.py --model $(MODEL) --artifacts $(ART)
+gguf: $(A)/gguf/f32/manifest.json $(A)/gguf/q8_0/manifest.json $(A)/gguf/q4_0/manifest.json
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)

@@ -16,7 +16,7 @@ from lmopt.errors import UserError
 from lmopt.manifest import MANIFEST, list_variants, load_stage, sha256_file
 from lmopt.paths import stage_dir
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # which make target produces each ONNX precision
 PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
 

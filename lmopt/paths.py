@@ -26,6 +26,7 @@ STAGE_TARGETS = {
     "engine": "engine",
     "serve": "serve-repo",
     "profile": "benchmark",
+    "gguf": "gguf",
 }
 
 

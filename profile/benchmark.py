@@ -96,8 +96,9 @@ def candidate_rows(device: str, engines=(), precisions=()) -> list[tuple[str, st
                  ("compiled", "fp16"), ("compiled", "bf16"), ("torch", "fp32"), ("ort", "fp32"), ("ort", "fp16"),
                  ("ort-gqa", "fp16"), ("ort", "int8"), ("trt", "fp16"), ("trt", "int8")]
     else:
-        known = [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8"), ("ort", "fp16"), ("torch", "fp16"),
-                 ("trt", "fp16"), ("trt", "int8")]
+        known = [("torch", "fp32"), ("ort", "fp32"), ("ort-gqa", "fp32"), ("ort", "int8"), ("ort-gqa", "int8"),
+                 ("ort", "int4"), ("ort-gqa", "int4"), ("ort", "fp16"), ("torch", "fp16"), ("trt", "fp16"),
+                 ("trt", "int8"), ("llamacpp", "fp32"), ("llamacpp", "int8"), ("llamacpp", "int4")]
     return known + [(e, p) for e in engines for p in precisions if (e, p) not in known]
 
 

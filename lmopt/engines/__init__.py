@@ -6,6 +6,7 @@
     create_engine("compiled", "llama-1b", precision="fp16", device="cuda")   # slotted static KV + CUDA graphs
     create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")  # HF model, static KV + CUDA graphs
     create_engine("ort-gqa", "llama-1b", precision="fp16", device="cuda")    # fused GQA graph, fixed KV buffer
+    create_engine("llamacpp", "llama-small", precision="int4")               # llama.cpp Q4_0 (make llamacpp)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..errors import UserError
 from ..paths import stage_dir
 from .base import Engine, EngineInfo
 
-ENGINES = ("torch", "ort", "trt", "compiled", "cudagraph", "ort-gqa")
+ENGINES = ("torch", "ort", "trt", "compiled", "cudagraph", "ort-gqa", "llamacpp")
 
 
 def create_engine(engine: str, model: str, precision: str = "fp32", device: str = "cpu",
@@ -27,6 +28,10 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from .compiled import CompiledEngine
 
         return CompiledEngine(model, precision, device, threads, **kwargs)
+    if engine == "llamacpp":
+        return _llamacpp(model, precision, device, artifacts, threads, **kwargs)
+    if precision == "int4" and engine not in ("ort", "ort-gqa"):
+        raise UserError(f"engine '{engine}' has no int4 build — use --engine ort (MatMulNBits) or llamacpp for int4")
     if precision == "bf16" and engine not in ("torch", "cudagraph"):
         raise UserError(f"engine '{engine}' has no bf16 build — use --engine compiled, cudagraph or torch for bf16")
     if engine == "torch":
@@ -71,6 +76,28 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
     from .trt_engine import TrtEngine  # noqa: PLC0415  (needs the tensorrt package)
 
     return TrtEngine.from_artifacts(artifacts, model, precision, **kwargs)
+
+
+def _llamacpp(model: str, precision: str, device: str, artifacts, threads: int | None, **kwargs) -> Engine:
+    from ..llamacpp import FILE_TYPES, import_llama_cpp
+    from ..manifest import list_variants
+
+    if device != "cpu":
+        raise UserError("engine 'llamacpp' is built for the CPU here — pass --device cpu")
+    if precision not in FILE_TYPES:
+        raise UserError(f"engine 'llamacpp' runs {', '.join(FILE_TYPES)} (F32, Q8_0, Q4_0), not {precision}")
+    import_llama_cpp()  # a missing install says `make llamacpp` before anything else
+    ftype = FILE_TYPES[precision]
+    man = list_variants(artifacts, model, "gguf").get(ftype)
+    if man is None:
+        model_arg = "" if model == "tiny" else f" --model {model}"
+        raise UserError(f"no {ftype} GGUF under {stage_dir(artifacts, model, 'gguf', '')} — run: python "
+                        f"convert/export_gguf.py{model_arg} --types {ftype}")
+    from .llamacpp import LlamaCppEngine
+
+    folder = stage_dir(artifacts, model, "gguf", ftype)
+    return LlamaCppEngine(folder / man["outputs"]["gguf"], precision, threads, variant=ftype,
+                          max_positions=man["model_shape"]["max_positions"], **kwargs)
 
 
 def trt_unavailable_reason(device: str = "cuda") -> str | None:
