@@ -54,6 +54,17 @@ $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minm
 	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)
 quantize: $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json
 
+# weight-only INT4 (MatMulNBits) for ONNX Runtime CPU: of optimum's graph (engine ort) and of the fused GQA graph
+# (engine ort-gqa), same accuracy budget
+$(A)/export/fp32-gqa/manifest.json: $(STAMP)
+	$(PY) convert/export_onnx.py --model $(MODEL) --artifacts $(ART) --dtype fp32 --attention gqa --max-len $(MAX_LEN)
+$(A)/quantize/int4-cpu-nbits/manifest.json: $(A)/export/fp32/manifest.json
+	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART) --target onnxruntime-int4
+$(A)/quantize/int4-cpu-nbits-gqa/manifest.json: $(A)/export/fp32-gqa/manifest.json
+	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART) --target onnxruntime-int4 --attention gqa
+.PHONY: quantize-int4
+quantize-int4: $(A)/quantize/int4-cpu-nbits/manifest.json $(A)/quantize/int4-cpu-nbits-gqa/manifest.json
+
 $(A)/quantize/fp16/manifest.json: $(A)/export/fp32/manifest.json
 	$(PY) convert/convert_fp16.py --model $(MODEL) --artifacts $(ART)
 fp16: $(A)/quantize/fp16/manifest.json

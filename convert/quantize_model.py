@@ -5,12 +5,15 @@
                                                                          # which MatMul groups stay FP32
     python convert/quantize_model.py --model tiny --target onnxruntime --method entropy --calib-text my.txt
     python convert/quantize_model.py --model tiny --compare-quantizers  # ModelOpt vs ONNX Runtime for TensorRT
+    python convert/quantize_model.py --model tiny --target onnxruntime-int4                  # 4-bit weights (CPU)
+    python convert/quantize_model.py --model tiny --target onnxruntime-int4 --attention gqa  # ... of the fused graph
 
 Reads:  artifacts/<model>/export/fp32/{manifest.json, model.onnx, tokenizer}  (stage 1, hash-checked)
         calibration text: --calib-text FILE or the built-in calibration split (data/calib.txt)
         evaluation text: always the built-in held-out split (data/eval.txt), never the calibration text
 Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.json}    for TensorRT (S8S8)
         artifacts/<model>/quantize/int8-cpu-u8s8-<method>/{model.onnx, manifest.json}   for ONNX Runtime CPU (U8S8)
+        artifacts/<model>/quantize/int4-cpu-nbits[-gqa]/{model.onnx, manifest.json}        --target onnxruntime-int4
         with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
 
 Why two INT8 graphs: TensorRT needs symmetric int8 Q/DQ pairs on MatMul inputs; ONNX Runtime's AVX2 CPU kernels
@@ -21,6 +24,10 @@ of its first half (the past_key_values paths need ranges too). Methods minmax / 
 Accuracy budget: when INT8 perplexity rises more than --max-ppl-increase percent over FP32, every MatMul group
 (a decoder layer, or the LM head) is kept in FP32 alone and re-scored; the most sensitive groups are then kept in
 FP32, fewest first, until the budget holds. If none meets it, exit 1 and write nothing.
+Weight-only INT4 (--target onnxruntime-int4): every MatMul with a constant weight becomes MatMulNBits (blocks of 32
+symmetric 4-bit weights, accuracy_level 4: int8 compute), the LM head included unless the budget keeps it FP32; no
+calibration. With --attention gqa the source is stage 1's fused graph (export_onnx.py --attention gqa, engine
+ort-gqa), scored through that engine one position at a time; the accuracy report, budget and sweep are the same.
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """
@@ -40,7 +47,7 @@ from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("quantize")
 
-TARGETS = ("all", "tensorrt", "onnxruntime")
+TARGETS = ("all", "tensorrt", "onnxruntime", "onnxruntime-int4")
 QUANTIZERS = ("ort", "modelopt")
 
 
@@ -48,7 +55,8 @@ QUANTIZERS = ("ort", "modelopt")
 class QuantizeSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    target: str = "all"                # which INT8 graphs: all | tensorrt | onnxruntime
+    target: str = "all"                # which graphs: all (both INT8) | tensorrt | onnxruntime | onnxruntime-int4
+    attention: str = "sdpa"            # source graph: sdpa (optimum's export) | gqa (fused graph; onnxruntime-int4)
     quantizer: str = "ort"             # TensorRT graph made by ONNX Runtime's QDQ quantizer or NVIDIA ModelOpt
     method: str = "minmax"             # calibration: minmax | entropy | percentile
     calib_text: str | None = None      # None = built-in calibration split
@@ -76,6 +84,10 @@ def check_settings(s: QuantizeSettings) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
     if s.calib_seq_len < 2:
         raise UserError("--calib-seq-len must be >= 2 (a prefill and a KV-cache half are fed)")
+    if s.attention not in ("sdpa", "gqa"):
+        raise UserError(f"unknown --attention '{s.attention}' — use sdpa or gqa")
+    if s.attention == "gqa" and s.target != "onnxruntime-int4":
+        raise UserError("--attention gqa quantizes the fused graph's weights only — use --target onnxruntime-int4")
     if s.quantizer == "modelopt" and s.target == "onnxruntime":
         raise UserError("--quantizer modelopt makes the TensorRT graph only — use --target tensorrt")
     for p in s.exclude:
@@ -88,6 +100,8 @@ def check_settings(s: QuantizeSettings) -> None:
 def variant_name(target: str, s: QuantizeSettings) -> str:
     from lmopt.quantization import PRESETS
 
+    if PRESETS[target].weight_bits:  # no calibration, so no method
+        return PRESETS[target].prefix + ("-gqa" if s.attention == "gqa" else "")
     q = "-modelopt" if target == "tensorrt" and s.quantizer == "modelopt" else ""
     return f"{PRESETS[target].prefix}{q}-{s.method}"
 
@@ -129,7 +143,11 @@ class _Target:
     def make(self, exclude: list[str]) -> Path:
         self.n += 1
         out = self.work / f"{self.target}-{self.n}.onnx"
-        if self.use_modelopt:
+        if self.preset.weight_bits:
+            from lmopt.quantization import nbits_quantize
+
+            nbits_quantize(self.fp32_path, self.preset.weight_bits, exclude, out)
+        elif self.use_modelopt:
             from tqdm import tqdm
 
             from lmopt.quantization import modelopt_quantize
@@ -158,7 +176,17 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     check_writable(s.artifacts)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
+    if s.attention == "gqa":
+        from lmopt.manifest import list_variants
+
+        src_man = list_variants(s.artifacts, s.model, "export").get("fp32-gqa")
+        if src_man is None:
+            model_arg = "" if s.model == "tiny" else f" --model {s.model}"
+            raise UserError(f"no fp32-gqa graph under {stage_dir(s.artifacts, s.model, 'export', '')} — run: python "
+                            f"convert/export_onnx.py{model_arg} --dtype fp32 --attention gqa")
+        src_folder = stage_dir(s.artifacts, s.model, "export", "fp32-gqa")
+    else:
+        src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
     fp32_path = onnx_file(src_folder, src_man)     # size + sha256 against the export manifest
     shape = src_man.get("model_shape", {})
     calib_text, calib_source = read_text(s.calib_text, "calib")
@@ -175,10 +203,14 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                                   f"({calib_source})")
     eval_windows = token_windows(tokenizer, builtin_text("eval"), s.eval_samples, s.eval_seq_len, "evaluation text")
     prompts = [w[:16] for w in eval_windows[: s.greedy_prompts]]
-    with timed(log, "calibration feeds (prefill + KV cache)", timings, "calibration_feeds_s"):
-        feeds = calibration_feeds(fp32_session, calib_windows)
+    targets = ["tensorrt", "onnxruntime"] if s.target == "all" else [s.target]
+    feeds = []
+    if any(not PRESETS[t].weight_bits for t in targets):
+        with timed(log, "calibration feeds (prefill + KV cache)", timings, "calibration_feeds_s"):
+            feeds = calibration_feeds(fp32_session, calib_windows)
     with timed(log, "FP32 reference (perplexity, greedy tokens)", timings, "fp32_reference_s"):
-        ev = Evaluator(fp32_path, eval_windows, prompts, s.greedy_tokens, shape.get("max_positions", 2048))
+        ev = Evaluator(fp32_path, eval_windows, prompts, s.greedy_tokens, shape.get("max_positions", 2048),
+                       gqa_max_len=src_man.get("graph", {}).get("max_len"))
     log.info("FP32 perplexity on %d held-out tokens: %.4f", sum(len(w) for w in eval_windows), ev.ref_ppl)
 
     names = matmul_nodes(onnx.load(str(fp32_path), load_external_data=False))
@@ -188,7 +220,6 @@ def quantize(*, settings: QuantizeSettings) -> dict:
         raise UserError(f"--exclude {' '.join(s.exclude)} matches no MatMul/Gemm node — node names look like "
                         f"{names[0]!r}")
     base_excl = sorted(set(forced) | set(user))
-    targets = ["tensorrt", "onnxruntime"] if s.target == "all" else [s.target]
     if s.compare_quantizers:
         return compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man)
 
@@ -222,12 +253,14 @@ def quantize(*, settings: QuantizeSettings) -> dict:
         failures = []
         checklists = {}
         for target, r in results.items():
-            own = r["coverage"][target]
+            own = r["coverage"][PRESETS[target].targets[0]]
+            bits = PRESETS[target].weight_bits
             ck = Checklist(f"quantize validation ({variant_name(target, s)} vs FP32)")
             ck.add("perplexity increase % within budget", r["accuracy"]["ppl_increase_pct"] <= s.max_ppl_increase,
                    r["accuracy"]["ppl_increase_pct"], s.max_ppl_increase,
                    f"{len(r['budget_exclusions'])} group(s) kept FP32 by the budget")
-            ck.add(f"MatMuls running INT8 on {target}", own["matmuls_int8"] > 0,
+            ck.add(f"MatMuls running {f'{bits}-bit MatMulNBits' if bits else 'INT8'} on {target}",
+                   own["matmuls_int8"] > 0,
                    f"{own['matmuls_int8']}/{own['matmuls_int8'] + own['matmuls_float']}", None,
                    f"{100 * own['int8_flop_fraction']:.1f}% of MatMul FLOPs per token")
             ck.print(log)
@@ -257,10 +290,14 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                 payload = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
                 manifest = {
                     "stage": "quantize", "variant": variant, "model": src_man.get("model", s.model),
-                    "precision": "int8", "targets": list(PRESETS[target].targets),
+                    "precision": "int4" if PRESETS[target].weight_bits == 4 else "int8",
+                    "targets": list(PRESETS[target].targets),
+                    "engine": "ort-gqa" if s.attention == "gqa" else "ort",
+                    **({"graph": src_man["graph"]} if s.attention == "gqa" else {}),
                     # the pipeline's own choice per precision+target; other methods/quantizers are for comparison
                     "default": s.method == QuantizeSettings.method and s.quantizer == QuantizeSettings.quantizer,
                     "quantizer": "modelopt" if (target == "tensorrt" and s.quantizer == "modelopt")
+                    else "onnxruntime.quantization MatMulNBitsQuantizer" if PRESETS[target].weight_bits
                     else "onnxruntime.quantization QDQQuantizer",
                     "preset": asdict(PRESETS[target]),
                     "outputs": {"onnx": "model.onnx", "files": {n: file_entry(tmp / n) for n in payload}},
@@ -294,7 +331,7 @@ def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: Qu
         path = tg.make(base_excl)
         ppl = ev.ppl(path)
     d = ev.delta_pct(ppl)
-    log.info("%s: INT8 perplexity %.4f (%+.3f%% vs FP32 %.4f; budget %.3f%%)", tg.target, ppl, d, ev.ref_ppl,
+    log.info("%s: quantized perplexity %.4f (%+.3f%% vs FP32 %.4f; budget %.3f%%)", tg.target, ppl, d, ev.ref_ppl,
              s.max_ppl_increase)
     groups = sweep_groups([n for n in names if n not in base_excl], s.sweep_granularity)
     max_excl = len(groups) // 2 if s.max_excluded < 0 else min(s.max_excluded, len(groups))

@@ -18,7 +18,7 @@ from lmopt.paths import stage_dir
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # which make target produces each ONNX precision
-PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16"}
+PRECISION_TARGET = {"fp32": "export", "int8": "quantize", "fp16": "fp16", "int4": "quantize-int4"}
 
 
 def make_hint(target: str, model: str = "tiny") -> str:
@@ -45,7 +45,8 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' — use one of {', '.join(PRECISIONS)}")
     if precision not in PRECISION_TARGET:
-        raise UserError(f"there is no {precision} ONNX stage — use fp32, fp16 or int8 with ONNX Runtime or TensorRT")
+        raise UserError(f"there is no {precision} ONNX stage — use fp32, fp16, int8 or int4 with ONNX Runtime or "
+                        "fp16/int8 with TensorRT")
     if precision == "fp32":
         return load_stage(artifacts, model, "export", "fp32")
     if precision == "fp16" and target == "onnxruntime":
@@ -55,7 +56,9 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
         if exported is not None:
             return stage_dir(artifacts, model, "export", "fp16"), exported
     variants = list_variants(artifacts, model, "quantize")
-    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
+    # (graphs made from the fused GQA export run on engine ort-gqa, which finds them itself)
+    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])
+             and m.get("engine", "ort") != "ort-gqa"}
     if not found:
         where = stage_dir(artifacts, model, "quantize", "")
         other = sorted({t for m in variants.values() if m.get("precision") == precision for t in m.get("targets", [])})

@@ -37,6 +37,7 @@ class QuantPreset:
     activation_type: str         # "int8" | "uint8"
     activation_symmetric: bool
     note: str
+    weight_bits: int = 0         # 4 or 8: weight-only block quantization (MatMulNBits), no activation quantization
 
 
 PRESETS: dict[str, QuantPreset] = {
@@ -51,10 +52,17 @@ PRESETS: dict[str, QuantPreset] = {
     "onnxruntime": QuantPreset("int8-cpu-u8s8", ("onnxruntime",), "uint8", False,
                                "U8S8: asymmetric uint8 activations, per-channel symmetric int8 weights (the "
                                "layout ONNX Runtime's CPU kernels fuse)"),
+    # weight-only block quantization: MatMulNBits with blocks of 32 symmetric int4 weights and one float scale each;
+    # accuracy_level 4 quantizes the activations to int8 on the fly (per block) and runs int8 dot products
+    "onnxruntime-int4": QuantPreset("int4-cpu-nbits", ("onnxruntime",), "float", False,
+                                    "MatMulNBits: 4-bit symmetric weights in blocks of 32, accuracy_level 4 (int8 "
+                                    "compute); no calibration", weight_bits=4),
 }
+NBITS_BLOCK = 32
+NBITS_ACCURACY_LEVEL = 4
 METHODS = ("minmax", "entropy", "percentile")
 INT8_MATMUL_OPS = {"QLinearMatMul", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                   "QAttention"}
+                   "QAttention", "MatMulNBits"}   # (coverage counts MatMulNBits' 4-bit weights as quantized too)
 FLOAT_MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul"}
 # Llama's rotary embedding computes positions x inv_freq with a MatMul; a static scale clamps every position past
 # the calibration length (ENVIRONMENT.md), so it is never quantized.
@@ -172,6 +180,20 @@ class Calibration:
         q.model.save_model_to_file(str(out_path), False)
 
 
+def nbits_quantize(fp32_path: Path, bits: int, exclude: list[str], out_path: Path) -> None:
+    """Weight-only block quantization of every MatMul with a constant weight (not in `exclude`) to MatMulNBits."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32_path))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK, is_symmetric=True,
+                                       accuracy_level=NBITS_ACCURACY_LEVEL, bits=bits)
+    q = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=cfg)
+    q.process()
+    big = q.model.model.ByteSize() > (1 << 31) - (64 << 20)
+    q.model.save_model_to_file(str(out_path), big)
+
+
 def modelopt_quantize(fp32_path: Path, feeds: list[dict], method: str, exclude: list[str], out_path: Path,
                       progress=None) -> None:
     """NVIDIA ModelOpt ONNX PTQ (made for TensorRT), run on CPU: see ENVIRONMENT.md for the arguments."""
@@ -205,6 +227,11 @@ def modelopt_quantize(fp32_path: Path, feeds: list[dict], method: str, exclude: 
 
 # --- accuracy --------------------------------------------------------------------------------------------------------
 
+def is_gqa_graph(session) -> bool:
+    """The fused GroupQueryAttention decoder of lmopt.onnx_gqa (seqlens_k input), not optimum's graph."""
+    return any(i.name == "seqlens_k" for i in session.get_inputs())
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -215,7 +242,8 @@ class Evaluator:
     """Held-out windows and greedy prompts scored once with the FP32 graph; candidates are compared against it."""
 
     def __init__(self, fp32_path: Path, windows: list[list[int]], prompts: list[list[int]], greedy_tokens: int,
-                 max_positions: int, session_kwargs: dict | None = None):
+                 max_positions: int, session_kwargs: dict | None = None, gqa_max_len: int | None = None):
+        self.gqa_max_len = gqa_max_len or max_positions   # KV buffer positions of a fused GQA graph
         self.windows = [np.asarray(w, np.int64)[None] for w in windows]
         self.prompts, self.greedy_tokens, self.max_positions = prompts, greedy_tokens, max_positions
         ref = self._logits(fp32_path, {})
@@ -231,11 +259,37 @@ class Evaluator:
 
     def _logits(self, path, session_kwargs) -> list[np.ndarray]:
         sess = self._session(path, session_kwargs)
+        if is_gqa_graph(sess):
+            del sess
+            return self._gqa_logits(path, session_kwargs)
         ins, past_names, kvh, hd = _io_names(sess)
         out = [sess.run(["logits"], make_feed(ins, past_names, kvh, hd, w, None, 0))[0][0].astype(np.float32)
                for w in self.windows]
         del sess
         return out
+
+    def _gqa_logits(self, path, session_kwargs) -> list[np.ndarray]:
+        """Every position's logits of a fused GQA graph (which returns the last position only): the window's first
+        token as a prefill, then one decode step per token (teacher forcing) through the ort-gqa engine."""
+        eng = self._gqa_engine(path, session_kwargs)
+        out = []
+        for w in self.windows:
+            ids = w[:, :1]
+            lg, st = eng.prefill(ids, np.ones_like(ids), np.zeros_like(ids))
+            rows = [lg[0]]
+            for t in range(1, w.shape[1]):
+                lg, st = eng.decode(st, w[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]], np.int64))
+                rows.append(lg[0])
+            eng.release(st)
+            out.append(np.stack(rows).astype(np.float32))
+        eng.close()
+        return out
+
+    def _gqa_engine(self, path, session_kwargs):
+        from .engines.ort_gqa import OrtGqaEngine
+
+        return OrtGqaEngine(path, "fp32", "cpu", session_kwargs.get("threads"), variant="candidate",
+                            max_len=self.gqa_max_len, max_positions=self.max_positions)
 
     def _nll(self, logits: list[np.ndarray]) -> float:
         tot, n = 0.0, 0
@@ -250,7 +304,11 @@ class Evaluator:
         from .engines.ort_engine import OrtEngine
         from .generate import SamplingParams, generate
 
-        eng = OrtEngine(path, max_positions=self.max_positions, session_kwargs=session_kwargs or None)
+        sess = self._session(path, session_kwargs)
+        gqa = is_gqa_graph(sess)
+        del sess
+        eng = self._gqa_engine(path, session_kwargs) if gqa else \
+            OrtEngine(path, max_positions=self.max_positions, session_kwargs=session_kwargs or None)
         out = generate(eng, self.prompts, SamplingParams(max_new_tokens=self.greedy_tokens)).tokens
         eng.close()
         return out
@@ -331,6 +389,10 @@ def int8_coverage(path: Path, shape: dict, ctx: int = 128) -> dict:
             continue
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
         counts[kind] += 1
+        if n.op_type == "MatMulNBits":  # its weight is a packed [N, blocks, bytes] blob: K and N are attributes
+            a = {x.name: x.i for x in n.attribute}
+            flops[kind] += 2 * a["K"] * a["N"]
+            continue
         w = n.input[wpos.get(n.op_type, 1)] if len(n.input) > wpos.get(n.op_type, 1) else ""
         if w in inits and len(inits[w]) >= 2:
             flops[kind] += 2 * int(np.prod(inits[w][-2:]))

@@ -52,10 +52,21 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from ..manifest import list_variants
         from .ort_gqa import OrtGqaEngine
 
+        model_arg = "" if model == "tiny" else f" --model {model}"
+        if precision in ("int4", "int8"):  # stage 2's weight-only graphs of the fused export
+            found = sorted((v, m) for v, m in list_variants(artifacts, model, "quantize").items()
+                           if m.get("engine") == "ort-gqa" and m.get("precision") == precision)
+            if not found:
+                raise UserError(f"no {precision} GQA graph under {stage_dir(artifacts, model, 'quantize', '')} — run: "
+                                f"python convert/quantize_model.py{model_arg} --target onnxruntime-{precision} "
+                                "--attention gqa")
+            variant, man = found[0]
+            folder = stage_dir(artifacts, model, "quantize", variant)
+            return OrtGqaEngine(onnx_file(folder, man), precision, device, threads, variant=variant,
+                                max_len=man["graph"]["max_len"], max_positions=man["model_shape"]["max_positions"], **kwargs)
         variant = f"{precision}-gqa"
         man = list_variants(artifacts, model, "export").get(variant)
         if man is None:
-            model_arg = "" if model == "tiny" else f" --model {model}"
             raise UserError(f"no {variant} ONNX under {stage_dir(artifacts, model, 'export', '')} — run: python "
                             f"convert/export_onnx.py{model_arg} --dtype {precision} --attention gqa")
         folder = stage_dir(artifacts, model, "export", variant)

@@ -147,8 +147,9 @@ class OrtGqaEngine(Engine):
         step = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), "position_ids": pos[:, None].copy(),
                 "seqlens_k": state.lens - 1, "last_index": np.zeros(batch, dtype=np.int64)}
         # GQA reads total_sequence_length on the host; the buffer length bounds every row and never changes, so a
-        # captured graph stays valid
-        total = np.array(self.max_len, dtype=np.int32)
+        # captured graph stays valid. Without a CUDA graph (the CPU) it is the longest row: attention then spans the
+        # cached positions only, not the whole buffer
+        total = np.array(self.max_len if self.cuda_graph else int(state.lens.max()), dtype=np.int32)
         if not self.cuda_graph:
             return self._run(b, {**step, "total_sequence_length": total}, 0), state
         if b.step is None:
