@@ -136,8 +136,8 @@ def gguf_tensors(path: str | os.PathLike) -> dict[str, dict]:
 
 def gguf_weight_bytes(tensors: dict[str, dict]) -> int:
     """Bytes of weights one decode step reads: every tensor once, except the token embedding when the file has a
-    separate output matrix (a step reads only its B rows of the embedding)."""
+    separate output matrix and the position embedding (a step reads only its B rows of those)."""
     total = sum(t["bytes"] for t in tensors.values())
     if "output.weight" in tensors and "token_embd.weight" in tensors:
         total -= tensors["token_embd.weight"]["bytes"]
-    return total
+    return total - tensors.get("position_embd.weight", {}).get("bytes", 0)  # GPT-2's positions: one row a step

@@ -14,8 +14,8 @@ Conventions:
 - The bandwidth floor of one decode step = bytes the step must read / measured *read* bandwidth. Bytes read =
   the engine's `weight_bytes()` (every weight once; an input embedding that is not tied to the LM head is left
   out, since a step reads only its B rows) + the KV cache at the step's context. Read bandwidth: best of N timed
-  reductions (a sum) over a buffer much larger than the last-level cache, with every core's thread (CPU) or on the
-  device (CUDA) — the kind of traffic a decode step makes. A step faster than its floor is a measurement error
+  reductions (sums, a max) over a buffer much larger than the last-level cache, with every core's thread (CPU) or
+  on the device (CUDA) — the kind of traffic a decode step makes. A step faster than its floor is a measurement error
   (`below_floor`), unless its bytes fit in the last-level cache, where the memory floor does not bind. Result files
   written before the read probe existed hold only a copy bandwidth (bytes read + written, STREAM's convention);
   `floor_bandwidth` reads either.
@@ -148,8 +148,9 @@ def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20, reps: int =
     """Best-of-`reps` read bandwidth in GB/s: a float32 sum over an `nbytes` buffer, bytes read only; None if
     nbytes<=0. Returns {"gbs", "buffer_bytes", "reps", "threads", "llc_bytes"}.
 
-    CPU: torch's reduction on `threads` threads (default: every core this process may run on), timed with the host
-    clock; the caller's thread count is restored. CUDA: the same reduction timed with CUDA events."""
+    CPU: the fastest of a few reductions (_cpu_read_probes) on `threads` threads (default: every core this process
+    may run on), timed with the host clock; torch's thread count is restored. CUDA: torch's sum timed with CUDA
+    events."""
     if nbytes <= 0:
         return None
     import torch
@@ -173,22 +174,44 @@ def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20, reps: int =
         used = None
     else:
         used = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        before = torch.get_num_threads()
-        torch.set_num_threads(used)
-        try:
-            a = torch.ones(n, dtype=torch.float32)
-            for _ in range(2):
-                a.sum()
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                a.sum()
-                best = min(best, time.perf_counter() - t0)
-            del a
-        finally:
-            torch.set_num_threads(before)
+        methods = _cpu_read_probes(n, reps, used)
+        return {"gbs": max(methods.values()), "buffer_bytes": n * 4, "reps": reps, "threads": used,
+                "llc_bytes": llc_bytes(), "methods_gbs": methods}
     return {"gbs": round(n * 4 / best / 1e9, 2), "buffer_bytes": n * 4, "reps": reps, "threads": used,
-            "llc_bytes": None if used is None else llc_bytes()}
+            "llc_bytes": None}
+
+
+def _cpu_read_probes(n: int, reps: int, threads: int) -> dict[str, float]:
+    """GB/s of a few read-only reductions over n float32 values on `threads` threads, each best of `reps`: torch's
+    sum and max (its own thread pool), and numpy sums of one slice per thread (numpy releases the GIL). The floor
+    takes the fastest: a reduction that is not memory-bound would otherwise lower the bar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    def best_of(f) -> float:
+        f()
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            t = min(t, time.perf_counter() - t0)
+        return round(n * 4 / t / 1e9, 2)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.ones(n, dtype=torch.float32)
+    try:
+        out = {"torch.sum": best_of(a.sum), "torch.amax": best_of(a.amax)}
+    finally:
+        torch.set_num_threads(before)
+    x = a.numpy()
+    parts = np.array_split(x, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        out["numpy.sum per thread"] = best_of(lambda: list(pool.map(np.sum, parts)))
+    del a, x, parts
+    return out
 
 
 def llc_bytes() -> int | None:

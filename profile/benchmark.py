@@ -371,9 +371,9 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
                          "context (prompt + max_new_tokens / 2)",
             "bandwidth_floor_ms": "lmopt.results.step_floor: (engine weight bytes + KV bytes at the mean context) / "
                                   "read bandwidth (read_bandwidth_gbs: a sum over a buffer larger than the "
-                                  "last-level cache, every core's thread); ort's weight bytes are the ONNX file, "
-                                  "which stores a tied embedding twice, so the ort floor of a tied model is an "
-                                  "upper bound",
+                                  "last-level cache, every core's thread); weight bytes leave out embedding tables "
+                                  "a step only gathers rows from (ONNX: initializers read by Gather nodes only; "
+                                  "GGUF: token_embd when the file has a separate output matrix)",
             "below_floor": "the p50 step is faster than its floor while its bytes exceed the last-level cache: a "
                            "measurement error to fix (listed in measurement_errors), not a win",
             "copy_bandwidth_gbs": "bytes read + written per second by a copy (STREAM's convention), for reference",

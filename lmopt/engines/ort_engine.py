@@ -122,10 +122,7 @@ class OrtEngine(Engine):
         return self._run_cpu(feeds, state)
 
     def weight_bytes(self) -> int:
-        """Bytes of the graph's initializers on disk (model.onnx + external data): read once per decode step."""
-        files = [self.onnx_path, *self.onnx_path.parent.glob(self.onnx_path.name + "_data"),
-                 *self.onnx_path.parent.glob(self.onnx_path.name + ".data")]
-        return sum(f.stat().st_size for f in files if f.is_file())
+        return onnx_weight_bytes(self.onnx_path)
 
     def release(self, state) -> None:
         # drop the references so device OrtValues go back to the arena before the next generation
@@ -134,6 +131,28 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         del self.session
+
+
+def onnx_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of weights one decode step reads from a graph: every initializer once, except tables read only by Gather
+    nodes (input and position embeddings: a step reads just its rows of them). A tied embedding stored twice (once
+    for the Gather, once for the LM head MatMul) counts once, as the MatMul's copy."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    users: dict[str, set] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, set()).add(n.op_type)
+    total = 0
+    for t in g.initializer:
+        if users.get(t.name) == {"Gather"}:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        else:
+            total += len(t.raw_data) if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).nbytes
+    return total
 
 
 def _layer_key(name: str):

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import UserError
 from ..nvtx_ranges import nvtx_range
 from .base import Engine, EngineInfo
-from .ort_engine import _ORT_TO_NP, _layer_key, make_session
+from .ort_engine import _ORT_TO_NP, _layer_key, make_session, onnx_weight_bytes
 
 
 @dataclass
@@ -164,8 +164,7 @@ class OrtGqaEngine(Engine):
             self.buffers[state.batch].busy = False
 
     def weight_bytes(self) -> int:
-        files = [self.onnx_path, *self.onnx_path.parent.glob(self.onnx_path.name + "_data")]
-        return sum(f.stat().st_size for f in files if f.is_file())
+        return onnx_weight_bytes(self.onnx_path)
 
     def close(self) -> None:
         self.buffers.clear()
