@@ -14,6 +14,7 @@ Reads:  artifacts/<model>/export/fp32/{manifest.json, model.onnx, tokenizer}  (s
 Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.json}    for TensorRT (S8S8)
         artifacts/<model>/quantize/int8-cpu-u8s8-<method>/{model.onnx, manifest.json}   for ONNX Runtime CPU (U8S8)
         artifacts/<model>/quantize/int4-cpu-nbits[-gqa]/{model.onnx, manifest.json}        --target onnxruntime-int4
+        artifacts/<model>/quantize/int8-cpu-nbits[-gqa]/{model.onnx, manifest.json}  --target onnxruntime-int8-nbits
         with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
 
 Why two INT8 graphs: TensorRT needs symmetric int8 Q/DQ pairs on MatMul inputs; ONNX Runtime's AVX2 CPU kernels
@@ -24,9 +25,9 @@ of its first half (the past_key_values paths need ranges too). Methods minmax / 
 Accuracy budget: when INT8 perplexity rises more than --max-ppl-increase percent over FP32, every MatMul group
 (a decoder layer, or the LM head) is kept in FP32 alone and re-scored; the most sensitive groups are then kept in
 FP32, fewest first, until the budget holds. If none meets it, exit 1 and write nothing.
-Weight-only INT4 (--target onnxruntime-int4): every MatMul with a constant weight becomes MatMulNBits (blocks of 32
-symmetric 4-bit weights, accuracy_level 4: int8 compute), the LM head included unless the budget keeps it FP32; no
-calibration. With --attention gqa the source is stage 1's fused graph (export_onnx.py --attention gqa, engine
+Weight-only INT4 (--target onnxruntime-int4; 8-bit: onnxruntime-int8-nbits): every MatMul with a constant weight
+becomes MatMulNBits (blocks of 32 symmetric 4-bit weights, accuracy_level 4: int8 compute), the LM head included
+unless the budget keeps it FP32; no calibration. With --attention gqa the source is stage 1's fused graph (export_onnx.py --attention gqa, engine
 ort-gqa), scored through that engine one position at a time; the accuracy report, budget and sweep are the same.
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
@@ -47,7 +48,7 @@ from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("quantize")
 
-TARGETS = ("all", "tensorrt", "onnxruntime", "onnxruntime-int4")
+TARGETS = ("all", "tensorrt", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8-nbits")
 QUANTIZERS = ("ort", "modelopt")
 
 
@@ -55,8 +56,8 @@ QUANTIZERS = ("ort", "modelopt")
 class QuantizeSettings:
     model: str = "tiny"
     artifacts: str = "artifacts"
-    target: str = "all"                # which graphs: all (both INT8) | tensorrt | onnxruntime | onnxruntime-int4
-    attention: str = "sdpa"            # source graph: sdpa (optimum's export) | gqa (fused graph; onnxruntime-int4)
+    target: str = "all"                # all (both INT8) | tensorrt | onnxruntime | onnxruntime-int4 | ...-int8-nbits
+    attention: str = "sdpa"            # source graph: sdpa (optimum's export) | gqa (fused graph; weight-only targets)
     quantizer: str = "ort"             # TensorRT graph made by ONNX Runtime's QDQ quantizer or NVIDIA ModelOpt
     method: str = "minmax"             # calibration: minmax | entropy | percentile
     calib_text: str | None = None      # None = built-in calibration split
@@ -86,8 +87,9 @@ def check_settings(s: QuantizeSettings) -> None:
         raise UserError("--calib-seq-len must be >= 2 (a prefill and a KV-cache half are fed)")
     if s.attention not in ("sdpa", "gqa"):
         raise UserError(f"unknown --attention '{s.attention}' — use sdpa or gqa")
-    if s.attention == "gqa" and s.target != "onnxruntime-int4":
-        raise UserError("--attention gqa quantizes the fused graph's weights only — use --target onnxruntime-int4")
+    if s.attention == "gqa" and s.target not in ("onnxruntime-int4", "onnxruntime-int8-nbits"):
+        raise UserError("--attention gqa quantizes the fused graph's weights only — use --target onnxruntime-int4 "
+                        "or onnxruntime-int8-nbits")
     if s.quantizer == "modelopt" and s.target == "onnxruntime":
         raise UserError("--quantizer modelopt makes the TensorRT graph only — use --target tensorrt")
     for p in s.exclude:
@@ -295,7 +297,8 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                     "engine": "ort-gqa" if s.attention == "gqa" else "ort",
                     **({"graph": src_man["graph"]} if s.attention == "gqa" else {}),
                     # the pipeline's own choice per precision+target; other methods/quantizers are for comparison
-                    "default": s.method == QuantizeSettings.method and s.quantizer == QuantizeSettings.quantizer,
+                    "default": s.method == QuantizeSettings.method and s.quantizer == QuantizeSettings.quantizer
+                    and target != "onnxruntime-int8-nbits",   # the U8S8 graph stays ort's int8
                     "quantizer": "modelopt" if (target == "tensorrt" and s.quantizer == "modelopt")
                     else "onnxruntime.quantization MatMulNBitsQuantizer" if PRESETS[target].weight_bits
                     else "onnxruntime.quantization QDQQuantizer",

@@ -57,7 +57,11 @@ PRESETS: dict[str, QuantPreset] = {
     "onnxruntime-int4": QuantPreset("int4-cpu-nbits", ("onnxruntime",), "float", False,
                                     "MatMulNBits: 4-bit symmetric weights in blocks of 32, accuracy_level 4 (int8 "
                                     "compute); no calibration", weight_bits=4),
+    "onnxruntime-int8-nbits": QuantPreset("int8-cpu-nbits", ("onnxruntime",), "float", False,
+                                          "MatMulNBits: 8-bit symmetric weights in blocks of 32, accuracy_level 4 "
+                                          "(int8 compute); no calibration", weight_bits=8),
 }
+WEIGHT_ONLY_TARGETS = tuple(t for t, p in PRESETS.items() if p.weight_bits)
 NBITS_BLOCK = 32
 NBITS_ACCURACY_LEVEL = 4
 METHODS = ("minmax", "entropy", "percentile")

@@ -58,7 +58,8 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
                            if m.get("engine") == "ort-gqa" and m.get("precision") == precision)
             if not found:
                 raise UserError(f"no {precision} GQA graph under {stage_dir(artifacts, model, 'quantize', '')} — run: "
-                                f"python convert/quantize_model.py{model_arg} --target onnxruntime-{precision} "
+                                f"python convert/quantize_model.py{model_arg} --target "
+                                f"{'onnxruntime-int4' if precision == 'int4' else 'onnxruntime-int8-nbits'} "
                                 "--attention gqa")
             variant, man = found[0]
             folder = stage_dir(artifacts, model, "quantize", variant)
