@@ -34,6 +34,7 @@ class _Buffers:
     graph_id: int = 0
     captured: bool = False
     busy: bool = False
+    io: Any = None            # the IO binding with the KV buffers bound, kept across steps (no CUDA graph)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class OrtGqaEngine(Engine):
         return b
 
     def _run(self, b: _Buffers, feeds: dict, graph_id: int):
+        if not self.cuda_graph:
+            return self._run_bound(b, feeds)
         io = self.session.io_binding()
         with nvtx_range("h2d"):
             for k, v in feeds.items():
@@ -115,6 +118,24 @@ class OrtGqaEngine(Engine):
         self.session.run_with_iobinding(io, ro)
         with nvtx_range("d2h"):
             return io.get_outputs()[0].numpy()[:, -1, :].astype(np.float32)
+
+    def _run_bound(self, b: _Buffers, feeds: dict):
+        """Without a CUDA graph: the KV buffers are bound once per batch size; a step binds its small inputs."""
+        if b.io is None:
+            b.io = self.session.io_binding()
+            b.io.bind_output("logits", self.device)  # first: outputs come back in binding order
+            for past, present, buf in zip(self.past_names, self.present_names, b.kv):
+                b.io.bind_ortvalue_input(past, buf)
+                b.io.bind_ortvalue_output(present, buf)
+        io = b.io
+        with nvtx_range("h2d"):
+            for k, v in feeds.items():
+                io.bind_cpu_input(k, v)
+        io.bind_output("logits", self.device)  # rebinding a name keeps its place: a fresh logits tensor per step
+        self.session.run_with_iobinding(io)
+        with nvtx_range("d2h"):
+            out = io.get_outputs()[0].numpy()[:, -1, :].astype(np.float32)
+        return out
 
     # ---- Engine -----------------------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, Any]:
