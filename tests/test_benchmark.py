@@ -195,3 +195,18 @@ def test_gpu_section_renders_a_cuda_benchmark(bench_result, tmp_path):
     for x in r["rows"]:
         if x["status"] != "ok":
             assert x["reason"] in gpu
+
+
+def test_side_by_side_with_llamacpp(bench_result):
+    """A result with llama.cpp rows gets the per-bit-width comparison (here ORT's FP32 row stands in for llama.cpp's,
+    so the ratio is 1 by construction: this checks the rendering)."""
+    from lmopt.report.benchmark import render_vs_llamacpp
+
+    r = json.loads(json.dumps(bench_result[0]))
+    assert render_vs_llamacpp(r) == ""
+    ort = next(x for x in r["rows"] if x["engine"] == "ort" and x["precision"] == "fp32")
+    r["rows"].append({**json.loads(json.dumps(ort)), "engine": "llamacpp", "variant": "f32"})
+    table = render_vs_llamacpp(r)
+    line = next(l for l in table.splitlines() if l.startswith("| FP32 / F32 |"))
+    assert "| ort fp32 |" in line and "| 1.00 |" in line
+    assert "INT8 / Q8_0" not in table  # no llama.cpp row of that width

@@ -62,6 +62,38 @@ def render_table(result: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+BITS = (("fp32", "FP32 / F32"), ("int8", "INT8 / Q8_0"), ("int4", "INT4 / Q4_0"))
+
+
+def render_vs_llamacpp(result: dict, batch: str = "1") -> str:
+    """Our fastest row per bit width side by side with llama.cpp's, from one (interleaved) result: decode ms/token
+    p50, the ratio, each against PyTorch FP32, prefill, and the bandwidth floors. Empty without llama.cpp rows."""
+    ok = [r for r in result["rows"] if r["status"] == "ok" and batch in r.get("summary", {})]
+    if not any(r["engine"] == "llamacpp" for r in ok):
+        return ""
+    step = lambda r: stat_ms(r["summary"][batch], "step")["p50"]  # noqa: E731
+    ttft = lambda r: stat_ms(r["summary"][batch], "ttft_short")["p50"]  # noqa: E731
+    base = next((r for r in ok if r["engine"] == "torch" and r["precision"] == "fp32"), None)
+    plen = result["settings"]["short_prompt_tokens"]
+    lines = [f"Side by side with llama.cpp (same run, batch {batch}, prompt {plen}; ours = our fastest row of the bit "
+             "width; ratio = our ms/token ÷ llama.cpp's, below 1 means ours is faster):", "",
+             "| bits (ours / llama.cpp) | ours | ours ms/token | llama.cpp ms/token | ratio | ours × PyTorch FP32 | "
+             f"llama.cpp × PyTorch FP32 | ours TTFT {plen} tok ms | llama.cpp TTFT ms | floor ms (ours / llama.cpp) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p, label in BITS:
+        ours = [r for r in ok if r["precision"] == p and r["engine"] not in ("llamacpp", "torch")]
+        peer = next((r for r in ok if r["precision"] == p and r["engine"] == "llamacpp"), None)
+        if not ours or peer is None:
+            continue
+        best = min(ours, key=step)
+        x = lambda r: f"{step(base) / step(r):.2f}x" if base else "—"  # noqa: E731
+        fl = lambda r: _ms(r["summary"][batch].get("bandwidth_floor_ms"))  # noqa: E731
+        lines.append(f"| {label} | {best['engine']} {best['variant']} | {_ms(step(best))} | {_ms(step(peer))} | "
+                     f"{step(best) / step(peer):.2f} | {x(best)} | {x(peer)} | {_ms(ttft(best))} | "
+                     f"{_ms(ttft(peer))} | {fl(best)} / {fl(peer)} |")
+    return "\n".join(lines)
+
+
 def render(results_dir: Path) -> str:
     from lmopt.report import collect
 
@@ -72,7 +104,9 @@ def render(results_dir: Path) -> str:
     parts = []
     for d in docs:
         result, tag = d.data, d.path.parent.parent.name
+        side = render_vs_llamacpp(result)
         parts.append(f"#### {result['model']} — {tag} ({result['settings']['device']})\n\n"
-                     f"From `{Path(Path(results_dir).name) / d.path.relative_to(results_dir)}`: "
+                     + (side + "\n\n" if side else "")
+                     + f"From `{Path(Path(results_dir).name) / d.path.relative_to(results_dir)}`: "
                      + render_table(result, markdown=True))
     return "\n\n".join(parts)
