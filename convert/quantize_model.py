@@ -26,9 +26,10 @@ Accuracy budget: when INT8 perplexity rises more than --max-ppl-increase percent
 (a decoder layer, or the LM head) is kept in FP32 alone and re-scored; the most sensitive groups are then kept in
 FP32, fewest first, until the budget holds. If none meets it, exit 1 and write nothing.
 Weight-only INT4 (--target onnxruntime-int4; 8-bit: onnxruntime-int8-nbits): every MatMul with a constant weight
-becomes MatMulNBits (blocks of 32 symmetric 4-bit weights, accuracy_level 4: int8 compute), the LM head included
-unless the budget keeps it FP32; no calibration. With --attention gqa the source is stage 1's fused graph (export_onnx.py --attention gqa, engine
-ort-gqa), scored through that engine one position at a time; the accuracy report, budget and sweep are the same.
+becomes MatMulNBits (blocks of --block-size symmetric weights, accuracy_level 4: int8 compute), the LM head
+included unless the budget keeps it FP32; no calibration. With --attention gqa the source is stage 1's fused graph
+(export_onnx.py --attention gqa, engine ort-gqa), scored through that engine one position at a time; the accuracy
+report, budget and sweep are the same.
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """
@@ -58,6 +59,7 @@ class QuantizeSettings:
     artifacts: str = "artifacts"
     target: str = "all"                # all (both INT8) | tensorrt | onnxruntime | onnxruntime-int4 | ...-int8-nbits
     attention: str = "sdpa"            # source graph: sdpa (optimum's export) | gqa (fused graph; weight-only targets)
+    block_size: int = 128              # weight-only targets: weights per block (one scale each; 16..256, power of 2)
     quantizer: str = "ort"             # TensorRT graph made by ONNX Runtime's QDQ quantizer or NVIDIA ModelOpt
     method: str = "minmax"             # calibration: minmax | entropy | percentile
     calib_text: str | None = None      # None = built-in calibration split
@@ -85,6 +87,8 @@ def check_settings(s: QuantizeSettings) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(s, name)})")
     if s.calib_seq_len < 2:
         raise UserError("--calib-seq-len must be >= 2 (a prefill and a KV-cache half are fed)")
+    if s.block_size not in (16, 32, 64, 128, 256):
+        raise UserError(f"--block-size must be 16, 32, 64, 128 or 256 (got {s.block_size})")
     if s.attention not in ("sdpa", "gqa"):
         raise UserError(f"unknown --attention '{s.attention}' — use sdpa or gqa")
     if s.attention == "gqa" and s.target not in ("onnxruntime-int4", "onnxruntime-int8-nbits"):
@@ -148,7 +152,7 @@ class _Target:
         if self.preset.weight_bits:
             from lmopt.quantization import nbits_quantize
 
-            nbits_quantize(self.fp32_path, self.preset.weight_bits, exclude, out)
+            nbits_quantize(self.fp32_path, self.preset.weight_bits, exclude, out, self.s.block_size)
         elif self.use_modelopt:
             from tqdm import tqdm
 
