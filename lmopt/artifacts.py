@@ -55,10 +55,10 @@ def find_onnx(artifacts, model: str, precision: str, target: str = "onnxruntime"
         exported = list_variants(artifacts, model, "export").get("fp16")
         if exported is not None:
             return stage_dir(artifacts, model, "export", "fp16"), exported
-    variants = list_variants(artifacts, model, "quantize")
     # (graphs made from the fused GQA export run on engine ort-gqa, which finds them itself)
-    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])
-             and m.get("engine", "ort") != "ort-gqa"}
+    variants = {v: m for v, m in list_variants(artifacts, model, "quantize").items()
+                if m.get("engine", "ort") != "ort-gqa"}
+    found = {v: m for v, m in variants.items() if m.get("precision") == precision and target in m.get("targets", [])}
     if not found:
         where = stage_dir(artifacts, model, "quantize", "")
         other = sorted({t for m in variants.values() if m.get("precision") == precision for t in m.get("targets", [])})
