@@ -65,3 +65,17 @@ def test_gqa_source_errors(artifacts):
     proc = run_cli("convert/quantize_model.py", "--model", "llama-test", "--artifacts", str(artifacts / "none"),
                    "--target", "onnxruntime-int4", "--attention", "gqa", check=False)
     assert_one_line_error(proc, "--attention gqa")
+
+
+def test_decode_ops_profile(tiny_export, artifacts, tmp_path):
+    out = tmp_path / "ops.json"
+    run_cli("profile/decode_ops.py", "--model", "tiny", "--artifacts", str(artifacts), "--rows", "ort:fp32",
+            "--prompt", "16", "--max-new-tokens", "5", "--out", str(out))
+    r = read_json(out)
+    assert r["kind"] == "decode-ops"
+    row = r["rows"][0]
+    assert row["decode_steps"] == 4 and row["ops"]["MatMul"]["nodes_per_step"] > 0
+    assert abs(sum(v["share"] for v in row["ops"].values()) - 1) < 1e-2
+    proc = run_cli("profile/decode_ops.py", "--model", "tiny", "--artifacts", str(artifacts), "--rows", "ort",
+                   check=False)
+    assert_one_line_error(proc, "engine:precision")
