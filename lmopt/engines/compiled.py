@@ -48,7 +48,8 @@ class SlotState:
 class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None):
+                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None,
+                 weight_quant: str | None = None, group_size: int = 128):
         import torch
 
         if precision not in _DTYPES:
@@ -74,7 +75,12 @@ class CompiledEngine(SlotEngine):
 
         with torch.inference_mode():
             self.model = StaticDecoder.from_hf(hf, dtype, device)
+            if weight_quant:  # weight-only INT8/INT4 (lmopt.engines.weight_quant); activations stay `precision`
+                self.model.quantize_weights(weight_quant, group_size)
         del hf
+        if weight_quant and cuda:
+            torch.cuda.empty_cache()
+        self.weight_quant = weight_quant
         self.model.decode_attention = decode_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
@@ -90,7 +96,8 @@ class CompiledEngine(SlotEngine):
                                 "lower num_slots or max_len")
         with torch.inference_mode():
             self.model.allocate_cache(self.num_slots, self.max_len)
-        self.info = EngineInfo("compiled", precision, device, "hf", model, self.max_len, self.model.cfg["vocab"])
+        self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else ""), device, "hf",
+                               model, self.max_len, self.model.cfg["vocab"])
         self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.num_slots] + [self.num_slots]
         self.kv_buckets = sorted({min(self.max_len, KV_BUCKET_MIN << i) for i in range(16)})
         self.use_compile = cuda if compile is None else compile

@@ -55,17 +55,35 @@ class TritonPythonModel:
         from lmopt.models import load_tokenizer
 
         self.logger = pb_utils.Logger
+        self.use_dlpack = _dlpack_choice(_param(cfg, "output_transport", "auto"))
+        self.default_max_tokens = int(_param(cfg, "default_max_tokens"))
+        self.empty = _param(cfg, "engine") == "empty"
+        if self.empty:  # the floor of Triton's own per-response cost: no engine, no tokenizer
+            self.scheduler = None
+            self.logger.log_info(f"{self.model_name}: empty decoupled model (streams max_tokens responses of token 0)")
+            return
         self.spec = _param(cfg, "model")
         device = _param(cfg, "device", "cpu")
+        engine = _param(cfg, "engine")
         if args.get("model_instance_kind") == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}" if _param(cfg, "engine") == "torch" else "cuda"
+            device = f"cuda:{args['model_instance_device_id']}" if engine == "torch" else "cuda"
         threads = int(_param(cfg, "threads", "0")) or None
-        self.engine = create_engine(_param(cfg, "engine"), self.spec, _param(cfg, "precision"), device=device,
-                                    artifacts=_param(cfg, "artifacts"), threads=threads)
+        kwargs = {}
+        if engine == "compiled":  # its KV-cache slots: one per request generating at once
+            kwargs = {"num_slots": max(int(_param(cfg, "slots", "8")), int(cfg.get("max_batch_size", 1))),
+                      "max_len": int(_param(cfg, "max_len", "0")) or None}
+        self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
+                                    artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
+        capture_kv = int(_param(cfg, "capture_kv", "0"))
+        if capture_kv and hasattr(self.engine, "capture"):
+            # compile and capture every decode batch bucket now: a first use would otherwise stall live requests
+            # for seconds per bucket
+            t0 = time.perf_counter()
+            self.engine.capture(self.engine.batch_buckets, capture_kv)
+            self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
+                                 f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
-        self.default_max_tokens = int(_param(cfg, "default_max_tokens"))
-        self.use_dlpack = _dlpack_choice(_param(cfg, "output_transport", "auto"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
         self.scheduler = None
@@ -171,6 +189,8 @@ class TritonPythonModel:
         return ids, p, id_tensor is None
 
     def execute(self, requests):
+        if self.empty:
+            return self._execute_empty(requests)
         if self.scheduler is None:
             return self._execute_static(requests)
         from lmopt.errors import UserError
@@ -250,6 +270,19 @@ class TritonPythonModel:
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
 
+    def _execute_empty(self, requests):
+        """engine=empty: each request gets max_tokens responses of token id 0 at once, then FINAL (what is left of a
+        streaming request when generating costs nothing)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for r in requests:
+            sender = r.get_response_sender()
+            t = pb_utils.get_input_tensor_by_name(r, "max_tokens")
+            n = int(self._values(t)[0]) if t is not None else self.default_max_tokens
+            for _ in range(max(n, 0)):
+                sender.send(self._response(None, [0], True))
+            sender.send(flags=final)
+        return None
+
     def _execute_static(self, requests):
         """batching=static: the requests of one execute() run as one generation (lmopt.generate)."""
         from lmopt.generate import generate
@@ -327,6 +360,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.logger.log_info(f"{self.model_name}: finalize")
+        if self.empty:
+            return
         if self.scheduler is not None:
             self.scheduler.close()
             self.logger.log_info(f"{self.model_name}: scheduler stopped")
