@@ -14,6 +14,7 @@
 #                (profile/serve_bench.py --compare scheduler)
 #   6. openai  - the OpenAI endpoint in front of that server: its own overhead vs Triton's gRPC stream
 #                (profile/openai_overhead.py); aiperf vs our load generator when AIPERF names an aiperf executable
+#                (or AIPERF_SITE a folder its wheels were installed into with pip --target)
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
@@ -128,8 +129,15 @@ PYEOF
         timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
           --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
           2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
+        if [ -n "${AIPERF_SITE:-}" ] && [ -z "${AIPERF:-}" ]; then
+          # aiperf's wheels installed with --target AIPERF_SITE: run it on its own path (its newer packages stay out
+          # of the pinned set the server uses)
+          AIPERF="$WORK/aiperf"
+          printf '#!/bin/sh\nPYTHONPATH=%s exec %s -m aiperf "$@"\n' "$AIPERF_SITE" "$(command -v "$PY")" > "$AIPERF"
+          chmod +x "$AIPERF"
+        fi
         if [ -n "${AIPERF:-}" ]; then
-          timeout 300 "$PY" profile/aiperf_compare.py --model llama-1b --artifacts "$WORK/art" --aiperf "$AIPERF" \
+          timeout 400 "$PY" profile/aiperf_compare.py --model llama-1b --artifacts "$WORK/art" --aiperf "$AIPERF" \
             --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --concurrency "$SWEEP" 2>&1 \
             | grep -v -i warning | tail -20 | tee -a "$LOG"
         fi

@@ -301,6 +301,24 @@ class StaticDecoder(nn.Module):
             return x + F.embedding(pos, self.pos_emb), None, None
         return x, self.cos[pos], self.sin[pos]
 
+    def prefill_fresh(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor):
+        """Prefill rows that start at position 0, with every input a device tensor and no host work, so the step can
+        be captured in a CUDA graph: row r writes ids[r, :lengths[r]] into slot slots[r]. A row of length 0 (padding
+        of a captured batch bucket) writes only scratch columns and its output is dropped.
+        Returns (logits [R, V] of each row's last real token, greedy ids [R])."""
+        R, S = ids.shape
+        dev = ids.device
+        ar = torch.arange(S, device=dev)[None, :]
+        pos = ar.expand(R, S)
+        write_pos = torch.where(ar < lengths[:, None], pos, torch.full_like(pos, self.max_len))
+        x, cos, sin = self._embed(ids, pos.clamp(max=self.max_len - 1))
+        slot_rows = slots[:, None].expand(R, S)
+        for blk in self.layers:
+            x = blk.prefill(x, cos, sin, slot_rows, write_pos, {"fresh": True})
+        h = x[torch.arange(R, device=dev), (lengths - 1).clamp(min=0)]
+        logits = self._head(h)
+        return logits, logits.argmax(dim=-1)
+
     def prefill(self, slots: list[int], ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Append chunk r (ids[r, :lengths[r]], right-padded) to slot slots[r] at positions starts[r]...
         Returns the logits [R, V] of each row's last real token."""
