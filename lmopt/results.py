@@ -182,9 +182,9 @@ def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20, reps: int =
 
 
 def _cpu_read_probes(n: int, reps: int, threads: int) -> dict[str, float]:
-    """GB/s of a few read-only reductions over n float32 values on `threads` threads, each best of `reps`: torch's
-    sum and max (its own thread pool), and numpy sums of one slice per thread (numpy releases the GIL). The floor
-    takes the fastest: a reduction that is not memory-bound would otherwise lower the bar."""
+    """GB/s of a few read-only passes over n float32 values on `threads` threads, each best of `reps`: torch's sum,
+    max and matrix-vector product (its own thread pool), and numpy sums of one slice per thread (numpy releases the
+    GIL). The floor takes the fastest: a pass that is not memory-bound would otherwise lower the bar."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -202,15 +202,16 @@ def _cpu_read_probes(n: int, reps: int, threads: int) -> dict[str, float]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     a = torch.ones(n, dtype=torch.float32)
-    try:
-        out = {"torch.sum": best_of(a.sum), "torch.amax": best_of(a.amax)}
+    m, v = a.view(-1, 1024), torch.ones(1024)
+    try:  # a matrix-vector product streams its matrix once: a decode step's own access pattern
+        out = {"torch.sum": best_of(a.sum), "torch.amax": best_of(a.amax), "torch.mv": best_of(lambda: m @ v)}
     finally:
         torch.set_num_threads(before)
     x = a.numpy()
     parts = np.array_split(x, threads)
     with ThreadPoolExecutor(threads) as pool:
         out["numpy.sum per thread"] = best_of(lambda: list(pool.map(np.sum, parts)))
-    del a, x, parts
+    del a, m, x, parts
     return out
 
 

@@ -76,6 +76,10 @@ def test_decode_ops_profile(tiny_export, artifacts, tmp_path):
     row = r["rows"][0]
     assert row["decode_steps"] == 4 and row["ops"]["MatMul"]["nodes_per_step"] > 0
     assert abs(sum(v["share"] for v in row["ops"].values()) - 1) < 1e-2
+    from lmopt.report.benchmark import render_decode_ops
+
+    line = render_decode_ops(r).splitlines()[-1]
+    assert line.startswith("| ort | fp32 (fp32) |") and "MatMul" in line
     proc = run_cli("profile/decode_ops.py", "--model", "tiny", "--artifacts", str(artifacts), "--rows", "ort",
                    check=False)
     assert_one_line_error(proc, "engine:precision")

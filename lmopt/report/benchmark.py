@@ -75,6 +75,7 @@ def render_vs_llamacpp(result: dict, batch: str = "1") -> str:
     ttft = lambda r: stat_ms(r["summary"][batch], "ttft_short")["p50"]  # noqa: E731
     base = next((r for r in ok if r["engine"] == "torch" and r["precision"] == "fp32"), None)
     plen = result["settings"]["short_prompt_tokens"]
+    misses = []
     lines = [f"Side by side with llama.cpp (same run, batch {batch}, prompt {plen}; ours = our fastest row of the bit "
              "width; ratio = our ms/token ÷ llama.cpp's, below 1 means ours is faster):", "",
              "| bits (ours / llama.cpp) | ours | ours ms/token | llama.cpp ms/token | ratio | ours × PyTorch FP32 | "
@@ -91,6 +92,27 @@ def render_vs_llamacpp(result: dict, batch: str = "1") -> str:
         lines.append(f"| {label} | {best['engine']} {best['variant']} | {_ms(step(best))} | {_ms(step(peer))} | "
                      f"{step(best) / step(peer):.2f} | {x(best)} | {x(peer)} | {_ms(ttft(best))} | "
                      f"{_ms(ttft(peer))} | {fl(best)} / {fl(peer)} |")
+        if step(best) > 1.1 * step(peer):
+            misses.append(f"{label}: ours is {step(best) / step(peer):.2f}x llama.cpp's ms/token "
+                          f"({_ms(step(best))} vs {_ms(step(peer))})")
+    if misses:
+        lines += ["", "Outside 1.1x of llama.cpp: " + "; ".join(misses) + "."]
+    return "\n".join(lines)
+
+
+def render_decode_ops(doc: dict, top: int = 4) -> str:
+    """A decode-ops result (profile/decode_ops.py): per row, ms/step, nodes/step and the operator types that take
+    the most kernel time."""
+    st = doc["settings"]
+    lines = [f"Per-operator decode profile (`profile/decode_ops.py`, ONNX Runtime's profiler, {st['threads']} "
+             f"threads, prompt {st['prompt']}; profiling slows every node, so compare shares):", "",
+             "| engine | precision | decode ms/step | ORT kernels ms/step | nodes/step | top operators (share of kernel "
+             "time) |", "|---|---|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        ops = ", ".join(f"{op} {v['share']:.0%} ({v['nodes_per_step']:.0f})"
+                        for op, v in list(r["ops"].items())[:top])
+        lines.append(f"| {r['engine']} | {r['precision']} ({r['variant']}) | {_ms(r['decode_ms_per_step'])} | "
+                     f"{_ms(r['kernel_ms_per_step'])} | {r['nodes_per_step']:.0f} | {ops} |")
     return "\n".join(lines)
 
 
@@ -101,6 +123,7 @@ def render(results_dir: Path) -> str:
     docs = [d for d in collect(results_dir, kinds=["benchmark"]) if d.data["settings"].get("device", "cpu") == "cpu"]
     if not docs:
         return "_No committed benchmark results yet: run `make benchmark publish-results readme-tables`._"
+    ops = {(d.path.parent.parent.name, d.path.parent.name): d.data for d in collect(results_dir, kinds=["decode-ops"])}
     parts = []
     for d in docs:
         result, tag = d.data, d.path.parent.parent.name
@@ -109,4 +132,9 @@ def render(results_dir: Path) -> str:
                      + (side + "\n\n" if side else "")
                      + f"From `{Path(Path(results_dir).name) / d.path.relative_to(results_dir)}`: "
                      + render_table(result, markdown=True))
+        prof = ops.pop((tag, d.path.parent.name), None)
+        if prof is not None:
+            parts.append(render_decode_ops(prof))
+    for (tag, model), prof in sorted(ops.items()):  # profiles of models without a benchmark file
+        parts.append(f"#### {prof['model']} — {tag}, decode profile\n\n" + render_decode_ops(prof))
     return "\n\n".join(parts)
