@@ -72,7 +72,15 @@ def render_vs_llamacpp(result: dict, batch: str = "1") -> str:
     if not any(r["engine"] == "llamacpp" for r in ok):
         return ""
     step = lambda r: stat_ms(r["summary"][batch], "step")["p50"]  # noqa: E731
-    ttft = lambda r: stat_ms(r["summary"][batch], "ttft_short")["p50"]  # noqa: E731
+    same = result["settings"]["long_prompt_tokens"] == result["settings"]["short_prompt_tokens"]
+
+    def ttft(r):  # p50 over every prefill of the prompt length (both prompt kinds when they are the same length)
+        from lmopt.results import stats
+
+        d = r.get("samples", {}).get(batch, {})
+        xs = [x for k in (("short", "long") if same else ("short",)) for x in d.get(k, {}).get("ttft_s", [])]
+        return stats(xs, scale=1e3)["p50"] if xs else stat_ms(r["summary"][batch], "ttft_short")["p50"]
+
     base = next((r for r in ok if r["engine"] == "torch" and r["precision"] == "fp32"), None)
     plen = result["settings"]["short_prompt_tokens"]
     misses = []
