@@ -54,7 +54,7 @@ class QuantizeSettings:
     calib_text: str | None = None      # None = built-in calibration split
     calib_samples: int = 16
     calib_seq_len: int = 128
-    eval_samples: int = 8              # held-out windows for perplexity / top-1 / |Δlogits|
+    eval_samples: int = 64             # held-out windows for perplexity / top-1 / |Δlogits| (64 x 128 = 8,192 tokens)
     eval_seq_len: int = 128
     greedy_prompts: int = 4
     greedy_tokens: int = 32
@@ -179,7 +179,10 @@ def quantize(*, settings: QuantizeSettings) -> dict:
         feeds = calibration_feeds(fp32_session, calib_windows)
     with timed(log, "FP32 reference (perplexity, greedy tokens)", timings, "fp32_reference_s"):
         ev = Evaluator(fp32_path, eval_windows, prompts, s.greedy_tokens, shape.get("max_positions", 2048))
-    log.info("FP32 perplexity on %d held-out tokens: %.4f", sum(len(w) for w in eval_windows), ev.ref_ppl)
+    noise = ev.noise()
+    log.info("FP32 perplexity on %d held-out tokens: %.4f (95%% interval %s, ±%.2f%%: %s)",
+             sum(len(w) for w in eval_windows), ev.ref_ppl, noise["ppl_fp32_interval"],
+             noise["ppl_fp32_halfwidth_pct"], noise["method"])
 
     names = matmul_nodes(onnx.load(str(fp32_path), load_external_data=False))
     forced = pick_nodes(names, [ALWAYS_EXCLUDE.pattern])
@@ -218,6 +221,11 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                          "max_abs_dlogits": 0.0, "greedy_agreement": 1.0}}
         rows.update({variant_name(t, s): r["accuracy"] for t, r in results.items()})
         print(accuracy_table(rows), flush=True)
+        for t, r in results.items():
+            nz = r["accuracy"]["noise"]
+            print(f"{variant_name(t, s)}: Δppl {r['accuracy']['ppl_increase_pct']:+.3f}%, 95% interval "
+                  f"[{nz['ppl_increase_pct_interval'][0]:+.3f}, {nz['ppl_increase_pct_interval'][1]:+.3f}]% "
+                  f"(budget {s.max_ppl_increase}%; {nz['method']})", flush=True)
 
         failures = []
         checklists = {}
