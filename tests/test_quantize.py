@@ -51,6 +51,9 @@ def test_manifests_follow_the_contract(strict_quantize, tiny_export):
         assert lo <= acc["ppl_increase_pct"] <= hi and noise["ppl_increase_pct_halfwidth"] >= 0
         assert acc["top1_agreement"] > 0.8
         assert "/model/rotary_emb/MatMul" in man["exclusions"]["always"]
+        down = man["exclusions"]["outliers"]   # the MLP down projections stay FP32 (their input's outliers)
+        assert len(down) == export["model_shape"]["num_layers"] and all("down_proj" in n for n in down)
+        assert set(down) <= set(man["exclusions"]["all"])
         own = man["int8_fallback"][target]
         assert own["matmuls_int8"] > 0 and 0 < own["int8_flop_fraction"] <= 1
         assert not list(strict_quantize.glob(".*tmp*"))
