@@ -22,6 +22,11 @@ def _commit_date(path: Path, repo_root: Path) -> str:
         return "unknown"
 
 
+def _threads(settings: dict) -> str:
+    n = settings.get("threads", "?")
+    return f"{n} CPU thread{'' if n == 1 else 's'}"
+
+
 def render(results_dir: Path | None = None, repo_root: Path = REPO_ROOT) -> str:
     """The training table; then the INT8 accuracy table when `results_dir` holds the committed quantize manifest."""
     path = repo_root / "models" / "tiny" / "training.json"
@@ -37,17 +42,18 @@ def render(results_dir: Path | None = None, repo_root: Path = REPO_ROOT) -> str:
             ("training tokens / steps", f"{t['train_tokens']} / {s.get('steps')}"),
             ("final training loss", f"{t['final_train_loss']:.3f}"),
             ("held-out perplexity (uniform baseline)", f"{t['eval_perplexity']:.1f} ({t['uniform_perplexity']})"),
-            ("training time", f"{t['train_seconds']:.0f} s on {s.get('threads', '?')} CPU threads")]
+            ("training time", f"{t['train_seconds']:.0f} s on {_threads(s)}")]
     if "train_perplexity" in t:   # records from before the standard-library corpus have no gap
         docs = t.get("documents", {})
         rows[3:3] = [("documents train / held-out / calibration",
                       f"{docs.get('train')} / {docs.get('eval')} / {docs.get('calib')} (`{t.get('corpus')}`)"),
                      ("tokens seen (passes over the training split)",
                       f"{t['tokens_seen']} ({t['tokens_seen'] / t['train_tokens']:.1f})")]
+        rows[-3] = (f"held-out perplexity, all {t['eval_tokens']} tokens (uniform baseline)", rows[-3][1])
         rows.insert(-1, ("perplexity on as many training tokens (gap to held-out)",
                          f"{t['train_perplexity']:.1f} ({t['eval_perplexity'] / t['train_perplexity'] - 1:+.0%})"))
     lines = [f"Built-in model `tiny` — from `models/tiny/training.json` (committed {date}; machine: CPU, "
-             f"{s.get('threads', '?')} threads, torch {t.get('torch')}, Python {t.get('python')}; "
+             f"{_threads(s)}, torch {t.get('torch')}, Python {t.get('python')}; "
              f"command `{t.get('command', '').strip()}`):", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     if results_dir is not None and (Path(results_dir) / QUANT_MANIFEST).is_file():
