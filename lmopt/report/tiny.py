@@ -49,7 +49,7 @@ def render(results_dir: Path | None = None, repo_root: Path = REPO_ROOT) -> str:
                       f"{docs.get('train')} / {docs.get('eval')} / {docs.get('calib')} (`{t.get('corpus')}`)"),
                      ("tokens seen (passes over the training split)",
                       f"{t['tokens_seen']} ({t['tokens_seen'] / t['train_tokens']:.1f})")]
-        rows[-3] = (f"held-out perplexity, all {t['eval_tokens']} tokens (uniform baseline)", rows[-3][1])
+        rows[-2] = (f"held-out perplexity, all {t['eval_tokens']} tokens (uniform baseline)", rows[-2][1])
         rows.insert(-1, ("perplexity on as many training tokens (gap to held-out)",
                          f"{t['train_perplexity']:.1f} ({t['eval_perplexity'] / t['train_perplexity'] - 1:+.0%})"))
     lines = [f"Built-in model `tiny` — from `models/tiny/training.json` (committed {date}; machine: CPU, "
