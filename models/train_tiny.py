@@ -2,7 +2,7 @@
 tokenizer, on the English documentation and source every CPython install carries (lmopt.corpus: the standard
 library's modules with their docstrings and comments, and each `pydoc_data.topics` entry).
 
-Reproduce the committed weights (CPU, seeded; about 45 min on 2 cores):
+Reproduce the committed weights (CPU, seeded; 41 min on one core of a shared 2-core machine):
     .venv/bin/python models/train_tiny.py --out models/tiny
 
 Reads:  the running interpreter's standard library (lmopt.corpus.collect)
