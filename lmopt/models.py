@@ -6,7 +6,8 @@
     llama-1b    Llama 3.2 1B shape, random weights         (GPU speed work: 16 layers, hidden 2048, 32/8 heads)
     gpt2-test, llama-test   2-layer random configs for fast tests
 
-Random presets are created on the fly from a fixed seed (never committed) and use the built-in tokenizer.
+Random presets are created on the fly from a fixed seed (never committed) and use the built-in tokenizer; their
+output-head rows past the tokenizer's vocabulary are zero, so greedy tokens decode to text.
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+        _only_tokenizer_ids(model, len(load_tokenizer(spec)))
     else:
         cfg = load_config(spec)
         check_supported(cfg, spec)
@@ -143,6 +145,18 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
         model = model.to(device)
     model.eval()
     return model
+
+
+def _only_tokenizer_ids(model, n: int) -> None:
+    """A random preset's vocabulary is its real model's (e.g. 128,256) but its tokenizer is the built-in one: zero
+    the output-head rows past the tokenizer so greedy decoding picks ids the tokenizer can turn into text (a served
+    stream of undecodable ids would carry no text at all). The shape, and so every speed figure, is unchanged."""
+    import torch
+
+    head = model.get_output_embeddings().weight
+    if head.shape[0] > n:
+        with torch.no_grad():
+            head[n:] = 0
 
 
 def check_supported(cfg, spec: str) -> None:

@@ -337,8 +337,9 @@ class Scheduler:
                 for r, _ in whole:
                     self._finish(r, "error", f"generation failed: {e}")
             else:
+                greedy = out.argmax() if any(r._rng is None for r, _ in whole) else None   # one download for all
                 for i, (r, c) in enumerate(whole):
-                    self._prefilled_chunk(r, len(c), out, i)
+                    self._prefilled_chunk(r, len(c), out, i, greedy)
         for r, chunk in work:
             try:
                 out = eng.prefill_slot(r.slot, chunk)
@@ -365,7 +366,7 @@ class Scheduler:
             self._counters["steps"] += 1
             self._counters["last_decode_batch"] = len(rows)
 
-    def _prefilled_chunk(self, r: Request, n: int, out, row: int) -> None:
+    def _prefilled_chunk(self, r: Request, n: int, out, row: int, greedy=None) -> None:
         """n more prompt tokens of r are in its slot; after the last chunk, its first token (logits row `row`)."""
         r._prefilled += n
         if r._prefilled < len(r.prompt_ids):
@@ -373,7 +374,10 @@ class Scheduler:
         with self._cond:
             self._prefilling.remove(r)
             self._decoding.append(r)
-        tok = int(out.argmax()[row]) if r._rng is None else sample_next(out.row(row), r.params, r._rng)
+        if r._rng is None:
+            tok = int((greedy if greedy is not None else out.argmax())[row])
+        else:
+            tok = sample_next(out.row(row), r.params, r._rng)
         self._deliver(r, tok)
 
     def _deliver(self, r: Request, tok: int) -> None:

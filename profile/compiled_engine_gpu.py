@@ -3,6 +3,7 @@ speed at several batch sizes, time to first token for a long prompt, each agains
 
     python profile/compiled_engine_gpu.py --model llama-1b --profile-steps 20      # on a GPU (fp16)
     python profile/compiled_engine_gpu.py --model llama-test --device cpu --precision fp32   # CPU smoke run
+    python profile/compiled_engine_gpu.py --model llama-1b --precision bf16 --weights int4  # weight-only INT4
 
 Reads:  the model (built-in weights, a preset made with seeded random weights, or a local HF folder)
 Writes: --out (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json): machine, GPU, versions,
@@ -16,6 +17,10 @@ first token on the host) for one --long-prompt prompt; with --profile-steps, ker
 idle share. Floor (`floor_ms`, `ratio_to_floor`) = weight bytes one step reads / device read bandwidth measured in
 the same run (a read-only reduction over a large buffer); `floor_step` beside it is lmopt.results' common floor
 (weights + KV cache at the mean context / copy bandwidth).
+With --weights int8|int8mm|int4 (weight-only quantization, lmopt.engines.weight_quant) the logits are not held to
+the floating-point tolerance; the accuracy cell says what quantizing costs instead: teacher-forced over
+--eval-windows windows of --eval-len tokens of data/eval.txt, the engine's decode logits against the HF model's
+(same precision): perplexity of both, top-1 agreement per position, greedy agreement over --parity-tokens.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from pathlib import Path
 from lmopt import cli
 from lmopt import results as R
 from lmopt.errors import UserError
+from lmopt.engines.weight_quant import SCHEMES
 from lmopt.log import get_logger
 
 log = get_logger("compiled_engine_gpu")
@@ -49,7 +55,11 @@ class CheckSettings:
     decode_attention: str = "sdpa"          # sdpa (one fused kernel) | matmul (scores, softmax, sum)
     parity_tokens: int = 32                 # greedy tokens compared with the HF model
     profile_steps: int = 0                  # > 0: profile this many batch-1 decode steps (kernels, GPU idle share)
-    out: str = ""                           # result file (default artifacts/<model>/profile/compiled-engine-<precision>-<device>.json)
+    out: str = ""                           # result file (default artifacts/<model>/profile/compiled-engine-<precision>[-<weights>]-<device>.json)
+    weights: str = ""                       # weight-only quantization: int8 | int8mm | int4 (empty: none)
+    group_size: int = 128                   # INT4 group size along the input dimension
+    eval_windows: int = 8                   # accuracy cell: windows of data/eval.txt (0 = skip)
+    eval_len: int = 128                     # accuracy cell: tokens per window
 
 
 # relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
@@ -136,6 +146,50 @@ def validate(engine, hf, s: CheckSettings) -> dict:
            "tokens_engine": ours, "ok": diff <= tol}
     log.info("[%s] logits vs HF: max |diff| %.3g (tolerance %.3g); greedy agreement %.2f over %d tokens",
              "ok" if res["ok"] else "FAIL", diff, tol, agree, len(ref_tokens))
+    return res
+
+
+def accuracy(engine, hf, s: CheckSettings) -> dict:
+    """Teacher-forced decode over held-out windows: the engine's logits at every position against the HF model's."""
+    import torch
+
+    from lmopt.data import builtin_text, token_windows
+    from lmopt.models import load_tokenizer
+
+    n, L = min(s.eval_windows, engine.num_slots), s.eval_len
+    try:
+        tok = load_tokenizer(s.model)
+        windows = token_windows(tok, builtin_text("eval"), n, L + 1, "data/eval.txt")
+    except UserError:
+        windows = make_prompts(n, L + 1, engine.info.vocab_size, seed=4)
+    windows = [w for w in windows if max(w) < engine.info.vocab_size]
+    ids = torch.tensor(windows, device=s.device)
+    with torch.inference_mode():
+        ref = hf(input_ids=ids[:, :L]).logits.float()                       # [n, L, V]
+    slots = [engine.alloc_slot() for _ in windows]
+    got = []
+    try:
+        first = engine.prefill_slots(slots, [w[:1] for w in windows])
+        got.append(first.logits.float()[:len(slots)])
+        for t in range(1, L):
+            out = engine.decode_slots(slots, [w[t] for w in windows])
+            got.append(out.logits[out.rows].float())
+    finally:
+        for sl in slots:
+            engine.free_slot(sl)
+    got = torch.stack(got, dim=1)                                          # [n, L, V]
+    tgt = ids[:, 1:L + 1]
+
+    def ppl(logits):
+        return float(torch.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 tgt.reshape(-1))))
+
+    res = {"windows": len(windows), "tokens": len(windows) * L, "ppl_engine": ppl(got), "ppl_hf": ppl(ref),
+           "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+           "max_abs_logit_diff": float((got - ref).abs().max())}
+    res["ppl_delta_pct"] = (res["ppl_engine"] / res["ppl_hf"] - 1) * 100
+    log.info("accuracy: ppl %.3f vs HF %.3f (%+.2f%%), top-1 agreement %.4f over %d tokens", res["ppl_engine"],
+             res["ppl_hf"], res["ppl_delta_pct"], res["top1_agreement"], res["tokens"])
     return res
 
 
@@ -268,17 +322,20 @@ def run_check(*, settings: CheckSettings) -> Path:
         raise UserError(f"--batch-sizes {s.batch_sizes!r} is not a comma-separated list of integers") from None
     if not batches or min(batches) < 1 or max(batches) > s.num_slots:
         raise UserError(f"--batch-sizes {s.batch_sizes} need 1..{s.num_slots} rows each — raise --num-slots")
+    if s.weights and s.weights not in SCHEMES:
+        raise UserError(f"--weights {s.weights} is unknown — use one of {', '.join(SCHEMES)} (or leave it empty)")
     out = Path(s.out) if s.out else stage_dir("artifacts", s.model, "profile", "") / \
-        f"compiled-engine-{s.precision}-{'cuda' if cuda else 'cpu'}.json"
+        f"compiled-engine-{s.precision}{'-' + s.weights if s.weights else ''}-{'cuda' if cuda else 'cpu'}.json"
     flag = {"auto": None, "on": True, "off": False}
     t0 = time.perf_counter()
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
     hf = load_model(s.model, dtype=dtype, device=s.device)
     ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
-    max_len = s.max_len or min(ctx, max(s.long_prompt, s.short_prompt) + s.max_new_tokens)
+    max_len = s.max_len or min(ctx, max(s.long_prompt, s.short_prompt, s.eval_len) + max(s.max_new_tokens, s.parity_tokens))
     engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,
                             compile=flag[s.compile], cuda_graphs=flag[s.cuda_graphs],
-                            decode_attention=s.decode_attention, hf_model=hf)
+                            decode_attention=s.decode_attention, hf_model=hf, weight_quant=s.weights or None,
+                            group_size=s.group_size)
     load_s = time.perf_counter() - t0
     bw = read_bandwidth_gbs(s.device)
     bw["copy_gbs"] = R.copy_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (256 << 20))
@@ -301,7 +358,12 @@ def run_check(*, settings: CheckSettings) -> Path:
         R.write_json(out, doc)
 
     doc["validation"] = validate(engine, hf, s)
+    if s.weights:  # quantized logits are judged by the accuracy cell, not the floating-point tolerance
+        doc["validation"]["ok"] = None
     save()
+    if s.eval_windows > 0:
+        doc["accuracy"] = accuracy(engine, hf, s)
+        save()
     del hf
     if cuda:
         torch.cuda.empty_cache()
@@ -314,7 +376,9 @@ def run_check(*, settings: CheckSettings) -> Path:
             torch.cuda.empty_cache()
         doc["engine"]["compile"], doc["engine"]["compile_error"] = engine.use_compile, engine.compile_error
         save()
-    if s.long_prompt <= engine.max_len:
+    if s.long_prompt <= 0:
+        doc["ttft"] = None
+    elif s.long_prompt <= engine.max_len:
         doc["ttft"] = time_ttft(engine, s.long_prompt, s)
     else:
         doc["ttft"] = None
@@ -328,7 +392,7 @@ def run_check(*, settings: CheckSettings) -> Path:
     save()
     log.info("Saving results to %s", out)
     engine.close()
-    if not doc["validation"]["ok"]:
+    if doc["validation"]["ok"] is False:
         v = doc["validation"]
         raise UserError(f"engine logits differ from the HF model by {v['max_abs_logit_diff']:.3g} (tolerance "
                         f"{v['tolerance']:.3g}); the measurements are in {out} — this is a bug to report")

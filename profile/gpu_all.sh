@@ -7,8 +7,17 @@
 #   2. profile - profile/run_nsys_profile.py --profiler torch: kernels, memcpy, launch gaps, pinned vs pageable
 #   3. triton  - Triton (KIND_GPU, DLPack) on the Llama-1B shape: streaming load generator + perf_analyzer, batching
 #                on vs off (profile/serve_bench.py)
+#   4. quant   - weight-only INT8/INT4 for the compiled engine (profile/compiled_engine_gpu.py --weights): Llama-1B
+#                shape speed (FP16 and BF16 baselines in the same run) and accuracy on the built-in model
+#   5. inflight - Triton serving the compiled engine through the in-flight scheduler vs static batching, streaming
+#                sweep at 1/4/16/64 streams, serving overhead vs the engine in-process, lm_empty floor
+#                (profile/serve_bench.py --compare scheduler)
+#   6. openai  - the OpenAI endpoint in front of that server: its own overhead vs Triton's gRPC stream
+#                (profile/openai_overhead.py); aiperf vs our load generator when AIPERF names an aiperf executable
+#                (or AIPERF_SITE a folder its wheels were installed into with pip --target)
 #
-#   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: all three
+#   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
+#   bash profile/gpu_all.sh OUTDIR quant inflight openai
 #   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
 # The Triton part sends prompts as token ids (PROMPT_INPUT=input_ids, the default here): STRING inputs crashed the
 # Python-backend stub on the H200 machine with NumPy 2.5 and 1.26 alike (results/nvidia-h200/triton-gpu-attempt.log).
@@ -20,6 +29,7 @@
 set -uo pipefail
 OUTDIR="${1:?usage: gpu_all.sh OUTDIR [parts]}"; shift
 PARTS="${*:-suite profile triton}"
+SWEEP="${SWEEP:-1,4,16,64}"
 PY="${PYTHON:-python3}"
 MODELS="${MODELS:-tiny gpt2-124m llama-1b}"
 WORK="${WORK:-/tmp/gpuwork}"
@@ -73,6 +83,68 @@ PYEOF
         | tail -60 | tee -a "$LOG"
       mkdir -p "$WORK/results/llama-1b"
       cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/llama-1b/" 2>/dev/null ;;
+    quant)
+      mkdir -p "$WORK/results/llama-1b" "$WORK/results/tiny"
+      # speed: the Llama-1B shape, baselines first; INT4's kernel takes BF16 activations
+      for cell in fp16: bf16: fp16:int8 fp16:int8mm bf16:int4; do
+        p="${cell%%:*}" w="${cell#*:}"
+        say "quant llama-1b $p ${w:-unquantized}"
+        timeout 300 "$PY" profile/compiled_engine_gpu.py --model llama-1b --precision "$p" ${w:+--weights "$w"} \
+          --batch-sizes 1,8 --long-prompt 0 --repeats 3 \
+          --out "$WORK/results/llama-1b/compiled-engine-$p${w:+-$w}.json" 2>&1 | grep -v -i warning | tail -12 \
+          | tee -a "$LOG"
+      done
+      # accuracy on the built-in model (real weights); eager (no compile) is enough for the numbers
+      for cell in fp16: fp16:int8 bf16: bf16:int4; do
+        p="${cell%%:*}" w="${cell#*:}"
+        say "quant tiny $p ${w:-unquantized} (accuracy)"
+        timeout 200 "$PY" profile/compiled_engine_gpu.py --model tiny --precision "$p" ${w:+--weights "$w"} \
+          --group-size 32 --batch-sizes 1 --long-prompt 0 --compile off --cuda-graphs off --eval-windows 32 \
+          --eval-len 256 --num-slots 32 --out "$WORK/results/tiny/compiled-engine-$p${w:+-$w}.json" 2>&1 \
+          | grep -v -i warning | tail -6 | tee -a "$LOG"
+      done ;;
+    inflight|openai)
+      if [ -n "${NUMPY1_DIR:-}" ] && [ ! -f "$NUMPY1_DIR/sitecustomize.py" ]; then
+        printf 'import sys\nfor _n in ("sklearn", "scipy"):\n    sys.modules.setdefault(_n, None)\n' \
+          > "$NUMPY1_DIR/sitecustomize.py"
+        export PYTHONPATH="$NUMPY1_DIR:$PYTHONPATH"
+      fi
+      if [ ! -f "$WORK/art/llama-1b/serve/compiled-fp16-gpu/manifest.json" ]; then
+        say "model repository: compiled fp16, in-flight, 64 slots, every decode bucket captured at load"
+        "$PY" serve/make_model_repository.py --model llama-1b --engine compiled --precision fp16 --device cuda \
+          --slots 64 --max-queue 256 --max-batch-size 64 --capture-kv 256 --max-len 512 --cancel-poll-ms 10 \
+          --artifacts "$WORK/art" 2>&1 | tail -3 | tee -a "$LOG"
+      fi
+      mkdir -p "$WORK/results/llama-1b"
+      if [ "$part" = inflight ]; then
+        say "inflight: in-flight vs static, streaming $SWEEP"
+        PYTHON="$PY" timeout 560 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
+          --compare scheduler --skip-perf-analyzer --concurrency "$SWEEP" --requests 128 --duration-s 15 \
+          --prompt-input input_ids --startup-timeout-s 400 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"
+        cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/llama-1b/" 2>/dev/null
+      else
+        say "openai: endpoint overhead (and aiperf when AIPERF is set)"
+        export PYTHON="$PY" READY_TIMEOUT_S=400 OPENAI_PORT=18080 HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002
+        bash serve/serve_openai.sh start llama-1b "$WORK/art" 2>&1 | tail -3 | tee -a "$LOG"
+        [ "${SKIP_OVERHEAD:-0}" = 1 ] || timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
+          --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
+          2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
+        if [ -n "${AIPERF_SITE:-}" ] && [ -z "${AIPERF:-}" ]; then
+          # aiperf's wheels installed with --target AIPERF_SITE: run it on its own path (its newer packages stay out
+          # of the pinned set the server uses)
+          AIPERF="$WORK/aiperf"
+          printf '#!/bin/sh\nPYTHONPATH=%s exec %s -m aiperf "$@"\n' "$AIPERF_SITE" "$(command -v "$PY")" > "$AIPERF"
+          chmod +x "$AIPERF"
+        fi
+        if [ -n "${AIPERF:-}" ]; then
+          timeout 400 "$PY" profile/aiperf_compare.py --model llama-1b --artifacts "$WORK/art" --aiperf "$AIPERF" \
+            --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --concurrency "$SWEEP" 2>&1 \
+            | grep -v -i warning | tail -20 | tee -a "$LOG"
+        fi
+        bash serve/serve_openai.sh stop llama-1b "$WORK/art" 2>&1 | tail -2 | tee -a "$LOG"
+        cp "$WORK"/art/llama-1b/profile/openai-overhead.json "$WORK"/art/llama-1b/profile/aiperf-compare.json \
+          "$WORK/results/llama-1b/" 2>/dev/null
+      fi ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done

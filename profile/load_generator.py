@@ -14,9 +14,11 @@ perf_analyzer #298). This is asyncio + tritonclient's gRPC bidirectional stream,
 benchmark clients do), `--concurrency` requests in flight. Bounded: each level stops after --requests measured
 requests or --duration-s seconds, whichever comes first. One pre-flight request checks the model answers before
 anything is timed; each level starts with --warmup-requests per client, excluded from the figures.
-Per request: TTFT = first token response - send; ITL = gaps between token responses; end-to-end = final response -
-send. Per level: output tokens/s and requests/s over the measured window; mean/p50/p90/p95/p99 of each. The stream
-must carry one token per response; the token count equals the token responses received or the run fails.
+Per request: TTFT = first token response - send; ITL = gaps between tokens (a response carrying several tokens, as
+the server sends when tokens come faster than one send, gives each the response's arrival time: gaps of 0, so the
+ITL mean stays (last - first) / (tokens - 1)); end-to-end = final response - send. Per level: output tokens/s and
+requests/s over the measured window; mean/p50/p90/p95/p99 of each; token responses beside tokens. Every request must
+get at least one token response (a model that only answers at the end is not streaming) or the run fails.
 
 --in-process measures, in the same run and interleaved request by request at concurrency 1, the same prompts
 through lmopt.generate on the same engine in this process: the difference is what serving costs.
@@ -91,9 +93,9 @@ async def stream_one(client, prompt: str, index: int, s: LoadSettings, t_origin:
                 rec.error = str(error).splitlines()[0][:200]
                 break
             piece = parse_response(result, s.tokens_output)
-            if piece.token_ids:
+            if piece.token_ids:  # a response may carry several tokens (sent together under load): one time each
                 rec.tokens.extend(piece.token_ids)
-                rec.token_times_s.append(now)
+                rec.token_times_s.extend([now] * len(piece.token_ids))
                 rec.token_responses += 1
             if piece.final:
                 rec.end_s = now
@@ -232,7 +234,8 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
         # decode speed; the mean is (last - first token) / (tokens - 1) either way.
         "overhead_ms": {"ttft_p50": ttft_s["p50"] - ttft_l["p50"], "itl_p50": itl_s["p50"] - itl_l["p50"],
                         "ttft_mean": ttft_s["mean"] - ttft_l["mean"], "itl_mean": itl_s["mean"] - itl_l["mean"]},
-        "targets_ms": {"ttft": 2.0, "itl": 0.5},
+        "overhead_pct": {"itl_mean": (itl_s["mean"] / itl_l["mean"] - 1) * 100 if itl_l["mean"] else None},
+        "targets": {"ttft_ms": 2.0, "itl_pct": 10.0},
         "samples": {"served": served, "in_process": inproc},
     }
 
@@ -270,9 +273,9 @@ def run_load(*, settings: LoadSettings) -> dict:
         if row["failed"]:
             first = next(r.error for r in recs if r.error)
             log.warning("concurrency %d: %d of %d requests failed (first: %s)", c, row["failed"], row["requests"], first)
-        if row["output_tokens"] != row["token_responses"]:
+        if row["token_responses"] < row["requests"] - row["failed"]:
             raise UserError(f"the stream carried {row['output_tokens']} tokens in {row['token_responses']} responses "
-                            f"— {s.triton_model} is not streaming one token per response")
+                            f"for {row['requests']} requests — {s.triton_model} is not streaming")
         summary.append(row)
         samples[str(c)] = [asdict(r) for r in recs]
         log.info("concurrency %d: %d requests in %.1f s, TTFT p50 %.1f ms, ITL p50 %.2f ms, %.1f tok/s, %.2f req/s",
@@ -285,7 +288,7 @@ def run_load(*, settings: LoadSettings) -> dict:
                  s.precision)
         extra["overhead"] = in_process_overhead(prompts, s, s.requests)
         o = extra["overhead"]["overhead_ms"]
-        log.info("serving overhead: TTFT p50 %+.2f ms, ITL mean %+.3f ms (targets +2 / +0.5 ms)", o["ttft_p50"],
+        log.info("serving overhead: TTFT p50 %+.2f ms, ITL mean %+.3f ms (targets +2 ms / +10%%)", o["ttft_p50"],
                  o["itl_mean"])
     out = result_path(s.artifacts, s.model, f"stream-{s.label}")
     write_result(out, "streaming_load", asdict(s), samples, summary, extra)

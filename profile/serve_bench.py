@@ -13,12 +13,15 @@ Writes: artifacts/<model>/profile/serving-repos/<variant>-batching-off/  the sam
         artifacts/<model>/profile/serving-batching.json                    on vs off side by side, with the verdict
         with --compare scheduler: serving-repos/<variant>-static/, serving-{pa,stream}-{inflight,static}.json and
         serving-scheduler.json (in-flight vs static side by side)
+        artifacts/<model>/profile/serving-stream-floor.json                lm_empty at concurrency 1 (the floor)
 
 Same model, same load, two server configs: the repository made by serve/make_model_repository.py (dynamic batching)
 and a copy whose config.pbtxt files lose only the `dynamic_batching { ... }` block (max_batch_size and every tensor
 shape stay, so the clients send identical requests; Triton then runs each request alone). Both servers run at the
 same time on free loopback ports, and each tool alternates between them, so machine noise hits both alike.
-Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers.
+Serving overhead (Triton streaming vs the same engine in-process, concurrency 1) is measured on both servers, and
+the floor under it on the first: the same stream from `lm_empty`, a decoupled model with no engine that sends
+max_tokens responses at once (Triton's own cost per request and per response; serving-stream-floor.json).
 --compare scheduler pairs the in-flight repository with a copy set to `batching: static` (Triton's dynamic batcher
 groups requests and each execute() runs its group as one generation to the end: the behaviour before in-flight
 batching), same engine, slots = max batch size.
@@ -47,6 +50,7 @@ log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
 PAIRS = {"batching": ("batching-on", "batching-off"), "scheduler": ("inflight", "static")}
 CONFIGS = PAIRS["batching"]
+EMPTY_MODEL = re.compile(r'key: "engine" value: \{ string_value: "empty" \}')
 
 
 @dataclass
@@ -68,6 +72,8 @@ class ServeBenchSettings:
     startup_timeout_s: float = 180.0
     prompt_input: str = LoadSettings.prompt_input   # "input_ids": both tools send token ids instead of text
     compare: str = "batching"        # batching: dynamic batching on vs off; scheduler: in-flight vs static batching
+    skip_perf_analyzer: bool = False  # streaming sweeps, overhead and floor only (no perf_analyzer sweeps)
+    skip_floor: bool = False          # skip streaming from lm_empty (no engine) at concurrency 1: Triton's own floor
 
 
 def pick_serve_variant(artifacts: str, model: str, variant: str) -> tuple[Path, dict]:
@@ -114,6 +120,8 @@ def static_repository(src_repo: Path, dst: Path, queue_delay_us: int) -> Path:
         repo = tmp / "model_repository"
         shutil.copytree(src_repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
         for cfg in sorted(repo.glob("*/config.pbtxt")):
+            if EMPTY_MODEL.search(cfg.read_text()):
+                continue  # lm_empty has no engine to batch
             text, n = param.subn(r'\1"static"', cfg.read_text())
             if n != 1:
                 raise UserError(f"{cfg} is not an in-flight batching repository — regenerate it: make serve-repo")
@@ -185,19 +193,26 @@ def _run_tool(script: str, settings, result_name: str) -> dict:
     return {**json.loads(path.read_text()), "path": str(path)}
 
 
+def _floor(result: dict) -> dict:
+    """Triton's own cost from the lm_empty stream at concurrency 1: TTFT and per-response gap with no engine."""
+    row = result["summary"][0]
+    return {"requests": row.get("requests"), "ttft_ms": row["ttft_ms"], "itl_ms": row["itl_ms"],
+            "result": result["path"]}
+
+
 def compare(pa: dict[str, dict], st: dict[str, dict], configs: tuple[str, str] = CONFIGS) -> dict:
     """The first config ("on") vs the second ("off") per level: throughput ratio and p95 latency side by side; for
     dynamic batching on vs off the "+40% throughput" claim checked."""
     rows = []
     on, off = configs
-    on_rows = {r["level"]: r for r in pa[on]["summary"] if r["mode"] == "concurrency"}
-    off_rows = {r["level"]: r for r in pa[off]["summary"] if r["mode"] == "concurrency"}
+    on_rows = {int(r["level"]): r for r in pa[on]["summary"] if r["mode"] == "concurrency"} if pa else {}
+    off_rows = {int(r["level"]): r for r in pa[off]["summary"] if r["mode"] == "concurrency"} if pa else {}
     st_on = {r["concurrency"]: r for r in st[on]["summary"]}
     st_off = {r["concurrency"]: r for r in st[off]["summary"]}
-    for level in sorted(set(on_rows) & set(off_rows)):
-        a, b = on_rows[level], off_rows[level]
+    for level in sorted(set(on_rows) & set(off_rows) | set(st_on) & set(st_off)):
+        a, b = on_rows.get(level), off_rows.get(level)
         row = {"concurrency": level}
-        if not a.get("unstable") and not b.get("unstable"):
+        if a and b and not a.get("unstable") and not b.get("unstable"):
             row.update({
                 "pa_rps_on": a["throughput_rps"], "pa_rps_off": b["throughput_rps"],
                 "pa_throughput_ratio": a["throughput_rps"] / b["throughput_rps"],
@@ -205,7 +220,7 @@ def compare(pa: dict[str, dict], st: dict[str, dict], configs: tuple[str, str] =
                 "pa_requests_per_execution_on": a["server_stats"]["requests_per_execution"],
                 "pa_requests_per_execution_off": b["server_stats"]["requests_per_execution"],
             })
-        c = int(level)
+        c = level
         if c in st_on and c in st_off:
             x, y = st_on[c], st_off[c]
             row.update({
@@ -264,7 +279,7 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
                            duration_s=s.duration_s, in_process=False, engine=man.get("engine", "ort"),
                            precision=man.get("precision", "fp32"), device=man.get("device", "cpu"), threads=int(srv.get("threads", 0) or 0))
     timings: dict[str, float] = {}
-    pa, st, over = {}, {}, {}
+    pa, st, over, floor = {}, {}, {}, None
     with ExitStack() as stack:
         urls = {}
         with timed(log, "start both servers", timings, "startup_s"):
@@ -273,7 +288,7 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
                                                                s.startup_timeout_s))
         # each tool alternates between the two servers so both see the same machine
         with timed(log, "perf_analyzer sweeps", timings, "perf_analyzer_s"):
-            for name in configs:
+            for name in configs if not s.skip_perf_analyzer else ():
                 pa[name] = _run_tool("perf_analyzer_sweep.py", replace(pa_base, url=urls[name], label=name),
                                      f"pa-{name}")
         with timed(log, "streaming sweeps", timings, "streaming_s"):
@@ -287,8 +302,14 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
                                                            in_process=True), f"stream-overhead-{name}")
                 over[name] = {k: v for k, v in r["overhead"].items() if k != "samples"}
                 over[name]["result"] = r["path"]
+        if not s.skip_floor:
+            with timed(log, "floor (lm_empty)", timings, "floor_s"):
+                r = _run_tool("load_generator.py", replace(ld_base, url=urls[configs[0]], label="floor",
+                                                           triton_model="lm_empty", concurrency="1",
+                                                           requests=s.overhead_requests), "stream-floor")
+                floor = _floor(r)
     cmp = compare(pa, st, configs)
-    summary = {**cmp, "overhead_c1": over,
+    summary = {**cmp, "overhead_c1": over, "floor_c1": floor,
                "results": {"perf_analyzer": {k: v["path"] for k, v in pa.items()},
                            "streaming": {k: v["path"] for k, v in st.items()}}}
     out = result_path(s.artifacts, s.model, s.compare)
@@ -297,11 +318,11 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
                   "repositories": {configs[0]: str(repo_on), configs[1]: str(repo_off)},
                   "timings_s": timings})
     log.info("Saving results to %s", out)
-    _print(cmp, over)
+    _print(cmp, over, floor)
     return {"path": str(out), **summary}
 
 
-def _print(cmp: dict, over: dict) -> None:
+def _print(cmp: dict, over: dict, floor: dict | None = None) -> None:
     on, off = cmp["configs"]
     print(f"{on} vs {off} (perf_analyzer, lm; streaming, lm_stream); 'on' = {on}, 'off' = {off}")
     print(f"{'conc':>4} {'req/s on':>9} {'off':>7} {'x':>5} {'p95 on':>8} {'off':>7} {'tok/s on':>9} {'off':>7} {'x':>5} "
@@ -320,6 +341,9 @@ def _print(cmp: dict, over: dict) -> None:
     for name, o in over.items():
         print(f"overhead [{name}]: TTFT p50 {o['overhead_ms']['ttft_p50']:+.2f} ms, ITL mean "
               f"{o['overhead_ms']['itl_mean']:+.3f} ms")
+    if floor:
+        print(f"floor [lm_empty, no engine]: TTFT p50 {floor['ttft_ms']['p50']:.2f} ms, ITL mean "
+              f"{floor['itl_ms']['mean']:.3f} ms")
 
 
 def build_parser() -> argparse.ArgumentParser:

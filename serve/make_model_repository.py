@@ -4,12 +4,14 @@
     python serve/make_model_repository.py --model tiny --slots 16 --max-queue 64   # in-flight batching capacity
     python serve/make_model_repository.py --model tiny --precision fp32
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
+    python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --slots 64 --capture-kv 256
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
         artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
 Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
           model_repository/lm/{config.pbtxt, 1/model.py}          one response per request
           model_repository/lm_stream/{config.pbtxt, 1/model.py}   decoupled streaming
+          model_repository/lm_empty/{config.pbtxt, 1/model.py}    decoupled, no engine: Triton's own floor
           README.md                                               model names, inputs, outputs (stable API)
           manifest.json                                           written last
 
@@ -18,6 +20,8 @@ Model names and tensors (stable; serve/client and profile/ depend on them):
                           top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
                   outputs text_output STRING [1], token_ids INT64 [-1]
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
+  lm_empty        the same tensors; streams max_tokens responses of token id 0 at once, no engine (KIND_CPU): what
+                  Triton itself costs per request and per streamed response, the floor of the serving overhead
 Both models run lmopt.scheduler (in-flight batching: requests join and leave the running batch at every decode
 step) over lmopt.engines.create_engine(engine, model, precision) inside the Python backend; settings travel in
 config.pbtxt `parameters`. A request beyond --slots running + --max-queue waiting gets an error starting with
@@ -44,7 +48,7 @@ from lmopt.log import get_logger, setup_logging
 log = get_logger("serve-repo")
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model.py"
-MODELS = ("lm", "lm_stream")
+MODELS = ("lm", "lm_stream", "lm_empty")
 
 
 @dataclass
@@ -66,6 +70,8 @@ class RepoSettings:
     default_max_tokens: int = 32
     threads: int = 0                 # intra-op threads of the engine (0 = library default)
     output_transport: str = "auto"   # auto | dlpack | numpy (auto = DLPack whenever torch is importable)
+    capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at this KV length (0 = on first use, stalling live requests while it compiles)
+    max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
 
 
 def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
@@ -113,10 +119,12 @@ def _speed_check(s: RepoSettings, precision: str, tokens: int = 24, repeats: int
 
 def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, params: dict[str, str]) -> str:
     kind = "KIND_GPU" if s.device.startswith("cuda") else "KIND_CPU"
-    what = ("decoupled streaming: one response per token, then an empty response flagged final" if decoupled
+    what = ("decoupled streaming: token responses as tokens come (several share one under load), then an empty response flagged final" if decoupled
             else "one response per request with the full generated text")
     p = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
-    if s.batching == "static":
+    if params.get("engine") == "empty":
+        how = "no engine: execute() sends max_tokens responses of token id 0, then FINAL (Triton's own floor)"
+    elif s.batching == "static":
         how = (f'lmopt.generate over create_engine("{s.engine}", "{s.model}", "{precision}") on {s.device}; Triton\'s '
                "dynamic batcher groups requests and each execute() runs its group as one generation")
     else:
@@ -179,6 +187,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
+    if s.capture_kv < 0 or s.max_len < 0:
+        raise UserError(f"--capture-kv and --max-len must be >= 0 (got {s.capture_kv}, {s.max_len})")
     for name in ("instances", "max_batch_size", "max_tokens_cap", "default_max_tokens", "slots", "prefill_chunk"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
@@ -208,14 +218,18 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
-              "cancel_poll_ms": f"{s.cancel_poll_ms:g}"}
+              "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len)}
+    empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
+    empty_params = {"engine": "empty", "default_max_tokens": str(s.default_max_tokens),
+                    "output_transport": s.output_transport}
     with staging_dir(final) as tmp:
         repo = tmp / "model_repository"
         for name in MODELS:
             (repo / name / "1").mkdir(parents=True)
             shutil.copy(TEMPLATE, repo / name / "1" / "model.py")
-            (repo / name / "config.pbtxt").write_text(
-                config_pbtxt(name, s, precision, name == "lm_stream", params))
+            cfg = (config_pbtxt(name, empty, precision, True, empty_params) if name == "lm_empty" else
+                   config_pbtxt(name, s, precision, name == "lm_stream", params))
+            (repo / name / "config.pbtxt").write_text(cfg)
             log.info("Saving %s", final / "model_repository" / name / "config.pbtxt")
         (tmp / "README.md").write_text(_readme(s, precision, variant, choice))
         manifest = {
@@ -223,7 +237,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
             "precision": precision, "engine": s.engine, "device": s.device, "choice": choice,
             "batching": s.batching,
             "instance_kind": "KIND_GPU" if s.device == "cuda" else "KIND_CPU",
-            "models": {"lm": {"decoupled": False}, "lm_stream": {"decoupled": True}},
+            "models": {"lm": {"decoupled": False}, "lm_stream": {"decoupled": True},
+                       "lm_empty": {"decoupled": True, "engine": "empty"}},
             "inputs": inputs, "outputs": {"model_repository": "model_repository"},
             "tokenizer_vocab": len(tok), "settings": asdict(s),
             "versions": package_versions("nvidia-pytriton", "tritonclient", "onnxruntime", "torch"),
@@ -250,6 +265,7 @@ Start: `bash serve/run_triton.sh <this folder>/model_repository`.
 |---|---|---|
 | `lm` | {lm} | one, full text |
 | `lm_stream` | {st} | one per token, then an empty one flagged final |
+| `lm_empty` | decoupled, no engine (Triton's own cost per request and response) | max_tokens responses of token 0 |
 
 Busy: more than {s.slots} running + {s.max_queue} waiting requests get an error starting with `server busy: `
 (code UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE); retry later. Metrics port: `lm_scheduler_slots_in_use`,

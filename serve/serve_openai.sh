@@ -3,6 +3,7 @@
 # the OpenAI-compatible gateway (serve/openai_server.py) in front of it, both in the background; prints the base URL.
 #
 #   bash serve/serve_openai.sh start [MODEL] [ARTIFACTS]   # ports: OPENAI_PORT (8080); HTTP_PORT/GRPC_PORT/METRICS_PORT
+#                                                          # READY_TIMEOUT_S (120): a GPU engine compiling at load
 #   bash serve/serve_openai.sh stop  [MODEL] [ARTIFACTS]   # stops both; no process is left
 #
 # Pid files and logs: ARTIFACTS/MODEL/serve/run/{triton,openai}.{pid,log}. Both run in their own process group, so
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 ACTION="${1:-}" MODEL="${2:-tiny}" ART="${3:-artifacts}"
 OPENAI_PORT="${OPENAI_PORT:-8080}" HTTP_PORT="${HTTP_PORT:-8000}" GRPC_PORT="${GRPC_PORT:-8001}"
 METRICS_PORT="${METRICS_PORT:-8002}"
+READY_TIMEOUT_S="${READY_TIMEOUT_S:-120}"   # seconds each of Triton and the gateway may take to become ready
 PY="${PYTHON:-.venv/bin/python}"
 # the gateway imports this checkout's lmopt package
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,11 +65,11 @@ mkdir -p "$RUN"
   2>/dev/null || die "OPENAI_PORT $OPENAI_PORT is in use — pick a free one: make serve-openai OPENAI_PORT=..."
 
 bash serve/run_triton.sh "$REPO" --background --pid-file "$RUN/triton.pid" --log-file "$RUN/triton.log" \
-  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
+  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --timeout "$READY_TIMEOUT_S"
 setsid "$PY" serve/openai_server.py --port "$OPENAI_PORT" --triton-grpc "127.0.0.1:$GRPC_PORT" \
   >"$RUN/openai.log" 2>&1 </dev/null &
 echo "$!" > "$RUN/openai.pid"
-for i in $(seq 1 240); do
+for i in $(seq 1 $((READY_TIMEOUT_S * 2))); do
   if "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$OPENAI_PORT/health', timeout=2)" 2>/dev/null
   then
     echo "OpenAI-compatible endpoint ready: base URL http://127.0.0.1:$OPENAI_PORT/v1  (model: $MODEL)"

@@ -48,7 +48,8 @@ class SlotState:
 class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None):
+                 cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None,
+                 weight_quant: str | None = None, group_size: int = 128):
         import torch
 
         if precision not in _DTYPES:
@@ -74,7 +75,12 @@ class CompiledEngine(SlotEngine):
 
         with torch.inference_mode():
             self.model = StaticDecoder.from_hf(hf, dtype, device)
+            if weight_quant:  # weight-only INT8/INT4 (lmopt.engines.weight_quant); activations stay `precision`
+                self.model.quantize_weights(weight_quant, group_size)
         del hf
+        if weight_quant and cuda:
+            torch.cuda.empty_cache()
+        self.weight_quant = weight_quant
         self.model.decode_attention = decode_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
@@ -90,9 +96,15 @@ class CompiledEngine(SlotEngine):
                                 "lower num_slots or max_len")
         with torch.inference_mode():
             self.model.allocate_cache(self.num_slots, self.max_len)
-        self.info = EngineInfo("compiled", precision, device, "hf", model, self.max_len, self.model.cfg["vocab"])
+        self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else ""), device, "hf",
+                               model, self.max_len, self.model.cfg["vocab"])
         self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.num_slots] + [self.num_slots]
         self.kv_buckets = sorted({min(self.max_len, KV_BUCKET_MIN << i) for i in range(16)})
+        # fresh prefills replayed as CUDA graphs: rows x tokens buckets (longer or continued prompts run eagerly)
+        self.prefill_rows = [r for r in (1, 2, 4, 8) if r <= self.num_slots]
+        self.prefill_lens = [n for n in (16, 32, 64, 128, 256, 512) if n <= min(self.max_len, self.max_prefill_chunk)]
+        if not self.prefill_lens:
+            self.prefill_lens = [self.max_len]
         self.use_compile = cuda if compile is None else compile
         self.use_graphs = cuda if cuda_graphs is None else (cuda_graphs and cuda)
         self._step = self.model.decode
@@ -172,6 +184,21 @@ class CompiledEngine(SlotEngine):
         for r, q in enumerate(seqs):
             ids[r, :len(q)] = np.asarray(q, dtype=np.int64)
         self._check_vocab(ids)
+        R, S = len(slots), max(lengths)
+        if self.use_graphs and not any(starts) and R <= self.prefill_rows[-1] and S <= self.prefill_lens[-1]:
+            Rb = self.prefill_rows[bisect.bisect_left(self.prefill_rows, R)]
+            Sb = self.prefill_lens[bisect.bisect_left(self.prefill_lens, S)]
+            with t.inference_mode():
+                graph, bufs, out = self._prefill_graph(Rb, Sb)
+                host = np.zeros((Rb, Sb + 2), dtype=np.int64)   # [ids | slot | length]; padding rows: length 0
+                host[:R, :S] = ids
+                host[:R, Sb] = slots
+                host[:R, Sb + 1] = lengths
+                bufs.copy_(t.from_numpy(host), non_blocking=False)
+                graph.replay()
+            for s, n in zip(slots, lengths):
+                self._len[s] += n
+            return DeviceLogits(out[0], out[1], list(range(R)))
         with t.inference_mode():
             logits = self.model.prefill(slots, t.from_numpy(ids).to(self.device), starts, lengths)
             greedy = logits.argmax(dim=-1)
@@ -259,6 +286,31 @@ class CompiledEngine(SlotEngine):
         log.info("captured decode graph batch %d, kv %d in %.1f s", B, L, time.perf_counter() - t0)
         return g, out
 
+    def _prefill_graph(self, R: int, S: int):
+        """The CUDA graph of a fresh prefill of R rows right-padded to S tokens (StaticDecoder.prefill_fresh, eager
+        kernels: the graph removes the launch cost of a few hundred small kernels), captured on first use."""
+        key = ("prefill", R, S)
+        if key in self._graphs:
+            return self._graphs[key]
+        t = self.torch
+        t0 = time.perf_counter()
+        bufs = t.zeros((R, S + 2), dtype=t.long, device=self.device)     # lengths 0: warm-up writes scratch only
+        ids, slots, lengths = bufs[:, :S], bufs[:, S], bufs[:, S + 1]
+        s = t.cuda.Stream()
+        s.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(s):
+            for _ in range(2):
+                self.model.prefill_fresh(slots, ids, lengths)
+        t.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = t.cuda.graph_pool_handle()
+        g = t.cuda.CUDAGraph()
+        with t.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            out = self.model.prefill_fresh(slots, ids, lengths)
+        self._graphs[key] = (g, bufs, out)
+        log.info("captured prefill graph rows %d, tokens %d in %.2f s", R, S, time.perf_counter() - t0)
+        return self._graphs[key]
+
     def capture(self, batches: Sequence[int], kv_len: int) -> None:
         """Capture the graphs a run will need before timing it (a first use otherwise compiles mid-run)."""
         if not self.use_graphs:
@@ -267,6 +319,10 @@ class CompiledEngine(SlotEngine):
         with self.torch.inference_mode():
             for b in batches:
                 self._graph(self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)], L)
+            for r in self.prefill_rows:       # fresh prefills of prompts that fit kv_len
+                for n in self.prefill_lens:
+                    if n <= max(kv_len, self.prefill_lens[0]):
+                        self._prefill_graph(r, n)
 
     def _check_vocab(self, ids: np.ndarray) -> None:
         v = self.info.vocab_size

@@ -46,10 +46,15 @@ class Block(nn.Module):
         for name in ("wqkv", "bqkv", "wo", "bo", "w1", "b1", "w2", "b2", "n1w", "n1b", "n2w", "n2b",
                      "k_cache", "v_cache"):
             self.register_buffer(name, None, persistent=False)
+        self.quant: dict = {}        # weight name -> weight_quant callable, for weight-only quantized layers
 
     # ---- pieces shared by prefill and decode
+    def _lin(self, x, name: str, b=None):
+        q = self.quant.get(name)
+        return F.linear(x, getattr(self, name), b) if q is None else q(x, b)
+
     def _qkv(self, h: torch.Tensor):
-        qkv = F.linear(h, self.wqkv, self.bqkv)
+        qkv = self._lin(h, "wqkv", self.bqkv)
         d = self.head_dim
         q, k, v = qkv.split([self.n_heads * d, self.n_kv * d, self.n_kv * d], dim=-1)
         return (q.unflatten(-1, (self.n_heads, d)), k.unflatten(-1, (self.n_kv, d)), v.unflatten(-1, (self.n_kv, d)))
@@ -61,9 +66,9 @@ class Block(nn.Module):
 
     def _mlp(self, x):
         if self.arch == "gpt2":
-            return F.linear(F.gelu(F.linear(x, self.w1, self.b1), approximate="tanh"), self.w2, self.b2)
-        gate, up = F.linear(x, self.w1).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+            return self._lin(F.gelu(self._lin(x, "w1", self.b1), approximate="tanh"), "w2", self.b2)
+        gate, up = self._lin(x, "w1").chunk(2, dim=-1)
+        return self._lin(F.silu(gate) * up, "w2")
 
     # ---- decode: x [B, C], row b = slot b
     def decode(self, x, cos, sin, rows, pos, mask, kv_len: int):
@@ -88,7 +93,7 @@ class Block(nn.Module):
         else:                              # an additive mask: one fused attention kernel (SDPA, memory-efficient)
             a = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask[:, None, None, :].expand(B, 1, g, kv_len))
         a = a.reshape(B, self.n_heads * self.head_dim)
-        x = x + F.linear(a, self.wo, self.bo)
+        x = x + self._lin(a, "wo", self.bo)
         return x + self._mlp(self._norm(x, self.n2w, self.n2b))
 
     # ---- prefill: x [R, S, C]; row r writes slot slots[r] at positions starts[r] + i
@@ -111,7 +116,7 @@ class Block(nn.Module):
             kc, vc = self.k_cache[idx, :, :kv_len], self.v_cache[idx, :, :kv_len]   # a view for a slice of slots
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn["mask"], enable_gqa=True)
         a = o.transpose(1, 2).reshape(R, S, self.n_heads * self.head_dim)
-        x = x + F.linear(a, self.wo, self.bo)
+        x = x + self._lin(a, "wo", self.bo)
         return x + self._mlp(self._norm(x, self.n2w, self.n2b))
 
 
@@ -128,6 +133,8 @@ class StaticDecoder(nn.Module):
         self.num_slots = 0
         self.max_len = 0
         self.decode_attention = "matmul"      # or "sdpa" (see Block.decode)
+        self.head_quant = None
+        self.weight_quant: str | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -238,10 +245,27 @@ class StaticDecoder(nn.Module):
         for blk in self.layers:
             for name in ("wqkv", "bqkv", "wo", "bo", "w1", "b1", "w2", "b2", "n1w", "n1b", "n2w", "n2b"):
                 w = getattr(blk, name)
-                n += 0 if w is None else w.numel() * w.element_size()
-        for w in (self.norm_w, self.norm_b, self.head):
+                n += blk.quant[name].nbytes() if name in blk.quant else 0 if w is None else w.numel() * w.element_size()
+        for w in (self.norm_w, self.norm_b):
             n += 0 if w is None else w.numel() * w.element_size()
-        return n
+        return n + (self.head_quant.nbytes() if self.head_quant is not None
+                    else self.head.numel() * self.head.element_size())
+
+    def quantize_weights(self, scheme: str, group_size: int = 128, head: bool = True) -> None:
+        """Weight-only quantization (lmopt.engines.weight_quant) of every layer's linear weights and, with `head`,
+        of the output head (the input embedding stays: a step reads only B rows of it)."""
+        from .weight_quant import quantize_weight
+
+        for blk in self.layers:
+            for name in ("wqkv", "wo", "w1", "w2"):
+                blk.quant[name] = quantize_weight(getattr(blk, name), scheme, group_size)
+                if getattr(blk, name) is not None:
+                    setattr(blk, name, None)        # the unquantized copy is freed
+        if head:
+            self.head_quant = quantize_weight(self.head, scheme, group_size)
+            if self.head is not self.emb:
+                self.head = None
+        self.weight_quant = scheme
 
     def kv_bytes_per_token(self) -> int:
         c = self.cfg
@@ -253,7 +277,7 @@ class StaticDecoder(nn.Module):
             h = F.layer_norm(h, (h.shape[-1],), self.norm_w, self.norm_b, self.cfg["eps"])
         else:
             h = _rms_norm(h, self.norm_w, self.cfg["eps"])
-        return F.linear(h, self.head)
+        return F.linear(h, self.head) if self.head_quant is None else self.head_quant(h)
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int):
         """One token per row; row b is slot b; pos[b] = max_len sends a padding row to the scratch column.
@@ -276,6 +300,24 @@ class StaticDecoder(nn.Module):
         if self.arch == "gpt2":
             return x + F.embedding(pos, self.pos_emb), None, None
         return x, self.cos[pos], self.sin[pos]
+
+    def prefill_fresh(self, slots: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor):
+        """Prefill rows that start at position 0, with every input a device tensor and no host work, so the step can
+        be captured in a CUDA graph: row r writes ids[r, :lengths[r]] into slot slots[r]. A row of length 0 (padding
+        of a captured batch bucket) writes only scratch columns and its output is dropped.
+        Returns (logits [R, V] of each row's last real token, greedy ids [R])."""
+        R, S = ids.shape
+        dev = ids.device
+        ar = torch.arange(S, device=dev)[None, :]
+        pos = ar.expand(R, S)
+        write_pos = torch.where(ar < lengths[:, None], pos, torch.full_like(pos, self.max_len))
+        x, cos, sin = self._embed(ids, pos.clamp(max=self.max_len - 1))
+        slot_rows = slots[:, None].expand(R, S)
+        for blk in self.layers:
+            x = blk.prefill(x, cos, sin, slot_rows, write_pos, {"fresh": True})
+        h = x[torch.arange(R, device=dev), (lengths - 1).clamp(min=0)]
+        logits = self._head(h)
+        return logits, logits.argmax(dim=-1)
 
     def prefill(self, slots: list[int], ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         """Append chunk r (ids[r, :lengths[r]], right-padded) to slot slots[r] at positions starts[r]...

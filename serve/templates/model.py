@@ -3,10 +3,12 @@
 
 The same file serves both models; config.pbtxt decides which:
   lm_stream  decoupled: execute() hands each request to the scheduler and returns at once; the scheduler's loop
-             thread sends one response per generated token through the request's response sender, then an empty
-             response flagged FINAL. Requests join and leave the running batch at every decode step. A cancelled
-             request (client gone, stream closed: response_sender.is_cancelled(), asked at most every
-             `cancel_poll_ms` since each ask is a round trip to the server) frees its slot at the next step after.
+             thread queues each generated token and a sender thread sends it through the request's response sender
+             (tokens that arrive faster than one send takes share one response), then an empty response flagged
+             FINAL. Requests join and leave the running batch at every decode step. A cancelled request (client
+             gone, stream closed: response_sender.is_cancelled(), asked by the sender thread at most every
+             `cancel_poll_ms` per stream and 8 streams per pass, since each ask is a round trip to the server)
+             frees its slot at the next step after. Only the sender thread touches a stream's response sender.
   lm         one response per request with the full text. execute() submits its requests to the same kind of
              scheduler and waits for them (the Python backend runs one execute() per instance at a time, so requests
              arriving meanwhile wait in Triton's queue: in-flight joining is the streaming model's).
@@ -55,17 +57,35 @@ class TritonPythonModel:
         from lmopt.models import load_tokenizer
 
         self.logger = pb_utils.Logger
+        self.use_dlpack = _dlpack_choice(_param(cfg, "output_transport", "auto"))
+        self.default_max_tokens = int(_param(cfg, "default_max_tokens"))
+        self.empty = _param(cfg, "engine") == "empty"
+        if self.empty:  # the floor of Triton's own per-response cost: no engine, no tokenizer
+            self.scheduler = None
+            self.logger.log_info(f"{self.model_name}: empty decoupled model (streams max_tokens responses of token 0)")
+            return
         self.spec = _param(cfg, "model")
         device = _param(cfg, "device", "cpu")
+        engine = _param(cfg, "engine")
         if args.get("model_instance_kind") == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}" if _param(cfg, "engine") == "torch" else "cuda"
+            device = f"cuda:{args['model_instance_device_id']}" if engine == "torch" else "cuda"
         threads = int(_param(cfg, "threads", "0")) or None
-        self.engine = create_engine(_param(cfg, "engine"), self.spec, _param(cfg, "precision"), device=device,
-                                    artifacts=_param(cfg, "artifacts"), threads=threads)
+        kwargs = {}
+        if engine == "compiled":  # its KV-cache slots: one per request generating at once
+            kwargs = {"num_slots": max(int(_param(cfg, "slots", "8")), int(cfg.get("max_batch_size", 1))),
+                      "max_len": int(_param(cfg, "max_len", "0")) or None}
+        self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
+                                    artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
+        capture_kv = int(_param(cfg, "capture_kv", "0"))
+        if capture_kv and hasattr(self.engine, "capture"):
+            # compile and capture every decode batch bucket now: a first use would otherwise stall live requests
+            # for seconds per bucket
+            t0 = time.perf_counter()
+            self.engine.capture(self.engine.batch_buckets, capture_kv)
+            self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
+                                 f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
-        self.default_max_tokens = int(_param(cfg, "default_max_tokens"))
-        self.use_dlpack = _dlpack_choice(_param(cfg, "output_transport", "auto"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
         self.scheduler = None
@@ -79,8 +99,17 @@ class TritonPythonModel:
             max_queue = int(_param(cfg, "max_queue", "32"))
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
                 max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
+            self._cancel_poll_s = float(_param(cfg, "cancel_poll_ms", "0")) / 1e3
+            if self.decoupled:
+                import queue
+
+                self._outq = queue.SimpleQueue()
+                self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
+                self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
+                self._sender.start()
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
-                                       cancel_poll_s=float(_param(cfg, "cancel_poll_ms", "0")) / 1e3,
+                                       # streams: the sender thread asks Triton and sets a flag (no round trip here)
+                                       cancel_poll_s=0.0 if self.decoupled else self._cancel_poll_s,
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
@@ -171,6 +200,8 @@ class TritonPythonModel:
         return ids, p, id_tensor is None
 
     def execute(self, requests):
+        if self.empty:
+            return self._execute_empty(requests)
         if self.scheduler is None:
             return self._execute_static(requests)
         from lmopt.errors import UserError
@@ -184,9 +215,10 @@ class TritonPythonModel:
             try:
                 ids, p, want_text = self._parse(r)
                 if self.decoupled:
-                    on_event, is_cancelled = self._streamer(r.request_id(), sender, want_text)
+                    on_event, is_cancelled, watch = self._streamer(r.request_id(), sender, want_text)
                     h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
                                               request_id=r.request_id(), text=want_text)
+                    watch()
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -213,42 +245,122 @@ class TritonPythonModel:
         return responses
 
     def _streamer(self, request_id, response_sender, want_text):
-        """(on_event, is_cancelled) of one streaming request, called on the scheduler thread. The response sender is
-        dropped once the final response is out: nothing is sent on it after that, and nothing keeps it alive."""
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        count = [0]
-        holder = [response_sender]
-
-        def is_cancelled():
-            return holder[0].is_cancelled() if holder else True
+        """(on_event, is_cancelled, watch) of one streaming request. on_event runs on the scheduler thread and only
+        queues the event; the sender thread (_send_loop) sends it, so the next decode step starts while responses go
+        out. is_cancelled reads a flag the sender thread sets (_watch_cancellation).
+        The response sender is dropped once the final response is out: nothing is sent on it after that."""
+        st = {"id": request_id, "sender": response_sender, "want_text": want_text, "count": 0, "cancelled": False,
+              "asked": 0.0}
 
         def on_event(ev):
-            if not holder:
-                return
-            sender = holder[0]
-            if not ev.finished:
-                count[0] += 1
-                sender.send(self._response(ev.text if want_text else None, [ev.token], True))
-                return
-            holder.clear()
-            if ev.finish_reason == "error":
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
-                            flags=final)
-                return
-            if ev.finish_reason == "cancelled":
-                self.logger.log_info(f"{self.model_name}: request {request_id!r} cancelled after {count[0]} tokens")
-            if ev.text and want_text:  # text held back until the end (an incomplete character, a stop-string start)
-                sender.send(self._response(ev.text, [], True))
-            try:
-                sender.send(flags=final)
-            except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
-                if ev.finish_reason != "cancelled":
-                    raise
+            self._outq.put((st, ev))
 
-        return on_event, is_cancelled
+        def watch():  # once the scheduler took the request: the sender thread watches it for cancellation
+            self._outq.put((st, None))
+
+        return on_event, lambda: st["cancelled"], watch
+
+    def _send_loop(self):
+        """The sender thread: everything queued since its last pass, one response per request. A request whose
+        tokens came faster than they could be sent gets them together in one response (token_ids holds several);
+        each send is a round trip to the server process (lm_empty measures it), so under load this keeps the
+        decode loop, not the sends, setting the pace. Tokens are never held back: the first one goes at once."""
+        import queue
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        poll = self._cancel_poll_s or 0.01
+        while True:
+            try:
+                items = [self._outq.get(timeout=poll if self._streams else None)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._outq.get_nowait())
+                except queue.Empty:
+                    break
+            merged = {}                      # request -> [state, tokens, text, final event]; insertion order kept
+            stop = False
+            for item in items:
+                if item is None:
+                    stop = True
+                    continue
+                st, ev = item
+                if ev is None:
+                    if st["sender"] is not None and not st.get("final"):
+                        self._streams[id(st)] = st
+                    continue
+                m = merged.setdefault(id(st), [st, [], "", None])
+                if ev.finished:
+                    m[3] = ev
+                else:
+                    m[1].append(ev.token)
+                    m[2] += ev.text or ""
+            for st, tokens, text, ev in merged.values():
+                try:
+                    self._deliver(st, tokens, text, ev, final)
+                except Exception as e:  # noqa: BLE001  (one stream's failure must not stop the others)
+                    self.logger.log_warn(f"{self.model_name}: sending to request {st['id']!r} failed: {e}")
+                if ev is not None:
+                    self._streams.pop(id(st), None)
+            if stop:
+                return
+            self._watch_cancellation(poll)
+
+    def _watch_cancellation(self, poll):
+        """Ask Triton whether streams were cancelled (client gone), each at most every `poll` s and at most 8 asks
+        per pass: every ask is a round trip to the server process. Runs on the sender thread, the only thread that
+        touches a stream's response sender (concurrent use from two threads crashed the bundled server)."""
+        now = time.monotonic()
+        asked = 0
+        for st in sorted(self._streams.values(), key=lambda x: x["asked"]):
+            if asked >= 8 or now - st["asked"] < poll:
+                break
+            st["asked"] = now
+            asked += 1
+            sender = st["sender"]
+            if sender is not None and not st["cancelled"] and sender.is_cancelled():
+                st["cancelled"] = True
+
+    def _deliver(self, st, tokens, text, ev, final):
+        sender = st["sender"]
+        if sender is None:
+            return
+        if tokens:
+            st["count"] += len(tokens)
+            sender.send(self._response(text if st["want_text"] else None, tokens, True))
+        if ev is None:
+            return
+        st["sender"], st["final"] = None, True
+        if ev.finish_reason == "error":
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
+                        flags=final)
+            return
+        if ev.finish_reason == "cancelled":
+            self.logger.log_info(f"{self.model_name}: request {st['id']!r} cancelled after {st['count']} tokens")
+        if ev.text and st["want_text"]:  # text held back until the end (an incomplete character, a stop-string start)
+            sender.send(self._response(ev.text, [], True))
+        try:
+            sender.send(flags=final)
+        except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
+            if ev.finish_reason != "cancelled":
+                raise
 
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
+
+    def _execute_empty(self, requests):
+        """engine=empty: each request gets max_tokens responses of token id 0 at once, then FINAL (what is left of a
+        streaming request when generating costs nothing)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for r in requests:
+            sender = r.get_response_sender()
+            t = pb_utils.get_input_tensor_by_name(r, "max_tokens")
+            n = int(self._values(t)[0]) if t is not None else self.default_max_tokens
+            for _ in range(max(n, 0)):
+                sender.send(self._response(None, [0], True))
+            sender.send(flags=final)
+        return None
 
     def _execute_static(self, requests):
         """batching=static: the requests of one execute() run as one generation (lmopt.generate)."""
@@ -327,9 +439,14 @@ class TritonPythonModel:
 
     def finalize(self):
         self.logger.log_info(f"{self.model_name}: finalize")
+        if self.empty:
+            return
         if self.scheduler is not None:
             self.scheduler.close()
             self.logger.log_info(f"{self.model_name}: scheduler stopped")
+            if self.decoupled:
+                self._outq.put(None)
+                self._sender.join(timeout=10)
         self.engine.close()
 
 
