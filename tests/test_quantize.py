@@ -15,8 +15,8 @@ TRT, CPU = "int8-qdq-trt-minmax", "int8-cpu-u8s8-minmax"
 
 @pytest.fixture(scope="module")
 def strict_quantize(tiny_export) -> Path:
-    """Both INT8 graphs of the built-in model under a strict 0.1% budget (full INT8 of the CPU graph misses it
-    by about 0.2%, so the sweep has to choose exclusions)."""
+    """Both INT8 graphs of the built-in model under a strict 0.1% budget (the default CPU graph is +0.15% on AVX2,
+    so the sweep has to choose exclusions)."""
     artifacts = tiny_export.parent.parent.parent
     proc = run_cli(SCRIPT, "--model", "tiny", "--artifacts", str(artifacts), "--max-ppl-increase", "0.1")
     assert "Δppl %" in proc.stdout and TRT in proc.stdout and CPU in proc.stdout   # the accuracy table
