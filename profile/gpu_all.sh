@@ -126,7 +126,7 @@ PYEOF
         say "openai: endpoint overhead (and aiperf when AIPERF is set)"
         export PYTHON="$PY" READY_TIMEOUT_S=400 OPENAI_PORT=18080 HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002
         bash serve/serve_openai.sh start llama-1b "$WORK/art" 2>&1 | tail -3 | tee -a "$LOG"
-        timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
+        [ "${SKIP_OVERHEAD:-0}" = 1 ] || timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
           --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
           2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
         if [ -n "${AIPERF_SITE:-}" ] && [ -z "${AIPERF:-}" ]; then

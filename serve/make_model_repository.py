@@ -119,7 +119,7 @@ def _speed_check(s: RepoSettings, precision: str, tokens: int = 24, repeats: int
 
 def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, params: dict[str, str]) -> str:
     kind = "KIND_GPU" if s.device.startswith("cuda") else "KIND_CPU"
-    what = ("decoupled streaming: one response per token, then an empty response flagged final" if decoupled
+    what = ("decoupled streaming: token responses as tokens come (several share one under load), then an empty response flagged final" if decoupled
             else "one response per request with the full generated text")
     p = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
     if params.get("engine") == "empty":

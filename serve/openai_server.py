@@ -48,7 +48,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"          # address to listen on; loopback only unless asked: there is no authentication
     port: int = 8080                 # the endpoint's TCP port; clear of Triton's 8000, 8001 and 8002
     triton_grpc: str = "127.0.0.1:8001"  # Triton's gRPC address host:port
-    triton_model: str = "lm_stream"  # the decoupled model: one response per token
+    triton_model: str = "lm_stream"  # the decoupled model: token responses as tokens come
     served_model_name: str = ""      # the `model` clients send; default: the model spec Triton serves (e.g. tiny)
     request_timeout: float = 600.0   # seconds one request may stream before it is cut
 

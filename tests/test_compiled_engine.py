@@ -166,8 +166,9 @@ def test_graph_prefill_matches_eager_prefill(engines):
     a, b = comp.alloc_slot(), comp.alloc_slot()
     try:
         want = comp.prefill_slots([a], [ps[0]]).row(0)
-        k_want = m.layers[0].k_cache[a, :, :len(ps[0])].clone()
-        m.layers[0].k_cache[a].zero_()
+        with torch.inference_mode():
+            k_want = m.layers[0].k_cache[a, :, :len(ps[0])].clone()
+            m.layers[0].k_cache[a].zero_()
         S = 32
         ids = torch.zeros((3, S), dtype=torch.long)
         ids[0, :len(ps[0])] = torch.tensor(ps[0])

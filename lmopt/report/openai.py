@@ -20,8 +20,8 @@ def _pct(x) -> str:
 def _where(doc: dict) -> str:
     m = doc["machine"]
     where = f"{m.get('cpu_model', m.get('processor', '?'))}, {m.get('cpu_count', '?')} cores"
-    return f"{m['gpu']['name']} + {where}" if m.get("gpu") and "cuda" in str(doc["settings"].get("device", "")) \
-        else where
+    # the server ran on this machine's GPU whenever it has one (the endpoint tools themselves have no device)
+    return f"{m['gpu']['name']} + {where}" if m.get("gpu") else where
 
 
 def _source(d, root: Path) -> str:
@@ -54,7 +54,8 @@ def _overhead(d, root: Path) -> list[str]:
 
 def _compare(d, root: Path) -> list[str]:
     doc, s = d.data, d.data["settings"]
-    out = [f"**aiperf {doc['versions'].get('aiperf') or ''} and our load generator** ({s['model']} on {_where(doc)}): "
+    version = doc["versions"].get("aiperf")
+    out = [f"**aiperf{' ' + version if version else ''} and our load generator** ({s['model']} on {_where(doc)}): "
            f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} greedy tokens, ≥{s['requests']} requests per "
            "level and tool, one tool after the other on the same server. aiperf and our endpoint client go through the "
            "OpenAI endpoint, the load generator straight to Triton's gRPC stream. ITL per request "

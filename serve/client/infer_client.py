@@ -42,7 +42,7 @@ class ClientSettings:
     grpc_port: int = 8001
     protocol: str = "http"           # http | grpc
     api: str = "infer"               # infer | generate (HTTP generate / generate_stream endpoints)
-    stream: bool = False             # lm_stream (one response per token) instead of lm
+    stream: bool = False             # lm_stream (token responses as tokens come) instead of lm
     concurrency: int = 1             # prompts in flight at once
     max_new_tokens: int = 16
     temperature: float = 0.0
