@@ -40,10 +40,10 @@ def test_fused_graph_fp32_cpu_and_int4(model, art):
 
 
 def test_int4_of_optimum_graph_and_find_onnx(tiny_export, artifacts):
-    """The built-in model: 4-bit weights within the 1% budget (or the sweep keeps groups FP32), ORT finds the graph
+    """The built-in model: 4-bit weights within the 1% budget (the sweep keeps a layer FP32), ORT finds the graph
     by precision, and the ort engine's logits stay near FP32."""
     run_cli("convert/quantize_model.py", "--model", "tiny", "--artifacts", str(artifacts), "--target",
-            "onnxruntime-int4", "--eval-samples", "2", "--greedy-prompts", "1", "--greedy-tokens", "8")
+            "onnxruntime-int4", "--greedy-prompts", "1", "--greedy-tokens", "8")  # the default evaluation text
     man = read_json(artifacts / "tiny" / "quantize" / "int4-cpu-nbits" / "manifest.json")
     assert man["precision"] == "int4" and man["engine"] == "ort" and man["validation"]["passed"]
     assert man["accuracy"]["ppl_increase_pct"] <= 1.0
