@@ -62,7 +62,7 @@ PRESETS: dict[str, QuantPreset] = {
                                           "accuracy_level 4 (int8 compute); no calibration", weight_bits=8),
 }
 WEIGHT_ONLY_TARGETS = tuple(t for t, p in PRESETS.items() if p.weight_bits)
-# 32 (Q4_0's block) keeps the built-in model's 4-bit perplexity within the 1% budget (one layer FP32); blocks of 128
+# 32 (Q4_0's block) keeps the built-in model's 4-bit perplexity within the 1% budget (LM head FP32); blocks of 128
 # ran the decode GEMVs ~1.4x (4-bit) / ~1.8x (8-bit) faster but missed the budget there (docs/ENVIRONMENT.md)
 NBITS_BLOCK = 32
 NBITS_ACCURACY_LEVEL = 4
