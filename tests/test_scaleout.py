@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_one_line_error, load_script, run_cli
+from conftest import REPO, assert_one_line_error, load_script, run_cli
 
 from lmopt.errors import UserError
 
@@ -54,3 +54,45 @@ def test_engines_place_onnx_runtime_on_the_instance_gpu():
     from lmopt.engines.base import cuda_device_id
 
     assert [cuda_device_id(d) for d in ("cuda", "cuda:0", "cuda:3")] == [0, 0, 3]
+
+
+K8S = REPO / "deploy" / "kubernetes"
+K8S_VERSION = "1.31.0"
+
+
+def _k8s_resources():
+    import yaml
+
+    docs = []
+    for f in sorted(K8S.glob("*.yaml")):
+        docs += [(f.name, d) for d in yaml.safe_load_all(f.read_text()) if d]
+    return docs
+
+
+def test_kubernetes_manifests_pass_schema_validation():
+    """Every manifest in deploy/kubernetes against the Kubernetes OpenAPI schemas, strict (unknown fields fail);
+    the schemas ship inside kubernetes-validate, so this runs offline."""
+    import kubernetes_validate as kv  # requirements.txt: a missing install fails here rather than skipping
+    docs = _k8s_resources()
+    assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    for name, d in docs:
+        kv.validate(d, K8S_VERSION, strict=True)  # raises ValidationError naming the field
+    bad = next(d for _, d in docs if d["kind"] == "Deployment")
+    bad = {**bad, "spec": {**bad["spec"], "replica": 2}}          # a typo is caught, not ignored
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_deployment_probes_gpu_and_autoscaling_metric():
+    docs = {d["kind"]: d for _, d in _k8s_resources()}
+    c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {p["containerPort"] for p in c["ports"]} == {8000, 8001, 8002}
+    assert c["args"][0].startswith("/artifacts/") and c["volumeMounts"][0]["mountPath"] == "/artifacts"
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    # the metric the model's scheduler exports on the metrics port (serve/templates/model.py)
+    metric = hpa["metrics"][0]["pods"]["metric"]["name"]
+    assert metric in (REPO / "serve" / "templates" / "model.py").read_text()
