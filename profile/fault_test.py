@@ -1,7 +1,7 @@
 """Fault test: two Triton replicas behind HAProxy (serve/run_replicas.sh), a streaming load through the balancer,
 one replica killed (SIGKILL of its whole process group) at a random moment.
 
-    python profile/fault_test.py --model tiny --duration 60 --out results/cpu-intel-xeon-2c/tiny/fault-test.json
+    python profile/fault_test.py --model tiny --duration 60 --out results/<machine>/tiny/fault-test.json
 
 Each client opens one gRPC stream per request (a stream is pinned to the replica it was sent to) and asks for
 --max-new-tokens tokens; a request is `completed` (final response), `failed` (an error, recorded with its message) or
@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ from lmopt import cli
 from lmopt import results as R
 from lmopt.errors import UserError
 from lmopt.log import get_logger, setup_logging
+from lmopt.serving import free_ports
 
 log = get_logger("fault-test")
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,16 +49,6 @@ class FaultSettings:
     check_ms: int = 500              # HAProxy health-check interval
     fall: int = 2                    # failed checks before HAProxy takes a replica out
     out: str = ""                    # result JSON (default <artifacts>/<model>/profile/fault-test/fault-test.json)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _stats(port: int) -> dict[tuple[str, str], str]:
@@ -130,7 +120,7 @@ def run(s: FaultSettings) -> dict:
         raise UserError("haproxy is not installed — run: make setup-haproxy")
     rng = random.Random(s.seed or time.time_ns())
     kill_at = rng.uniform(lo, hi) * s.duration
-    http, grpc, stats = _free_ports(3)
+    http, grpc, stats = free_ports(3)
     env = dict(os.environ, REPLICAS="2", HTTP_PORT=str(http), GRPC_PORT=str(grpc), STATS_PORT=str(stats),
                OPENAI_PORT="0", CHECK_MS=str(s.check_ms), FALL=str(s.fall),
                PYTHON=os.environ.get("PYTHON", __import__("sys").executable))
@@ -192,7 +182,15 @@ def run(s: FaultSettings) -> dict:
         "errors": sorted({r["error"] for r in failed}),
         "request_latency_s": R.stats([r["end"] - r["start"] for r in recs if r["status"] == "completed"], digits=3),
     }
-    samples = [{k: (round(v - t0, 3) if k in ("start", "end") else v) for k, v in r.items()} for r in recs]
+    # samples: every request in flight at the kill or not completed, and requests ended per second (a small file)
+    rel = [{k: (round(v - t0, 3) if k in ("start", "end") else v) for k, v in r.items()} for r in recs
+           if r["start"] < t_kill <= r["end"] or r["status"] != "completed"]
+    per_s: dict[int, dict] = {}
+    for r in recs:
+        row = per_s.setdefault(int(r["end"] - t0), {"completed": 0, "failed": 0, "hung": 0})
+        row[r["status"]] += 1
+    samples = {"in_flight_at_kill_or_failed": rel,
+               "ended_per_second": [{"second": k, **v} for k, v in sorted(per_s.items())]}
     doc = R.envelope("fault-test", settings=asdict(s), summary=summary, samples=samples,
                      versions=R.versions("tritonclient", "nvidia-pytriton"),
                      balancer=subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0])

@@ -65,15 +65,7 @@ for f in "$RUN"/*.pid; do
   rm -f "$f"
 done
 if [ -z "${REPO:-}" ]; then
-  REPO="$("$PY" - "$ART" "$MODEL" <<'PY'
-import sys
-from lmopt.manifest import list_variants
-from lmopt.paths import stage_dir
-v = list_variants(sys.argv[1], sys.argv[2], "serve")
-best = max(v, key=lambda k: v[k].get("created", "")) if v else None
-print(stage_dir(sys.argv[1], sys.argv[2], "serve", best) / "model_repository" if best else "-")
-PY
-)"
+  REPO="$("$PY" -c "import sys; from lmopt.serving import newest_repository as n; print(n(*sys.argv[1:]) or '-')" "$ART" "$MODEL")"
   [ "$REPO" != "-" ] || die "no model repository for $MODEL under $ART — run: make serve-repo"
 fi
 mkdir -p "$RUN"
@@ -86,11 +78,7 @@ STARTING=1
 trap '[ "$STARTING" = 0 ] || { echo "start failed — stopping what was started" >&2; stop_all >&2; }' EXIT
 HTTP_SERVERS="" GRPC_SERVERS=""
 for i in $(seq 0 $((REPLICAS - 1))); do
-  read -r H G M < <("$PY" -c "
-import socket
-ss = [socket.socket() for _ in range(3)]
-for s in ss: s.bind(('127.0.0.1', 0))
-print(*(s.getsockname()[1] for s in ss))")
+  read -r H G M < <("$PY" -c "from lmopt.serving import free_ports; print(*free_ports(3))")
   echo "$H $G $M" > "$RUN/replica-$i.ports"
   env ${GPUS:+CUDA_VISIBLE_DEVICES="${GPU_LIST[$i]}"} bash serve/run_triton.sh "$REPO" --background \
     --pid-file "$RUN/replica-$i.pid" --log-file "$RUN/replica-$i.log" --http-port "$H" --grpc-port "$G" \

@@ -1,5 +1,8 @@
-"""Scale-out: model instances on every GPU of a host (the generated config only: no GPU here)."""
+"""Scale-out: model instances on every GPU of a host (the generated config only: no GPU here), replicas behind
+HAProxy with a replica killed under load, and the Kubernetes manifests against the Kubernetes schemas."""
 from __future__ import annotations
+
+import subprocess
 
 import pytest
 
@@ -96,3 +99,37 @@ def test_kubernetes_deployment_probes_gpu_and_autoscaling_metric():
     # the metric the model's scheduler exports on the metrics port (serve/templates/model.py)
     metric = hpa["metrics"][0]["pods"]["metric"]["name"]
     assert metric in (REPO / "serve" / "templates" / "model.py").read_text()
+
+
+def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(tiny_export, tmp_path):
+    """Two replicas behind HAProxy, 15 s of streaming load, one replica SIGKILLed at a random moment: only requests in
+    flight on it fail, each with an error and none hanging; every request sent after the kill completes on the
+    survivor; the balancer takes the dead replica out within its health-check window; no process is left."""
+    import shutil
+
+    pytest.importorskip("tritonclient.grpc")
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy not installed (make setup-haproxy could not install it: see its message)")
+    root = tmp_path / "a"
+    (root / "tiny" / "export").mkdir(parents=True)
+    (root / "tiny" / "export" / "fp32").symlink_to(tiny_export, target_is_directory=True)
+    run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(root), "--precision", "fp32", "-q")
+    out = tmp_path / "fault.json"
+    run_cli("profile/fault_test.py", "--artifacts", str(root), "--duration", "15", "--clients", "4",
+            "--max-new-tokens", "16", "--timeout", "20", "--out", str(out), "-q", timeout=240)
+    import json
+
+    s = json.loads(out.read_text())["summary"]
+    assert s["hung"] == 0
+    assert s["failed_other"] == 0, s["errors"]                 # no failure among requests sent after the kill
+    assert s["failed"] == s["failed_in_flight_at_kill"] <= s["in_flight_at_kill"] <= 4
+    assert all(e.strip() for e in s["errors"]) and bool(s["errors"]) == (s["failed"] > 0)   # each with its error
+    assert s["sent_after_kill"] > 0 and s["completed_after_kill"] == s["sent_after_kill"]
+    survivor = "r1" if s["killed_replica"] == "r0" else "r0"
+    assert s["after_kill_served_by"].get(survivor, 0) >= s["sent_after_kill"]
+    assert s["after_kill_served_by"].get(s["killed_replica"], 0) <= s["in_flight_at_kill"]
+    assert set(s["taken_out_after_s"]) == {"triton_http", "triton_grpc"}
+    assert max(s["taken_out_after_s"].values()) < 0.5 * (2 + 1) + 1.0   # check every 0.5 s, out after 2 failures
+    assert s["completed"] > 20
+    left = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left: {left}"
