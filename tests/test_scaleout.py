@@ -101,19 +101,73 @@ def test_kubernetes_deployment_probes_gpu_and_autoscaling_metric():
     assert metric in (REPO / "serve" / "templates" / "model.py").read_text()
 
 
-def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(tiny_export, tmp_path):
-    """Two replicas behind HAProxy, 15 s of streaming load, one replica SIGKILLed at a random moment: only requests in
-    flight on it fail, each with an error and none hanging; every request sent after the kill completes on the
-    survivor; the balancer takes the dead replica out within its health-check window; no process is left."""
+@pytest.fixture(scope="module")
+def replica_root(tiny_export, tmp_path_factory):
+    """An artifacts root with the tiny model's FP32 repository (its own, linking the shared export)."""
     import shutil
 
     pytest.importorskip("tritonclient.grpc")
     if not shutil.which("haproxy"):
         pytest.skip("haproxy not installed (make setup-haproxy could not install it: see its message)")
-    root = tmp_path / "a"
+    root = tmp_path_factory.mktemp("replicas")
     (root / "tiny" / "export").mkdir(parents=True)
     (root / "tiny" / "export" / "fp32").symlink_to(tiny_export, target_is_directory=True)
     run_cli("serve/make_model_repository.py", "--model", "tiny", "--artifacts", str(root), "--precision", "fp32", "-q")
+    return root
+
+
+def _left(root) -> list[str]:
+    """Processes whose command line names `root` (servers, backend stubs, the balancer, the gateway)."""
+    return subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
+
+
+def test_replicas_serve_http_grpc_stream_and_openai_through_the_balancer(replica_root):
+    import json
+    import os
+    import sys
+    import urllib.request
+
+    from lmopt.serving import free_ports
+    from lmopt.triton_client import GenRequest, GrpcStream
+
+    http, grpc, stats, openai = free_ports(4)
+    env = dict(os.environ, PYTHON=sys.executable, REPLICAS="2", HTTP_PORT=str(http), GRPC_PORT=str(grpc),
+               STATS_PORT=str(stats), OPENAI_PORT=str(openai))
+    script = ["bash", str(REPO / "serve" / "run_replicas.sh")]
+    start = subprocess.run(script + ["start", "tiny", str(replica_root)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    try:
+        assert start.returncode == 0, start.stderr
+        assert start.stdout.count("replica ") == 2
+        body = json.dumps({"text_input": "hello", "max_tokens": 4}).encode()
+        for _ in range(4):  # both replicas answer over HTTP
+            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/lm/generate",
+                                                               data=body), timeout=30) as r:
+                assert len(json.loads(r.read())["token_ids"]) == 4
+        with GrpcStream(f"127.0.0.1:{grpc}", timeout=30) as st:   # gRPC streaming over HTTP/2 through HAProxy
+            pieces = list(st.generate(GenRequest(prompt="hello", max_tokens=5)))
+        assert sum(len(p.token_ids) for p in pieces) == 5 and pieces[-1].final
+        req = urllib.request.Request(f"http://127.0.0.1:{openai}/v1/completions", headers={"content-type":
+                                     "application/json"}, data=json.dumps({"model": "tiny", "prompt": "hi",
+                                                                            "max_tokens": 3}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{stats}/stats;csv", timeout=5) as r:
+            rows = [line.split(",") for line in r.read().decode().splitlines() if line.startswith("triton_")]
+        served = {(row[0], row[1]): int(row[7]) for row in rows if row[1] in ("r0", "r1")}  # stot: sessions
+        assert all(served[("triton_http", r)] >= 1 for r in ("r0", "r1")), served   # balanced over both
+        again = subprocess.run(script + ["start", "tiny", str(replica_root)], env=env, capture_output=True, text=True)
+        assert again.returncode != 0 and "already running" in again.stderr
+    finally:
+        subprocess.run(script + ["stop", "tiny", str(replica_root)], env=env, capture_output=True, timeout=120)
+    assert not _left(replica_root), "processes left after stop"
+
+
+def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(replica_root, tmp_path):
+    """Two replicas behind HAProxy, 15 s of streaming load, one replica SIGKILLed at a random moment: only requests in
+    flight on it fail, each with an error and none hanging; every request sent after the kill completes on the
+    survivor; the balancer takes the dead replica out within its health-check window; no process is left."""
+    root = replica_root
     out = tmp_path / "fault.json"
     run_cli("profile/fault_test.py", "--artifacts", str(root), "--duration", "15", "--clients", "4",
             "--max-new-tokens", "16", "--timeout", "20", "--out", str(out), "-q", timeout=240)
@@ -131,5 +185,4 @@ def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(tiny_export
     assert set(s["taken_out_after_s"]) == {"triton_http", "triton_grpc"}
     assert max(s["taken_out_after_s"].values()) < 0.5 * (2 + 1) + 1.0   # check every 0.5 s, out after 2 failures
     assert s["completed"] > 20
-    left = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes left: {left}"
+    assert not _left(root), "processes left after the test"
