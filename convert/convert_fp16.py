@@ -43,7 +43,7 @@ class Fp16Settings:
     model: str = "tiny"
     artifacts: str = "artifacts"
     max_ppl_increase: float = 0.1     # percent, relative to FP32 perplexity
-    eval_samples: int = 8
+    eval_samples: int = 64            # held-out windows (64 x 128 = 8,192 tokens)
     eval_seq_len: int = 128
     greedy_prompts: int = 4
     greedy_tokens: int = 32

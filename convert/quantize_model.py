@@ -21,6 +21,8 @@ of its first half (the past_key_values paths need ranges too). Methods minmax / 
 Accuracy budget: when INT8 perplexity rises more than --max-ppl-increase percent over FP32, every MatMul group
 (a decoder layer, or the LM head) is kept in FP32 alone and re-scored; the most sensitive groups are then kept in
 FP32, fewest first, until the budget holds. If none meets it, exit 1 and write nothing.
+Kept FP32 by default: Llama's rotary-embedding MatMul (always) and the MLP down projection (its input's outliers;
+--int8-down-proj quantizes it too).
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """
@@ -54,7 +56,7 @@ class QuantizeSettings:
     calib_text: str | None = None      # None = built-in calibration split
     calib_samples: int = 16
     calib_seq_len: int = 128
-    eval_samples: int = 8              # held-out windows for perplexity / top-1 / |Δlogits|
+    eval_samples: int = 64             # held-out windows for perplexity / top-1 / |Δlogits| (64 x 128 = 8,192 tokens)
     eval_seq_len: int = 128
     greedy_prompts: int = 4
     greedy_tokens: int = 32
@@ -62,6 +64,7 @@ class QuantizeSettings:
     max_excluded: int = -1             # most MatMul groups the budget may keep in FP32 (-1 = half of them)
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
+    int8_down_proj: bool = False       # also quantize the Llama MLP down projection (kept FP32 by default: outliers)
     compare_quantizers: bool = False
     speed_check: bool = False  # also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest
     threads: int = 0
@@ -149,8 +152,8 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     from lmopt.engines.ort_engine import make_session
     from lmopt.manifest import file_entry, package_versions, write_manifest
     from lmopt.paths import check_writable, stage_dir, staging_dir
-    from lmopt.quantization import (ALWAYS_EXCLUDE, PRESETS, Evaluator, accuracy_table, calibration_feeds,
-                                    int8_coverage, matmul_nodes, pick_nodes, qdq_coverage)
+    from lmopt.quantization import (ALWAYS_EXCLUDE, OUTLIER_EXCLUDE, PRESETS, Evaluator, accuracy_table,
+                                    calibration_feeds, int8_coverage, matmul_nodes, pick_nodes, qdq_coverage)
     from lmopt.validate import Checklist
 
     s = settings
@@ -179,7 +182,10 @@ def quantize(*, settings: QuantizeSettings) -> dict:
         feeds = calibration_feeds(fp32_session, calib_windows)
     with timed(log, "FP32 reference (perplexity, greedy tokens)", timings, "fp32_reference_s"):
         ev = Evaluator(fp32_path, eval_windows, prompts, s.greedy_tokens, shape.get("max_positions", 2048))
-    log.info("FP32 perplexity on %d held-out tokens: %.4f", sum(len(w) for w in eval_windows), ev.ref_ppl)
+    noise = ev.noise()
+    log.info("FP32 perplexity on %d held-out tokens: %.4f (95%% interval %s, ±%.2f%%: %s)",
+             sum(len(w) for w in eval_windows), ev.ref_ppl, noise["ppl_fp32_interval"],
+             noise["ppl_fp32_halfwidth_pct"], noise["method"])
 
     names = matmul_nodes(onnx.load(str(fp32_path), load_external_data=False))
     forced = pick_nodes(names, [ALWAYS_EXCLUDE.pattern])
@@ -187,7 +193,8 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     if s.exclude and not user:
         raise UserError(f"--exclude {' '.join(s.exclude)} matches no MatMul/Gemm node — node names look like "
                         f"{names[0]!r}")
-    base_excl = sorted(set(forced) | set(user))
+    outliers = [] if s.int8_down_proj else pick_nodes(names, [OUTLIER_EXCLUDE.pattern])
+    base_excl = sorted(set(forced) | set(outliers) | set(user))
     targets = ["tensorrt", "onnxruntime"] if s.target == "all" else [s.target]
     if s.compare_quantizers:
         return compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man)
@@ -218,6 +225,11 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                          "max_abs_dlogits": 0.0, "greedy_agreement": 1.0}}
         rows.update({variant_name(t, s): r["accuracy"] for t, r in results.items()})
         print(accuracy_table(rows), flush=True)
+        for t, r in results.items():
+            nz = r["accuracy"]["noise"]
+            print(f"{variant_name(t, s)}: Δppl {r['accuracy']['ppl_increase_pct']:+.3f}%, 95% interval "
+                  f"[{nz['ppl_increase_pct_interval'][0]:+.3f}, {nz['ppl_increase_pct_interval'][1]:+.3f}]% "
+                  f"(budget {s.max_ppl_increase}%; {nz['method']})", flush=True)
 
         failures = []
         checklists = {}
@@ -273,7 +285,8 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                                   "stage_total_s": round(time.perf_counter() - t_start, 2)},
                     "validation": checklists[target].to_dict(),
                     "accuracy": r["accuracy"],
-                    "exclusions": {"always": forced, "user": user, "budget": r["budget_exclusions"],
+                    "exclusions": {"always": forced, "outliers": outliers, "user": user,
+                                   "budget": r["budget_exclusions"],
                                    "all": r["exclude"]},
                     "sensitivity": r["sweep"],
                     "int8_fallback": r["coverage"],

@@ -180,18 +180,28 @@ def test_chat_greedy_text_equals_in_process(client, reference, stream):
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), n)
 
 
+def _first_occurrence(text: str, start: int, width: int = 5) -> str:
+    """A piece of `text` at or after `start` that does not occur earlier (so a stop string cuts exactly there)."""
+    for i in range(start, len(text) - width):
+        piece = text[i:i + width]
+        if piece.strip() and text.index(piece) == i:
+            return piece
+    raise AssertionError(f"no unrepeated piece after {start} in the reference text: {text!r}")
+
+
 def test_stop_strings_cut_the_text_and_end_the_request(client, reference):
-    prompt = "The list"
+    prompt = "def f("
     full, _ = reference(reference.tok(prompt)["input_ids"], 24)
-    stops = ["target", "is used"]
+    late, early = _first_occurrence(full, 2 * len(full) // 3), _first_occurrence(full, len(full) // 3)
+    stops = [late, early, "@@ not in the text @@"]   # the earliest match in the text wins, not the first listed
     cut = min(full.index(s) for s in stops if s in full)
-    assert 0 < cut < len(full) - 4, f"pick stop strings inside the reference text: {full!r}"
+    assert 0 < cut == full.index(early) < len(full) - 4
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stops)
     assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 24
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
-                                            stop="target", stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == full[:full.index("target")]
+                                            stop=late, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full[:full.index(late)]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 

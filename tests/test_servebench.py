@@ -74,13 +74,15 @@ def test_streaming_results_consistent(bench):
         for row in doc["summary"]:
             recs = [r for r in doc["samples"][str(row["concurrency"])] if not r["warmup"]]
             assert row["failed"] == 0 and row["completed"] == len(recs) <= s["requests"]
-            # tokens counted = tokens received: one token per stream response, none lost or invented
-            assert row["output_tokens"] == sum(len(r["tokens"]) for r in recs) == row["token_responses"]
+            # tokens counted = tokens received, none lost or invented; a response carries one token or, when tokens
+            # came faster than one send, several
+            assert row["output_tokens"] == sum(len(r["tokens"]) for r in recs)
+            assert row["completed"] <= row["token_responses"] <= row["output_tokens"]
             for r in recs:
                 assert 0 < len(r["tokens"]) <= s["max_new_tokens"]
                 assert len(r["token_times_s"]) == len(r["tokens"])
                 assert 0 < r["token_times_s"][0] <= r["token_times_s"][-1] <= r["end_s"]
-            assert row["ttft_ms"]["p50"] > 0 and row["itl_ms"]["p50"] > 0 and row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
+            assert row["ttft_ms"]["p50"] > 0 and row["itl_ms"]["mean"] > 0 and row["e2e_ms"]["p50"] >= row["ttft_ms"]["p50"]
             assert row["output_tok_per_s"] > 0 and row["requests_per_s"] > 0
             assert row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
 
