@@ -6,7 +6,8 @@ one replica killed (SIGKILL of its whole process group) at a random moment.
 Each client opens one gRPC stream per request (a stream is pinned to the replica it was sent to) and asks for
 --max-new-tokens tokens; a request is `completed` (final response), `failed` (an error, recorded with its message) or
 `hung` (no response for --timeout s: must never happen). Counts: before and after the kill; failures that were in
-flight at the kill; requests sent after the kill and which replica HAProxy's log says served them; and the time from
+flight at the kill; which replica each request (and each failure) had been sent to, from HAProxy's log (the client
+sends an x-request-id header the balancer logs); requests sent after the kill; and the time from
 the kill until HAProxy's health check (GET /v2/health/ready every CHECK_MS) had taken the dead replica out of both
 backends (its stats page, polled every 20 ms).
 """
@@ -58,15 +59,15 @@ def _stats(port: int) -> dict[tuple[str, str], str]:
     return {(row["pxname"], row["svname"]): row["status"] for row in csv.DictReader(io.StringIO(text))}
 
 
-_LOG = re.compile(r"\[(\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] grpc_in triton_grpc/(\S+) ")
+_LOG = re.compile(r"\[(\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] grpc_in triton_grpc/(\S+) .*?\{([^}]*)\}")
 
 
-def _served_by(haproxy_log: Path) -> list[tuple[float, str]]:
-    """(accept time as epoch seconds, server name) of every gRPC request in HAProxy's log."""
+def _served_by(haproxy_log: Path) -> list[tuple[float, str, str]]:
+    """(accept time as epoch seconds, server name, x-request-id) of every gRPC request in HAProxy's log."""
     out = []
     for m in _LOG.finditer(haproxy_log.read_text(errors="replace")):
         t = datetime.strptime(m.group(1), "%d/%b/%Y:%H:%M:%S.%f").astimezone().timestamp()
-        out.append((t, m.group(2)))
+        out.append((t, m.group(2), m.group(3)))
     return out
 
 
@@ -80,9 +81,9 @@ class Load:
     def _one(self, i: int, n: int) -> dict:
         from lmopt.triton_client import GenRequest, GrpcStream
 
-        rec = {"client": i, "start": time.time(), "tokens": 0}
+        rec = {"client": i, "id": f"c{i}-{n}", "start": time.time(), "tokens": 0}
         try:
-            with GrpcStream(self.url, timeout=self.s.timeout) as st:
+            with GrpcStream(self.url, timeout=self.s.timeout, headers={"x-request-id": rec["id"]}) as st:
                 req = GenRequest(prompt=f"client {i} request {n}: once upon a time", max_tokens=self.s.max_new_tokens,
                                  temperature=0.0)
                 for piece in st.generate(req, request_id=f"c{i}-{n}"):
@@ -129,7 +130,8 @@ def run(s: FaultSettings) -> dict:
     run_dir = Path(art) / s.model / "serve" / "run-replicas"
     proc = subprocess.run(script + ["start", s.model, art], env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise UserError(f"the replicas did not start: {(proc.stderr.strip().splitlines() or ['?'])[0]}")
+        errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.splitlines()
+        raise UserError(f"the replicas did not start: {(errs or ['?'])[-1].removeprefix('error: ')}")
     try:
         victim = rng.randrange(2)
         pgid = int((run_dir / f"replica-{victim}.pid").read_text())
@@ -160,9 +162,12 @@ def run(s: FaultSettings) -> dict:
     failed = [r for r in recs if r["status"] != "completed"]
     in_flight_failed = [r for r in failed if r["start"] < t_kill <= r["end"]]
     after_by = {}
-    for t, sv in served:
-        if t >= t_kill:
-            after_by[sv] = after_by.get(sv, 0) + 1
+    server_of = {rid: sv for _, sv, rid in served}
+    for r in recs:
+        r["replica"] = server_of.get(r["id"], "?")
+        if r["start"] >= t_kill:
+            after_by[r["replica"]] = after_by.get(r["replica"], 0) + 1
+    dead = f"r{victim}"
     summary = {
         "requests": len(recs),
         "completed": sum(r["status"] == "completed" for r in recs),
@@ -170,15 +175,19 @@ def run(s: FaultSettings) -> dict:
         "hung": sum(r["status"] == "hung" for r in recs) + hanging,
         "failed_in_flight_at_kill": len(in_flight_failed),
         "failed_other": len(failed) - len(in_flight_failed),
+        # HAProxy's log (x-request-id): which replica each failed request had been sent to
+        "failed_on_killed_replica": sum(r["replica"] == dead for r in failed),
+        "failed_on_survivor": sum(r["replica"] != dead for r in failed),
+        "sent_after_kill_to_killed_replica": sum(r["replica"] == dead for r in after),
         "in_flight_at_kill": sum(r["start"] < t_kill <= r["end"] for r in recs),
         "completed_before_kill": sum(r["status"] == "completed" for r in before),
         "sent_after_kill": len(after),
         "completed_after_kill": sum(r["status"] == "completed" for r in after),
-        "after_kill_served_by": after_by,          # HAProxy's log: server name -> gRPC requests accepted after
+        "after_kill_served_by": after_by,          # HAProxy's log: replica -> requests the clients sent after the kill
         "killed_replica": f"r{victim}",
         "kill_at_s": round(t_kill - t0, 3),
         "taken_out_after_s": {k: round(v, 3) for k, v in out_at.items()},
-        "failure_latency_s": R.stats([r["end"] - t_kill for r in in_flight_failed], digits=3),
+        "failure_latency_s": R.stats([r["end"] - t_kill for r in failed], digits=3),
         "errors": sorted({r["error"] for r in failed}),
         "request_latency_s": R.stats([r["end"] - r["start"] for r in recs if r["status"] == "completed"], digits=3),
     }

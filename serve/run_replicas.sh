@@ -26,26 +26,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RUN="$ART/$MODEL/serve/run-replicas"
 die() { echo "error: $*" >&2; exit 1; }
 STARTING=0  # set while starting: a failure then stops what was already started
-stop_group() {  # stop_group PIDFILE NAME: TERM the process group, KILL it after 10 s
-  local f="$1" pgid i
-  [ -f "$f" ] || return 0
-  pgid="$(cat "$f")"
-  if kill -TERM -- "-$pgid" 2>/dev/null; then
-    for i in $(seq 1 40); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-$pgid" 2>/dev/null || true
-  fi
-  rm -f "$f"
+stop_group() {  # stop_group PIDFILE NAME: its whole process group (run_triton.sh's stop: TERM, then KILL after 30 s)
+  [ -f "$1" ] || return 0
+  bash serve/run_triton.sh stop --pid-file "$1" >/dev/null
   echo "$2 stopped"
 }
 stop_all() {
   local f
   stop_group "$RUN/openai.pid" "openai gateway"
   stop_group "$RUN/haproxy.pid" "haproxy"
-  for f in "$RUN"/replica-*.pid; do
-    [ -f "$f" ] || continue
-    bash serve/run_triton.sh stop --pid-file "$f" || true
-    rm -f "$f"
-  done
+  for f in "$RUN"/replica-*.pid; do stop_group "$f" "$(basename "$f" .pid)"; done
 }
 case "$ACTION" in
   stop) [ -d "$RUN" ] || { echo "nothing running under $RUN"; exit 0; }; stop_all; exit 0 ;;

@@ -175,13 +175,18 @@ def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(replica_roo
 
     s = json.loads(out.read_text())["summary"]
     assert s["hung"] == 0
-    assert s["failed_other"] == 0, s["errors"]                 # no failure among requests sent after the kill
-    assert s["failed"] == s["failed_in_flight_at_kill"] <= s["in_flight_at_kill"] <= 4
+    # every failure had been sent to the killed replica (HAProxy's log); requests sent to it in the moment after the
+    # SIGKILL, before its connections were reset, fail like those in flight; none on the survivor
+    assert s["failed_on_survivor"] == 0, s["errors"]
+    assert s["failed"] == s["failed_on_killed_replica"]
+    assert s["failed"] <= s["in_flight_at_kill"] + s["sent_after_kill_to_killed_replica"]
+    assert s["failure_latency_s"]["max"] is None or s["failure_latency_s"]["max"] < 20
     assert all(e.strip() for e in s["errors"]) and bool(s["errors"]) == (s["failed"] > 0)   # each with its error
-    assert s["sent_after_kill"] > 0 and s["completed_after_kill"] == s["sent_after_kill"]
+    assert s["sent_after_kill"] > 0
+    assert s["completed_after_kill"] == s["sent_after_kill"] - s["sent_after_kill_to_killed_replica"]
     survivor = "r1" if s["killed_replica"] == "r0" else "r0"
-    assert s["after_kill_served_by"].get(survivor, 0) >= s["sent_after_kill"]
-    assert s["after_kill_served_by"].get(s["killed_replica"], 0) <= s["in_flight_at_kill"]
+    assert s["after_kill_served_by"].get(survivor, 0) == s["completed_after_kill"]
+    assert s["sent_after_kill_to_killed_replica"] <= 4     # at most one per client, in the moment of the kill
     assert set(s["taken_out_after_s"]) == {"triton_http", "triton_grpc"}
     assert max(s["taken_out_after_s"].values()) < 0.5 * (2 + 1) + 1.0   # check every 0.5 s, out after 2 failures
     assert s["completed"] > 20

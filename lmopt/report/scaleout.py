@@ -19,17 +19,24 @@ def _fault(d, root: Path) -> list[str]:
             f"{s['clients']} streaming clients for {s['duration']:g} s ({s['max_new_tokens']} tokens per request, one "
             f"gRPC stream per request), replica `{sm['killed_replica']}` SIGKILLed at {sm['kill_at_s']:.1f} s; health "
             f"check every {s['check_ms']} ms, out after {s['fall']} failures. " + _source(d, root), "",
-            "| requests | completed | failed | hung | in flight at the kill (sent before, ended after) | failed of those | sent after the kill "
+            "| requests | completed | failed | hung | failed: sent to the killed replica / to the survivor "
+            "| in flight at the kill (sent before, ended after) | failed of those | sent after the kill "
             "| completed of those | served after the kill (HAProxy log) | dead replica out of HTTP / gRPC after |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-            f"| {sm['requests']} | {sm['completed']} | {sm['failed']} | {sm['hung']} | {sm['in_flight_at_kill']} "
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            f"| {sm['requests']} | {sm['completed']} | {sm['failed']} | {sm['hung']} "
+            f"| {sm.get('failed_on_killed_replica', '–')} / {sm.get('failed_on_survivor', '–')} "
+            f"| {sm['in_flight_at_kill']} "
             f"| {sm['failed_in_flight_at_kill']} | {sm['sent_after_kill']} | {sm['completed_after_kill']} "
             f"| {', '.join(f'{k}: {v}' for k, v in sorted(sm['after_kill_served_by'].items()))} "
             f"| {out_s.get('triton_http', float('nan')):.2f} s / {out_s.get('triton_grpc', float('nan')):.2f} s |", "",
             "Errors the failed requests got"
             + (f" (within {fl['max'] * 1e3:.0f} ms of the kill)" if fl.get("max") is not None else "") + ": "
             + ("; ".join(f"`{e}`" for e in sm["errors"]) or "none") + ". A request in flight on the killed replica "
-            "whose last response had already left it completes; one still generating there fails at once.", ""]
+            "whose last response had already left it completes; one still generating there fails, and so does one "
+            f"sent to it in the moment after the SIGKILL, before its connections were reset "
+            f"({sm.get('sent_after_kill_to_killed_replica', sm['after_kill_served_by'].get(sm['killed_replica'], 0))} "
+            "here): HAProxy retries only a refused connection, not a gRPC "
+            "stream already forwarded.", ""]
 
 
 def render(results_dir: Path) -> str:
