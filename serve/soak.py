@@ -79,17 +79,20 @@ def _client(s: LoadSettings, idx: int, deadline: float, records: list, lock: thr
     with GrpcStream(f"{s.host}:{s.grpc_port}", timeout=s.timeout) as st:
         while time.time() < deadline:
             req = GenRequest(prompt=PROMPTS[(idx + n) % len(PROMPTS)], max_tokens=s.max_new_tokens)
-            cancel_at = int(rng.integers(1, s.max_new_tokens + 1)) if rng.random() < s.cancel_fraction else None
+            # a client leaves mid-answer, never once it holds every token: cancelling while the final response is on
+            # its way races the completion, which crashes Triton 2.51's gRPC frontend (docs/ENVIRONMENT.md)
+            cancel_at = (int(rng.integers(1, s.max_new_tokens)) if s.max_new_tokens > 1 and rng.random() < s.cancel_fraction
+                         else None)
             rec = {"client": idx, "start": time.time(), "ttft_s": None, "total_s": None, "tokens": 0, "error": None,
                    "cancelled": False}
             t0 = time.perf_counter()
             try:
                 for piece in st.generate(req, request_id=f"c{idx}-{n}"):
                     if piece.token_ids:
-                        rec["tokens"] += 1
+                        rec["tokens"] += len(piece.token_ids)   # several when they came faster than one send
                         if rec["ttft_s"] is None:
                             rec["ttft_s"] = time.perf_counter() - t0
-                    if cancel_at is not None and rec["tokens"] >= cancel_at and not piece.final:
+                    if cancel_at is not None and cancel_at <= rec["tokens"] < s.max_new_tokens and not piece.final:
                         st.cancel()  # the client leaves mid-answer
                         rec["cancelled"] = True
                         break

@@ -152,7 +152,8 @@ def test_completion_greedy_text_equals_in_process(client, reference, stream):
         reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         usage = chunks[-1].usage
         assert not chunks[-1].choices and all(c.usage is None for c in chunks[:-1])
-        assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 5  # token by token, not one blob
+        # streamed as it comes, not one blob (tokens that outpace a send may share a chunk)
+        assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 2
     assert text == want and n == 12
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 12, len(ids) + 12)
     assert reason == "length"

@@ -7,7 +7,7 @@ The same file serves both models; config.pbtxt decides which:
              (tokens that arrive faster than one send takes share one response), then an empty response flagged
              FINAL. Requests join and leave the running batch at every decode step. A cancelled request (client
              gone, stream closed: response_sender.is_cancelled(), asked by the sender thread at most every
-             `cancel_poll_ms` per stream and 8 streams per pass, since each ask is a round trip to the server)
+             `cancel_poll_ms` per stream, since each ask is a round trip to the server; no tokens are sent to it after)
              frees its slot at the next step after. Only the sender thread touches a stream's response sender.
   lm         one response per request with the full text. execute() submits its requests to the same kind of
              scheduler and waits for them (the Python backend runs one execute() per instance at a time, so requests
@@ -276,7 +276,7 @@ class TritonPythonModel:
         import queue
 
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        poll = self._cancel_poll_s or 0.01
+        poll = self._poll = self._cancel_poll_s or 0.01
         while True:
             try:
                 items = [self._outq.get(timeout=poll if self._streams else None)]
@@ -316,25 +316,25 @@ class TritonPythonModel:
             self._watch_cancellation(poll)
 
     def _watch_cancellation(self, poll):
-        """Ask Triton whether streams were cancelled (client gone), each at most every `poll` s and at most 8 asks
-        per pass: every ask is a round trip to the server process. Runs on the sender thread, the only thread that
+        """Ask Triton whether streams were cancelled (client gone), each at most every `poll` s (every ask is a
+        round trip to the server process); a stream is also asked before tokens are sent to it, when due. Runs on the sender thread, the only thread that
         touches a stream's response sender (concurrent use from two threads crashed the bundled server)."""
         now = time.monotonic()
-        asked = 0
-        for st in sorted(self._streams.values(), key=lambda x: x["asked"]):
-            if asked >= 8 or now - st["asked"] < poll:
-                break
+        for st in list(self._streams.values()):
+            self._cancelled(st, now)
+
+    def _cancelled(self, st, now):
+        """Whether the client left this stream: Triton is asked at most every cancel_poll_ms per stream."""
+        if not st["cancelled"] and st["sender"] is not None and now - st["asked"] >= self._poll:
             st["asked"] = now
-            asked += 1
-            sender = st["sender"]
-            if sender is not None and not st["cancelled"] and sender.is_cancelled():
-                st["cancelled"] = True
+            st["cancelled"] = st["sender"].is_cancelled()
+        return st["cancelled"]
 
     def _deliver(self, st, tokens, text, ev, final):
         sender = st["sender"]
         if sender is None:
             return
-        if tokens:
+        if tokens and not self._cancelled(st, time.monotonic()):  # nothing is written to a stream the client left
             st["count"] += len(tokens)
             sender.send(self._response(text if st["want_text"] else None, tokens, True))
         if ev is None:
