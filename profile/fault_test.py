@@ -177,7 +177,9 @@ def run(s: FaultSettings) -> dict:
         "failed_other": len(failed) - len(in_flight_failed),
         # HAProxy's log (x-request-id): which replica each failed request had been sent to
         "failed_on_killed_replica": sum(r["replica"] == dead for r in failed),
-        "failed_on_survivor": sum(r["replica"] != dead for r in failed),
+        "failed_on_survivor": sum(r["replica"] not in (dead, "?") for r in failed),
+        # not in HAProxy's log: a stream HAProxy refused itself (HTTP/2 REFUSED_STREAM) as the replica died
+        "failed_not_in_balancer_log": sum(r["replica"] == "?" for r in failed),
         "sent_after_kill_to_killed_replica": sum(r["replica"] == dead for r in after),
         "in_flight_at_kill": sum(r["start"] < t_kill <= r["end"] for r in recs),
         "completed_before_kill": sum(r["status"] == "completed" for r in before),

@@ -12,6 +12,11 @@ from lmopt.report.openai import _source, _where
 
 def _fault(d, root: Path) -> list[str]:
     doc, s, sm = d.data, d.data["settings"], d.data["summary"]
+    # the replica each failed request had been sent to (HAProxy's log; "?" = not in it), from the samples
+    where = [r.get("replica") for r in doc["samples"]["in_flight_at_kill_or_failed"] if r["status"] != "completed"]
+    dead = sm["killed_replica"]
+    split = (f"{sum(w == dead for w in where)} / {sum(w not in (dead, '?', None) for w in where)} / "
+             f"{sum(w == '?' for w in where)}") if all(where) else "–"
     out_s = sm["taken_out_after_s"]
     fl = sm["failure_latency_s"]
     balancer = re.sub(r"^HAProxy version (\S+).*", r"HAProxy \1", doc.get("balancer", "HAProxy"))
@@ -24,7 +29,7 @@ def _fault(d, root: Path) -> list[str]:
             "| completed of those | served after the kill (HAProxy log) | dead replica out of HTTP / gRPC after |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
             f"| {sm['requests']} | {sm['completed']} | {sm['failed']} | {sm['hung']} "
-            f"| {sm.get('failed_on_killed_replica', '–')} / {sm.get('failed_on_survivor', '–')} "
+            f"| {split} "
             f"| {sm['in_flight_at_kill']} "
             f"| {sm['failed_in_flight_at_kill']} | {sm['sent_after_kill']} | {sm['completed_after_kill']} "
             f"| {', '.join(f'{k}: {v}' for k, v in sorted(sm['after_kill_served_by'].items()))} "
@@ -36,7 +41,8 @@ def _fault(d, root: Path) -> list[str]:
             f"sent to it in the moment after the SIGKILL, before its connections were reset "
             f"({sm.get('sent_after_kill_to_killed_replica', sm['after_kill_served_by'].get(sm['killed_replica'], 0))} "
             "here): HAProxy retries only a refused connection, not a gRPC "
-            "stream already forwarded.", ""]
+            "stream already forwarded. Not in the balancer's log: most likely a stream HAProxy refused itself (HTTP/2 "
+            "REFUSED_STREAM, gRPC UNAVAILABLE) as the replica's connection went down.", ""]
 
 
 def render(results_dir: Path) -> str:
