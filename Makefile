@@ -16,7 +16,7 @@ A       := $(ART)/$(MODEL)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test export export-fp16 export-gqa quantize fp16 engine serve-repo serve-demo benchmark benchmark-gpu profile notebook diagram \
-        readme-tables publish-results summary clean help setup-nsys
+        readme-tables publish-results summary clean help setup-nsys setup-haproxy
 
 help:
 	@sed -n '1,5p' Makefile
@@ -85,6 +85,15 @@ serve-openai: serve-repo
 	PYTHON=$(PY) bash serve/serve_openai.sh start $(MODEL) $(ART)
 serve-stop:
 	PYTHON=$(PY) bash serve/serve_openai.sh stop $(MODEL) $(ART)
+# N Triton replicas behind HAProxy on 127.0.0.1 (HTTP, gRPC streaming) + one OpenAI gateway in front of it, in the
+# background; REPLICAS (2), GPUS=0,1 (one server per GPU), ports: see serve/run_replicas.sh
+.PHONY: setup-haproxy serve-replicas serve-replicas-stop
+setup-haproxy:
+	@bash serve/setup_haproxy.sh
+serve-replicas: serve-repo setup-haproxy
+	PYTHON=$(PY) REPLICAS=$(or $(REPLICAS),2) bash serve/run_replicas.sh start $(MODEL) $(ART)
+serve-replicas-stop:
+	PYTHON=$(PY) bash serve/run_replicas.sh stop $(MODEL) $(ART)
 # NVIDIA's aiperf (OpenAI-API LLM benchmark) in its own venv: it needs a newer transformers than the pinned set
 AIPERF_VENV := .venv-aiperf
 .PHONY: aiperf-venv
@@ -156,7 +165,7 @@ summary: $(STAMP)
 
 demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary
 
-test: setup setup-nsys
+test: setup setup-nsys setup-haproxy
 	$(PY) -m pytest -q tests
 
 clean:

@@ -134,3 +134,29 @@ def wait_ready(url: str, model: str, timeout_s: float) -> None:
         time.sleep(0.3)
     raise UserError(f"no ready Triton model '{model}' at {url} ({last}) — start the server first: "
                     "bash serve/run_triton.sh (or run make serve-bench, which starts it)")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports free on `host` right now (all bound at once, so none repeats)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def newest_repository(artifacts: str | os.PathLike, model: str) -> Path | None:
+    """The model repository serve/make_model_repository.py wrote last for `model` (None when there is none)."""
+    from lmopt.manifest import list_variants
+    from lmopt.paths import stage_dir
+
+    v = list_variants(artifacts, model, "serve")
+    if not v:
+        return None
+    best = max(v, key=lambda k: v[k].get("created", ""))
+    return stage_dir(artifacts, model, "serve", best) / "model_repository"

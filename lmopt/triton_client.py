@@ -110,10 +110,12 @@ def parse_response(result, tokens_output: str = "token_ids") -> Piece:
 class GrpcStream:
     """One gRPC bidirectional stream to the decoupled model; requests on it run one after the other."""
 
-    def __init__(self, url: str, timeout: float = 120.0, model: str = STREAM_MODEL, batch_dim: bool = True):
+    def __init__(self, url: str, timeout: float = 120.0, model: str = STREAM_MODEL, batch_dim: bool = True,
+                 headers: dict[str, str] | None = None):
         import tritonclient.grpc as grpcclient
 
         self.mod, self.url, self.timeout, self.model, self.batch_dim = grpcclient, url, timeout, model, batch_dim
+        self.headers = headers  # gRPC metadata sent when the stream opens (e.g. a request id a proxy logs)
         self.client = grpcclient.InferenceServerClient(url)
         self._open()
 
@@ -122,7 +124,7 @@ class GrpcStream:
         q = self._q = queue.Queue()
         # no stream_timeout: that is a deadline for the whole stream's life, not per response (generate() bounds
         # the wait for each response); a long-lived stream would fail with "Deadline Exceeded" after it
-        self.client.start_stream(callback=lambda result, error: q.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: q.put((result, error)), headers=self.headers)
 
     def cancel(self) -> None:
         """Leave the request in flight mid-answer (the server sees its stream cancelled) and open a fresh stream."""

@@ -15,6 +15,11 @@
 #   6. openai  - the OpenAI endpoint in front of that server: its own overhead vs Triton's gRPC stream
 #                (profile/openai_overhead.py); aiperf vs our load generator when AIPERF names an aiperf executable
 #                (or AIPERF_SITE a folder its wheels were installed into with pip --target)
+#   7. scaleout - 2 GPUs (nvidia-h200-x2), Llama-1B shape, compiled engine in-flight: one GPU at SCALE_C streams (and
+#                at 2x), then both GPUs at 2x SCALE_C streams as one server with an instance on each GPU
+#                (make_model_repository.py --gpus 0,1) and as two servers behind HAProxy (serve/run_replicas.sh,
+#                GPUS=0,1); streaming load generator, one configuration after the other (they need the same GPUs).
+#                The replicas run needs haproxy there (PATH or HAPROXY=binary); without it that mode is skipped
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
@@ -145,6 +150,40 @@ PYEOF
         cp "$WORK"/art/llama-1b/profile/openai-overhead.json "$WORK"/art/llama-1b/profile/aiperf-compare.json \
           "$WORK/results/llama-1b/" 2>/dev/null
       fi ;;
+    scaleout)
+      C="${SCALE_C:-32}" C2=$(( ${SCALE_C:-32} * 2 ))
+      REPO_ARGS=(--model llama-1b --engine compiled --precision fp16 --device cuda --slots 64 --max-queue 256
+                 --max-batch-size 64 --capture-kv 256 --max-len 512 --cancel-poll-ms 10 -q)
+      LOAD_ARGS=(--model llama-1b --prompt-input input_ids --requests 256 --duration-s 30 --max-new-tokens 64)
+      export PYTHON="$PY" READY_TIMEOUT_S=400
+      mkdir -p "$WORK/results/llama-1b"
+      for mode in 1gpu instances replicas; do
+        ART_M="$WORK/art-scale-$mode"
+        if [ "$mode" = replicas ] && [ -z "${HAPROXY:-$(command -v haproxy || true)}" ]; then
+          say "scaleout replicas: skipped, no haproxy here (install it, or set HAPROXY to a haproxy binary)"; continue
+        fi
+        gpus=0; [ "$mode" = instances ] && gpus=0,1
+        "$PY" serve/make_model_repository.py "${REPO_ARGS[@]}" --gpus "$gpus" --artifacts "$ART_M" 2>&1 | tail -2 \
+          | tee -a "$LOG"
+        if [ "$mode" = replicas ]; then
+          GPUS=0,1 REPLICAS=2 OPENAI_PORT=0 HTTP_PORT=18000 GRPC_PORT=18001 STATS_PORT=18404 \
+            bash serve/run_replicas.sh start llama-1b "$ART_M" 2>&1 | tail -4 | tee -a "$LOG"
+        else
+          bash serve/run_triton.sh "$ART_M/llama-1b/serve/compiled-fp16-gpu/model_repository" --background \
+            --pid-file "$WORK/scale.pid" --http-port 18000 --grpc-port 18001 --metrics-port 18002 --timeout 400 \
+            2>&1 | tail -2 | tee -a "$LOG"
+        fi
+        levels="$C2"; [ "$mode" = 1gpu ] && levels="$C,$C2"
+        say "scaleout $mode: streaming at $levels"
+        timeout 400 "$PY" profile/load_generator.py "${LOAD_ARGS[@]}" --artifacts "$ART_M" --url 127.0.0.1:18001 \
+          --concurrency "$levels" --label "scaleout-$mode" 2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
+        if [ "$mode" = replicas ]; then
+          bash serve/run_replicas.sh stop llama-1b "$ART_M" 2>&1 | tail -3 | tee -a "$LOG"
+        else
+          bash serve/run_triton.sh stop --pid-file "$WORK/scale.pid" 2>&1 | tail -1 | tee -a "$LOG"
+        fi
+        cp "$ART_M/llama-1b/profile/serving-stream-scaleout-$mode.json" "$WORK/results/llama-1b/" 2>/dev/null
+      done ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done

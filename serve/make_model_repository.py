@@ -5,6 +5,7 @@
     python serve/make_model_repository.py --model tiny --precision fp32
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
     python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --slots 64 --capture-kv 256
+    python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --gpus all  # every GPU
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
         artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
@@ -58,7 +59,8 @@ class RepoSettings:
     engine: str = "ort"              # ort | torch | trt
     precision: str = "auto"          # auto = the faster of fp32 and the INT8 graph (when built), by a quick speed check
     device: str = "cpu"              # cpu -> KIND_CPU; cuda -> KIND_GPU (DLPack outputs, engine on the GPU)
-    instances: int = 1               # model instances per model
+    instances: int = 1               # model instances per model (per GPU with --gpus)
+    gpus: str = ""                   # with --device cuda: all = every GPU nvidia-smi lists here, or a list 0,1,...; one instance group entry per GPU, each instance with its own engine and scheduler ("" = Triton's placement)
     batching: str = "inflight"       # inflight (lmopt.scheduler) | static (one generation per execute() batch)
     slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
     max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
@@ -117,7 +119,48 @@ def _speed_check(s: RepoSettings, precision: str, tokens: int = 24, repeats: int
     return round(best * 1e3, 3)
 
 
-def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, params: dict[str, str]) -> str:
+def resolve_gpus(spec: str, device: str) -> list[int]:
+    """The GPU indices of --gpus: [] (Triton's placement), "all" (every GPU nvidia-smi lists) or "0,1,..."."""
+    spec = spec.strip()
+    if not spec:
+        return []
+    if device != "cuda":
+        raise UserError(f"--gpus {spec} places instances on GPUs — add --device cuda")
+    if spec == "all":
+        n = count_gpus()
+        if n == 0:
+            raise UserError("--gpus all: nvidia-smi lists no GPU here — give the indices instead (--gpus 0,1)")
+        return list(range(n))
+    try:
+        ids = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--gpus '{spec}' is not all or a list of GPU indices like 0,1") from None
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise UserError(f"--gpus '{spec}': GPU indices must be >= 0 and distinct")
+    return ids
+
+
+def count_gpus() -> int:
+    """GPUs nvidia-smi lists on this machine (0 when there is no driver)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def instance_group(count: int, kind: str, gpus: list[int]) -> str:
+    """Triton's instance_group: one entry per GPU when GPUs are given (count instances on each)."""
+    if not gpus:
+        return f"instance_group [ {{ count: {count} kind: {kind} }} ]"
+    rows = ",\n".join(f"  {{ count: {count} kind: {kind} gpus: [ {i} ] }}" for i in gpus)
+    return f"instance_group [\n{rows}\n]"
+
+
+def config_pbtxt(name: str, s: RepoSettings, precision: str, decoupled: bool, params: dict[str, str],
+                 gpus: list[int] = ()) -> str:
     kind = "KIND_GPU" if s.device.startswith("cuda") else "KIND_CPU"
     what = ("decoupled streaming: token responses as tokens come (several share one under load), then an empty response flagged final" if decoupled
             else "one response per request with the full generated text")
@@ -159,8 +202,8 @@ output [
   {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }}
 ]
 
-# {kind} from --device; each instance loads its own engine.
-instance_group [ {{ count: {s.instances} kind: {kind} }} ]
+# {kind} from --device; each instance loads its own engine{" (and runs its own scheduler) on its GPU" if gpus else ""}.
+{instance_group(s.instances, kind, gpus)}
 
 # Settings model.py reads (all strings).
 {p}
@@ -194,6 +237,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
     if s.default_max_tokens > s.max_tokens_cap:
         raise UserError(f"--default-max-tokens {s.default_max_tokens} is above --max-tokens-cap {s.max_tokens_cap}")
+    gpus = resolve_gpus(s.gpus, s.device)
     check_writable(s.artifacts)
     precision, choice = resolve_precision(s)
     inputs = {}
@@ -228,7 +272,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
             (repo / name / "1").mkdir(parents=True)
             shutil.copy(TEMPLATE, repo / name / "1" / "model.py")
             cfg = (config_pbtxt(name, empty, precision, True, empty_params) if name == "lm_empty" else
-                   config_pbtxt(name, s, precision, name == "lm_stream", params))
+                   config_pbtxt(name, s, precision, name == "lm_stream", params, gpus))
             (repo / name / "config.pbtxt").write_text(cfg)
             log.info("Saving %s", final / "model_repository" / name / "config.pbtxt")
         (tmp / "README.md").write_text(_readme(s, precision, variant, choice))
@@ -236,7 +280,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
             "stage": "serve", "variant": variant, "model": model_slug(s.model), "model_spec": s.model,
             "precision": precision, "engine": s.engine, "device": s.device, "choice": choice,
             "batching": s.batching,
-            "instance_kind": "KIND_GPU" if s.device == "cuda" else "KIND_CPU",
+            "instance_kind": "KIND_GPU" if s.device == "cuda" else "KIND_CPU", "gpus": gpus,
             "models": {"lm": {"decoupled": False}, "lm_stream": {"decoupled": True},
                        "lm_empty": {"decoupled": True, "engine": "empty"}},
             "inputs": inputs, "outputs": {"model_repository": "model_repository"},

@@ -49,15 +49,7 @@ for f in openai triton; do
   rm -f "$RUN/$f.pid"
 done
 # the repository serve-repo wrote last
-REPO="$("$PY" - "$ART" "$MODEL" <<'PY'
-import sys
-from lmopt.manifest import list_variants
-from lmopt.paths import stage_dir
-v = list_variants(sys.argv[1], sys.argv[2], "serve")
-best = max(v, key=lambda k: v[k].get("created", "")) if v else None
-print(stage_dir(sys.argv[1], sys.argv[2], "serve", best) / "model_repository" if best else "-")
-PY
-)"
+REPO="$("$PY" -c "import sys; from lmopt.serving import newest_repository as n; print(n(*sys.argv[1:]) or '-')" "$ART" "$MODEL")"
 [ "$REPO" != "-" ] || die "no model repository for $MODEL under $ART — run: make serve-repo"
 mkdir -p "$RUN"
 # refuse a busy gateway port before Triton is started

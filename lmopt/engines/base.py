@@ -13,6 +13,12 @@ from typing import Any
 import numpy as np
 
 
+def cuda_device_id(device: str) -> int:
+    """The GPU index of a device string: "cuda:1" -> 1, "cuda" -> 0 (the first visible GPU)."""
+    _, _, idx = device.partition(":")
+    return int(idx) if idx else 0
+
+
 @dataclass
 class EngineInfo:
     engine: str          # torch | ort | trt

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..nvtx_ranges import nvtx_range
-from .base import Engine, EngineInfo
+from .base import Engine, EngineInfo, cuda_device_id
 
 _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bfloat16)": np.float32}
@@ -39,7 +39,7 @@ def make_session(path: str | os.PathLike, device: str = "cpu", threads: int | No
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("ONNX Runtime has no CUDA execution provider — pip install onnxruntime-gpu (CUDA 13 build)")
-        providers = [("CUDAExecutionProvider", {"device_id": 0, **(cuda_options or {})}), "CPUExecutionProvider"]
+        providers = [("CUDAExecutionProvider", {"device_id": cuda_device_id(device), **(cuda_options or {})}), "CPUExecutionProvider"]
     try:
         kw = {"disabled_optimizers": disable_optimizers} if disable_optimizers else {}
         return ort.InferenceSession(str(path), so, providers=providers, **kw)
@@ -58,6 +58,7 @@ class OrtEngine(Engine):
                  session_kwargs: dict | None = None):
         self.session = make_session(onnx_path, device, threads, **(session_kwargs or {}))
         self.device = device
+        self.device_id = cuda_device_id(device)  # the GPU of an instance placed on "cuda:N"
         ins = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted((n for n in ins if n.startswith("past_key_values.")), key=_layer_key)
         if not self.past_names or "input_ids" not in ins:
@@ -95,9 +96,9 @@ class OrtEngine(Engine):
                 io.bind_cpu_input(k, v)
         for name, val in zip(self.past_names, past):
             io.bind_ortvalue_input(name, val)
-        io.bind_output("logits", "cuda")
+        io.bind_output("logits", "cuda", self.device_id)
         for name in self.present_names:
-            io.bind_output(name, "cuda")
+            io.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
         with nvtx_range("d2h"):
@@ -111,7 +112,7 @@ class OrtEngine(Engine):
         if self.device.startswith("cuda"):
             import onnxruntime as ort
 
-            past = [ort.OrtValue.ortvalue_from_numpy(empty, "cuda", 0) for _ in self.past_names]
+            past = [ort.OrtValue.ortvalue_from_numpy(empty, "cuda", self.device_id) for _ in self.past_names]
             return self._run_cuda(feeds, past)
         return self._run_cpu(feeds, [empty] * len(self.past_names))
 

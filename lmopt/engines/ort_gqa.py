@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..nvtx_ranges import nvtx_range
-from .base import Engine, EngineInfo
+from .base import Engine, EngineInfo, cuda_device_id
 from .ort_engine import _ORT_TO_NP, _layer_key, make_session, onnx_weight_bytes
 
 
@@ -50,6 +50,7 @@ class OrtGqaEngine(Engine):
         import onnxruntime as ort
 
         self.ort, self.device = ort, ("cuda" if device.startswith("cuda") else "cpu")
+        self.device_id = cuda_device_id(device)  # the GPU of an instance placed on "cuda:N"
         self.cuda_graph = cuda_graph and self.device == "cuda"
         path = Path(onnx_path)
         if not path.is_file():
@@ -57,7 +58,7 @@ class OrtGqaEngine(Engine):
         if self.device == "cuda" and precision != "fp16":
             raise UserError(f"GroupQueryAttention runs FP16 on ONNX Runtime's CUDA EP (got {precision}) — export "
                             "with --dtype fp16 --attention gqa")
-        self.session = make_session(path, self.device, threads,
+        self.session = make_session(path, device if self.device == "cuda" else "cpu", threads,
                                     cuda_options={"enable_cuda_graph": "1" if self.cuda_graph else "0"})
         ins = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted((n for n in ins if n.startswith("past_key_values.")), key=_layer_key)
@@ -77,13 +78,13 @@ class OrtGqaEngine(Engine):
 
     # ---- buffers ----------------------------------------------------------------------------------------------
     def _value(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
     def _buffers(self, batch: int) -> _Buffers:
         b = self.buffers.get(batch)
         if b is None:
             shape = (batch, self.kv_heads, self.max_len, self.head_dim)
-            b = _Buffers([self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+            b = _Buffers([self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, self.device_id)
                           for _ in self.past_names], graph_id=len(self.buffers) + 1)
             self.buffers[batch] = b
         if b.busy:
@@ -105,10 +106,10 @@ class OrtGqaEngine(Engine):
             if b.logits is None:
                 batch = b.kv[0].shape()[0]
                 b.logits = self.ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.info.vocab_size),
-                                                                         self.kv_dtype, self.device, 0)
+                                                                         self.kv_dtype, self.device, self.device_id)
             io.bind_ortvalue_output("logits", b.logits)
         else:
-            io.bind_output("logits", self.device)
+            io.bind_output("logits", self.device, self.device_id)
         for past, present, buf in zip(self.past_names, self.present_names, b.kv):
             io.bind_ortvalue_input(past, buf)
             io.bind_ortvalue_output(present, buf)   # the same buffer: GQA writes the new keys/values in place

@@ -68,7 +68,15 @@ class TritonPythonModel:
         device = _param(cfg, "device", "cpu")
         engine = _param(cfg, "engine")
         if args.get("model_instance_kind") == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}" if engine == "torch" else "cuda"
+            # one instance per GPU of its instance_group entry: every engine is placed on that GPU, and torch's
+            # current device follows (CUDA graphs, streams and caches otherwise land on GPU 0)
+            device = f"cuda:{args['model_instance_device_id']}"
+            try:
+                import torch
+
+                torch.cuda.set_device(int(args["model_instance_device_id"]))
+            except ImportError:
+                pass
         threads = int(_param(cfg, "threads", "0")) or None
         kwargs = {}
         if engine == "compiled":  # its KV-cache slots: one per request generating at once
