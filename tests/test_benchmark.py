@@ -84,7 +84,9 @@ def test_rows_faster_than_the_floor_are_measurement_errors(bench_result, tmp_pat
     table = render_table(r, markdown=True)
     assert table.count("⚠ below floor") == len(ok) * len(st["batch_sizes"])
     assert "measurement error (faster than the bandwidth floor): torch fp32 batch 1" in table
-    assert f"floor at {r['read_bandwidth_gbs']:.1f} GB/s read bandwidth" in table
+    from lmopt.report import floor_note
+
+    assert f"floor at {floor_note(r)}" in table and "GB/s read bandwidth" in floor_note(r)
     for k in ("read_bandwidth_gbs", "read_bandwidth_probe", "measurement_errors"):
         del r[k]
     assert "GB/s copy bandwidth (read + write" in render_table(r, markdown=True)
