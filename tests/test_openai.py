@@ -271,25 +271,36 @@ def test_openai_client_raises_typed_errors(client):
 
 
 def test_client_leaving_mid_stream_cancels_the_backend_request(stack, client):
+    """A client that closes its connection mid-stream gets its backend request cancelled before the answer is
+    complete. Generation no longer waits on sends, so on a loaded machine the 400 tokens can all be generated before
+    the disconnect reaches the backend: up to three tries, one of which must show the cancellation."""
     srv, gw = stack
     body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": CAP, "temperature": 0, "stream": True})
-    s = socket.create_connection(("127.0.0.1", gw.port))
-    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
-    s.settimeout(60)
-    got = b""
-    while got.count(b"data:") < 2:  # two events, then leave
-        chunk = s.recv(4096)
-        assert chunk, got
-        got += chunk
-    assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
-    s.close()
-    pat = re.compile(r"request '[0-9a-f]+' cancelled after (\d+) tokens")
-    deadline = time.time() + 30
-    while not pat.search(srv.log.read_text()) and time.time() < deadline:
-        time.sleep(0.3)
-    m = pat.search(srv.log.read_text())
-    assert m and int(m.group(1)) < CAP, "the backend generated the whole answer for a client that left"
+    pat = re.compile(r"request '([0-9a-f]+)' cancelled after (\d+) tokens")
+    seen = {m.group(1) for m in pat.finditer(srv.log.read_text())}
+    cancelled = None
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        s.settimeout(60)
+        got = b""
+        while got.count(b"data:") < 1:  # the first event, then leave
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+        s.close()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            new = [m for m in pat.finditer(srv.log.read_text()) if m.group(1) not in seen]
+            if new:
+                cancelled = int(new[0].group(2))
+                break
+            time.sleep(0.3)
+        if cancelled is not None and cancelled < CAP:
+            break
+    assert cancelled is not None and cancelled < CAP, "the backend generated the whole answer for a client that left"
     still_serving(client)
 
 
