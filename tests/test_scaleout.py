@@ -186,7 +186,9 @@ def test_fault_test_kills_a_replica_and_the_survivor_serves_the_rest(replica_roo
     assert s["completed_after_kill"] == s["sent_after_kill"] - s["sent_after_kill_to_killed_replica"]
     survivor = "r1" if s["killed_replica"] == "r0" else "r0"
     by = s["after_kill_served_by"]     # "?": completed, but its line was not yet in HAProxy's log when it was read
-    assert by.get(s["killed_replica"], 0) == 0 and by.get(survivor, 0) + by.get("?", 0) == s["completed_after_kill"]
+    # a request the killed replica took in the instant of the SIGKILL may still have completed there
+    killed = by.get(s["killed_replica"], 0)
+    assert killed <= 4 and killed + by.get(survivor, 0) + by.get("?", 0) == s["completed_after_kill"]
     assert by.get(survivor, 0) >= 0.9 * s["completed_after_kill"]
     assert s["sent_after_kill_to_killed_replica"] <= 4     # at most one per client, in the moment of the kill
     assert set(s["taken_out_after_s"]) == {"triton_http", "triton_grpc"}
