@@ -259,8 +259,7 @@ class StaticDecoder(nn.Module):
         for blk in self.layers:
             for name in ("wqkv", "wo", "w1", "w2"):
                 blk.quant[name] = quantize_weight(getattr(blk, name), scheme, group_size)
-                if getattr(blk, name) is not None:
-                    setattr(blk, name, None)        # the unquantized copy is freed
+                setattr(blk, name, None)            # the unquantized copy is freed
         if head:
             self.head_quant = quantize_weight(self.head, scheme, group_size)
             if self.head is not self.emb:

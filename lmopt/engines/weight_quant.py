@@ -77,7 +77,6 @@ class Int4Weight:
             self.packed = torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), inner_k_tiles)
         self.scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1) \
             .transpose(0, 1).contiguous().to(torch.bfloat16)           # [k / group, n, 2]
-        self._codes = None
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
