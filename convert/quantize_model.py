@@ -61,7 +61,7 @@ class QuantizeSettings:
     artifacts: str = "artifacts"
     target: str = "all"                # all (both INT8) | tensorrt | onnxruntime | onnxruntime-int4 | ...-int8-nbits
     attention: str = "sdpa"            # source graph: sdpa (optimum's export) | gqa (fused graph; weight-only targets)
-    block_size: int = 32               # weight-only targets: weights per block (one scale each; 16..256, power of 2)
+    block_size: int = 64               # weight-only targets: weights per block (one scale each; 16..256, power of 2)
     quantizer: str = "ort"             # TensorRT graph made by ONNX Runtime's QDQ quantizer or NVIDIA ModelOpt
     method: str = "minmax"             # calibration: minmax | entropy | percentile
     calib_text: str | None = None      # None = built-in calibration split
