@@ -46,13 +46,15 @@ async def stream_completion(session, base_url: str, body: dict) -> StreamTiming:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return rec
             async for line in resp.content:
-                if not line.startswith(b"data: "):
+                if not line.startswith(b"data: ") or rec.end_s is not None:
                     continue
                 now = time.perf_counter() - t_send
                 data = line[6:].strip()
                 if data == b"[DONE]":
+                    # read on to the end of the body (the chunked encoding's last chunk): a response left unread
+                    # makes aiohttp close the connection, and the next request would pay for a new one
                     rec.end_s = now
-                    break
+                    continue
                 ev = json.loads(data)
                 if "error" in ev:
                     rec.error = str(ev["error"].get("message"))[:200]
