@@ -8,10 +8,13 @@ through the gateway (serve/openai_server.py, HTTP + server-sent events) and thro
 
 Both paths send the same token ids (the gateway tokenizes the prompt as the direct client does) to the same decoupled
 model `lm_stream`, greedy, `--max-new-tokens` each, one request at a time, rotating which path goes first. Per request:
-TTFT = first token (gRPC response / SSE event with text) - send; ITL = gaps between them. The direct path uses
-lmopt.triton_client's request and response helpers over tritonclient's asyncio gRPC stream, as the load generator
-does; the endpoint path lmopt.openai_client (raw SSE through aiohttp: the `openai` SDK's per-chunk parsing would be
-measured as the endpoint's time otherwise; it keeps its connection alive between requests, as the gRPC channel does).
+TTFT = first token (gRPC response / SSE event with text) - send, where send is the moment the client starts building
+its request: the direct path's tensors are inside its TTFT (setup_ms), as the endpoint's JSON body, tokenization and
+gRPC request are inside the endpoint's (results without setup_ms started the direct clock after the tensors);
+ITL = gaps between them. The direct path uses lmopt.triton_client's request and response helpers over tritonclient's
+asyncio gRPC stream, as the load generator does; the endpoint path lmopt.openai_client (raw SSE through aiohttp:
+the `openai` SDK's per-chunk parsing would be measured as the endpoint's time otherwise; it keeps its connection alive
+between requests, as the gRPC channel does).
 `--compare-url LABEL=URL` adds more endpoints in front of the same Triton server (e.g. the gateway before a change, on
 another port) to the same interleaved loop, each summarized like the endpoint. Each gateway answer is checked against
 the direct one (same text); a mismatch fails the run.
@@ -54,11 +57,14 @@ class OverheadSettings:
 
 
 async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: bool) -> StreamTiming:
-    """One greedy request straight to Triton's gRPC stream; the arrival of every token response."""
+    """One greedy request straight to Triton's gRPC stream; the arrival of every token response. The clock starts
+    before the request's tensors are built, as the endpoint's starts before its JSON body is: each path's times
+    include its client's own request setup (here `setup_s`, recorded as setup_ms)."""
     import tritonclient.grpc.aio as aio
 
     from lmopt.triton_client import GenRequest, parse_response, stream_request
 
+    t_send = time.perf_counter()
     item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
                           uuid.uuid4().hex[:16], s.triton_model, batch_dim)
 
@@ -66,7 +72,7 @@ async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: boo
         yield item
 
     rec, tokens = StreamTiming(), []
-    t_send = time.perf_counter()
+    rec.setup_s = time.perf_counter() - t_send
     it = client.stream_infer(requests(), stream_timeout=s.request_timeout_s)
     try:
         async for result, error in it:
@@ -179,10 +185,16 @@ def _path_summary(rows: list[dict], get) -> dict:
 def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
     from lmopt.results import percentile
 
+    from lmopt.results import stats
+
     out = {}
     for path in ("direct", "openai"):
         out[path] = {m: v for m, v in _path_summary(rows, lambda r: r[path]).items()
                      if m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    if all("setup_ms" in r["direct"] for r in rows):
+        # the direct client's building of its request tensors, inside its TTFT (as the endpoint's tokenizing and
+        # request building are inside the endpoint's)
+        out["direct"]["setup_ms"] = stats([r["direct"]["setup_ms"] for r in rows])
     o = _path_summary(rows, lambda r: r["openai"])
     out.update(overhead_ms=o["overhead_ms"], overhead_mean_ms=o["overhead_mean_ms"],
                paired_ttft_delta_ms_p50=o["paired_ttft_delta_ms_p50"])
