@@ -86,6 +86,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None   # given a slot (its prefill starts)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._on_event = on_event
@@ -334,6 +335,7 @@ class Scheduler:
             while self._waiting and eng.num_free_slots() > 0:
                 r = self._waiting.pop(0)
                 r.slot = eng.alloc_slot()
+                r.admitted_at = time.perf_counter()
                 self._prefilling.append(r)
         budget, work = eng.max_prefill_chunk, []
         for r in self._prefilling:

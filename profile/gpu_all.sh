@@ -127,6 +127,8 @@ PYEOF
           --compare scheduler --skip-perf-analyzer --concurrency "$SWEEP" --requests 128 --duration-s 15 \
           --prompt-input input_ids --startup-timeout-s 400 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"
         cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/llama-1b/" 2>/dev/null
+        # where the in-flight server's time to first token goes (the model logs medians every 100 streams)
+        grep -h "ttft parts" "$WORK"/art/llama-1b/profile/.triton-*.log 2>/dev/null | tail -12 | tee -a "$LOG"
       else
         say "openai: endpoint overhead (and aiperf when AIPERF is set)"
         export PYTHON="$PY" READY_TIMEOUT_S=400 OPENAI_PORT=18080 HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002

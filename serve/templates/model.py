@@ -116,6 +116,7 @@ class TritonPythonModel:
                 self._outq = queue.SimpleQueue()
                 self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
                 self._late_finals = []       # (due time, response sender) of cancelled streams (sender thread only)
+                self._ttft_parts = TtftParts(self.model_name, self.logger)
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
                 self._sender.start()
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
@@ -222,6 +223,7 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         handles = []
         for i, r in enumerate(requests):
+            t_exec = time.perf_counter()
             sender = r.get_response_sender() if self.decoupled else None
             try:
                 ids, p, want_text = self._parse(r)
@@ -229,7 +231,7 @@ class TritonPythonModel:
                     on_event, is_cancelled, watch = self._streamer(r.request_id(), sender, want_text)
                     h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
                                               request_id=r.request_id(), text=want_text)
-                    watch()
+                    watch(h, t_exec)
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -266,7 +268,8 @@ class TritonPythonModel:
         def on_event(ev):
             self._outq.put((st, ev))
 
-        def watch():  # once the scheduler took the request: the sender thread watches it for cancellation
+        def watch(handle, t_exec):  # once the scheduler took the request: the sender thread watches it for cancellation
+            st["handle"], st["t_exec"] = handle, t_exec
             self._outq.put((st, None))
 
         return on_event, lambda: st["cancelled"], watch
@@ -299,6 +302,8 @@ class TritonPythonModel:
                 st, ev = item
                 if ev is None:
                     if st["sender"] is not None and not st.get("final"):
+                        # first asked one poll interval from now: no round trip on the way to the first token
+                        st["asked"] = time.monotonic()
                         self._streams[id(st)] = st
                     continue
                 m = merged.setdefault(id(st), [st, [], "", None])
@@ -344,8 +349,11 @@ class TritonPythonModel:
         if sender is None:
             return
         if tokens and not self._cancelled(st, time.monotonic()):  # nothing is written to a stream the client left
+            first = st["count"] == 0
             st["count"] += len(tokens)
             sender.send(self._response(text if st["want_text"] else None, tokens, True))
+            if first and "handle" in st:
+                self._ttft_parts.add(st["t_exec"], st["handle"], time.perf_counter())
         if ev is None:
             return
         st["sender"], st["final"] = None, True
@@ -534,6 +542,28 @@ class _Metrics:
                 m.increment(d)
         self.flushed_at = now
         self.last.update({k: st[k] for k in (*self.gauges, *self.counters)})
+
+
+class TtftParts:
+    """Where a stream's time to first token goes inside the server, logged as medians every N streams:
+    parse (execute() entry to the scheduler's queue), wait (queue to a slot), prefill (slot to first token, the
+    engine's share), send (first token to its response handed to Triton)."""
+
+    EVERY = 100
+
+    def __init__(self, model_name, logger):
+        self.model_name, self.logger, self.rows = model_name, logger, []
+
+    def add(self, t_exec, h, t_sent):
+        if h.admitted_at is None or h.first_token_at is None:
+            return
+        self.rows.append((h.submitted_at - t_exec, h.admitted_at - h.submitted_at, h.first_token_at - h.admitted_at,
+                          t_sent - h.first_token_at))
+        if len(self.rows) >= self.EVERY:
+            med = np.median(np.asarray(self.rows) * 1e3, axis=0)
+            self.logger.log_info(f"{self.model_name}: ttft parts over {len(self.rows)} streams, ms median: " +
+                                 json.dumps(dict(zip(("parse", "wait", "prefill", "send"), np.round(med, 3).tolist()))))
+            self.rows = []
 
 
 def _is_cancelled(request, sender):
