@@ -422,6 +422,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert not list((tmp_path / "a").rglob("model_repository"))
     proc = run_cli("serve/make_model_repository.py", "--engine", "onnx", check=False)
     assert_one_line_error(proc, "unknown --engine")
+    proc = run_cli("serve/make_model_repository.py", "--gil-switch-us", "-1", check=False)
+    assert_one_line_error(proc, "--gil-switch-us must be >= 0")
     proc = subprocess.run(["bash", str(RUN), str(tmp_path / "none")], text=True, capture_output=True)
     assert_one_line_error(proc, "does not exist", "make serve-repo")
     port = _free_ports(1)[0]

@@ -36,6 +36,7 @@ Settings come from config.pbtxt `parameters` (engine, precision, device, artifac
 max_queue, prefill_chunk, batching, ...).
 """
 import json
+import sys
 import threading
 import time
 
@@ -66,6 +67,11 @@ class TritonPythonModel:
             self.scheduler = None
             self.logger.log_info(f"{self.model_name}: empty decoupled model (streams max_tokens responses of token 0)")
             return
+        switch_us = int(_param(cfg, "gil_switch_us", "0"))
+        if switch_us > 0:
+            # the scheduler thread, the sender thread and Triton's execute() share one interpreter lock: a thread
+            # waiting for it is otherwise kept waiting up to 5 ms by one that keeps it busy
+            sys.setswitchinterval(switch_us / 1e6)
         self.spec = _param(cfg, "model")
         device = _param(cfg, "device", "cpu")
         engine = _param(cfg, "engine")
