@@ -43,6 +43,8 @@ MODELS="${MODELS:-tiny gpt2-124m llama-1b}"
 WORK="${WORK:-/tmp/gpuwork}"
 mkdir -p "$OUTDIR" "$WORK/results"
 export PYTHONUNBUFFERED=1
+# transformers imports jax when it finds it (the GPU image has a jax whose extension fails to load): torch only
+export USE_TORCH=1 USE_FLAX=0 USE_TF=0
 # lmopt from this checkout: a GPU machine may have the pinned packages but not `make setup`'s editable install
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -238,7 +238,9 @@ def test_dynamic_batching_groups_concurrent_requests(server):
     s0 = server.stats("lm")
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: _infer(server, f"Batch {i}", max_tokens=8), range(16)))
-    s1 = server.stats("lm")
+    deadline = time.time() + 10   # Triton records an execution's statistics after its responses are out
+    while (s1 := server.stats("lm"))["inference_count"] - s0["inference_count"] < 16 and time.time() < deadline:
+        time.sleep(0.2)
     n_inf = s1["inference_count"] - s0["inference_count"]
     n_exec = s1["execution_count"] - s0["execution_count"]
     assert all(len(o) == 8 for o in outs) and n_inf == 16

@@ -101,6 +101,8 @@ class TritonPythonModel:
             self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
                                  f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
+        eos = self.tokenizer.eos_token_id       # a property that looks the token up: once, not per request
+        self._stop_ids = (eos,) if eos is not None else ()
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
@@ -205,8 +207,7 @@ class TritonPythonModel:
         p = SamplingParams(max_new_tokens=max_tokens, temperature=float(scalar("temperature", 0.0)),
                            top_k=int(scalar("top_k", 0)), top_p=float(scalar("top_p", 1.0)),
                            seed=None if seed is None else int(seed),
-                           stop_token_ids=(self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None
-                           else (), stop_strings=(stop,) if stop else ())
+                           stop_token_ids=self._stop_ids, stop_strings=(stop,) if stop else ())
         try:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
