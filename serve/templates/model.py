@@ -35,6 +35,7 @@ crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
 Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, slots,
 max_queue, prefill_chunk, batching, ...).
 """
+import collections
 import json
 import sys
 import threading
@@ -123,6 +124,7 @@ class TritonPythonModel:
 
                 self._outq = queue.SimpleQueue()
                 self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
+                self._new_streams = collections.deque()   # streams execute() handed over, not yet in _streams
                 self._late_finals = []       # (due time, response sender) of cancelled streams (sender thread only)
                 self._ttft_parts = TtftParts(self.model_name, self.logger)
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
@@ -277,7 +279,8 @@ class TritonPythonModel:
 
         def watch(handle, t_exec):  # once the scheduler took the request: the sender thread watches it for cancellation
             st["handle"], st["t_exec"] = handle, t_exec
-            self._outq.put((st, None))
+            # picked up at the sender's next pass, without waking it: a wake here would compete with the prefill
+            self._new_streams.append(st)
 
         return on_event, lambda: st["cancelled"], watch
 
@@ -292,7 +295,8 @@ class TritonPythonModel:
         poll = self._poll = self._cancel_poll_s or 0.01
         while True:
             try:
-                items = [self._outq.get(timeout=poll if self._streams or self._late_finals else None)]
+                items = [self._outq.get(timeout=poll if self._streams or self._late_finals or self._new_streams
+                                        else None)]
             except queue.Empty:
                 items = []
             while True:
@@ -300,6 +304,12 @@ class TritonPythonModel:
                     items.append(self._outq.get_nowait())
                 except queue.Empty:
                     break
+            while self._new_streams:
+                st = self._new_streams.popleft()
+                if st["sender"] is not None and not st.get("final"):
+                    # first asked one poll interval from now: no round trip on the way to the first token
+                    st["asked"] = time.monotonic()
+                    self._streams[id(st)] = st
             merged = {}                      # request -> [state, tokens, text, final event]; insertion order kept
             stop = False
             for item in items:
@@ -307,12 +317,6 @@ class TritonPythonModel:
                     stop = True
                     continue
                 st, ev = item
-                if ev is None:
-                    if st["sender"] is not None and not st.get("final"):
-                        # first asked one poll interval from now: no round trip on the way to the first token
-                        st["asked"] = time.monotonic()
-                        self._streams[id(st)] = st
-                    continue
                 m = merged.setdefault(id(st), [st, [], "", None])
                 if ev.finished:
                     m[3] = ev
