@@ -210,10 +210,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class Scheduler:
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, tokenizer=None,
                  on_step: Callable[[dict], None] | None = None, name: str = "scheduler",
-                 cancel_poll_s: float = 0.0, pipeline: bool | None = None):
+                 cancel_poll_s: float = 0.0, pipeline: bool | None = None, first_token_pause_s: float = 0.0,
+                 pause_max_decoding: int = 4):
         """cancel_poll_s: call a request's is_cancelled() at most this often (0 = every step); Request.cancel() is
         always seen at the next step. pipeline: queue the next decode step before reading this one's tokens
-        (default: when the engine can, `engine.feeds_from_device`)."""
+        (default: when the engine can, `engine.feeds_from_device`). first_token_pause_s: after a step that handed
+        out a request's first token, sleep this long (releasing the interpreter lock) so the consumer thread that
+        sends it runs at once instead of waiting for this loop's next blocking call; only while at most
+        `pause_max_decoding` requests decode (under load throughput comes first)."""
         if max_queue < 0:
             raise UserError(f"max_queue must be >= 0 (got {max_queue})")
         self.engine = engine
@@ -221,6 +225,8 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.on_step = on_step
         self.cancel_poll_s = cancel_poll_s
+        self.first_token_pause_s, self.pause_max_decoding = first_token_pause_s, pause_max_decoding
+        self._firsts = 0                        # first tokens handed out in the current step
         can = bool(getattr(engine, "feeds_from_device", False))
         if pipeline and not can:
             raise UserError(f"{type(engine).__name__} cannot feed a decode step from the device: pipeline=False")
@@ -366,6 +372,9 @@ class Scheduler:
                 self._finish(r, "error", f"generation failed: {e}")
                 continue
             self._prefilled_chunk(r, len(chunk), out, 0)
+        if self._firsts and self.first_token_pause_s > 0 and len(self._decoding) <= self.pause_max_decoding:
+            time.sleep(self.first_token_pause_s)   # the consumer sends the first tokens now, not after step 3
+        self._firsts = 0
         # 3. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
         # sampled or a read step), or, pipelined, the greedy token of its queued step still on the device
         pipelined = self.pipeline and all(r._rng is None for r in self._decoding)
@@ -442,6 +451,7 @@ class Scheduler:
         r._next = None
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
+            self._firsts += 1
         if tok in r._stops:
             self._finish(r, "stop")
             return

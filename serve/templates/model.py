@@ -132,7 +132,9 @@ class TritonPythonModel:
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
                                        # streams: the sender thread asks Triton and sets a flag (no round trip here)
                                        cancel_poll_s=0.0 if self.decoupled else self._cancel_poll_s,
-                                       on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
+                                       on_step=self.metrics.update, name=f"{self.model_name}-scheduler",
+                                       first_token_pause_s=(float(_param(cfg, "first_token_pause_us", "0")) / 1e6
+                                                            if self.decoupled else 0.0))
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
                              + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
