@@ -238,7 +238,9 @@ def test_dynamic_batching_groups_concurrent_requests(server):
     s0 = server.stats("lm")
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: _infer(server, f"Batch {i}", max_tokens=8), range(16)))
-    s1 = server.stats("lm")
+    deadline = time.time() + 10   # Triton records an execution's statistics after its responses are out
+    while (s1 := server.stats("lm"))["inference_count"] - s0["inference_count"] < 16 and time.time() < deadline:
+        time.sleep(0.2)
     n_inf = s1["inference_count"] - s0["inference_count"]
     n_exec = s1["execution_count"] - s0["execution_count"]
     assert all(len(o) == 8 for o in outs) and n_inf == 16
@@ -422,6 +424,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert not list((tmp_path / "a").rglob("model_repository"))
     proc = run_cli("serve/make_model_repository.py", "--engine", "onnx", check=False)
     assert_one_line_error(proc, "unknown --engine")
+    proc = run_cli("serve/make_model_repository.py", "--gil-switch-us", "-1", check=False)
+    assert_one_line_error(proc, "--gil-switch-us must be >= 0")
     proc = subprocess.run(["bash", str(RUN), str(tmp_path / "none")], text=True, capture_output=True)
     assert_one_line_error(proc, "does not exist", "make serve-repo")
     port = _free_ports(1)[0]
