@@ -14,7 +14,9 @@
 #                (profile/serve_bench.py --compare scheduler)
 #   6. openai  - the OpenAI endpoint in front of that server: its own overhead vs Triton's gRPC stream
 #                (profile/openai_overhead.py); aiperf vs our load generator when AIPERF names an aiperf executable
-#                (or AIPERF_SITE a folder its wheels were installed into with pip --target)
+#                (or AIPERF_SITE a folder its wheels were installed into with pip --target). The gateway wants
+#                uvloop and httptools (requirements.txt; cp312 manylinux wheels, e.g. installed into the PYTHONPATH
+#                folder with pip --target); without them it runs on asyncio + h11, slower, and its log says so
 #   6b. gilab  - the in-flight server's 1-stream overhead with Python's default thread switch interval (A/B for
 #                the repository's --gil-switch-us default)
 #   7. scaleout - 2 GPUs (nvidia-h200-x2), Llama-1B shape, compiled engine in-flight: one GPU at SCALE_C streams (and
@@ -138,6 +140,8 @@ PYEOF
         say "openai: endpoint overhead (and aiperf when AIPERF is set)"
         export PYTHON="$PY" READY_TIMEOUT_S=400 OPENAI_PORT=18080 HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002
         bash serve/serve_openai.sh start llama-1b "$WORK/art" 2>&1 | tail -3 | tee -a "$LOG"
+        # which event loop and HTTP parser the gateway runs on (uvloop + httptools when their wheels are on the path)
+        grep -m2 -E "event loop|not installed" "$WORK/art/llama-1b/serve/run/openai.log" | tee -a "$LOG"
         [ "${SKIP_OVERHEAD:-0}" = 1 ] || timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
           --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
           2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
