@@ -46,7 +46,8 @@ def _overhead(d, root: Path) -> list[str]:
     cmp = sm.get("compare", {})
     if cmp:
         out[0] += (" Also in the same loop, on the same Triton server: " + "; ".join(
-            f"**{k}** (`{v['url']}`)" for k, v in cmp.items()) + ".")
+            f"**{k}** (`{v['url']}`; TTFT endpoint − this, paired: "
+            f"{_f(v.get('paired_ttft_endpoint_minus_this_ms_p50'), '+.2f')} ms)" for k, v in cmp.items()) + ".")
     for name, label, x in (("direct", "Triton gRPC stream", sm["direct"]), ("openai", "OpenAI endpoint", sm["openai"]),
                            *((k, k, v) for k, v in cmp.items())):
         out.append(f"| {label} | {_f(x['ttft_ms']['p50'], '.2f')} | {_f(x['ttft_ms']['p90'], '.2f')} "
