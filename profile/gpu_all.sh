@@ -143,7 +143,7 @@ PYEOF
         # which event loop and HTTP parser the gateway runs on (uvloop + httptools when their wheels are on the path)
         grep -m2 -E "event loop|not installed" "$WORK/art/llama-1b/serve/run/openai.log" | tee -a "$LOG"
         [ "${SKIP_OVERHEAD:-0}" = 1 ] || timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
-          --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
+          --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 80 --max-new-tokens 32 \
           2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
         if [ -n "${AIPERF_SITE:-}" ] && [ -z "${AIPERF:-}" ]; then
           # aiperf's wheels installed with --target AIPERF_SITE: run it on its own path (its newer packages stay out
