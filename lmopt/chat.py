@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .models import encode
+
 SIMPLE_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
@@ -34,4 +36,4 @@ def render_chat(tokenizer, messages: Sequence[dict]) -> str:
 
 
 def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    return list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    return encode(tokenizer, render_chat(tokenizer, messages), add_special_tokens=False)

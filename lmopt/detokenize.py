@@ -27,8 +27,14 @@ class IncrementalDetokenizer:
         self.prefix = 0               # window start: context for the tokens not yet emitted
         self.read = len(self.ids)     # first token whose text has not been emitted
         self.text = ""                # everything emitted so far
+        # a fast tokenizer's own decode is its Rust tokenizer's (clean-up off): call that directly, without
+        # transformers' per-call conversions, twice per token
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self._backend_decode = backend.decode if backend is not None else None
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip)
         return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def _emit(self, force: bool) -> str:

@@ -121,6 +121,19 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`tokenizer(text)["input_ids"]` as a list, straight from the Rust tokenizer of a fast tokenizer: the same ids
+    without transformers' per-call layers (checks, BatchEncoding), which cost more than the encoding of a short
+    prompt. A slow tokenizer, or a fast one left with truncation, padding or split special tokens switched on,
+    takes the usual call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if (backend is None or backend.truncation is not None or backend.padding is not None
+            or getattr(backend, "encode_special_tokens", False)
+            or getattr(tokenizer, "split_special_tokens", False)):
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     """An HF causal LM in eval mode. Presets get seeded random weights (same weights every call)."""
     import torch

@@ -22,6 +22,7 @@ class StreamTiming:
     usage: dict = field(default_factory=dict)
     end_s: float | None = None                           # `data: [DONE]`
     error: str | None = None
+    setup_s: float | None = None                         # part of the times: the client building its request
 
     @property
     def ttft_s(self) -> float | None:
@@ -30,9 +31,12 @@ class StreamTiming:
     def metrics(self) -> dict:
         """TTFT, every gap between token events, end to end (ms) and the completion tokens the server counted."""
         t = self.event_times_s
-        return {"ttft_ms": t[0] * 1e3 if t else None, "itl_ms": [(b - a) * 1e3 for a, b in zip(t, t[1:])],
-                "e2e_ms": self.end_s * 1e3 if self.end_s is not None else None,
-                "output_tokens": self.usage.get("completion_tokens")}
+        out = {"ttft_ms": t[0] * 1e3 if t else None, "itl_ms": [(b - a) * 1e3 for a, b in zip(t, t[1:])],
+               "e2e_ms": self.end_s * 1e3 if self.end_s is not None else None,
+               "output_tokens": self.usage.get("completion_tokens")}
+        if self.setup_s is not None:
+            out["setup_ms"] = self.setup_s * 1e3
+        return out
 
 
 async def stream_completion(session, base_url: str, body: dict) -> StreamTiming:
@@ -46,13 +50,15 @@ async def stream_completion(session, base_url: str, body: dict) -> StreamTiming:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return rec
             async for line in resp.content:
-                if not line.startswith(b"data: "):
+                if not line.startswith(b"data: ") or rec.end_s is not None:
                     continue
                 now = time.perf_counter() - t_send
                 data = line[6:].strip()
                 if data == b"[DONE]":
+                    # read on to the end of the body (the chunked encoding's last chunk): a response left unread
+                    # makes aiohttp close the connection, and the next request would pay for a new one
                     rec.end_s = now
-                    break
+                    continue
                 ev = json.loads(data)
                 if "error" in ev:
                     rec.error = str(ev["error"].get("message"))[:200]

@@ -18,6 +18,14 @@ Each step of the loop:
      lmopt.generate.sample_next on the row with the request's own seeded generator, so a seeded request gives the
      tokens lmopt.generate gives it) and retire the finished ones (stop token, stop string, max tokens) at once.
 
+Pipelining: with an engine that can feed a slot the greedy token of its previous decode step on the device
+(`engine.feeds_from_device`, the compiled engine), and while every decoding request is greedy, step 4 of a decode
+step runs after step 3 of the next one is queued: the device computes step k+1 while the host reads, detokenizes and
+hands out the tokens of step k, so the host's per-step work hides behind the device's instead of adding to it (the
+scheme of vLLM's asynchronous scheduling). The price: a request that ends on a stop token or stop string, or is
+cancelled, has one more step computed for it whose token is dropped; max tokens are known ahead and never overrun.
+A sampled request in the batch turns pipelining off until it leaves (its token needs the host).
+
 Text: with a tokenizer, each token's text comes from lmopt.detokenize (incremental, no re-decoding of the output);
 text that could be the start of a stop string is held back until it is known not to be one, and the text stops
 before the stop string, as lmopt.generate.generate_text cuts it.
@@ -78,6 +86,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None   # given a slot (its prefill starts)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._on_event = on_event
@@ -95,6 +104,7 @@ class Request:
         self._next: int | None = None
         self._stop_string_hit = False
         self._next_poll = 0.0
+        self._in_flight = 0                 # decode steps queued for this request whose token is not read yet
 
     # ---- caller side -------------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -200,9 +210,14 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class Scheduler:
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, tokenizer=None,
                  on_step: Callable[[dict], None] | None = None, name: str = "scheduler",
-                 cancel_poll_s: float = 0.0):
+                 cancel_poll_s: float = 0.0, pipeline: bool | None = None, first_token_pause_s: float = 0.0,
+                 pause_max_decoding: int = 4):
         """cancel_poll_s: call a request's is_cancelled() at most this often (0 = every step); Request.cancel() is
-        always seen at the next step."""
+        always seen at the next step. pipeline: queue the next decode step before reading this one's tokens
+        (default: when the engine can, `engine.feeds_from_device`). first_token_pause_s: after a step that handed
+        out a request's first token, sleep this long (releasing the interpreter lock) so the consumer thread that
+        sends it runs at once instead of waiting for this loop's next blocking call; only while at most
+        `pause_max_decoding` requests decode (under load throughput comes first)."""
         if max_queue < 0:
             raise UserError(f"max_queue must be >= 0 (got {max_queue})")
         self.engine = engine
@@ -210,6 +225,13 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.on_step = on_step
         self.cancel_poll_s = cancel_poll_s
+        self.first_token_pause_s, self.pause_max_decoding = first_token_pause_s, pause_max_decoding
+        self._firsts = 0                        # first tokens handed out in the current step
+        can = bool(getattr(engine, "feeds_from_device", False))
+        if pipeline and not can:
+            raise UserError(f"{type(engine).__name__} cannot feed a decode step from the device: pipeline=False")
+        self.pipeline = can if pipeline is None else pipeline
+        self._pending = None                    # (StepLogits, rows) of the queued decode step not read yet
         self._cond = threading.Condition()
         self._waiting: list[Request] = []       # submitted, no slot yet
         self._prefilling: list[Request] = []    # in a slot, prompt not fully in the cache
@@ -292,6 +314,7 @@ class Scheduler:
                 self._step()
             except Exception:  # a bug in the loop itself: fail what is running, keep the server alive
                 log.exception("scheduler step failed")
+                self._pending = None
                 for r in self._prefilling + self._decoding:
                     self._finish(r, "error", "internal error in the scheduler loop")
             if self.on_step is not None:
@@ -318,6 +341,7 @@ class Scheduler:
             while self._waiting and eng.num_free_slots() > 0:
                 r = self._waiting.pop(0)
                 r.slot = eng.alloc_slot()
+                r.admitted_at = time.perf_counter()
                 self._prefilling.append(r)
         budget, work = eng.max_prefill_chunk, []
         for r in self._prefilling:
@@ -348,23 +372,65 @@ class Scheduler:
                 self._finish(r, "error", f"generation failed: {e}")
                 continue
             self._prefilled_chunk(r, len(chunk), out, 0)
-        # 3. one batched decode over every request with a token to feed
-        rows = [r for r in self._decoding if r._next is not None]
+        if self._firsts and self.first_token_pause_s > 0 and len(self._decoding) <= self.pause_max_decoding:
+            time.sleep(self.first_token_pause_s)   # the consumer sends the first tokens now, not after step 3
+        self._firsts = 0
+        # 3. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
+        # sampled or a read step), or, pipelined, the greedy token of its queued step still on the device
+        pipelined = self.pipeline and all(r._rng is None for r in self._decoding)
+        if self._pending is not None and not pipelined:
+            self._collect(*self._pending)
+            self._pending = None
+        rows, feed = [], []
+        for r in self._decoding:
+            if r._next is not None:
+                rows.append(r)
+                feed.append(r._next)
+            elif pipelined and r._in_flight == 1 and len(r.tokens) + 2 <= r.params.max_new_tokens:
+                rows.append(r)
+                feed.append(None)
+        out = None
         if rows:
             try:
-                out = eng.decode_slots([r.slot for r in rows], [r._next for r in rows])
+                out = eng.decode_slots([r.slot for r in rows], feed)
             except Exception as e:  # noqa: BLE001
                 log.exception("decode step failed")
                 for r in rows:
                     self._finish(r, "error", f"generation failed: {e}")
-                rows, out = [], None
-            greedy = out.argmax() if any(r._rng is None for r in rows) else None
-            for i, r in enumerate(rows):
-                tok = int(greedy[i]) if r._rng is None else sample_next(out.row(i), r.params, r._rng)
-                self._deliver(r, tok)
+                rows = []
+            for r in rows:
+                r._next = None
+                r._in_flight += 1
+        # 4. the tokens of the step queued before this one (pipelined), or of this one
+        if self._pending is not None:
+            self._collect(*self._pending)
+            self._pending = None
+        if rows:
+            if pipelined:
+                self._pending = (out, rows)
+            else:
+                self._collect(out, rows)
         with self._cond:
             self._counters["steps"] += 1
             self._counters["last_decode_batch"] = len(rows)
+
+    def _collect(self, out, rows: list[Request]) -> None:
+        """Read a decode step's tokens and hand them to its requests (those still running)."""
+        for r in rows:
+            r._in_flight -= 1
+        live = [(i, r) for i, r in enumerate(rows) if r.finish_reason is None]
+        if not live:
+            return
+        try:
+            greedy = out.argmax() if any(r._rng is None for _, r in live) else None
+        except Exception as e:  # noqa: BLE001
+            log.exception("reading a decode step failed")
+            for _, r in live:
+                self._finish(r, "error", f"generation failed: {e}")
+            return
+        for i, r in live:
+            tok = int(greedy[i]) if r._rng is None else sample_next(out.row(i), r.params, r._rng)
+            self._deliver(r, tok)
 
     def _prefilled_chunk(self, r: Request, n: int, out, row: int, greedy=None) -> None:
         """n more prompt tokens of r are in its slot; after the last chunk, its first token (logits row `row`)."""
@@ -385,6 +451,7 @@ class Scheduler:
         r._next = None
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
+            self._firsts += 1
         if tok in r._stops:
             self._finish(r, "stop")
             return
@@ -397,7 +464,7 @@ class Scheduler:
             self._finish(r, "stop")
         elif len(r.tokens) >= r.params.max_new_tokens:
             self._finish(r, "length")
-        else:
+        elif r._in_flight == 0:     # else a queued step already feeds this token from the device
             r._next = tok
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:

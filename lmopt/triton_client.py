@@ -79,6 +79,30 @@ def stream_request(mod, req: GenRequest, request_id: str = "", model: str = STRE
             "parameters": {"triton_enable_empty_final_response": True}}
 
 
+_PACK = {"INT32": "i", "INT64": "q", "FP32": "f"}
+
+
+def infer_request_pb(req: GenRequest, request_id: str = "", model: str = STREAM_MODEL, batch_dim: bool = True):
+    """The ModelInferRequest protobuf that stream_request() becomes inside tritonclient (the same bytes), built
+    directly: no numpy arrays, no InferInput objects. For a client that talks to Triton's gRPC stub itself (the
+    OpenAI gateway), where each request's setup is on the way to its first token."""
+    import struct
+
+    from tritonclient.grpc import service_pb2
+
+    r = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    r.parameters["triton_enable_empty_final_response"].bool_param = True
+    for name, vals, dtype in req.values():
+        r.inputs.add(name=name, datatype=dtype, shape=[1, len(vals)] if batch_dim else [len(vals)])
+        if dtype == "BYTES":  # each element: its length (4 bytes, little-endian), then its bytes
+            raw = b"".join(struct.pack("<I", len(b)) + b for b in (v.encode() if isinstance(v, str) else v
+                                                                    for v in vals))
+        else:
+            raw = struct.pack(f"<{len(vals)}{_PACK[dtype]}", *vals)
+        r.raw_input_contents.append(raw)
+    return r
+
+
 def perf_analyzer_entry(req: GenRequest) -> dict:
     """One entry of perf_analyzer's --input-data JSON (shapes exclude the batch dimension)."""
     return {name: {"content": vals, "shape": [len(vals)]} for name, vals, _ in req.values()}
@@ -105,6 +129,24 @@ def parse_response(result, tokens_output: str = "token_ids") -> Piece:
     flag = resp.parameters.get(FINAL_FLAG)
     return Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
                  bool(flag is not None and flag.bool_param))
+
+
+def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
+    """parse_response() of a raw ModelInferResponse protobuf (as Triton's gRPC stub streams it), without tritonclient's
+    InferResult and numpy: the token ids (INT64) and the final flag. Text outputs are not read."""
+    import struct
+
+    ids: list[int] = []
+    for i, out in enumerate(resp.outputs):
+        if out.name == tokens_output:
+            if i < len(resp.raw_output_contents):  # how Triton sends outputs
+                raw = resp.raw_output_contents[i]
+                ids = list(struct.unpack(f"<{len(raw) // 8}q", raw))
+            else:
+                ids = list(out.contents.int64_contents)
+            break
+    flag = resp.parameters.get(FINAL_FLAG)
+    return Piece("", ids, bool(flag is not None and flag.bool_param))
 
 
 class GrpcStream:

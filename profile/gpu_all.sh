@@ -14,12 +14,17 @@
 #                (profile/serve_bench.py --compare scheduler)
 #   6. openai  - the OpenAI endpoint in front of that server: its own overhead vs Triton's gRPC stream
 #                (profile/openai_overhead.py); aiperf vs our load generator when AIPERF names an aiperf executable
-#                (or AIPERF_SITE a folder its wheels were installed into with pip --target)
+#                (or AIPERF_SITE a folder its wheels were installed into with pip --target). The gateway wants
+#                uvloop and httptools (requirements.txt; cp312 manylinux wheels, e.g. installed into the PYTHONPATH
+#                folder with pip --target); without them it runs on asyncio + h11, slower, and its log says so
+#   6b. gilab  - the in-flight server's 1-stream overhead with Python's default thread switch interval (A/B for
+#                the repository's --gil-switch-us default)
 #   7. scaleout - 2 GPUs (nvidia-h200-x2), Llama-1B shape, compiled engine in-flight: one GPU at SCALE_C streams (and
 #                at 2x), then both GPUs at 2x SCALE_C streams as one server with an instance on each GPU
 #                (make_model_repository.py --gpus 0,1) and as two servers behind HAProxy (serve/run_replicas.sh,
 #                GPUS=0,1); streaming load generator, one configuration after the other (they need the same GPUs).
-#                The replicas run needs haproxy there (PATH or HAPROXY=binary); without it that mode is skipped
+#                The replicas run needs haproxy there (PATH or HAPROXY=binary); without it that mode is skipped.
+#                SCALE_MODES picks modes (default "1gpu instances replicas")
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
@@ -40,6 +45,8 @@ MODELS="${MODELS:-tiny gpt2-124m llama-1b}"
 WORK="${WORK:-/tmp/gpuwork}"
 mkdir -p "$OUTDIR" "$WORK/results"
 export PYTHONUNBUFFERED=1
+# transformers imports jax when it finds it (the GPU image has a jax whose extension fails to load): torch only
+export USE_TORCH=1 USE_FLAX=0 USE_TF=0
 # lmopt from this checkout: a GPU machine may have the pinned packages but not `make setup`'s editable install
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -125,14 +132,18 @@ PYEOF
         say "inflight: in-flight vs static, streaming $SWEEP"
         PYTHON="$PY" timeout 560 "$PY" profile/serve_bench.py --model llama-1b --artifacts "$WORK/art" \
           --compare scheduler --skip-perf-analyzer --concurrency "$SWEEP" --requests 128 --duration-s 15 \
-          --prompt-input input_ids --startup-timeout-s 400 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"
+          --prompt-input input_ids --startup-timeout-s 400 --overhead-requests 48 2>&1 | grep -v -i warning | tail -40 | tee -a "$LOG"
         cp "$WORK"/art/llama-1b/profile/serving-*.json "$WORK/results/llama-1b/" 2>/dev/null
+        # where the in-flight server's time to first token goes (the model logs medians every 100 streams)
+        grep -h "ttft parts" "$WORK"/art/llama-1b/profile/.triton-*.log 2>/dev/null | tail -12 | tee -a "$LOG"
       else
         say "openai: endpoint overhead (and aiperf when AIPERF is set)"
         export PYTHON="$PY" READY_TIMEOUT_S=400 OPENAI_PORT=18080 HTTP_PORT=18000 GRPC_PORT=18001 METRICS_PORT=18002
         bash serve/serve_openai.sh start llama-1b "$WORK/art" 2>&1 | tail -3 | tee -a "$LOG"
+        # which event loop and HTTP parser the gateway runs on (uvloop + httptools when their wheels are on the path)
+        grep -m2 -E "event loop|not installed" "$WORK/art/llama-1b/serve/run/openai.log" | tee -a "$LOG"
         [ "${SKIP_OVERHEAD:-0}" = 1 ] || timeout 240 "$PY" profile/openai_overhead.py --model llama-1b --artifacts "$WORK/art" \
-          --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 40 --max-new-tokens 32 \
+          --openai-url http://127.0.0.1:18080 --triton-grpc 127.0.0.1:18001 --requests 80 --max-new-tokens 32 \
           2>&1 | grep -v -i warning | tail -12 | tee -a "$LOG"
         if [ -n "${AIPERF_SITE:-}" ] && [ -z "${AIPERF:-}" ]; then
           # aiperf's wheels installed with --target AIPERF_SITE: run it on its own path (its newer packages stay out
@@ -150,6 +161,24 @@ PYEOF
         cp "$WORK"/art/llama-1b/profile/openai-overhead.json "$WORK"/art/llama-1b/profile/aiperf-compare.json \
           "$WORK/results/llama-1b/" 2>/dev/null
       fi ;;
+    gilab)
+      # the in-flight server's 1-stream overhead with Python's default thread switch interval (5 ms) instead of the
+      # repository default (--gil-switch-us 200): the same load_generator overhead run as `inflight`'s, second server
+      ART_G="$WORK/art-gil"
+      "$PY" serve/make_model_repository.py --model llama-1b --engine compiled --precision fp16 --device cuda \
+        --slots 64 --max-queue 256 --max-batch-size 64 --capture-kv 256 --max-len 512 --cancel-poll-ms 10 \
+        --gil-switch-us 0 --artifacts "$ART_G" -q 2>&1 | tail -2 | tee -a "$LOG"
+      bash serve/run_triton.sh "$ART_G/llama-1b/serve/compiled-fp16-gpu/model_repository" --background \
+        --pid-file "$WORK/gil.pid" --http-port 18100 --grpc-port 18101 --metrics-port 18102 --timeout 400 \
+        2>&1 | tail -2 | tee -a "$LOG"
+      say "gilab: overhead at 1 stream, Python's default switch interval"
+      timeout 300 "$PY" profile/load_generator.py --model llama-1b --artifacts "$ART_G" --url 127.0.0.1:18101 \
+        --concurrency 1 --requests 48 --in-process --engine compiled --precision fp16 --device cuda \
+        --prompt-input input_ids --label overhead-inflight-gil-default 2>&1 | grep -v -i warning | tail -6 | tee -a "$LOG"
+      grep -h "ttft parts" "$WORK/gil.pid.log" 2>/dev/null | tail -3 | tee -a "$LOG"
+      bash serve/run_triton.sh stop --pid-file "$WORK/gil.pid" 2>&1 | tail -1 | tee -a "$LOG"
+      mkdir -p "$WORK/results/llama-1b"
+      cp "$ART_G"/llama-1b/profile/serving-stream-overhead-inflight-gil-default.json "$WORK/results/llama-1b/" ;;
     scaleout)
       C="${SCALE_C:-32}" C2=$(( ${SCALE_C:-32} * 2 ))
       REPO_ARGS=(--model llama-1b --engine compiled --precision fp16 --device cuda --slots 64 --max-queue 256
@@ -157,7 +186,7 @@ PYEOF
       LOAD_ARGS=(--model llama-1b --prompt-input input_ids --requests 256 --duration-s 30 --max-new-tokens 64)
       export PYTHON="$PY" READY_TIMEOUT_S=400
       mkdir -p "$WORK/results/llama-1b"
-      for mode in 1gpu instances replicas; do
+      for mode in ${SCALE_MODES:-1gpu instances replicas}; do   # one mode per call keeps each under 10 minutes
         ART_M="$WORK/art-scale-$mode"
         if [ "$mode" = replicas ] && [ -z "${HAPROXY:-$(command -v haproxy || true)}" ]; then
           say "scaleout replicas: skipped, no haproxy here (install it, or set HAPROXY to a haproxy binary)"; continue

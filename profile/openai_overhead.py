@@ -4,14 +4,20 @@ through the gateway (serve/openai_server.py, HTTP + server-sent events) and thro
     make serve-openai                                    # Triton + gateway (or start them yourself)
     python profile/openai_overhead.py --model tiny --openai-url http://127.0.0.1:8080 --triton-grpc 127.0.0.1:8001
     python profile/openai_overhead.py --requests 40 --publish     # also copy the result under results/<machine>/
+    python profile/openai_overhead.py --compare-url "before=http://127.0.0.1:8081"  # another gateway, same loop
 
 Both paths send the same token ids (the gateway tokenizes the prompt as the direct client does) to the same decoupled
-model `lm_stream`, greedy, `--max-new-tokens` each, one request at a time, alternating which path goes first. Per request:
-TTFT = first token (gRPC response / SSE event with text) - send; ITL = gaps between them. The direct path uses
-lmopt.triton_client's request and response helpers over tritonclient's asyncio gRPC stream, as the load generator
-does; the endpoint path lmopt.openai_client (raw SSE through aiohttp: the `openai` SDK's per-chunk parsing would be
-measured as the endpoint's time otherwise). Each gateway answer is checked against the direct one
-(same text); a mismatch fails the run.
+model `lm_stream`, greedy, `--max-new-tokens` each, one request at a time, rotating which path goes first. Per request:
+TTFT = first token (gRPC response / SSE event with text) - send, where send is the moment the client starts building
+its request: the direct path's tensors are inside its TTFT (setup_ms), as the endpoint's JSON body, tokenization and
+gRPC request are inside the endpoint's (results without setup_ms started the direct clock after the tensors);
+ITL = gaps between them. The direct path uses lmopt.triton_client's request and response helpers over tritonclient's
+asyncio gRPC stream, as the load generator does; the endpoint path lmopt.openai_client (raw SSE through aiohttp:
+the `openai` SDK's per-chunk parsing would be measured as the endpoint's time otherwise; it keeps its connection alive
+between requests, as the gRPC channel does).
+`--compare-url LABEL=URL` adds more endpoints in front of the same Triton server (e.g. the gateway before a change, on
+another port) to the same interleaved loop, each summarized like the endpoint. Each gateway answer is checked against
+the direct one (same text); a mismatch fails the run.
 
 Reads:  data/eval.txt (held-out prompts of --prompt-tokens tokens); both servers
 Writes: artifacts/<model>/profile/openai-overhead.json (settings, every request's timings, medians and deltas);
@@ -24,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from lmopt import cli
 from lmopt.errors import UserError
@@ -47,14 +53,18 @@ class OverheadSettings:
     max_new_tokens: int = 32
     request_timeout_s: float = 60.0             # seconds per request
     publish: bool = False              # also copy the result to results/<machine-tag>/<model>/
+    compare_url: list = field(default_factory=list)  # LABEL=URL: one more endpoint on the same server; repeatable
 
 
 async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: bool) -> StreamTiming:
-    """One greedy request straight to Triton's gRPC stream; the arrival of every token response."""
+    """One greedy request straight to Triton's gRPC stream; the arrival of every token response. The clock starts
+    before the request's tensors are built, as the endpoint's starts before its JSON body is: each path's times
+    include its client's own request setup (here `setup_s`, recorded as setup_ms)."""
     import tritonclient.grpc.aio as aio
 
     from lmopt.triton_client import GenRequest, parse_response, stream_request
 
+    t_send = time.perf_counter()
     item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
                           uuid.uuid4().hex[:16], s.triton_model, batch_dim)
 
@@ -62,7 +72,7 @@ async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: boo
         yield item
 
     rec, tokens = StreamTiming(), []
-    t_send = time.perf_counter()
+    rec.setup_s = time.perf_counter() - t_send
     it = client.stream_infer(requests(), stream_timeout=s.request_timeout_s)
     try:
         async for result, error in it:
@@ -107,50 +117,95 @@ async def _measure(s: OverheadSettings) -> dict:
                 raise UserError(f"no OpenAI endpoint at {s.openai_url} ({e}) — start it: make serve-openai") from None
             cfg = (await grpc.get_model_config(s.triton_model, as_json=True))["config"]
             batch_dim = int(cfg.get("max_batch_size", 0)) > 0
+            urls = {"openai": s.openai_url, **compare_urls(s)}
+            paths = ["direct", *urls]
             rows, mismatches = [], []
             for i in range(s.warmup + s.requests):
                 p = prompts[i % len(prompts)]
                 ids = list(tok(p)["input_ids"])  # what the endpoint sends for this prompt
-                order = ("direct", "openai") if i % 2 == 0 else ("openai", "direct")
+                order = paths[i % len(paths):] + paths[:i % len(paths)]  # each path first as often
                 got = {}
                 for path in order:
                     if path == "direct":
                         rec = await direct_one(grpc, ids, s, batch_dim)
                         rec.text = tok.decode(rec.usage["token_ids"], skip_special_tokens=True)
                     else:
-                        rec = await stream_completion(session, s.openai_url, {
+                        rec = await stream_completion(session, urls[path], {
                             "model": served, "prompt": p, "max_tokens": s.max_new_tokens, "temperature": 0})
                     if rec.error:
                         raise UserError(f"{path} request {i} failed: {rec.error}")
                     got[path] = rec
-                same = (got["direct"].text, got["direct"].usage["completion_tokens"]) == \
-                       (got["openai"].text, got["openai"].usage.get("completion_tokens"))
-                if not same:
-                    mismatches.append({"index": i, "direct": got["direct"].text, "openai": got["openai"].text})
+                for path in urls:
+                    if (got["direct"].text, got["direct"].usage["completion_tokens"]) != \
+                            (got[path].text, got[path].usage.get("completion_tokens")):
+                        mismatches.append({"index": i, "path": path, "direct": got["direct"].text,
+                                           path: got[path].text})
                 if i >= s.warmup:
-                    rows.append({"index": i, "first": order[0], **{k: v.metrics() for k, v in got.items()}})
+                    row = {"index": i, "first": order[0], "direct": got["direct"].metrics(),
+                           "openai": got["openai"].metrics()}
+                    if len(urls) > 1:
+                        row["compare"] = {k: got[k].metrics() for k in urls if k != "openai"}
+                    rows.append(row)
         finally:
             await grpc.close()
     return {"served_model": served, "rows": rows, "mismatches": mismatches}
 
 
-def summarize(rows: list[dict]) -> dict:
+def compare_urls(s: OverheadSettings) -> dict[str, str]:
+    """{label: base URL} of --compare-url LABEL=URL (a bare URL is its own label)."""
+    out = {}
+    for v in s.compare_url:
+        label, sep, url = v.partition("=")
+        label, url = (label, url) if sep and "://" in url else (v, v)
+        if "://" not in url or label in ("direct", "openai") or label in out:
+            raise UserError(f"--compare-url {v!r}: give LABEL=http://HOST:PORT, a new label per endpoint "
+                            "(not 'direct' or 'openai')")
+        out[label] = url.rstrip("/")
+    return out
+
+
+def _path_summary(rows: list[dict], get) -> dict:
+    """Stats of one path, its overhead over the direct path (medians, means) and the paired TTFT difference."""
     from lmopt.results import percentile, stats
+
+    x = {"ttft_ms": stats([get(r)["ttft_ms"] for r in rows]),
+         "itl_ms": stats([v for r in rows for v in get(r)["itl_ms"]]),
+         "e2e_ms": stats([get(r)["e2e_ms"] for r in rows])}
+    d = {m: stats([r["direct"][m] for r in rows]) if m != "itl_ms" else
+         stats([v for r in rows for v in r["direct"]["itl_ms"]]) for m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    return {**x, "overhead_ms": {m: round(x[m]["p50"] - d[m]["p50"], 4) for m in d},
+            # tokens can arrive in bursts (several responses queued behind one another), which pulls the ITL median
+            # towards zero; the mean ITL ((e2e - TTFT) / (tokens - 1) on average) does not hide in a burst
+            "overhead_mean_ms": {m: round(x[m]["mean"] - d[m]["mean"], 4) for m in d},
+            # paired: both paths ran the same prompt back to back; the median of the per-request differences
+            "paired_ttft_delta_ms_p50": round(percentile([get(r)["ttft_ms"] - r["direct"]["ttft_ms"]
+                                                          for r in rows], 50), 4)}
+
+
+def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
+    from lmopt.results import percentile
+
+    from lmopt.results import stats
 
     out = {}
     for path in ("direct", "openai"):
-        out[path] = {"ttft_ms": stats([r[path]["ttft_ms"] for r in rows]),
-                     "itl_ms": stats([v for r in rows for v in r[path]["itl_ms"]]),
-                     "e2e_ms": stats([r[path]["e2e_ms"] for r in rows])}
-    out["overhead_ms"] = {m: round(out["openai"][m]["p50"] - out["direct"][m]["p50"], 4)
-                          for m in ("ttft_ms", "itl_ms", "e2e_ms")}
-    # tokens can arrive in bursts (several responses queued behind one another), which pulls the ITL median towards
-    # zero; the mean ITL ((e2e - TTFT) / (tokens - 1) on average) is the per-token cost that does not hide in a burst
-    out["overhead_mean_ms"] = {m: round(out["openai"][m]["mean"] - out["direct"][m]["mean"], 4)
-                               for m in ("ttft_ms", "itl_ms", "e2e_ms")}
-    # paired: both paths ran the same prompt back to back; the median of the per-request differences
-    out["paired_ttft_delta_ms_p50"] = round(percentile([r["openai"]["ttft_ms"] - r["direct"]["ttft_ms"]
-                                                        for r in rows], 50), 4)
+        out[path] = {m: v for m, v in _path_summary(rows, lambda r: r[path]).items()
+                     if m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    if all("setup_ms" in r["direct"] for r in rows):
+        # the direct client's building of its request tensors, inside its TTFT (as the endpoint's tokenizing and
+        # request building are inside the endpoint's)
+        out["direct"]["setup_ms"] = stats([r["direct"]["setup_ms"] for r in rows])
+    o = _path_summary(rows, lambda r: r["openai"])
+    out.update(overhead_ms=o["overhead_ms"], overhead_mean_ms=o["overhead_mean_ms"],
+               paired_ttft_delta_ms_p50=o["paired_ttft_delta_ms_p50"])
+    if compare:
+        out["compare"] = {}
+        for label, url in compare.items():
+            c = _path_summary(rows, lambda r: r["compare"][label])
+            # the endpoint against this one, request by request (negative: the endpoint is faster)
+            c["paired_ttft_endpoint_minus_this_ms_p50"] = round(percentile(
+                [r["openai"]["ttft_ms"] - r["compare"][label]["ttft_ms"] for r in rows], 50), 4)
+            out["compare"][label] = {"url": url, **c}
     return out
 
 
@@ -162,6 +217,7 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
     s = settings
     if s.requests < 1 or s.max_new_tokens < 2 or s.warmup < 0:
         raise UserError("--requests must be >= 1, --max-new-tokens >= 2 (ITL needs two tokens), --warmup >= 0")
+    compare_urls(s)  # a malformed --compare-url fails before anything runs
     t0 = time.time()
     load_before = [round(x, 2) for x in os.getloadavg()]
     m = asyncio.run(_measure(s))
@@ -169,11 +225,11 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
     if m["mismatches"]:
         raise UserError(f"{len(m['mismatches'])} endpoint answers differ from the direct stream (first: "
                         f"{m['mismatches'][0]}) — the two paths do not run the same request")
-    summary = summarize(m["rows"])
+    summary = summarize(m["rows"], compare_urls(s))
     path = result_path(s.artifacts, s.model, "x").with_name("openai-overhead.json")
     doc = results.envelope("openai-overhead", settings=asdict(s), summary=summary, samples=m["rows"],
                            versions=results.versions("tritonclient", "nvidia-pytriton", "starlette", "uvicorn",
-                                                     "aiohttp"),
+                                                     "uvloop", "httptools", "aiohttp"),
                            served_model=m["served_model"], wall_s=round(time.time() - t0, 2),
                            # other work on a shared machine shows up as scheduling delay on both paths
                            loadavg_before=load_before, loadavg_after=load_after)
@@ -185,14 +241,17 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
         shutil.copy(path, dest)
         log.info("Saving %s", dest)
     d, o = summary["direct"], summary["openai"]
-    print(f"{'path':<8} {'TTFT p50':>10} {'ITL p50':>9} {'ITL mean':>9} {'e2e p50':>9}   ({len(m['rows'])} requests "
+    cmp = summary.get("compare", {})
+    w = max([8, *map(len, cmp)])
+    print(f"{'path':<{w}} {'TTFT p50':>10} {'ITL p50':>9} {'ITL mean':>9} {'e2e p50':>9}   ({len(m['rows'])} requests "
           f"each, {s.max_new_tokens} tokens, concurrency 1)")
-    for name, x in (("direct", d), ("openai", o)):
-        print(f"{name:<8} {x['ttft_ms']['p50']:>8.2f}ms {x['itl_ms']['p50']:>7.3f}ms {x['itl_ms']['mean']:>7.3f}ms "
+    for name, x in (("direct", d), ("openai", o), *cmp.items()):
+        print(f"{name:<{w}} {x['ttft_ms']['p50']:>8.2f}ms {x['itl_ms']['p50']:>7.3f}ms {x['itl_ms']['mean']:>7.3f}ms "
               f"{x['e2e_ms']['p50']:>7.1f}ms")
-    oh, om = summary["overhead_ms"], summary["overhead_mean_ms"]
-    print(f"overhead: TTFT p50 {oh['ttft_ms']:+.2f} ms (paired {summary['paired_ttft_delta_ms_p50']:+.2f} ms), "
-          f"ITL p50 {oh['itl_ms']:+.3f} ms, ITL mean {om['itl_ms']:+.3f} ms, e2e p50 {oh['e2e_ms']:+.1f} ms")
+    for name, x in (("overhead", summary), *((f"{k} overhead", v) for k, v in cmp.items())):
+        oh, om = x["overhead_ms"], x["overhead_mean_ms"]
+        print(f"{name}: TTFT p50 {oh['ttft_ms']:+.2f} ms (paired {x['paired_ttft_delta_ms_p50']:+.2f} ms), "
+              f"ITL p50 {oh['itl_ms']:+.3f} ms, ITL mean {om['itl_ms']:+.3f} ms, e2e p50 {oh['e2e_ms']:+.1f} ms")
     return doc
 
 

@@ -72,6 +72,8 @@ class RepoSettings:
     default_max_tokens: int = 32
     threads: int = 0                 # intra-op threads of the engine (0 = library default)
     output_transport: str = "auto"   # auto | dlpack | numpy (auto = DLPack whenever torch is importable)
+    gil_switch_us: int = 200         # the model process's Python thread switch interval (sys.setswitchinterval; Python's default is 5000): how long a thread waiting for the interpreter lock (the sender, the scheduler) can be kept waiting by another (0 = Python's default)
+    first_token_pause_us: int = 50   # in-flight streaming: after a step that produced first tokens, the scheduler sleeps this long (while at most 4 requests decode) so the sender thread sends them at once (0 = never)
     capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at this KV length (0 = on first use, stalling live requests while it compiles)
     max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
 
@@ -230,8 +232,9 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
-    if s.capture_kv < 0 or s.max_len < 0:
-        raise UserError(f"--capture-kv and --max-len must be >= 0 (got {s.capture_kv}, {s.max_len})")
+    for name in ("capture_kv", "max_len", "gil_switch_us", "first_token_pause_us"):
+        if getattr(s, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(s, name)})")
     for name in ("instances", "max_batch_size", "max_tokens_cap", "default_max_tokens", "slots", "prefill_chunk"):
         if getattr(s, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(s, name)})")
@@ -262,7 +265,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
-              "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len)}
+              "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len),
+              "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
     empty_params = {"engine": "empty", "default_max_tokens": str(s.default_max_tokens),
                     "output_transport": s.output_transport}

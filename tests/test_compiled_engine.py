@@ -310,3 +310,86 @@ def test_gpu_check_script_on_cpu(tmp_path):
                   "--batch-sizes", "1,128", "--out", str(tmp_path / "x.json"), check=False)
     assert_one_line_error(bad, "--num-slots")
     assert not (tmp_path / "x.json").exists()
+
+
+# ---- the scheduler pipelined over the compiled engine: step k+1 is queued before step k's tokens are read ----------
+@pytest.fixture(scope="module")
+def tiny_compiled():
+    torch.set_num_threads(2)
+    comp = create_engine("compiled", "tiny", "fp32", num_slots=4)
+    yield comp
+    comp.close()
+
+
+def test_decode_from_device_token_equals_host_token(tiny_compiled):
+    comp = tiny_compiled
+    ps = prompts(2, 12, seed=4)
+    a, b = comp.alloc_slot(), comp.alloc_slot()
+    try:
+        first = comp.prefill_slots([a, b], ps).argmax()
+        s1 = comp.decode_slots([a, b], first.tolist())
+        host = s1.argmax()
+        s2 = comp.decode_slots([a, b], [None, int(host[1])])    # a: its step-1 token on the device; b: on the host
+        assert s1.argmax().tolist() == host.tolist()            # step 1's ids stay readable one step longer
+        third = s2.argmax()
+        comp.decode_slots([b], [int(third[1])])                 # a sits this step out ...
+        with pytest.raises(ValueError, match="was not in the previous decode step"):
+            comp.decode_slots([a], [None])                      # ... so its device token is gone
+    finally:
+        comp.free_slot(a)
+        comp.free_slot(b)
+    ref = generate(comp, ps, SamplingParams(max_new_tokens=3)).tokens
+    assert ref == [[int(first[r]), int(host[r]), int(third[r])] for r in range(2)]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_scheduler_pipelined_tokens_equal_generate(tiny_compiled, pipeline):
+    """Random arrivals, stop tokens that end requests while their next step is already queued, max tokens, a
+    cancellation and a sampled request (pipelining pauses while it runs): every request gets the tokens it gets
+    alone, and every slot comes back."""
+    import threading
+    import time
+
+    from lmopt.scheduler import Scheduler
+
+    comp = tiny_compiled
+    rng = np.random.default_rng(8)
+    ps = [rng.integers(1, 4096, int(n)).tolist() for n in rng.integers(2, 40, 9)]
+    params = [SamplingParams(max_new_tokens=int(n)) for n in rng.integers(1, 24, 9)]
+    for i in (1, 4):   # these two end on a stop token: their 3rd token when run without one
+        third = generate(comp, [ps[i]], SamplingParams(max_new_tokens=3)).tokens[0][2]
+        params[i] = SamplingParams(max_new_tokens=20, stop_token_ids=(third,))
+    params[6] = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=3)
+    alone = [generate(comp, [p], q) for p, q in zip(ps, params)]
+    assert alone[1].finish_reasons[0] == alone[4].finish_reasons[0] == "stop"
+    alone = [g.tokens[0] for g in alone]
+    long = SamplingParams(max_new_tokens=200)
+    fed = {"device": 0, "host": 0}
+    decode_slots = comp.decode_slots
+
+    def counting(slots, toks):
+        for t in toks:
+            fed["host" if t is not None else "device"] += 1
+        return decode_slots(slots, toks)
+
+    comp.decode_slots = counting
+    with Scheduler(comp, max_queue=16, pipeline=pipeline) as s:
+        assert s.pipeline is pipeline
+        got = threading.Event()
+        victim = s.submit(ps[0], long, on_event=lambda ev: got.set() if ev.token is not None else None)
+        reqs = []
+        for p, q in zip(ps, params):
+            time.sleep(float(rng.uniform(0, 0.005)))
+            reqs.append(s.submit(p, q))
+        assert got.wait(60)
+        victim.cancel()
+        for r in reqs:
+            r.result(timeout=120)
+        victim.result(timeout=60)
+        st = s.stats()
+    del comp.decode_slots
+    assert [r.tokens for r in reqs] == alone
+    assert (fed["device"] > 10) if pipeline else fed["device"] == 0, fed
+    assert victim.finish_reason == "cancelled" and len(victim.tokens) < 200
+    assert st["slots_in_use"] == 0 and comp.num_free_slots() == comp.num_slots
+    assert st["tokens"] == sum(len(r.tokens) for r in reqs) + len(victim.tokens)

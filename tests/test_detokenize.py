@@ -1,10 +1,14 @@
-"""Incremental detokenization gives exactly the text of decoding the whole output at once."""
+"""Incremental detokenization gives exactly the text of decoding the whole output at once; the tokenizer fast path
+(lmopt.models.encode) gives exactly the ids of the tokenizer's own call."""
 import random
 
 import pytest
 
 from lmopt.detokenize import IncrementalDetokenizer
-from lmopt.models import load_tokenizer
+from lmopt.models import encode, load_tokenizer
+
+TEXTS = ["def f(x):\n    return x  # é ü — 中文 done", "The   quick\tbrown fox.\n\n", " leading space", "a",
+         "<|endoftext|> and </s> written out", "\x00 \ufffd \U0001F600 emoji"]
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +35,32 @@ def test_long_random_stream_matches_and_window_stays_short(tok):
     out = "".join(d.add(i) for i in ids) + d.flush()
     assert out == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert len(d.ids) < 40  # linear cost: the window does not grow with the output
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_equals_the_tokenizer_call(tok, special):
+    from lmopt.serving import held_out_prompts
+
+    for text in TEXTS + held_out_prompts("tiny", 16, 32):
+        assert encode(tok, text, add_special_tokens=special) == \
+            list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def test_encode_takes_the_tokenizer_call_when_truncation_is_on():
+    tok = load_tokenizer("tiny")  # its own instance: the backend's truncation is switched on below
+    text = TEXTS[0]
+    full = encode(tok, text)
+    tok.backend_tokenizer.enable_truncation(max_length=3)
+    assert len(full) > 3 and encode(tok, text) == full  # transformers' call switches it off again
+
+
+def test_detokenizer_without_a_fast_tokenizer_uses_its_decode(tok):
+    class Slow:  # only decode(), as a slow tokenizer
+        def decode(self, ids, **kw):
+            return tok.decode(ids, **kw)
+
+    ids = tok(TEXTS[0])["input_ids"]
+    d = IncrementalDetokenizer(Slow())
+    assert d._backend_decode is None
+    assert "".join(d.add(i) for i in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True,
+                                                                     clean_up_tokenization_spaces=False)

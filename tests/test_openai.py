@@ -429,6 +429,48 @@ def test_text_stream_holds_back_possible_stop_prefixes():
     assert "".join(pieces) + tail == "hel" and stopped
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_text_chunks_are_the_events_serialized_whole(chat):
+    """Each token's chunk is spliced into a template serialized once: the same bytes as serializing the event, for
+    text that JSON must escape."""
+    import asyncio
+
+    mod = _gateway_module()
+
+    class Tok:  # one character per token id
+        def decode(self, ids, **_):
+            return "".join(chr(i) for i in ids)
+
+    text = 'a"b\\c\nd\x00e\u00e9\u4e2d\U0001F600</s>'
+    info = mod.ModelInfo(name=MODEL, spec=MODEL, tokenizer=Tok(), context=512, max_tokens_cap=64,
+                         default_max_tokens=8)
+    job = mod.Job(chat, [], mod.GenParams(len(text)), True, True)
+
+    async def rest():
+        for c in text[1:]:
+            yield [ord(c)]
+
+    async def events():
+        return [e async for e in mod.stream_events(info, job, [ord(text[0])], rest())]
+
+    out = asyncio.run(events())
+    assert out[-1] == b"data: [DONE]\n\n"
+    evs = [json.loads(e[6:]) for e in out[:-1]]
+    base = {k: evs[0][k] for k in ("id", "object", "created", "model", "system_fingerprint")}
+    pieces = []
+    for raw, ev in zip(out, evs):
+        if not ev["choices"] or ev["choices"][0]["finish_reason"] is not None:
+            continue
+        piece = ev["choices"][0]["delta"].get("content") if chat else ev["choices"][0]["text"]
+        pieces.append(piece)
+        choice = ({"index": 0, "delta": ev["choices"][0]["delta"], "logprobs": None, "finish_reason": None} if chat
+                  else {"index": 0, "text": piece, "logprobs": None, "finish_reason": None})
+        assert raw == b"data: " + json.dumps(dict(base, choices=[choice], usage=None),
+                                             separators=(",", ":")).encode() + b"\n\n"
+    assert "".join(pieces) == text
+    assert evs[-1]["usage"]["completion_tokens"] == len(text)
+
+
 def test_server_busy_from_the_scheduler_is_429(tiny_export, tmp_path):
     """End to end: a repository with one slot and a queue of one; six concurrent requests; the overflow gets 429."""
     import shutil

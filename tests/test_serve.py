@@ -238,7 +238,9 @@ def test_dynamic_batching_groups_concurrent_requests(server):
     s0 = server.stats("lm")
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda i: _infer(server, f"Batch {i}", max_tokens=8), range(16)))
-    s1 = server.stats("lm")
+    deadline = time.time() + 10   # Triton records an execution's statistics after its responses are out
+    while (s1 := server.stats("lm"))["inference_count"] - s0["inference_count"] < 16 and time.time() < deadline:
+        time.sleep(0.2)
     n_inf = s1["inference_count"] - s0["inference_count"]
     n_exec = s1["execution_count"] - s0["execution_count"]
     assert all(len(o) == 8 for o in outs) and n_inf == 16
@@ -422,6 +424,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert not list((tmp_path / "a").rglob("model_repository"))
     proc = run_cli("serve/make_model_repository.py", "--engine", "onnx", check=False)
     assert_one_line_error(proc, "unknown --engine")
+    proc = run_cli("serve/make_model_repository.py", "--gil-switch-us", "-1", check=False)
+    assert_one_line_error(proc, "--gil-switch-us must be >= 0")
     proc = subprocess.run(["bash", str(RUN), str(tmp_path / "none")], text=True, capture_output=True)
     assert_one_line_error(proc, "does not exist", "make serve-repo")
     port = _free_ports(1)[0]
@@ -484,3 +488,40 @@ def test_auto_precision_serves_the_faster_measured_graph(tiny_export, tmp_path, 
         assert precision == fast and choice["candidates"][slow]["ms_per_token"] == 5.72
         assert "fastest measured here: 1.87 ms/token" in choice["reason"]
     assert choice["candidates"]["int8"]["accuracy"] == {"ppl_increase_pct": 0.4}
+
+
+# ---- the raw protobuf request and response helpers (the OpenAI gateway's path to Triton) --------------------------
+@pytest.mark.parametrize("req", [
+    dict(input_ids=[5, 300, 4095], max_tokens=8, temperature=0.0, top_p=1.0),
+    dict(input_ids=[1], max_tokens=3, temperature=0.7, top_p=0.9, seed=-(2**63), stop="\n\né"),
+    dict(prompt="def f(", max_tokens=16)])
+@pytest.mark.parametrize("batch_dim", [True, False])
+def test_infer_request_pb_is_what_tritonclient_sends(req, batch_dim):
+    import tritonclient.grpc.aio as aio
+    from tritonclient.grpc._utils import _get_inference_request
+
+    from lmopt.triton_client import GenRequest, infer_request_pb, stream_request
+
+    r = GenRequest(**req)
+    item = stream_request(aio, r, "rid", "lm_stream", batch_dim)
+    want = _get_inference_request(model_name=item["model_name"], inputs=item["inputs"], model_version="",
+                                  request_id=item["request_id"], outputs=None, sequence_id=0, sequence_start=False,
+                                  sequence_end=False, priority=0, timeout=None, parameters=item["parameters"])
+    assert infer_request_pb(r, "rid", "lm_stream", batch_dim).SerializeToString() == want.SerializeToString()
+
+
+@pytest.mark.parametrize("ids, final", [([7], False), ([1, 2, 2**40], False), ([], True)])
+def test_parse_response_pb_equals_parse_response(ids, final):
+    from tritonclient.grpc import InferResult, service_pb2
+
+    from lmopt.triton_client import FINAL_FLAG, parse_response, parse_response_pb
+
+    resp = service_pb2.ModelInferResponse(model_name="lm_stream", id="rid")
+    if ids:
+        resp.outputs.add(name="text_output", datatype="BYTES", shape=[1, 1])
+        resp.raw_output_contents.append(np.array([3], "<u4").tobytes() + b"abc")
+        resp.outputs.add(name="token_ids", datatype="INT64", shape=[1, len(ids)])
+        resp.raw_output_contents.append(np.array(ids, "<i8").tobytes())
+    resp.parameters[FINAL_FLAG].bool_param = final
+    got, want = parse_response_pb(resp), parse_response(InferResult(resp))
+    assert (got.token_ids, got.final) == (want.token_ids, want.final) == (ids, final)

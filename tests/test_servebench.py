@@ -101,6 +101,8 @@ def test_batching_comparison_and_overhead(bench):
         o = doc["summary"]["overhead_c1"][cfg]
         assert o["requests"] == 3 and o["same_tokens"] == "3/3"  # greedy: served tokens = in-process tokens
         assert o["served"]["ttft_ms"]["p50"] > 0 and o["in_process"]["ttft_ms"]["p50"] > 0
+        q = o["in_process_scheduler"]   # the same engine behind the scheduler in-process: the same greedy tokens
+        assert q["ttft_ms"]["p50"] > 0 and q["same_tokens"] == f"{o['requests']}/{o['requests']}"
         assert o["overhead_ms"]["ttft_p50"] == pytest.approx(o["served"]["ttft_ms"]["p50"]
                                                              - o["in_process"]["ttft_ms"]["p50"])
     off_cfg = (prof / "serving-repos" / "ort-fp32-cpu-batching-off" / "model_repository" / "lm" / "config.pbtxt")

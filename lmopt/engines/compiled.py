@@ -122,11 +122,20 @@ class CompiledEngine(SlotEngine):
         self.compile_error: str | None = None
         self._pool = None
         B = self.batch_buckets[-1]
-        # the step's inputs, ids and positions, live in one buffer so a step uploads them with one copy
-        self._host = torch.zeros((2, B), dtype=torch.long, pin_memory=cuda)
-        self._dev = torch.zeros((2, B), dtype=torch.long, device=device)
-        self._ids, self._pos = self._dev[0], self._dev[1]
+        # the step's inputs live in one buffer so a step uploads them with one copy: ids, positions, and a flag per
+        # row "take the token this slot got in the previous decode step" (decode_slots with token None)
+        self._host = torch.zeros((3, B), dtype=torch.long, pin_memory=cuda)
+        self._dev = torch.zeros((3, B), dtype=torch.long, device=device)
+        self._ids, self._pos, self._use_prev = self._dev[0], self._dev[1], self._dev[2]
         self._h2d_done = torch.cuda.Event() if cuda else None
+        # each slot's greedy token of the last decode step it was in, kept on the device (read by the next step)
+        self._last = torch.zeros(B, dtype=torch.long, device=device)
+        self._last_slots: set[int] = set()   # slots whose _last entry is their newest token
+        # greedy ids of a decode step go to the host through a ring of two pinned buffers, each with an event, so
+        # the step after can be queued before this one's ids are read (DeviceLogits.argmax waits on the event only)
+        self._d2h = [torch.zeros(B, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._d2h_done = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
+        self._d2h_next = 0
         self._free = list(range(self.num_slots))      # a heap: the lowest free id first keeps decode rows packed
         self._used = [False] * self.num_slots
         self._len = [0] * self.num_slots
@@ -146,6 +155,7 @@ class CompiledEngine(SlotEngine):
     def free_slot(self, slot: int) -> None:
         self._check_slot(slot)
         self._used[slot], self._len[slot] = False, 0
+        self._last_slots.discard(slot)
         heapq.heappush(self._free, slot)
 
     def slot_length(self, slot: int) -> int:
@@ -179,6 +189,7 @@ class CompiledEngine(SlotEngine):
                                 f"{self.max_len} positions — shorten the prompt or build the engine with a larger "
                                 "max length")
             starts.append(self._len[s])
+            self._last_slots.discard(s)
         lengths = [len(q) for q in seqs]
         ids = np.zeros((len(slots), max(lengths)), dtype=np.int64)
         for r, q in enumerate(seqs):
@@ -206,7 +217,11 @@ class CompiledEngine(SlotEngine):
             self._len[s] += n
         return DeviceLogits(logits, greedy)
 
-    def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int]) -> StepLogits:
+    # decode_slots takes token None for a slot: "the greedy token this slot got in the previous decode step", read
+    # on the device, so a caller can queue step k+1 before it has read step k's tokens (lmopt.scheduler does)
+    feeds_from_device = True
+
+    def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int | None]) -> StepLogits:
         slots = [int(s) for s in slots]
         if not slots:
             raise ValueError("decode_slots needs at least one slot")
@@ -214,35 +229,51 @@ class CompiledEngine(SlotEngine):
             raise ValueError("a slot appears twice in one decode step")
         if len(token_ids) != len(slots):
             raise ValueError("one token per slot")
-        for s in slots:
+        for s, tok in zip(slots, token_ids):
             self._check_slot(s)
             if self._len[s] >= self.max_len:
                 raise UserError(f"slot {s} is full ({self.max_len} positions) — stop generating at the context "
                                 "length or build the engine with a larger max length")
+            if tok is None and s not in self._last_slots:
+                raise ValueError(f"slot {s} was not in the previous decode step: give its token")
         B = self.batch_buckets[bisect.bisect_left(self.batch_buckets, max(slots) + 1)]
         L = self.kv_buckets[bisect.bisect_left(self.kv_buckets, max(self._len[s] for s in slots) + 1)]
-        ids = np.asarray(token_ids, dtype=np.int64)
+        prev = [tok is None for tok in token_ids]
+        ids = np.asarray([0 if tok is None else tok for tok in token_ids], dtype=np.int64)
         self._check_vocab(ids)
         t = self.torch
         if self._h2d_done is not None:
             self._h2d_done.synchronize()           # the previous step's upload has left the pinned buffer
         host = self._host.numpy()
-        host[0, :B] = 0
+        host[:, :B] = 0
         host[1, :B] = self.max_len                 # rows not in the step: scratch column
         host[0, slots] = ids
         host[1, slots] = [self._len[s] for s in slots]
+        host[2, slots] = prev
+        k = self._d2h_next
+        self._d2h_next = 1 - k
         with t.inference_mode():
             self._dev.copy_(self._host, non_blocking=True)
             if self._h2d_done is not None:
                 self._h2d_done.record()
+            if any(prev):
+                ids_b = self._ids[:B]
+                ids_b.copy_(t.where(self._use_prev[:B] != 0, self._last[:B], ids_b))
             if self.use_graphs:
                 graph, out = self._graph(B, L)
                 graph.replay()
             else:
                 out = self._step(self._ids[:B], self._pos[:B], L)
+            self._last[:B].copy_(out[1])
+            if self._d2h_done[k] is not None:
+                self._d2h_done[k].synchronize()    # the step before last has finished reading this buffer's copy
+            self._d2h[k][:B].copy_(out[1], non_blocking=True)
+            if self._d2h_done[k] is not None:
+                self._d2h_done[k].record()
         for s in slots:
             self._len[s] += 1
-        return DeviceLogits(out[0], out[1], slots)
+        self._last_slots = set(slots)
+        return DeviceLogits(out[0], out[1], slots, host_greedy=(self._d2h[k], self._d2h_done[k]))
 
     def _graph(self, B: int, L: int):
         """The CUDA graph of the decode step at batch bucket B and kv bucket L, captured on first use."""

@@ -66,11 +66,13 @@ class HostLogits(StepLogits):
 class DeviceLogits(StepLogits):
     """Logits [B, vocab] left on a torch device: `argmax()` moves one id per row to the host, `row(i)` one row.
     `greedy` (optional): argmax ids already computed on the device, e.g. inside a captured graph; `rows`: the
-    rows of the step that belong to the caller (a padded batch has more). Valid until the engine's next step (a
-    replayed graph writes its outputs in place)."""
+    rows of the step that belong to the caller (a padded batch has more). `host_greedy` (optional): (pinned host
+    buffer, CUDA event) the engine already queued the greedy ids' copy into: argmax() waits for that event only, not
+    for work queued after this step. Valid until the engine's next step (a replayed graph writes its outputs in
+    place); argmax() of a step with host_greedy stays valid one step longer."""
 
-    def __init__(self, logits, greedy=None, rows: Sequence[int] | None = None):
-        self.logits, self.greedy = logits, greedy
+    def __init__(self, logits, greedy=None, rows: Sequence[int] | None = None, host_greedy=None):
+        self.logits, self.greedy, self.host_greedy = logits, greedy, host_greedy
         self.rows = list(range(int(logits.shape[0]))) if rows is None else list(rows)
 
     def __len__(self) -> int:
@@ -81,6 +83,11 @@ class DeviceLogits(StepLogits):
         return (len(self.rows), int(self.logits.shape[-1]))
 
     def argmax(self) -> np.ndarray:
+        if self.host_greedy is not None:
+            buf, done = self.host_greedy
+            if done is not None:
+                done.synchronize()
+            return buf.numpy()[self.rows].astype(np.int64)   # fancy indexing copies out of the reused buffer
         ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
         return ids.cpu().numpy().astype(np.int64)[self.rows]
 

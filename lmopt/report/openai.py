@@ -42,13 +42,21 @@ def _overhead(d, root: Path) -> list[str]:
            "interleaved, through the endpoint (HTTP + SSE) and through Triton's gRPC stream directly; ms. "
            + _source(d, root), "",
            "| path | TTFT p50 | TTFT p90 | ITL p50 | ITL mean | end-to-end p50 |", "|---|---:|---:|---:|---:|---:|"]
-    for name, label in (("direct", "Triton gRPC stream"), ("openai", "OpenAI endpoint")):
-        x = sm[name]
+    # endpoints measured in the same loop (--compare-url: e.g. the gateway before a change), each with its overhead
+    cmp = sm.get("compare", {})
+    if cmp:
+        out[0] += (" Also in the same loop, on the same Triton server: " + "; ".join(
+            f"**{k}** (`{v['url']}`; TTFT endpoint − this, paired: "
+            f"{_f(v.get('paired_ttft_endpoint_minus_this_ms_p50'), '+.2f')} ms)" for k, v in cmp.items()) + ".")
+    for name, label, x in (("direct", "Triton gRPC stream", sm["direct"]), ("openai", "OpenAI endpoint", sm["openai"]),
+                           *((k, k, v) for k, v in cmp.items())):
         out.append(f"| {label} | {_f(x['ttft_ms']['p50'], '.2f')} | {_f(x['ttft_ms']['p90'], '.2f')} "
                    f"| {_f(x['itl_ms']['p50'], '.3f')} | {_f(x['itl_ms']['mean'], '.3f')} | {_f(x['e2e_ms']['p50'])} |")
-    oh, om = sm["overhead_ms"], sm["overhead_mean_ms"]
-    out += [f"| **endpoint − direct** | {oh['ttft_ms']:+.2f} (paired {sm['paired_ttft_delta_ms_p50']:+.2f}) | "
-            f"| {oh['itl_ms']:+.3f} | {om['itl_ms']:+.3f} | {oh['e2e_ms']:+.1f} |", ""]
+    for label, x in (("endpoint", sm), *cmp.items()):
+        oh, om = x["overhead_ms"], x["overhead_mean_ms"]
+        out.append(f"| **{label} − direct** | {oh['ttft_ms']:+.2f} (paired {x['paired_ttft_delta_ms_p50']:+.2f}) | "
+                   f"| {oh['itl_ms']:+.3f} | {om['itl_ms']:+.3f} | {oh['e2e_ms']:+.1f} |")
+    out.append("")
     return out
 
 

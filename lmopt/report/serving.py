@@ -90,9 +90,11 @@ def _section(folder: Path, cmp_doc: dict, docs: list[Doc]) -> str:
     return "\n".join(out)
 
 
-OVERHEAD_INTRO = ("**Serving overhead** at concurrency 1 (Triton streaming vs the same engine in-process, interleaved "
-                  "request by request; ms; targets: TTFT within +2 ms, ITL within +10%). TTFT is the median; ITL the mean, since "
+OVERHEAD_INTRO = ("**Serving overhead** at concurrency 1 (Triton streaming vs the same engine in-process: `lmopt.generate`'s "
+                  "loop, and, where measured, the same engine behind `lmopt.scheduler` in the client's process; "
+                  "{method}; ms; targets: TTFT within +2 ms, ITL within +10%). TTFT is the median; ITL the mean, since "
                   "served tokens can arrive in bursts that make the median gap meaningless (the p50 is in the files):")
+_REQUEST_BY_REQUEST = "interleaved request by request"
 
 
 def _overhead_table(over: dict, intro: str, floor: dict | None = None) -> list[str]:
@@ -100,16 +102,28 @@ def _overhead_table(over: dict, intro: str, floor: dict | None = None) -> list[s
     engine-less lm_empty model) when measured (lines, empty without data)."""
     if not over:
         return []
-    out = [intro, "", "| server config | TTFT p50 served | in-process | Δ | ITL mean served | in-process | Δ "
-           "| same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    method = next((o["method"] for o in over.values() if o.get("method")), _REQUEST_BY_REQUEST)
+    out = [intro.format(method=method), "",
+           "| server config | TTFT p50 served | in-process | Δ | in-process scheduler | Δ | ITL mean served "
+           "| in-process | Δ | in-process scheduler | Δ | same tokens |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, o in over.items():
         sv, ip, d = o["served"], o["in_process"], o["overhead_ms"]
+        q = o.get("in_process_scheduler")
+        qt = (f"{_f(q['ttft_ms']['p50'], '.2f')} | {q['overhead_ms']['ttft_p50']:+.2f}" if q else "– | –")
+        qi = (f"{_f(q['itl_ms']['mean'], '.3f')} | {q['overhead_ms']['itl_mean']:+.3f}" if q else "– | –")
         out.append(f"| {name} | {_f(sv['ttft_ms']['p50'], '.2f')} | {_f(ip['ttft_ms']['p50'], '.2f')} "
-                   f"| {d['ttft_p50']:+.2f} | {_f(sv['itl_ms']['mean'], '.3f')} | {_f(ip['itl_ms']['mean'], '.3f')} "
-                   f"| {d['itl_mean']:+.3f} | {o['same_tokens']} |")
+                   f"| {d['ttft_p50']:+.2f} | {qt} | {_f(sv['itl_ms']['mean'], '.3f')} "
+                   f"| {_f(ip['itl_ms']['mean'], '.3f')} | {d['itl_mean']:+.3f} | {qi} | {o['same_tokens']} |")
     if floor:
-        out.append(f"| floor: `lm_empty`, no engine | {_f(floor['ttft_ms']['p50'], '.2f')} | | | "
-                   f"{_f(floor['itl_ms']['mean'], '.3f')} | | | |")
+        out.append(f"| floor: `lm_empty`, no engine | {_f(floor['ttft_ms']['p50'], '.2f')} | | | | | "
+                   f"{_f(floor['itl_ms']['mean'], '.3f')} | | | | | |")
+    firsts = [(name, o["block_first_ttft_ms"]) for name, o in over.items() if o.get("block_first_ttft_ms")]
+    if firsts:
+        out += ["", "First request of each block, not counted above (TTFT p50 ms, served / in-process / in-process "
+                "scheduler): " + "; ".join(
+                    f"{name} {_f(b['served']['p50'], '.2f')} / {_f(b['in_process']['p50'], '.2f')} / "
+                    f"{_f(b['in_process_scheduler']['p50'], '.2f')}" for name, b in firsts) + "."]
     return out + [""]
 
 

@@ -35,7 +35,9 @@ crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
 Settings come from config.pbtxt `parameters` (engine, precision, device, artifacts, model, max_tokens_cap, slots,
 max_queue, prefill_chunk, batching, ...).
 """
+import collections
 import json
+import sys
 import threading
 import time
 
@@ -66,6 +68,11 @@ class TritonPythonModel:
             self.scheduler = None
             self.logger.log_info(f"{self.model_name}: empty decoupled model (streams max_tokens responses of token 0)")
             return
+        switch_us = int(_param(cfg, "gil_switch_us", "0"))
+        if switch_us > 0:
+            # the scheduler thread, the sender thread and Triton's execute() share one interpreter lock: a thread
+            # waiting for it is otherwise kept waiting up to 5 ms by one that keeps it busy
+            sys.setswitchinterval(switch_us / 1e6)
         self.spec = _param(cfg, "model")
         device = _param(cfg, "device", "cpu")
         engine = _param(cfg, "engine")
@@ -95,6 +102,8 @@ class TritonPythonModel:
             self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
                                  f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
+        eos = self.tokenizer.eos_token_id       # a property that looks the token up: once, not per request
+        self._stop_ids = (eos,) if eos is not None else ()
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
@@ -115,13 +124,17 @@ class TritonPythonModel:
 
                 self._outq = queue.SimpleQueue()
                 self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
+                self._new_streams = collections.deque()   # streams execute() handed over, not yet in _streams
                 self._late_finals = []       # (due time, response sender) of cancelled streams (sender thread only)
+                self._ttft_parts = TtftParts(self.model_name, self.logger)
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
                 self._sender.start()
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
                                        # streams: the sender thread asks Triton and sets a flag (no round trip here)
                                        cancel_poll_s=0.0 if self.decoupled else self._cancel_poll_s,
-                                       on_step=self.metrics.update, name=f"{self.model_name}-scheduler")
+                                       on_step=self.metrics.update, name=f"{self.model_name}-scheduler",
+                                       first_token_pause_s=(float(_param(cfg, "first_token_pause_us", "0")) / 1e6
+                                                            if self.decoupled else 0.0))
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
                              + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
@@ -198,8 +211,7 @@ class TritonPythonModel:
         p = SamplingParams(max_new_tokens=max_tokens, temperature=float(scalar("temperature", 0.0)),
                            top_k=int(scalar("top_k", 0)), top_p=float(scalar("top_p", 1.0)),
                            seed=None if seed is None else int(seed),
-                           stop_token_ids=(self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None
-                           else (), stop_strings=(stop,) if stop else ())
+                           stop_token_ids=self._stop_ids, stop_strings=(stop,) if stop else ())
         try:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
@@ -222,6 +234,7 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         handles = []
         for i, r in enumerate(requests):
+            t_exec = time.perf_counter()
             sender = r.get_response_sender() if self.decoupled else None
             try:
                 ids, p, want_text = self._parse(r)
@@ -229,7 +242,7 @@ class TritonPythonModel:
                     on_event, is_cancelled, watch = self._streamer(r.request_id(), sender, want_text)
                     h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
                                               request_id=r.request_id(), text=want_text)
-                    watch()
+                    watch(h, t_exec)
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -266,8 +279,10 @@ class TritonPythonModel:
         def on_event(ev):
             self._outq.put((st, ev))
 
-        def watch():  # once the scheduler took the request: the sender thread watches it for cancellation
-            self._outq.put((st, None))
+        def watch(handle, t_exec):  # once the scheduler took the request: the sender thread watches it for cancellation
+            st["handle"], st["t_exec"] = handle, t_exec
+            # picked up at the sender's next pass, without waking it: a wake here would compete with the prefill
+            self._new_streams.append(st)
 
         return on_event, lambda: st["cancelled"], watch
 
@@ -282,7 +297,8 @@ class TritonPythonModel:
         poll = self._poll = self._cancel_poll_s or 0.01
         while True:
             try:
-                items = [self._outq.get(timeout=poll if self._streams or self._late_finals else None)]
+                items = [self._outq.get(timeout=poll if self._streams or self._late_finals or self._new_streams
+                                        else None)]
             except queue.Empty:
                 items = []
             while True:
@@ -290,6 +306,12 @@ class TritonPythonModel:
                     items.append(self._outq.get_nowait())
                 except queue.Empty:
                     break
+            while self._new_streams:
+                st = self._new_streams.popleft()
+                if st["sender"] is not None and not st.get("final"):
+                    # first asked one poll interval from now: no round trip on the way to the first token
+                    st["asked"] = time.monotonic()
+                    self._streams[id(st)] = st
             merged = {}                      # request -> [state, tokens, text, final event]; insertion order kept
             stop = False
             for item in items:
@@ -297,10 +319,6 @@ class TritonPythonModel:
                     stop = True
                     continue
                 st, ev = item
-                if ev is None:
-                    if st["sender"] is not None and not st.get("final"):
-                        self._streams[id(st)] = st
-                    continue
                 m = merged.setdefault(id(st), [st, [], "", None])
                 if ev.finished:
                     m[3] = ev
@@ -344,8 +362,11 @@ class TritonPythonModel:
         if sender is None:
             return
         if tokens and not self._cancelled(st, time.monotonic()):  # nothing is written to a stream the client left
+            first = st["count"] == 0
             st["count"] += len(tokens)
             sender.send(self._response(text if st["want_text"] else None, tokens, True))
+            if first and "handle" in st:
+                self._ttft_parts.add(st["t_exec"], st["handle"], time.perf_counter())
         if ev is None:
             return
         st["sender"], st["final"] = None, True
@@ -534,6 +555,28 @@ class _Metrics:
                 m.increment(d)
         self.flushed_at = now
         self.last.update({k: st[k] for k in (*self.gauges, *self.counters)})
+
+
+class TtftParts:
+    """Where a stream's time to first token goes inside the server, logged as medians every N streams:
+    parse (execute() entry to the scheduler's queue), wait (queue to a slot), prefill (slot to first token, the
+    engine's share), send (first token to its response handed to Triton)."""
+
+    EVERY = 100
+
+    def __init__(self, model_name, logger):
+        self.model_name, self.logger, self.rows = model_name, logger, []
+
+    def add(self, t_exec, h, t_sent):
+        if h.admitted_at is None or h.first_token_at is None:
+            return
+        self.rows.append((h.submitted_at - t_exec, h.admitted_at - h.submitted_at, h.first_token_at - h.admitted_at,
+                          t_sent - h.first_token_at))
+        if len(self.rows) >= self.EVERY:
+            med = np.median(np.asarray(self.rows) * 1e3, axis=0)
+            self.logger.log_info(f"{self.model_name}: ttft parts over {len(self.rows)} streams, ms median: " +
+                                 json.dumps(dict(zip(("parse", "wait", "prefill", "send"), np.round(med, 3).tolist()))))
+            self.rows = []
 
 
 def _is_cancelled(request, sender):
