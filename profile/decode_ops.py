@@ -1,5 +1,6 @@
 """Where a CPU decode step of an ONNX Runtime engine goes, per operator type: ONNX Runtime's own profiler over the
-decode steps of one greedy generation (the prefill's events are left out).
+decode steps of one greedy generation (its prefill's events are left out), then over the prefills of
+--prefill-runs more generations of one token each (the warm prompt pass, reported apart as "prefill").
 
     python profile/decode_ops.py --model tiny --rows ort:fp32,ort:int8,ort-gqa:fp32 --threads 2
     python profile/decode_ops.py --model llama-small --rows ort-gqa:int4 --prompt 128
@@ -32,12 +33,11 @@ class DecodeOpsSettings:
     prompt: int = 128                # prompt tokens
     max_new_tokens: int = 33         # generated tokens (max_new_tokens - 1 decode steps are profiled)
     threads: int = 2
+    prefill_runs: int = 3            # warm prefills profiled after the generation (0: decode only)
     out: str = ""                    # result file (default artifacts/<model>/profile/decode-ops-cpu.json)
 
 
 def profile_row(engine_name: str, precision: str, s: DecodeOpsSettings, prompt: list[int]) -> dict:
-    import collections
-
     import onnxruntime as ort
 
     from lmopt.engines import create_engine
@@ -56,25 +56,47 @@ def profile_row(engine_name: str, precision: str, s: DecodeOpsSettings, prompt: 
         so.log_severity_level = 3
         eng.session = ort.InferenceSession(str(eng.info.source), so, providers=["CPUExecutionProvider"])
         out = generate(eng, [prompt], SamplingParams(max_new_tokens=s.max_new_tokens))
+        prefill_s = [generate(eng, [prompt], SamplingParams(max_new_tokens=1)).ttft_s for _ in range(s.prefill_runs)]
         events = json.loads(Path(eng.session.end_profiling()).read_text())
     eng.close()
     runs = [e for e in events if e.get("name") == "model_run"]
+    extra = runs[len(runs) - s.prefill_runs:]  # the one-token generations' prefills come last
+    runs = runs[: len(runs) - s.prefill_runs]
     t0 = runs[1]["ts"]  # the first run is the prefill
+    t1 = extra[0]["ts"] if extra else float("inf")
     steps = len(runs) - 1
-    ms, nodes = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
-            op = e["args"].get("op_name", "?")
-            ms[op] += e["dur"] / 1e3
-            nodes[op] += 1
+    ms, nodes = _ops(events, t0, t1)
     kernel = sum(ms.values())
-    return {"engine": engine_name, "precision": precision, "variant": eng.info.variant, "decode_steps": steps,
+    row = {"engine": engine_name, "precision": precision, "variant": eng.info.variant, "decode_steps": steps,
             "decode_ms_per_step": round(sum(out.step_s) / len(out.step_s) * 1e3, 4),
             "model_run_ms_per_step": round(sum(r["dur"] for r in runs[1:]) / steps / 1e3, 4),
             "kernel_ms_per_step": round(kernel / steps, 4),
             "nodes_per_step": round(sum(nodes.values()) / steps, 1),
             "ops": {op: {"ms_per_step": round(v / steps, 4), "share": round(v / kernel, 4),
                          "nodes_per_step": round(nodes[op] / steps, 1)} for op, v in ms.most_common()}}
+    if extra:
+        pms, pnodes = _ops(events, t1, float("inf"))
+        pk, n = sum(pms.values()), len(extra)
+        row["prefill"] = {"prompt_tokens": len(prompt), "runs": n,
+                          "ttft_ms": round(sum(prefill_s) / n * 1e3, 4),
+                          "model_run_ms": round(sum(r["dur"] for r in extra) / n / 1e3, 4),
+                          "kernel_ms": round(pk / n, 4),
+                          "ops": {op: {"ms": round(v / n, 4), "share": round(v / pk, 4),
+                                       "nodes": round(pnodes[op] / n, 1)} for op, v in pms.most_common()}}
+    return row
+
+
+def _ops(events: list, t0: float, t1: float):
+    """Kernel ms and node count per operator type over the profiler's node events in [t0, t1)."""
+    import collections
+
+    ms, nodes = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and t0 <= e["ts"] < t1:
+            op = e["args"].get("op_name", "?")
+            ms[op] += e["dur"] / 1e3
+            nodes[op] += 1
+    return ms, nodes
 
 
 def run(*, settings: DecodeOpsSettings) -> dict:
@@ -98,6 +120,11 @@ def run(*, settings: DecodeOpsSettings) -> dict:
         log.info("%s %s: decode %.2f ms/step, %.0f nodes/step, kernels %.2f ms (%s)", e, p, r["decode_ms_per_step"],
                  r["nodes_per_step"], r["kernel_ms_per_step"],
                  ", ".join(f"{op} {v['share']:.0%}" for op, v in list(r["ops"].items())[:4]))
+        if "prefill" in r:
+            pf = r["prefill"]
+            log.info("%s %s: prefill of %d tokens %.2f ms, kernels %.2f ms (%s)", e, p, pf["prompt_tokens"],
+                     pf["ttft_ms"], pf["kernel_ms"],
+                     ", ".join(f"{op} {v['share']:.0%}" for op, v in list(pf["ops"].items())[:4]))
         results.append(r)
     doc = envelope("decode-ops", settings=asdict(s), versions=versions("onnxruntime", "torch"), model=s.model,
                    rows=results)

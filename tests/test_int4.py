@@ -76,6 +76,9 @@ def test_decode_ops_profile(tiny_export, artifacts, tmp_path):
     row = r["rows"][0]
     assert row["decode_steps"] == 4 and row["ops"]["MatMul"]["nodes_per_step"] > 0
     assert abs(sum(v["share"] for v in row["ops"].values()) - 1) < 1e-2
+    pf = row["prefill"]  # the warm prefills, apart from the decode steps
+    assert pf["prompt_tokens"] == 16 and pf["runs"] == 3 and pf["ops"]["MatMul"]["nodes"] == row["ops"]["MatMul"][
+        "nodes_per_step"] and abs(sum(v["share"] for v in pf["ops"].values()) - 1) < 1e-2
     from lmopt.report.benchmark import render_decode_ops
 
     line = render_decode_ops(r).splitlines()[-1]
