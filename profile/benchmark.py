@@ -66,6 +66,7 @@ class BenchmarkSettings:
     threads: int = 0                         # intra-op threads for torch and ORT (0 = library default)
     bandwidth_mb: int = 256                  # buffer size for the read- and copy-bandwidth probes (0 = skip the floor)
     long_batch_sizes: str = ""               # batch sizes that also run the long prompt (default: all)
+    pause_s: float = 0.3                     # idle seconds before each run: the previous row's thread pool stops spinning
     out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
 
@@ -138,6 +139,8 @@ def check_settings(s: BenchmarkSettings) -> tuple[list[str], list[str], list[int
         raise UserError("--short-prompt and --long-prompt must be > 0 tokens")
     if s.repeats <= 0 or s.warmup < 0:
         raise UserError("--repeats must be > 0 and --warmup >= 0")
+    if s.pause_s < 0:
+        raise UserError("--pause-s must be >= 0 seconds")
     return engines, precisions, batches, long_batches
 
 
@@ -295,6 +298,9 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             measured = rep >= s.warmup
             for i, b, k in runs:  # interleaved: every row runs once per repetition
                 eng = live[i]
+                # ONNX Runtime's and llama.cpp's worker threads spin after a run; without a pause they hold the cores
+                # while the next row (another engine) prefills, and bill it tens of ms (docs/ENVIRONMENT.md)
+                time.sleep(s.pause_s)
                 try:
                     out = generate(eng, prompts[k][b], params)
                     eng.synchronize()
@@ -352,7 +358,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
                           "tensorrt", "numpy"),
         settings={**asdict(s), "short_prompt_tokens": short_len, "long_prompt_tokens": long_len,
                   "batch_sizes": batches, "long_batch_sizes": long_batches, "sampling": "greedy",
-                  "interleaved": "each repetition runs every row x batch x prompt once, in order"},
+                  "interleaved": "each repetition runs every row x batch x prompt once, in order, "
+                                 f"each run after {s.pause_s:g} s idle"},
         **({"gpu": gpu_info()} if s.device.startswith("cuda") else {}),
         model=model_slug(s.model), model_shape=shape,
         baseline={"engine": baseline["engine"], "precision": baseline["precision"]} if baseline else None,
