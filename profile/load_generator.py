@@ -180,6 +180,12 @@ async def _preflight(url: str, prompt: str, s: LoadSettings) -> RequestRecord:
 OVERHEAD_BLOCK = 8
 
 
+def _token_times(times: list[float], t0: float, tokens: list[int]) -> dict:
+    """One in-process request's timings from its token arrival times (seconds after t0)."""
+    return {"ttft_ms": times[0] * 1e3, "itl_ms": [(b - a) * 1e3 for a, b in zip(times, times[1:])],
+            "e2e_ms": (time.perf_counter() - t0) * 1e3, "tokens": tokens}
+
+
 def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
     """Concurrency 1, interleaved in blocks: Triton stream vs lmopt.generate (and lmopt.scheduler) on the same
     engine here."""
@@ -210,16 +216,14 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
         for ev in req.events(timeout=120):
             if ev.token is not None:
                 times.append(time.perf_counter() - t0)
-        return {"ttft_ms": times[0] * 1e3, "itl_ms": [(b - a) * 1e3 for a, b in zip(times, times[1:])],
-                "e2e_ms": (time.perf_counter() - t0) * 1e3, "tokens": req.tokens}
+        return _token_times(times, t0, req.tokens)
 
     def local(prompt: str) -> dict:
         times: list[float] = []
         t0 = time.perf_counter()
         ids = tok(prompt)["input_ids"]  # tokenizing is part of what the server does per request
         out = generate(engine, [ids], params, on_token=lambda r, t: times.append(time.perf_counter() - t0))
-        return {"ttft_ms": times[0] * 1e3, "itl_ms": [(b - a) * 1e3 for a, b in zip(times, times[1:])],
-                "e2e_ms": (time.perf_counter() - t0) * 1e3, "tokens": out.tokens[0]}
+        return _token_times(times, t0, out.tokens[0])
 
     async def served_one(client, p: str, i: int) -> dict:
         rec = await stream_one(client, p, i, s, time.perf_counter())
@@ -262,19 +266,22 @@ def in_process_overhead(prompts: list[str], s: LoadSettings, n: int) -> dict:
     finally:
         sched.close()
         engine.close()
-    same = sum(a["tokens"] == b["tokens"] for a, b in zip(served, inproc))
-    ttft_s = summarize([x["ttft_ms"] for x in served])
-    ttft_l = summarize([x["ttft_ms"] for x in inproc])
-    itl_s = summarize([v for x in served for v in x["itl_ms"]])
-    itl_l = summarize([v for x in inproc for v in x["itl_ms"]])
-    ttft_q = summarize([x["ttft_ms"] for x in insched])
-    itl_q = summarize([v for x in insched for v in x["itl_ms"]])
+
+    def latency(recs: list[dict]) -> dict:
+        return {"ttft_ms": summarize([x["ttft_ms"] for x in recs]),
+                "itl_ms": summarize([v for x in recs for v in x["itl_ms"]])}
+
+    def same(recs: list[dict]) -> str:
+        return f"{sum(a['tokens'] == b['tokens'] for a, b in zip(recs, inproc))}/{n}"
+
+    sv, ip, sq = latency(served), latency(inproc), latency(insched)
+    ttft_s, ttft_l, itl_s, itl_l = sv["ttft_ms"], ip["ttft_ms"], sv["itl_ms"], ip["itl_ms"]
+    ttft_q, itl_q = sq["ttft_ms"], sq["itl_ms"]
     return {
-        "requests": n, "engine": s.engine, "precision": s.precision, "same_tokens": f"{same}/{n}",
-        "served": {"ttft_ms": ttft_s, "itl_ms": itl_s}, "in_process": {"ttft_ms": ttft_l, "itl_ms": itl_l},
+        "requests": n, "engine": s.engine, "precision": s.precision, "same_tokens": same(served),
+        "served": sv, "in_process": ip,
         # a second baseline: the same engine behind lmopt.scheduler in this process (what Triton adds on top of it)
-        "in_process_scheduler": {"ttft_ms": ttft_q, "itl_ms": itl_q,
-                                 "same_tokens": f"{sum(a['tokens'] == b['tokens'] for a, b in zip(insched, inproc))}/{n}",
+        "in_process_scheduler": {**sq, "same_tokens": same(insched),
                                  "overhead_ms": {"ttft_p50": ttft_s["p50"] - ttft_q["p50"],
                                                  "itl_mean": itl_s["mean"] - itl_q["mean"]},
                                  "overhead_pct": {"itl_mean": (itl_s["mean"] / itl_q["mean"] - 1) * 100

@@ -265,15 +265,16 @@ class CompiledEngine(SlotEngine):
             else:
                 out = self._step(self._ids[:B], self._pos[:B], L)
             self._last[:B].copy_(out[1])
-            if self._d2h_done[k] is not None:
-                self._d2h_done[k].synchronize()    # the step before last has finished reading this buffer's copy
+            done = self._d2h_done[k]
+            if done is not None:
+                done.synchronize()                 # the step before last has finished reading this buffer's copy
             self._d2h[k][:B].copy_(out[1], non_blocking=True)
-            if self._d2h_done[k] is not None:
-                self._d2h_done[k].record()
+            if done is not None:
+                done.record()
         for s in slots:
             self._len[s] += 1
         self._last_slots = set(slots)
-        return DeviceLogits(out[0], out[1], slots, host_greedy=(self._d2h[k], self._d2h_done[k]))
+        return DeviceLogits(out[0], out[1], slots, host_greedy=(self._d2h[k], done))
 
     def _graph(self, B: int, L: int):
         """The CUDA graph of the decode step at batch bucket B and kv bucket L, captured on first use."""
