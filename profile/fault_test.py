@@ -161,12 +161,15 @@ def run(s: FaultSettings) -> dict:
     after = [r for r in recs if r["start"] >= t_kill]
     failed = [r for r in recs if r["status"] != "completed"]
     in_flight_failed = [r for r in failed if r["start"] < t_kill <= r["end"]]
-    after_by = {}
+    after_by: dict[str, int] = {}
+    after_completed_by: dict[str, int] = {}
     server_of = {rid: sv for _, sv, rid in served}
     for r in recs:
         r["replica"] = server_of.get(r["id"], "?")
         if r["start"] >= t_kill:
             after_by[r["replica"]] = after_by.get(r["replica"], 0) + 1
+            if r["status"] == "completed":
+                after_completed_by[r["replica"]] = after_completed_by.get(r["replica"], 0) + 1
     dead = f"r{victim}"
     summary = {
         "requests": len(recs),
@@ -186,6 +189,7 @@ def run(s: FaultSettings) -> dict:
         "sent_after_kill": len(after),
         "completed_after_kill": sum(r["status"] == "completed" for r in after),
         "after_kill_served_by": after_by,          # HAProxy's log: replica -> requests the clients sent after the kill
+        "after_kill_completed_by": after_completed_by,     # the same, only those that completed
         "killed_replica": f"r{victim}",
         "kill_at_s": round(t_kill - t0, 3),
         "taken_out_after_s": {k: round(v, 3) for k, v in out_at.items()},
