@@ -1,4 +1,4 @@
-"""A lean client for the OpenAI-compatible endpoint (serve/openai_server.py) that timestamps every streamed event:
+"""Lean clients for the OpenAI-compatible endpoint (serve/openai_server.py) that timestamp every streamed event:
 what the measuring scripts use (profile/openai_overhead.py, profile/aiperf_compare.py). Functional tests use the
 official `openai` SDK instead; its per-chunk parsing would be measured as the endpoint's time here.
 
@@ -6,6 +6,12 @@ official `openai` SDK instead; its per-chunk parsing would be measured as the en
         t = await stream_completion(session, "http://127.0.0.1:8080", {"model": "tiny", "prompt": "The", ...})
         t.ttft_s, t.event_times_s, t.text, t.usage
 
+    conn = RawConnection("http://127.0.0.1:8080")     # HTTP/1.1 on asyncio streams, nothing else
+    t = await conn.stream_completion({...}); await conn.close()
+
+Two clients because a client's own cost lands in every time it measures: aiohttp is what a Python service would use;
+RawConnection writes the request with one `write` and reads the chunked body with `readline`/`readexactly`, so what
+it measures is the endpoint's time plus as little client as Python allows. Both read the same events the same way.
 Times are perf_counter seconds relative to the send; an event counts as a token event when it carries text.
 """
 from __future__ import annotations
@@ -39,39 +45,139 @@ class StreamTiming:
         return out
 
 
+class _Events:
+    """Server-sent event lines in, a StreamTiming out (the same for both clients)."""
+
+    def __init__(self, t_send: float):
+        self.t_send, self.rec, self.pieces = t_send, StreamTiming(), []
+
+    def line(self, line: bytes) -> bool:
+        """One line of the body; False once the stream carried an error (stop reading)."""
+        rec = self.rec
+        if not line.startswith(b"data: ") or rec.end_s is not None:
+            return True
+        now = time.perf_counter() - self.t_send
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            # the caller reads on to the end of the body (the chunked encoding's last chunk): a response left unread
+            # makes a connection pool close the connection, and the next request would pay for a new one
+            rec.end_s = now
+            return True
+        ev = json.loads(data)
+        if "error" in ev:
+            rec.error = str(ev["error"].get("message"))[:200]
+            return False
+        if ev.get("usage"):
+            rec.usage = ev["usage"]
+        piece = ev["choices"][0].get("text", "") if ev.get("choices") else ""
+        if piece:
+            self.pieces.append(piece)
+            rec.event_times_s.append(now)
+        return True
+
+    def done(self) -> StreamTiming:
+        rec = self.rec
+        rec.text = "".join(self.pieces)
+        if rec.error is None and rec.end_s is None:
+            rec.error = "stream ended without data: [DONE]"
+        return rec
+
+
+def _stream_body(body: dict) -> dict:
+    return dict(body, stream=True, stream_options={"include_usage": True})
+
+
 async def stream_completion(session, base_url: str, body: dict) -> StreamTiming:
     """POST /v1/completions with "stream": true (usage requested) through an aiohttp session; read the raw SSE."""
-    body = dict(body, stream=True, stream_options={"include_usage": True})
-    rec, pieces = StreamTiming(), []
-    t_send = time.perf_counter()
+    body = _stream_body(body)
+    ev = _Events(time.perf_counter())
     try:
         async with session.post(f"{base_url}/v1/completions", json=body) as resp:
             if resp.status != 200:
-                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return rec
+                ev.rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return ev.rec
             async for line in resp.content:
-                if not line.startswith(b"data: ") or rec.end_s is not None:
-                    continue
-                now = time.perf_counter() - t_send
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    # read on to the end of the body (the chunked encoding's last chunk): a response left unread
-                    # makes aiohttp close the connection, and the next request would pay for a new one
-                    rec.end_s = now
-                    continue
-                ev = json.loads(data)
-                if "error" in ev:
-                    rec.error = str(ev["error"].get("message"))[:200]
+                if not ev.line(line):
                     break
-                if ev.get("usage"):
-                    rec.usage = ev["usage"]
-                piece = ev["choices"][0].get("text", "") if ev.get("choices") else ""
-                if piece:
-                    pieces.append(piece)
-                    rec.event_times_s.append(now)
     except Exception as e:  # connection errors end this request, not the run
-        rec.error = f"{type(e).__name__}: {e}"[:200]
-    rec.text = "".join(pieces)
-    if rec.error is None and rec.end_s is None:
-        rec.error = "stream ended without data: [DONE]"
-    return rec
+        ev.rec.error = f"{type(e).__name__}: {e}"[:200]
+    return ev.done()
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection to the endpoint on asyncio streams: POST /v1/completions (streamed),
+    the response read by its Content-Length or its chunked encoding. Reconnects when the server closed it."""
+
+    def __init__(self, base_url: str):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base_url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"{base_url!r}: RawConnection speaks plain http://HOST:PORT only")
+        self.host, self.port = u.hostname, u.port or 80
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def stream_completion(self, body: dict) -> StreamTiming:
+        """As stream_completion above, on this connection."""
+        import asyncio
+
+        t_send = time.perf_counter()
+        ev = _Events(t_send)
+        data = json.dumps(_stream_body(body)).encode()
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), self.port, len(data), data))
+            status, headers = await self._head()
+            if status != 200:
+                ev.rec.error = f"HTTP {status}: {(await self._body(headers)).decode(errors='replace')[:200]}"
+                return ev.rec
+            if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
+                for line in (await self._body(headers)).splitlines(keepends=True):
+                    ev.line(line)
+            else:
+                await self._chunked_lines(ev)
+            if headers.get(b"connection", b"").lower() == b"close":
+                await self.close()
+        except Exception as e:  # connection errors end this request, not the run
+            ev.rec.error = f"{type(e).__name__}: {e}"[:200]
+            await self.close()
+        return ev.done()
+
+    async def _head(self) -> tuple[int, dict]:
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionError("the server closed the connection")
+        status = int(line.split(b" ", 2)[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers
+
+    async def _body(self, headers: dict) -> bytes:
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size + 2))
+            await self.reader.readline()
+            return b"".join(p[:-2] for p in parts)
+        return await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+
+    async def _chunked_lines(self, ev: _Events) -> None:
+        """Read chunks to the last (size 0) one, handing out each complete line as its chunk arrives."""
+        buf, ok = b"", True
+        while size := int((await self.reader.readline()).split(b";")[0], 16):
+            buf += (await self.reader.readexactly(size + 2))[:-2]
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                ok = ok and ev.line(line + b"\n")
+        await self.reader.readline()      # the CRLF after the last chunk
+        if buf and ok:
+            ev.line(buf)

@@ -8,13 +8,16 @@ through the gateway (serve/openai_server.py, HTTP + server-sent events) and thro
 
 Both paths send the same token ids (the gateway tokenizes the prompt as the direct client does) to the same decoupled
 model `lm_stream`, greedy, `--max-new-tokens` each, one request at a time, rotating which path goes first. Per request:
-TTFT = first token (gRPC response / SSE event with text) - send, where send is the moment the client starts building
-its request: the direct path's tensors are inside its TTFT (setup_ms), as the endpoint's JSON body, tokenization and
-gRPC request are inside the endpoint's (results without setup_ms started the direct clock after the tensors);
+TTFT = first token (gRPC response / SSE event with text) - send, where send is the moment the client has the prompt's
+text and starts building its request: the direct client's tokenizing (lmopt.models.encode, as the gateway) and request
+tensors are inside its TTFT (setup_ms), as the endpoint's JSON body, tokenization and gRPC request are inside the
+endpoint's (results without setup_ms started the direct clock after the tensors, and older ones after tokenizing);
 ITL = gaps between them. The direct path uses lmopt.triton_client's request and response helpers over tritonclient's
 asyncio gRPC stream, as the load generator does; the endpoint path lmopt.openai_client (raw SSE through aiohttp:
 the `openai` SDK's per-chunk parsing would be measured as the endpoint's time otherwise; it keeps its connection alive
-between requests, as the gRPC channel does).
+between requests, as the gRPC channel does). Path `openai-raw` (on unless --no-raw-client) is the same endpoint
+through lmopt.openai_client.RawConnection, HTTP/1.1 on bare asyncio streams: the endpoint's time with as little
+client as Python allows; its paired difference to `openai` is what aiohttp itself costs per request.
 `--compare-url LABEL=URL` adds more endpoints in front of the same Triton server (e.g. the gateway before a change, on
 another port) to the same interleaved loop, each summarized like the endpoint. Each gateway answer is checked against
 the direct one (same text); a mismatch fails the run.
@@ -35,9 +38,10 @@ from dataclasses import asdict, dataclass, field
 from lmopt import cli
 from lmopt.errors import UserError
 from lmopt.log import get_logger
-from lmopt.openai_client import StreamTiming, stream_completion
+from lmopt.openai_client import RawConnection, StreamTiming, stream_completion
 
 log = get_logger("openai-overhead")
+RAW = "openai-raw"      # the endpoint again, through lmopt.openai_client.RawConnection instead of aiohttp
 
 
 @dataclass
@@ -54,17 +58,21 @@ class OverheadSettings:
     request_timeout_s: float = 60.0             # seconds per request
     publish: bool = False              # also copy the result to results/<machine-tag>/<model>/
     compare_url: list = field(default_factory=list)  # LABEL=URL: one more endpoint on the same server; repeatable
+    no_raw_client: bool = False  # leave out path "openai-raw" (the endpoint through the minimal HTTP client, below)
 
 
-async def direct_one(client, ids: list[int], s: OverheadSettings, batch_dim: bool) -> StreamTiming:
+async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
     """One greedy request straight to Triton's gRPC stream; the arrival of every token response. The clock starts
-    before the request's tensors are built, as the endpoint's starts before its JSON body is: each path's times
-    include its client's own request setup (here `setup_s`, recorded as setup_ms)."""
+    when the client has the prompt's text, as the endpoint's does: the direct client tokenizes it (the same Rust
+    call the gateway makes) and builds its request tensors inside its TTFT, as the endpoint's JSON body, tokenizing
+    and gRPC request are inside the endpoint's (that setup is recorded as setup_ms)."""
     import tritonclient.grpc.aio as aio
 
+    from lmopt.models import encode
     from lmopt.triton_client import GenRequest, parse_response, stream_request
 
     t_send = time.perf_counter()
+    ids = encode(tok, prompt)
     item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
                           uuid.uuid4().hex[:16], s.triton_model, batch_dim)
 
@@ -105,6 +113,7 @@ async def _measure(s: OverheadSettings) -> dict:
     tok = load_tokenizer(s.model)
     prompts = held_out_prompts(s.model, max(8, s.requests), s.prompt_tokens)
     grpc = aio.InferenceServerClient(s.triton_grpc)
+    raw = RawConnection(s.openai_url) if not s.no_raw_client else None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout_s)) as session:
         try:
             try:
@@ -118,20 +127,23 @@ async def _measure(s: OverheadSettings) -> dict:
             cfg = (await grpc.get_model_config(s.triton_model, as_json=True))["config"]
             batch_dim = int(cfg.get("max_batch_size", 0)) > 0
             urls = {"openai": s.openai_url, **compare_urls(s)}
+            clients = {label: (lambda body, u=u: stream_completion(session, u, body)) for label, u in urls.items()}
+            if raw is not None:
+                urls[RAW] = s.openai_url
+                clients[RAW] = raw.stream_completion
             paths = ["direct", *urls]
             rows, mismatches = [], []
             for i in range(s.warmup + s.requests):
                 p = prompts[i % len(prompts)]
-                ids = list(tok(p)["input_ids"])  # what the endpoint sends for this prompt
                 order = paths[i % len(paths):] + paths[:i % len(paths)]  # each path first as often
                 got = {}
                 for path in order:
                     if path == "direct":
-                        rec = await direct_one(grpc, ids, s, batch_dim)
+                        rec = await direct_one(grpc, tok, p, s, batch_dim)
                         rec.text = tok.decode(rec.usage["token_ids"], skip_special_tokens=True)
                     else:
-                        rec = await stream_completion(session, urls[path], {
-                            "model": served, "prompt": p, "max_tokens": s.max_new_tokens, "temperature": 0})
+                        rec = await clients[path]({"model": served, "prompt": p, "max_tokens": s.max_new_tokens,
+                                                   "temperature": 0})
                     if rec.error:
                         raise UserError(f"{path} request {i} failed: {rec.error}")
                     got[path] = rec
@@ -148,6 +160,8 @@ async def _measure(s: OverheadSettings) -> dict:
                     rows.append(row)
         finally:
             await grpc.close()
+            if raw is not None:
+                await raw.close()
     return {"served_model": served, "rows": rows, "mismatches": mismatches}
 
 
@@ -157,9 +171,9 @@ def compare_urls(s: OverheadSettings) -> dict[str, str]:
     for v in s.compare_url:
         label, sep, url = v.partition("=")
         label, url = (label, url) if sep and "://" in url else (v, v)
-        if "://" not in url or label in ("direct", "openai") or label in out:
+        if "://" not in url or label in ("direct", "openai", RAW) or label in out:
             raise UserError(f"--compare-url {v!r}: give LABEL=http://HOST:PORT, a new label per endpoint "
-                            "(not 'direct' or 'openai')")
+                            f"(not 'direct', 'openai' or '{RAW}')")
         out[label] = url.rstrip("/")
     return out
 
@@ -225,7 +239,7 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
     if m["mismatches"]:
         raise UserError(f"{len(m['mismatches'])} endpoint answers differ from the direct stream (first: "
                         f"{m['mismatches'][0]}) — the two paths do not run the same request")
-    summary = summarize(m["rows"], compare_urls(s))
+    summary = summarize(m["rows"], {**compare_urls(s), **({RAW: s.openai_url} if not s.no_raw_client else {})})
     path = result_path(s.artifacts, s.model, "x").with_name("openai-overhead.json")
     doc = results.envelope("openai-overhead", settings=asdict(s), summary=summary, samples=m["rows"],
                            versions=results.versions("tritonclient", "nvidia-pytriton", "starlette", "uvicorn",

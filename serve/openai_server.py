@@ -642,21 +642,40 @@ def create_app(backend, settings: GatewaySettings | None = None):
              "max_model_len": info.context}]})
 
     def endpoint(chat: bool):
-        async def handle(request: Request):
+        """POST /v1/completions or /v1/chat/completions as a bare ASGI app: the gateway calls it without Starlette's
+        middleware, routing and Request object in between (they are most of the per-request Python outside the
+        backend's work: each layer is another coroutine and closure run cold at one stream)."""
+        async def handle(scope, receive, send):
+            path = scope["path"]
             try:
-                body = parse_body(await request.body())
-                info = await backend.info()
-                check_model(body, info)
-                job = parse_job(body, info, chat)
-                if not job.stream:
-                    return JSONResponse(await complete(backend, info, job))
-                first, it = await run_job(backend, info, job)
-                return EventStream(stream_events(info, job, first, it), media_type="text/event-stream",
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            except APIError as e:
-                if e.status >= 500:
-                    log.warning("%s: %s", request.url.path, e.message)
-                return error(e)
+                try:
+                    raw = []
+                    while True:
+                        m = await receive()
+                        if m["type"] == "http.disconnect":
+                            return                    # the client left before its body arrived: nobody to answer
+                        raw.append(m.get("body", b""))
+                        if not m.get("more_body"):
+                            break
+                    body = parse_body(b"".join(raw))
+                    info = await backend.info()
+                    check_model(body, info)
+                    job = parse_job(body, info, chat)
+                    if not job.stream:
+                        response = JSONResponse(await complete(backend, info, job))
+                    else:
+                        first, it = await run_job(backend, info, job)
+                        response = EventStream(stream_events(info, job, first, it), media_type="text/event-stream",
+                                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                except APIError as e:
+                    if e.status >= 500:
+                        log.warning("%s: %s", path, e.message)
+                    response = error(e)
+            except Exception as exc:  # what Starlette's error middleware does for the other routes
+                log.exception("unexpected error on %s", path)
+                response = error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+                                          None))
+            await response(scope, receive, send)
         return handle
 
     async def http_error(request: Request, exc: HTTPException):
@@ -679,12 +698,27 @@ def create_app(backend, settings: GatewaySettings | None = None):
         yield
         await backend.close()
 
-    routes = [Route("/v1/completions", endpoint(False), methods=["POST"]),
-              Route("/v1/chat/completions", endpoint(True), methods=["POST"]),
+    class ASGIEndpoint:      # a callable that is no function: Starlette routes to it as an ASGI app, not a handler
+        def __init__(self, handle):
+            self.handle = handle
+
+        async def __call__(self, scope, receive, send):
+            await self.handle(scope, receive, send)
+
+    # the two POST routes go to their endpoints straight from `gateway` below; they are in Starlette's routes too, so
+    # that another method on them gets its 405 (http_error)
+    fast = {"/v1/completions": endpoint(False), "/v1/chat/completions": endpoint(True)}
+    routes = [*(Route(p, ASGIEndpoint(h), methods=["POST"]) for p, h in fast.items()),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+
+    async def gateway(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and (h := fast.get(scope["path"])) is not None:
+            return await h(scope, receive, send)
+        return await app(scope, receive, send)
+    return gateway
 
 
 def serve(*, settings: GatewaySettings) -> None:

@@ -260,6 +260,44 @@ def test_bad_request_gets_openai_error(stack, client, case):
     still_serving(client)
 
 
+def test_other_method_on_a_post_route_is_405(stack, client):
+    got, text = http(stack[1], "GET", "/v1/completions")
+    assert got == 405 and "POST /v1/completions" in json.loads(text)["error"]["message"]
+    still_serving(client)
+
+
+def test_measuring_clients_agree_and_the_raw_one_keeps_its_connection(stack, reference):
+    """lmopt.openai_client: the aiohttp client and the bare-asyncio one read the same stream the same way; the bare
+    one reuses its connection, reports an HTTP error with its status and works on afterwards."""
+    import asyncio
+
+    import aiohttp
+
+    from lmopt.openai_client import RawConnection, stream_completion
+
+    body = {"model": MODEL, "prompt": "The little dog", "max_tokens": 6, "temperature": 0}
+
+    async def run():
+        conn = RawConnection(stack[1].base)
+        async with aiohttp.ClientSession() as session:
+            a = await stream_completion(session, stack[1].base, body)
+            b = await conn.stream_completion(body)
+            writer = conn.writer
+            bad = await conn.stream_completion(dict(body, model="nope"))
+            c = await conn.stream_completion(body)
+            same_connection = conn.writer is writer
+        await conn.close()
+        return a, b, bad, c, same_connection
+
+    a, b, bad, c, same_connection = asyncio.run(run())
+    want, n = reference(list(reference.tok("The little dog")["input_ids"]), 6)
+    for r in (a, b, c):
+        assert r.error is None and r.text == want and r.usage["completion_tokens"] == n
+        assert 0 < r.ttft_s <= r.end_s and len(r.event_times_s) >= 1
+    assert bad.error.startswith("HTTP 404") and "does not exist" in bad.error
+    assert same_connection
+
+
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
@@ -524,6 +562,8 @@ def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
         assert row["direct"]["output_tokens"] == row["openai"]["output_tokens"] == 4
         # one gap per text event: 3 for 4 tokens, fewer when tokens that outpaced a send shared an event
         assert len(row["openai"]["itl_ms"]) <= 3 and row["openai"]["ttft_ms"] > 0
+        assert row["compare"]["openai-raw"]["output_tokens"] == 4 and row["direct"]["setup_ms"] > 0
+    assert set(doc["summary"]["compare"]) == {"openai-raw"}
 
 
 def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):
