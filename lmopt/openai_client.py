@@ -171,13 +171,25 @@ class RawConnection:
         return await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
 
     async def _chunked_lines(self, ev: _Events) -> None:
-        """Read chunks to the last (size 0) one, handing out each complete line as its chunk arrives."""
-        buf, ok = b"", True
-        while size := int((await self.reader.readline()).split(b";")[0], 16):
-            buf += (await self.reader.readexactly(size + 2))[:-2]
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                ok = ok and ev.line(line + b"\n")
-        await self.reader.readline()      # the CRLF after the last chunk
-        if buf and ok:
-            ev.line(buf)
+        """Read the chunked body to its last (size 0) chunk with one `read` per arrival, handing out each complete
+        line as soon as its bytes are in."""
+        buf, text, ok = b"", b"", True
+        while True:
+            # every complete chunk in buf
+            while (eol := buf.find(b"\r\n")) >= 0:
+                size = int(buf[:eol].split(b";")[0], 16)
+                if len(buf) < eol + 2 + size + 2:
+                    break
+                if size == 0:          # the last chunk (no trailers are sent)
+                    if text and ok:
+                        ev.line(text)
+                    return
+                text += buf[eol + 2:eol + 2 + size]
+                buf = buf[eol + 2 + size + 2:]
+                *lines, text = text.split(b"\n")
+                for line in lines:
+                    ok = ok and ev.line(line + b"\n")
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection mid-response")
+            buf += data
