@@ -17,7 +17,11 @@ asyncio gRPC stream, as the load generator does; the endpoint path lmopt.openai_
 the `openai` SDK's per-chunk parsing would be measured as the endpoint's time otherwise; it keeps its connection alive
 between requests, as the gRPC channel does). Path `openai-raw` (on unless --no-raw-client) is the same endpoint
 through lmopt.openai_client.RawConnection, HTTP/1.1 on bare asyncio streams: the endpoint's time with as little
-client as Python allows; its paired difference to `openai` is what aiohttp itself costs per request.
+client as Python allows; its paired difference to `openai` is what aiohttp itself costs per request. Its counterpart
+`direct-lean` (on with it; --no-lean-clients leaves both out) is Triton's stream through the gRPC stub with the request protobuf built and the responses
+read by hand (as the gateway does), without tritonclient's InferInput/InferResult and numpy: `minimal_clients` in
+the summary is the endpoint's overhead with the minimal client on both sides. `direct` (tritonclient) and `openai`
+(aiohttp) stay the headline pair: the clients a user of each protocol would reach for.
 `--compare-url LABEL=URL` adds more endpoints in front of the same Triton server (e.g. the gateway before a change, on
 another port) to the same interleaved loop, each summarized like the endpoint. Each gateway answer is checked against
 the direct one (same text); a mismatch fails the run.
@@ -42,6 +46,7 @@ from lmopt.openai_client import RawConnection, StreamTiming, stream_completion
 
 log = get_logger("openai-overhead")
 RAW = "openai-raw"      # the endpoint again, through lmopt.openai_client.RawConnection instead of aiohttp
+LEAN = "direct-lean"    # Triton's stream again, through its gRPC stub with protobufs built and read by hand
 
 
 @dataclass
@@ -58,7 +63,7 @@ class OverheadSettings:
     request_timeout_s: float = 60.0             # seconds per request
     publish: bool = False              # also copy the result to results/<machine-tag>/<model>/
     compare_url: list = field(default_factory=list)  # LABEL=URL: one more endpoint on the same server; repeatable
-    no_raw_client: bool = False  # leave out path "openai-raw" (the endpoint through the minimal HTTP client, below)
+    no_lean_clients: bool = False  # leave out paths openai-raw and direct-lean (the minimal clients, see above)
 
 
 async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
@@ -103,6 +108,45 @@ async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: b
     return rec
 
 
+async def direct_lean_one(stub, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
+    """direct_one through Triton's gRPC stub itself, the request protobuf built and the responses read by hand
+    (lmopt.triton_client.infer_request_pb / parse_response_pb, what the gateway does): the direct path with as
+    little client as Python allows, the counterpart of openai-raw."""
+    from lmopt.models import encode
+    from lmopt.triton_client import GenRequest, infer_request_pb, parse_response_pb
+
+    t_send = time.perf_counter()
+    item = infer_request_pb(GenRequest(input_ids=encode(tok, prompt), max_tokens=s.max_new_tokens, temperature=0.0,
+                                       top_p=1.0), os.urandom(8).hex(), s.triton_model, batch_dim)
+
+    async def requests():
+        yield item
+
+    rec, tokens, finished = StreamTiming(), [], False
+    rec.setup_s = time.perf_counter() - t_send
+    call = stub.ModelStreamInfer(requests(), timeout=s.request_timeout_s)
+    try:
+        async for resp in call:
+            now = time.perf_counter() - t_send
+            if resp.error_message:
+                rec.error = resp.error_message[:200]
+                break
+            piece = parse_response_pb(resp.infer_response)
+            if piece.token_ids:
+                tokens.extend(piece.token_ids)
+                rec.event_times_s.append(now)
+            if piece.final:
+                rec.end_s, finished = now, True
+                break
+    except Exception as e:
+        rec.error = f"{type(e).__name__}: {e}"[:200]
+    finally:
+        if not finished:   # as the gateway: a finished call is not cancelled (docs/ENVIRONMENT.md)
+            call.cancel()
+    rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
+    return rec
+
+
 async def _measure(s: OverheadSettings) -> dict:
     import aiohttp
     import tritonclient.grpc.aio as aio
@@ -113,7 +157,16 @@ async def _measure(s: OverheadSettings) -> dict:
     tok = load_tokenizer(s.model)
     prompts = held_out_prompts(s.model, max(8, s.requests), s.prompt_tokens)
     grpc = aio.InferenceServerClient(s.triton_grpc)
-    raw = RawConnection(s.openai_url) if not s.no_raw_client else None
+    raw = None if s.no_lean_clients else RawConnection(s.openai_url)
+    lean_channel = None
+    if not s.no_lean_clients:
+        import grpc as grpc_mod
+        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2_grpc
+
+        lean_channel = grpc_mod.aio.insecure_channel(s.triton_grpc, options=[
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)])
+        lean_stub = service_pb2_grpc.GRPCInferenceServiceStub(lean_channel)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout_s)) as session:
         try:
             try:
@@ -131,15 +184,18 @@ async def _measure(s: OverheadSettings) -> dict:
             if raw is not None:
                 urls[RAW] = s.openai_url
                 clients[RAW] = raw.stream_completion
-            paths = ["direct", *urls]
+            directs = ["direct"] if lean_channel is None else ["direct", LEAN]
+            paths = [*directs, *urls]
             rows, mismatches = [], []
             for i in range(s.warmup + s.requests):
                 p = prompts[i % len(prompts)]
                 order = paths[i % len(paths):] + paths[:i % len(paths)]  # each path first as often
                 got = {}
                 for path in order:
-                    if path == "direct":
-                        rec = await direct_one(grpc, tok, p, s, batch_dim)
+                    if path in directs:
+                        one = direct_one(grpc, tok, p, s, batch_dim) if path == "direct" else \
+                            direct_lean_one(lean_stub, tok, p, s, batch_dim)
+                        rec = await one
                         rec.text = tok.decode(rec.usage["token_ids"], skip_special_tokens=True)
                     else:
                         rec = await clients[path]({"model": served, "prompt": p, "max_tokens": s.max_new_tokens,
@@ -147,7 +203,7 @@ async def _measure(s: OverheadSettings) -> dict:
                     if rec.error:
                         raise UserError(f"{path} request {i} failed: {rec.error}")
                     got[path] = rec
-                for path in urls:
+                for path in [*directs[1:], *urls]:
                     if (got["direct"].text, got["direct"].usage["completion_tokens"]) != \
                             (got[path].text, got[path].usage.get("completion_tokens")):
                         mismatches.append({"index": i, "path": path, "direct": got["direct"].text,
@@ -155,13 +211,15 @@ async def _measure(s: OverheadSettings) -> dict:
                 if i >= s.warmup:
                     row = {"index": i, "first": order[0], "direct": got["direct"].metrics(),
                            "openai": got["openai"].metrics()}
-                    if len(urls) > 1:
-                        row["compare"] = {k: got[k].metrics() for k in urls if k != "openai"}
+                    if len(paths) > 2:
+                        row["compare"] = {k: got[k].metrics() for k in [*urls, *directs[1:]] if k != "openai"}
                     rows.append(row)
         finally:
             await grpc.close()
             if raw is not None:
                 await raw.close()
+            if lean_channel is not None:
+                await lean_channel.close()
     return {"served_model": served, "rows": rows, "mismatches": mismatches}
 
 
@@ -220,6 +278,21 @@ def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
             c["paired_ttft_endpoint_minus_this_ms_p50"] = round(percentile(
                 [r["openai"]["ttft_ms"] - r["compare"][label]["ttft_ms"] for r in rows], 50), 4)
             out["compare"][label] = {"url": url, **c}
+        if RAW in compare and LEAN in compare:
+            # the endpoint's overhead with the minimal client on both sides: openai-raw against direct-lean
+            def get(r, label, m):
+                return r["compare"][label][m]
+
+            med = {m: round(percentile([get(r, RAW, m) for r in rows], 50)
+                            - percentile([get(r, LEAN, m) for r in rows], 50), 4) for m in ("ttft_ms", "e2e_ms")}
+            itl = {k: [v for r in rows for v in get(r, k, "itl_ms")] for k in (RAW, LEAN)}
+            out["minimal_clients"] = {
+                "paths": [RAW, LEAN], "overhead_ms": {**med, "itl_ms": round(
+                    percentile(itl[RAW], 50) - percentile(itl[LEAN], 50), 4)},
+                "overhead_mean_ms": {"itl_ms": round(sum(itl[RAW]) / len(itl[RAW]) - sum(itl[LEAN]) / len(itl[LEAN]),
+                                                     4)},
+                "paired_ttft_delta_ms_p50": round(percentile([get(r, RAW, "ttft_ms") - get(r, LEAN, "ttft_ms")
+                                                              for r in rows], 50), 4)}
     return out
 
 
@@ -239,7 +312,8 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
     if m["mismatches"]:
         raise UserError(f"{len(m['mismatches'])} endpoint answers differ from the direct stream (first: "
                         f"{m['mismatches'][0]}) — the two paths do not run the same request")
-    summary = summarize(m["rows"], {**compare_urls(s), **({RAW: s.openai_url} if not s.no_raw_client else {})})
+    summary = summarize(m["rows"], {**compare_urls(s), **({} if s.no_lean_clients else
+                                                         {RAW: s.openai_url, LEAN: s.triton_grpc})})
     path = result_path(s.artifacts, s.model, "x").with_name("openai-overhead.json")
     doc = results.envelope("openai-overhead", settings=asdict(s), summary=summary, samples=m["rows"],
                            versions=results.versions("tritonclient", "nvidia-pytriton", "starlette", "uvicorn",
@@ -266,6 +340,11 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
         oh, om = x["overhead_ms"], x["overhead_mean_ms"]
         print(f"{name}: TTFT p50 {oh['ttft_ms']:+.2f} ms (paired {x['paired_ttft_delta_ms_p50']:+.2f} ms), "
               f"ITL p50 {oh['itl_ms']:+.3f} ms, ITL mean {om['itl_ms']:+.3f} ms, e2e p50 {oh['e2e_ms']:+.1f} ms")
+    if "minimal_clients" in summary:
+        x = summary["minimal_clients"]
+        print(f"overhead, minimal clients ({RAW} - {LEAN}): TTFT p50 {x['overhead_ms']['ttft_ms']:+.2f} ms (paired "
+              f"{x['paired_ttft_delta_ms_p50']:+.2f} ms), ITL p50 {x['overhead_ms']['itl_ms']:+.3f} ms, ITL mean "
+              f"{x['overhead_mean_ms']['itl_ms']:+.3f} ms")
     return doc
 
 

@@ -562,8 +562,9 @@ def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
         assert row["direct"]["output_tokens"] == row["openai"]["output_tokens"] == 4
         # one gap per text event: 3 for 4 tokens, fewer when tokens that outpaced a send shared an event
         assert len(row["openai"]["itl_ms"]) <= 3 and row["openai"]["ttft_ms"] > 0
-        assert row["compare"]["openai-raw"]["output_tokens"] == 4 and row["direct"]["setup_ms"] > 0
-    assert set(doc["summary"]["compare"]) == {"openai-raw"}
+        assert row["compare"]["openai-raw"]["output_tokens"] == row["compare"]["direct-lean"]["output_tokens"] == 4
+        assert row["direct"]["setup_ms"] > 0 and row["compare"]["direct-lean"]["setup_ms"] > 0
+    assert set(doc["summary"]["compare"]) == {"openai-raw", "direct-lean"} and "minimal_clients" in doc["summary"]
 
 
 def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):

@@ -35,27 +35,49 @@ def _source(d, root: Path) -> str:
             + (f"; load average {load[0]:.1f} at the end (a shared machine)" if load else "") + ".")
 
 
+# the measuring script's paths with the minimal clients (not other endpoints): the endpoint through a bare asyncio
+# HTTP client, Triton's stream through its gRPC stub with hand-built protobufs
+_LEAN = {"openai-raw": "OpenAI endpoint, minimal HTTP client", "direct-lean": "Triton gRPC stream, minimal gRPC client"}
+
+
 def _overhead(d, root: Path) -> list[str]:
     doc, s, sm = d.data, d.data["settings"], d.data["summary"]
+    setup = sm["direct"].get("setup_ms")
     out = [f"**Endpoint overhead at one stream** ({s['model']} on {_where(doc)}): the same server, the same prompts "
            f"({s['prompt_tokens']} tokens), {s['max_new_tokens']} greedy tokens, {s['requests']} requests per path "
-           "interleaved, through the endpoint (HTTP + SSE) and through Triton's gRPC stream directly; ms. "
-           + _source(d, root), "",
+           "interleaved, through the endpoint (HTTP + SSE; client aiohttp) and through Triton's gRPC stream directly "
+           "(client tritonclient); ms"
+           + (f"; each clock starts when its client has the prompt's text (the direct client's tokenizing and request "
+              f"tensors are inside its TTFT: {setup['p50']:.2f} ms p50, as the endpoint's are inside the endpoint's)"
+              if setup else "") + ". " + _source(d, root), "",
            "| path | TTFT p50 | TTFT p90 | ITL p50 | ITL mean | end-to-end p50 |", "|---|---:|---:|---:|---:|---:|"]
     # endpoints measured in the same loop (--compare-url: e.g. the gateway before a change), each with its overhead
     cmp = sm.get("compare", {})
-    if cmp:
+    others = {k: v for k, v in cmp.items() if k not in _LEAN}
+    if others:
         out[0] += (" Also in the same loop, on the same Triton server: " + "; ".join(
             f"**{k}** (`{v['url']}`; TTFT endpoint − this, paired: "
-            f"{_f(v.get('paired_ttft_endpoint_minus_this_ms_p50'), '+.2f')} ms)" for k, v in cmp.items()) + ".")
+            f"{_f(v.get('paired_ttft_endpoint_minus_this_ms_p50'), '+.2f')} ms)" for k, v in others.items()) + ".")
+    lean = [k for k in _LEAN if k in cmp]
+    if lean:
+        what = {"openai-raw": "the endpoint through HTTP/1.1 on bare asyncio streams",
+                "direct-lean": "Triton's stream through its gRPC stub with the request protobuf built and the "
+                               "responses read by hand"}
+        out[0] += (f" The same loop also ran {'the minimal clients' if len(lean) > 1 else 'a minimal client'} "
+                   f"(rows in italics): {'; '.join(what[k] for k in lean)} — less of the time is the clients' own.")
     for name, label, x in (("direct", "Triton gRPC stream", sm["direct"]), ("openai", "OpenAI endpoint", sm["openai"]),
-                           *((k, k, v) for k, v in cmp.items())):
+                           *((k, f"*{_LEAN[k]}*" if k in _LEAN else k, v) for k, v in cmp.items())):
         out.append(f"| {label} | {_f(x['ttft_ms']['p50'], '.2f')} | {_f(x['ttft_ms']['p90'], '.2f')} "
                    f"| {_f(x['itl_ms']['p50'], '.3f')} | {_f(x['itl_ms']['mean'], '.3f')} | {_f(x['e2e_ms']['p50'])} |")
-    for label, x in (("endpoint", sm), *cmp.items()):
+    rows = [("endpoint − direct", sm), *((f"{k} − direct", v) for k, v in cmp.items())]
+    if "minimal_clients" in sm:
+        raw, lean = sm["minimal_clients"]["paths"]
+        rows.append((f"endpoint − direct, minimal clients ({raw} − {lean})", sm["minimal_clients"]))
+    for label, x in rows:
         oh, om = x["overhead_ms"], x["overhead_mean_ms"]
-        out.append(f"| **{label} − direct** | {oh['ttft_ms']:+.2f} (paired {x['paired_ttft_delta_ms_p50']:+.2f}) | "
-                   f"| {oh['itl_ms']:+.3f} | {om['itl_ms']:+.3f} | {oh['e2e_ms']:+.1f} |")
+        e2e = f"{oh['e2e_ms']:+.1f}" if "e2e_ms" in oh else "–"
+        out.append(f"| **{label}** | {oh['ttft_ms']:+.2f} (paired {x['paired_ttft_delta_ms_p50']:+.2f}) | "
+                   f"| {oh['itl_ms']:+.3f} | {om['itl_ms']:+.3f} | {e2e} |")
     out.append("")
     return out
 
