@@ -736,8 +736,61 @@ def serve(*, settings: GatewaySettings) -> None:
     log.info("OpenAI-compatible endpoint: http://%s:%d/v1 -> Triton gRPC %s (model %s); event loop %s, HTTP %s",
              s.host, s.port, s.triton_grpc, s.triton_model, loop, http)
     # no proxy headers: nothing here uses the client's address, and the middleware is one more layer per request
-    uvicorn.run(create_app(backend, s), host=s.host, port=s.port, loop=loop, http=http, log_level="warning",
-                access_log=False, proxy_headers=False, timeout_graceful_shutdown=5)
+    # the status line leaves with the first chunk (JoinedWrites)
+    uvicorn.run(create_app(backend, s), host=s.host, port=s.port, loop=loop, http=joined_head_protocol(http),
+                log_level="warning", access_log=False, proxy_headers=False, timeout_graceful_shutdown=5)
+
+
+class JoinedWrites:
+    """A transport whose write of an HTTP status line and headers is held back and sent together with the next write
+    (the response's first body chunk, which the gateway has ready when it starts a response), or on the event loop's
+    next turn if no write follows at once. uvicorn writes the status line and each body chunk with a `write` of
+    their own, so the client gets the headers in one TCP segment and wakes for them, then the first token in
+    another; joined, both leave with one `send()`. The order of bytes never changes. Everything but write and close
+    is the transport's own."""
+
+    __slots__ = ("_t", "_loop", "_held")
+
+    def __init__(self, transport, loop):
+        self._t, self._loop, self._held = transport, loop, None
+
+    def write(self, data) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+            self._t.write(data)
+        elif data[:5] == b"HTTP/":
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._t.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._t.close()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def joined_head_protocol(http: str):
+    """uvicorn's HTTP protocol class for `http` ("httptools" or "h11") writing through JoinedWrites."""
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class JoinedHeadProtocol(Base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.transport = JoinedWrites(transport, self.loop)   # what each request's response cycle writes to
+
+    return JoinedHeadProtocol
 
 
 def _io_implementations() -> tuple[str, str]:

@@ -417,14 +417,34 @@ def stub_gateway():
     backend = StubBackend(mod.ModelInfo(name=MODEL, spec=MODEL, tokenizer=load_tokenizer(MODEL), context=512,
                                         max_tokens_cap=16, default_max_tokens=3))
     port = _free_ports(1)[0]
-    server = uvicorn.Server(uvicorn.Config(mod.create_app(backend), host="127.0.0.1", port=port, log_level="error"))
+    writes: list[bytes] = []   # every write the gateway's protocol made to its sockets, in order
+
+    class Recorder:
+        def __init__(self, transport):
+            self._t = transport
+
+        def write(self, data):
+            writes.append(bytes(data))
+            self._t.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._t, name)
+
+    class Protocol(mod.joined_head_protocol("httptools")):   # the gateway's own, over a recording transport
+        def connection_made(self, transport):
+            super().connection_made(Recorder(transport))
+
+    server = uvicorn.Server(uvicorn.Config(mod.create_app(backend), host="127.0.0.1", port=port, log_level="error",
+                                           http=Protocol))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    c.writes = writes
+    yield c
     server.should_exit = True
     th.join(10)
 
@@ -446,6 +466,65 @@ def test_error_after_first_token_arrives_as_an_event(stub_gateway):
         assert resp.status_code == 200
         lines = [l for l in resp.iter_lines() if l.startswith("data:")]
     assert '"error"' in lines[-2] and "engine exploded" in lines[-2] and lines[-1] == "data: [DONE]"
+
+
+def test_status_line_leaves_with_the_first_chunk(stub_gateway):
+    """The gateway's protocol joins the status line and headers with the first SSE chunk: one write to the socket
+    (uvicorn alone makes two). Plain answers and errors are whole as before."""
+    w = stub_gateway.writes
+    with stub_gateway.completions.with_streaming_response.create(model=MODEL, prompt="fine", max_tokens=3,
+                                                                 stream=True) as resp:
+        lines = [l for l in resp.iter_lines() if l.startswith("data:")]
+    assert len(lines) >= 2 and lines[-1] == "data: [DONE]"
+    heads = [x for x in w if x.startswith(b"HTTP/1.1 200") and b"text/event-stream" in x]
+    assert heads and b"data: {" in heads[-1]               # the first chunk in the same write
+    assert not any(x.endswith(b"\r\n\r\n") and x.startswith(b"HTTP/") for x in w)   # never a head alone
+    n = len(w)
+    with pytest.raises(openai.RateLimitError):
+        stub_gateway.completions.create(model=MODEL, prompt="busy now", max_tokens=3)
+    assert w[n].startswith(b"HTTP/1.1 429") and b'"server_busy"' in w[n]
+    r = stub_gateway.completions.create(model=MODEL, prompt="fine", max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_joined_writes_keeps_order_and_flushes_a_lone_head():
+    import asyncio
+
+    mod = _gateway_module()
+
+    class Transport:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(data)
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return name
+
+    async def run():
+        t = Transport()
+        j = mod.JoinedWrites(t, asyncio.get_running_loop())
+        j.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert t.writes == []                        # held
+        j.write(b"5\r\nhello\r\n")
+        j.write(b"0\r\n\r\n")
+        assert t.writes == [b"HTTP/1.1 200 OK\r\n\r\n5\r\nhello\r\n", b"0\r\n\r\n"]
+        j.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # nothing follows at once: out on the loop's next turn
+        await asyncio.sleep(0)
+        assert t.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        j.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        j.close()                                    # close flushes first
+        assert t.writes[-1].startswith(b"HTTP/1.1 204") and t.closed
+        assert j.get_extra_info("peername") == "peername"
+
+    asyncio.run(run())
 
 
 def test_text_stream_holds_back_possible_stop_prefixes():
