@@ -163,32 +163,37 @@ class RawConnection:
 
     async def _body(self, headers: dict) -> bytes:
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-            parts = []
-            while size := int((await self.reader.readline()).split(b";")[0], 16):
-                parts.append(await self.reader.readexactly(size + 2))
-            await self.reader.readline()
-            return b"".join(p[:-2] for p in parts)
+            parts: list[bytes] = []
+            await self._chunks(parts.append)
+            return b"".join(parts)
         return await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
 
     async def _chunked_lines(self, ev: _Events) -> None:
-        """Read the chunked body to its last (size 0) chunk with one `read` per arrival, handing out each complete
-        line as soon as its bytes are in."""
-        buf, text, ok = b"", b"", True
+        """Hand out each complete line of the chunked body as soon as its bytes are in."""
+        state = {"text": b"", "ok": True}
+
+        def data(piece: bytes) -> None:
+            *lines, state["text"] = (state["text"] + piece).split(b"\n")
+            for line in lines:
+                state["ok"] = state["ok"] and ev.line(line + b"\n")
+
+        await self._chunks(data)
+        if state["text"] and state["ok"]:
+            ev.line(state["text"])
+
+    async def _chunks(self, on_data) -> None:
+        """Read a chunked body to its last (size 0) chunk with one `read` per arrival, calling on_data with each
+        chunk's bytes as soon as the chunk is complete."""
+        buf = b""
         while True:
-            # every complete chunk in buf
-            while (eol := buf.find(b"\r\n")) >= 0:
+            while (eol := buf.find(b"\r\n")) >= 0:     # every complete chunk in buf
                 size = int(buf[:eol].split(b";")[0], 16)
                 if len(buf) < eol + 2 + size + 2:
                     break
                 if size == 0:          # the last chunk (no trailers are sent)
-                    if text and ok:
-                        ev.line(text)
                     return
-                text += buf[eol + 2:eol + 2 + size]
+                on_data(buf[eol + 2:eol + 2 + size])
                 buf = buf[eol + 2 + size + 2:]
-                *lines, text = text.split(b"\n")
-                for line in lines:
-                    ok = ok and ev.line(line + b"\n")
             data = await self.reader.read(65536)
             if not data:
                 raise ConnectionError("the server closed the connection mid-response")

@@ -260,6 +260,37 @@ def test_bad_request_gets_openai_error(stack, client, case):
     still_serving(client)
 
 
+def test_raw_client_reads_chunks_split_anywhere():
+    """RawConnection's chunked reader: chunk sizes, data and line ends split across reads at every byte, a line over
+    two chunks; each line handed out once whole, in order, and a chunked body read whole."""
+    import asyncio
+
+    from lmopt.openai_client import RawConnection, _Events
+
+    events = [b'data: {"choices":[{"text":"a"}]}\n\n', b'data: {"choices":[{"text":"b"}],', b'"usage":{"x":1}}\n\n',
+              b"data: [DONE]\n\n"]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+    async def read(split: int):
+        conn = RawConnection("http://127.0.0.1:1")
+        conn.reader = asyncio.StreamReader()
+        ev = _Events(0.0)
+        task = asyncio.ensure_future(conn._chunked_lines(ev))
+        for i in range(0, len(body), split):
+            conn.reader.feed_data(body[i:i + split])
+            await asyncio.sleep(0)
+        await task
+        conn.reader = asyncio.StreamReader()
+        conn.reader.feed_data(body)
+        whole = await conn._body({b"transfer-encoding": b"chunked"})
+        return ev.done(), whole
+
+    for split in (1, 2, 7, len(body)):
+        rec, whole = asyncio.run(read(split))
+        assert rec.error is None and rec.text == "ab" and rec.usage == {"x": 1} and len(rec.event_times_s) == 2
+        assert whole == b"".join(events)
+
+
 def test_other_method_on_a_post_route_is_405(stack, client):
     got, text = http(stack[1], "GET", "/v1/completions")
     assert got == 405 and "POST /v1/completions" in json.loads(text)["error"]["message"]
