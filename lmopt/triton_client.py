@@ -149,6 +149,50 @@ def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
     return Piece("", ids, bool(flag is not None and flag.bool_param))
 
 
+class StreamError(RuntimeError):
+    """Triton answered a streamed request with an error message."""
+
+
+def aio_channel(url: str):
+    """A grpc.aio channel to Triton with tritonclient's message limits and keepalive, and its inference stub."""
+    import grpc
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions, service_pb2_grpc
+
+    k = KeepAliveOptions()
+    channel = grpc.aio.insecure_channel(url, options=[
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", k.keepalive_time_ms), ("grpc.keepalive_timeout_ms", k.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", k.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", k.http2_max_pings_without_data)])
+    return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+async def stream_pb(stub, item, timeout: float):
+    """The Pieces of one request (an infer_request_pb) over Triton's gRPC stream, through the stub itself, up to and
+    including the final one. Raises StreamError for an error response, grpc.aio.AioRpcError for the call's own.
+    Left early (use contextlib.aclosing, so that happens at once), the request is cancelled on the server; a finished
+    one is not: Triton 2.51's gRPC frontend can crash (SIGSEGV) when a cancellation races the completion of the same
+    request (docs/ENVIRONMENT.md)."""
+    async def requests():
+        yield item
+
+    call = stub.ModelStreamInfer(requests(), timeout=timeout)
+    finished = False
+    try:
+        async for resp in call:
+            if resp.error_message:
+                raise StreamError(resp.error_message)
+            piece = parse_response_pb(resp.infer_response)
+            finished = piece.final
+            yield piece
+            if finished:
+                return
+    finally:
+        if not finished:
+            call.cancel()
+
+
 class GrpcStream:
     """One gRPC bidirectional stream to the decoupled model; requests on it run one after the other."""
 

@@ -110,39 +110,29 @@ async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: b
 
 async def direct_lean_one(stub, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
     """direct_one through Triton's gRPC stub itself, the request protobuf built and the responses read by hand
-    (lmopt.triton_client.infer_request_pb / parse_response_pb, what the gateway does): the direct path with as
-    little client as Python allows, the counterpart of openai-raw."""
+    (lmopt.triton_client.infer_request_pb / stream_pb, what the gateway does): the direct path with as little client
+    as Python allows, the counterpart of openai-raw."""
+    import contextlib
+
     from lmopt.models import encode
-    from lmopt.triton_client import GenRequest, infer_request_pb, parse_response_pb
+    from lmopt.triton_client import GenRequest, infer_request_pb, stream_pb
 
     t_send = time.perf_counter()
     item = infer_request_pb(GenRequest(input_ids=encode(tok, prompt), max_tokens=s.max_new_tokens, temperature=0.0,
                                        top_p=1.0), os.urandom(8).hex(), s.triton_model, batch_dim)
-
-    async def requests():
-        yield item
-
-    rec, tokens, finished = StreamTiming(), [], False
+    rec, tokens = StreamTiming(), []
     rec.setup_s = time.perf_counter() - t_send
-    call = stub.ModelStreamInfer(requests(), timeout=s.request_timeout_s)
     try:
-        async for resp in call:
-            now = time.perf_counter() - t_send
-            if resp.error_message:
-                rec.error = resp.error_message[:200]
-                break
-            piece = parse_response_pb(resp.infer_response)
-            if piece.token_ids:
-                tokens.extend(piece.token_ids)
-                rec.event_times_s.append(now)
-            if piece.final:
-                rec.end_s, finished = now, True
-                break
+        async with contextlib.aclosing(stream_pb(stub, item, s.request_timeout_s)) as pieces:
+            async for piece in pieces:
+                now = time.perf_counter() - t_send
+                if piece.token_ids:
+                    tokens.extend(piece.token_ids)
+                    rec.event_times_s.append(now)
+                if piece.final:
+                    rec.end_s = now
     except Exception as e:
         rec.error = f"{type(e).__name__}: {e}"[:200]
-    finally:
-        if not finished:   # as the gateway: a finished call is not cancelled (docs/ENVIRONMENT.md)
-            call.cancel()
     rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
     return rec
 
@@ -160,13 +150,9 @@ async def _measure(s: OverheadSettings) -> dict:
     raw = None if s.no_lean_clients else RawConnection(s.openai_url)
     lean_channel = None
     if not s.no_lean_clients:
-        import grpc as grpc_mod
-        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2_grpc
+        from lmopt.triton_client import aio_channel
 
-        lean_channel = grpc_mod.aio.insecure_channel(s.triton_grpc, options=[
-            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE)])
-        lean_stub = service_pb2_grpc.GRPCInferenceServiceStub(lean_channel)
+        lean_channel, lean_stub = aio_channel(s.triton_grpc)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.request_timeout_s)) as session:
         try:
             try:
@@ -236,40 +222,39 @@ def compare_urls(s: OverheadSettings) -> dict[str, str]:
     return out
 
 
-def _path_summary(rows: list[dict], get) -> dict:
-    """Stats of one path, its overhead over the direct path (medians, means) and the paired TTFT difference."""
-    from lmopt.results import percentile, stats
+def _stats(rows: list[dict], get) -> dict:
+    from lmopt.results import stats
 
-    x = {"ttft_ms": stats([get(r)["ttft_ms"] for r in rows]),
-         "itl_ms": stats([v for r in rows for v in get(r)["itl_ms"]]),
-         "e2e_ms": stats([get(r)["e2e_ms"] for r in rows])}
-    d = {m: stats([r["direct"][m] for r in rows]) if m != "itl_ms" else
-         stats([v for r in rows for v in r["direct"]["itl_ms"]]) for m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    return {"ttft_ms": stats([get(r)["ttft_ms"] for r in rows]),
+            "itl_ms": stats([v for r in rows for v in get(r)["itl_ms"]]),
+            "e2e_ms": stats([get(r)["e2e_ms"] for r in rows])}
+
+
+def _path_summary(rows: list[dict], get, base=lambda r: r["direct"]) -> dict:
+    """Stats of one path, its overhead over `base` (the direct path; medians, means) and the paired TTFT
+    difference."""
+    from lmopt.results import percentile
+
+    x, d = _stats(rows, get), _stats(rows, base)
     return {**x, "overhead_ms": {m: round(x[m]["p50"] - d[m]["p50"], 4) for m in d},
             # tokens can arrive in bursts (several responses queued behind one another), which pulls the ITL median
             # towards zero; the mean ITL ((e2e - TTFT) / (tokens - 1) on average) does not hide in a burst
             "overhead_mean_ms": {m: round(x[m]["mean"] - d[m]["mean"], 4) for m in d},
             # paired: both paths ran the same prompt back to back; the median of the per-request differences
-            "paired_ttft_delta_ms_p50": round(percentile([get(r)["ttft_ms"] - r["direct"]["ttft_ms"]
+            "paired_ttft_delta_ms_p50": round(percentile([get(r)["ttft_ms"] - base(r)["ttft_ms"]
                                                           for r in rows], 50), 4)}
 
 
 def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
-    from lmopt.results import percentile
+    from lmopt.results import percentile, stats
 
-    from lmopt.results import stats
-
-    out = {}
-    for path in ("direct", "openai"):
-        out[path] = {m: v for m, v in _path_summary(rows, lambda r: r[path]).items()
-                     if m in ("ttft_ms", "itl_ms", "e2e_ms")}
+    out = {path: _stats(rows, lambda r, p=path: r[p]) for path in ("direct", "openai")}
     if all("setup_ms" in r["direct"] for r in rows):
         # the direct client's building of its request tensors, inside its TTFT (as the endpoint's tokenizing and
         # request building are inside the endpoint's)
         out["direct"]["setup_ms"] = stats([r["direct"]["setup_ms"] for r in rows])
     o = _path_summary(rows, lambda r: r["openai"])
-    out.update(overhead_ms=o["overhead_ms"], overhead_mean_ms=o["overhead_mean_ms"],
-               paired_ttft_delta_ms_p50=o["paired_ttft_delta_ms_p50"])
+    out.update({k: o[k] for k in ("overhead_ms", "overhead_mean_ms", "paired_ttft_delta_ms_p50")})
     if compare:
         out["compare"] = {}
         for label, url in compare.items():
@@ -280,19 +265,9 @@ def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
             out["compare"][label] = {"url": url, **c}
         if RAW in compare and LEAN in compare:
             # the endpoint's overhead with the minimal client on both sides: openai-raw against direct-lean
-            def get(r, label, m):
-                return r["compare"][label][m]
-
-            med = {m: round(percentile([get(r, RAW, m) for r in rows], 50)
-                            - percentile([get(r, LEAN, m) for r in rows], 50), 4) for m in ("ttft_ms", "e2e_ms")}
-            itl = {k: [v for r in rows for v in get(r, k, "itl_ms")] for k in (RAW, LEAN)}
-            out["minimal_clients"] = {
-                "paths": [RAW, LEAN], "overhead_ms": {**med, "itl_ms": round(
-                    percentile(itl[RAW], 50) - percentile(itl[LEAN], 50), 4)},
-                "overhead_mean_ms": {"itl_ms": round(sum(itl[RAW]) / len(itl[RAW]) - sum(itl[LEAN]) / len(itl[LEAN]),
-                                                     4)},
-                "paired_ttft_delta_ms_p50": round(percentile([get(r, RAW, "ttft_ms") - get(r, LEAN, "ttft_ms")
-                                                              for r in rows], 50), 4)}
+            m = _path_summary(rows, lambda r: r["compare"][RAW], base=lambda r: r["compare"][LEAN])
+            out["minimal_clients"] = {"paths": [RAW, LEAN], **{k: m[k] for k in (
+                "overhead_ms", "overhead_mean_ms", "paired_ttft_delta_ms_p50")}}
     return out
 
 

@@ -127,17 +127,9 @@ class TritonBackend:
         self._lock = asyncio.Lock()
 
     async def start(self):
-        import grpc
-        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions, service_pb2_grpc
+        from lmopt.triton_client import aio_channel
 
-        k = KeepAliveOptions()
-        self.channel = grpc.aio.insecure_channel(self.url, options=[
-            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.keepalive_time_ms", k.keepalive_time_ms), ("grpc.keepalive_timeout_ms", k.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", k.keepalive_permit_without_calls),
-            ("grpc.http2.max_pings_without_data", k.http2_max_pings_without_data)])
-        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.channel, self.stub = aio_channel(self.url)
 
     async def close(self):
         if self.channel is not None:
@@ -188,30 +180,24 @@ class TritonBackend:
     async def generate(self, prompt_ids: list[int], p: GenParams) -> AsyncIterator[list[int]]:
         """Token ids as the backend sends them (one list per response). Raises APIError. Leaving the loop early
         (client gone, stop string) cancels the request on the server."""
+        import contextlib
+
         import grpc
 
-        from lmopt.triton_client import GenRequest, infer_request_pb, parse_response_pb
+        from lmopt.triton_client import GenRequest, StreamError, infer_request_pb, stream_pb
 
         # the model stops on one string itself; several are matched (and the request cancelled) here
         req = GenRequest(input_ids=prompt_ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                          seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None)
         item = infer_request_pb(req, os.urandom(8).hex(), self.model, self._info.batch_dim)
-
-        async def requests():
-            yield item
-
-        call = self.stub.ModelStreamInfer(requests(), timeout=self.timeout)
-        finished = False
         try:
-            async for resp in call:
-                if resp.error_message:
-                    raise backend_error(resp.error_message)
-                piece = parse_response_pb(resp.infer_response)
-                if piece.token_ids:
-                    yield piece.token_ids
-                if piece.final:
-                    finished = True
-                    return
+            # aclosing: leaving this loop early cancels the request in Triton at once, not when the GC gets to it
+            async with contextlib.aclosing(stream_pb(self.stub, item, self.timeout)) as pieces:
+                async for piece in pieces:
+                    if piece.token_ids:
+                        yield piece.token_ids
+        except StreamError as e:
+            raise backend_error(str(e)) from None
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise not_ready(f"Triton at {self.url} is not reachable: {e.details()}") from None
@@ -219,11 +205,6 @@ class TritonBackend:
                 raise APIError(504, f"request took longer than {self.timeout:g} s", "server_error", None,
                                "timeout") from None
             raise backend_error(f"{e.code().name}: {e.details()}") from None
-        finally:
-            # cancel only a request left early: Triton 2.51's gRPC frontend can crash (SIGSEGV) when a cancellation
-            # races the completion of the same request (docs/ENVIRONMENT.md), so a finished call is not cancelled
-            if not finished:
-                call.cancel()
 
 
 def _load_info(params: dict, served_name: str) -> ModelInfo:
