@@ -17,6 +17,8 @@ ONNX Runtime 1.24.4's SimplifiedLayerNormFusion breaks on AutoCast's FP16 Llama 
 validation session disables that one optimizer; TensorRT parses the graph itself and is unaffected.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import tempfile
@@ -126,7 +128,8 @@ def convert(*, settings: Fp16Settings) -> dict:
             log.info("Saving ONNX model to %s", final / "model.onnx")
             payload = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
             manifest = {
-                "stage": "quantize", "variant": "fp16", "model": src_man.get("model", s.model), "precision": "fp16",
+                "stage": "quantize", "variant": "fp16", "model": src_man.get("model", s.model),
+                "model_spec": s.model, "precision": "fp16",
                 # FP16 on CPU is no faster than FP32 (ENVIRONMENT.md): this graph is for TensorRT
                 "targets": ["tensorrt"], "default": True,
                 "converter": "modelopt.onnx.autocast.convert_to_mixed_precision",

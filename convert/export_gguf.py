@@ -16,6 +16,8 @@ F32 must match PyTorch (relative max |Δ| within --f32-tolerance), or nothing is
 are recorded as they are (llama.cpp's recipes have no accuracy budget of ours to meet).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import shutil
@@ -153,7 +155,8 @@ def export(*, settings: GgufSettings) -> dict:
                     shutil.copyfile(out, tmp / "model.gguf")
                 else:
                     out.replace(tmp / "model.gguf")
-                man = {"stage": "gguf", "variant": t, "model": model_slug(s.model), "precision": precision[t],
+                man = {"stage": "gguf", "variant": t, "model": model_slug(s.model),
+                       "model_spec": s.model, "precision": precision[t],
                        "targets": ["llama.cpp"], "file_type": t,
                        "converter": f"llama-cpp-python {VERSION} sdist: vendor/llama.cpp/convert_hf_to_gguf.py"
                                     + ("" if t == "f32" else f" + llama_model_quantize({t})"),

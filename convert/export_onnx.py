@@ -30,6 +30,8 @@ over a fixed-size KV buffer of --max-len positions, written in place, so ONNX Ru
 step as a CUDA graph (engine `ort-gqa`). Checked like --dtype fp16, through the engine, on --device.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import time
@@ -84,15 +86,16 @@ def check_settings(s: ExportSettings) -> None:
 
 
 def export(*, settings: ExportSettings) -> dict:
+    from lmopt.models import check_supported, load_config, load_model, load_tokenizer, model_shape, resolve
+
+    s = settings
+    spec = resolve(s.model)  # before torch loads: a model that cannot be found fails in a second
     import torch
 
     from lmopt.manifest import file_entry, package_versions
-    from lmopt.models import check_supported, load_config, load_model, load_tokenizer, model_shape, resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
-    s = settings
     check_settings(s)
-    spec = resolve(s.model)
     check_writable(s.artifacts)
     cfg = load_config(s.model)
     check_supported(cfg, s.model)

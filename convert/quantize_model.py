@@ -36,6 +36,8 @@ Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted 
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import re
@@ -308,6 +310,7 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                 payload = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
                 manifest = {
                     "stage": "quantize", "variant": variant, "model": src_man.get("model", s.model),
+                    "model_spec": s.model,
                     "precision": "int4" if PRESETS[target].weight_bits == 4 else "int8",
                     "targets": list(PRESETS[target].targets),
                     "engine": "ort-gqa" if s.attention == "gqa" else "ort",

@@ -7,6 +7,8 @@ Reads:  diagrams/pipeline_architecture.txt (nodes, edges, lanes; the format is d
 Writes: diagrams/pipeline_architecture.png (committed; the README shows it)
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import shlex

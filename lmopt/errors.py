@@ -20,6 +20,14 @@ def cli_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        if (e.name or "lmopt").split(".")[0] == "lmopt":
+            raise  # a bug in this package: keep the traceback
+        # the project's lmopt but not its pinned packages: another Python than .venv's (optional packages such as
+        # tensorrt are imported where they are used and say themselves what to install)
+        print(f"error: this Python ({sys.executable}) lacks {e.name}, one of the project's packages — run: make "
+              f"setup; then .venv/bin/python {' '.join(sys.argv)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

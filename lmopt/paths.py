@@ -1,4 +1,4 @@
-"""The one place that resolves artifact paths: artifacts/<model>/<stage>/<variant>/...
+"""The one place that resolves artifact paths: artifacts/<model key>/<stage>/<variant>/...
 
 Variant names encode what produced them (`fp32`, `int8-qdq-trt-minmax`, `int8-cpu-u8s8-minmax`, `fp16`,
 `trt11.4-fp16`). Every stage writes a variant folder through `staging_dir`, which builds it under a temporary name
@@ -7,7 +7,6 @@ and renames it into place only when the stage succeeded, so a folder with a mani
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -30,18 +29,15 @@ STAGE_TARGETS = {
 }
 
 
-def model_slug(model: str) -> str:
-    """Folder name for a model spec: preset/built-in names as is, a local path by its folder name, a hub id with '--'."""
-    p = Path(model)
-    if model and (p.exists() or model.startswith((".", "/", "~"))):
-        name = p.expanduser().resolve().name or "model"
-    else:
-        name = model.replace("/", "--")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-    return name
+def model_slug(model) -> str:
+    """The artifacts folder name of a model (a --model value or an lmopt.models.Model): a preset or hub id as given
+    ('/' written '--'), a local folder its name plus a short hash of its resolved path (lmopt.models.classify)."""
+    from .models import Model, model_key
+
+    return model.key if isinstance(model, Model) else model_key(model)
 
 
-def stage_dir(artifacts: str | os.PathLike, model: str, stage: str, variant: str) -> Path:
+def stage_dir(artifacts: str | os.PathLike, model, stage: str, variant: str) -> Path:
     return Path(artifacts) / model_slug(model) / stage / variant
 
 

@@ -16,6 +16,8 @@ Split: by a hash of each document's path (lmopt.corpus.split_of): 90% train, 5% 
 tokenizer and the model see only the training split; evaluation text is never used for calibration or training.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

@@ -14,6 +14,8 @@ LMOPT_MACHINE, LMOPT_REPORT_DIR). A missing input is a note in the report naming
 (a bug, or a figure with an empty or unlabelled axes) fails the command and nothing is published.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import os
@@ -100,7 +102,8 @@ def run_notebook(*, settings: NotebookSettings) -> dict:
             raise RuntimeError(f"{len(errors)} cell(s) raised while executing {nb_path}")
         notes = [c for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "text/markdown" in o.get("data", {}) and "— run" in o["data"]["text/markdown"]]
-        manifest = {"stage": "report", "variant": final.name, "model": model_slug(s.model), "settings": asdict(s),
+        manifest = {"stage": "report", "variant": final.name, "model": model_slug(s.model),
+                    "model_spec": s.model, "settings": asdict(s),
                     "outputs": {"html": "latency_analysis.html", "notebook": "latency_analysis.ipynb",
                                 "figures": pngs},
                     "missing_inputs_notes": len(notes),

@@ -24,6 +24,8 @@ Needs an NVIDIA GPU, TensorRT 11 (10.x also works) and a CUDA build of torch (de
 script exits with one line saying what is missing; --skip-if-unavailable turns that into a note and exit 0.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

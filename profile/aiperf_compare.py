@@ -21,6 +21,8 @@ Writes: artifacts/<model>/profile/aiperf/c<N>/ (aiperf's own artifacts), artifac
         with --publish also results/<machine-tag>/<model>/aiperf-compare.json
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import asyncio
 import json

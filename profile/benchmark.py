@@ -35,6 +35,8 @@ whose p50 step beats it (with more bytes than the last-level cache holds) is fla
 (`below_floor`, `measurement_errors`), never reported as a win.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import time

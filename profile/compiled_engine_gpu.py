@@ -23,6 +23,8 @@ the floating-point tolerance; the accuracy cell says what quantizing costs inste
 (same precision): perplexity of both, top-1 agreement per position, greedy agreement over --parity-tokens.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import statistics
 import time

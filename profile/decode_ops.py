@@ -12,6 +12,8 @@ Writes: artifacts/<model>/profile/decode-ops-cpu.json (or --out): per row, decod
         figures with the benchmark's.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

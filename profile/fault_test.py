@@ -12,6 +12,8 @@ the kill until HAProxy's health check (GET /v2/health/ready every CHECK_MS) had 
 backends (its stats page, polled every 20 ms).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import csv
 import io

@@ -24,6 +24,8 @@ get at least one token response (a model that only answers at the end is not str
 through lmopt.generate on the same engine in this process: the difference is what serving costs.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import asyncio

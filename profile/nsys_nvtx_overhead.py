@@ -15,6 +15,8 @@ ratio is recorded too) and a predicted one (ranges per round x the extra cost of
 / round time), which does not depend on noise. The budget is 2%.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import statistics
@@ -160,6 +162,7 @@ def measure(*, settings: OverheadSettings) -> dict:
     with staging_dir(final) as tmp:
         write_json(tmp / "result.json", result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
+                             "model_spec": s.model,
                              "settings": asdict(s), "outputs": {"result": "result.json"}})
     r = result["summary"]
     log.info("annotated %.2f ms vs bare %.2f ms per round (%d pairs, %d ranges per round)", 1e3 * r["annotated_median_s"],

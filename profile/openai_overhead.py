@@ -31,6 +31,8 @@ Writes: artifacts/<model>/profile/openai-overhead.json (settings, every request'
         with --publish also results/<machine-tag>/<model>/openai-overhead.json
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import asyncio
 import os

@@ -17,6 +17,8 @@ by `perf_analyzer_env()`, so nothing is set up by hand. One perf_analyzer run pe
 first response of a decoupled model (Triton server #4530), so streaming metrics come from load_generator.py.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import csv

@@ -21,6 +21,8 @@ installed torch) is the way to kernel timelines there. The summary's `nvtx.work_
 ranges explain the measured wall time (within 10%).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json
@@ -206,6 +208,7 @@ def profile(*, settings: ProfileSettings) -> dict:
         log.info("Saving profile summary to %s", final / "summary.json")
         _log_findings(result)
         write_manifest(tmp, {"stage": "profile", "variant": final.name, "model": model_slug(s.model),
+                             "model_spec": s.model,
                              "settings": asdict(s), "profiler": profiler,
                              "outputs": {"summary": "summary.json", "files": result["files"] + ["summary.json"]},
                              "versions": result["versions"], "timings_s": {**timings,

@@ -28,6 +28,8 @@ batching), same engine, slots = max batch size.
 The tools run as subprocesses in their own session, as the server does (see _run_tool: Linux autogroup).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

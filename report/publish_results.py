@@ -12,6 +12,8 @@ Writes: results/<machine-tag>/<model>/<same name>, machine-tag from the result's
 The README tables (make readme-tables) are rendered from results/, never from artifacts/.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

@@ -10,6 +10,8 @@ Writes: nothing (prints to stdout).
 A stage folder without a manifest never finished; it is listed as such, with the make target that builds it.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

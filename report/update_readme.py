@@ -14,6 +14,8 @@ openai-overhead, aiperf-compare). A section without a
 renderer is left as is. Every rendered table states the machine, date and command of its data.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import re

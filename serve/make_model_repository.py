@@ -34,6 +34,8 @@ only when it met its accuracy budget); a quick speed check (ms per token, batch 
 The manifest's "choice" records the candidates, their measured speed and accuracy, and the reason.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import shutil

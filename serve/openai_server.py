@@ -24,6 +24,8 @@ Reads:  Triton's config of the served model (its `parameters`: model spec, max_t
 Writes: nothing; logs to stderr
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import asyncio

@@ -12,7 +12,7 @@
 # Why one gateway in front of the balancer rather than one per replica: the gateway holds no state between requests
 # and only forwards gRPC streams, so a replica's death costs the gateway nothing and the balancer alone decides where
 # requests go (one health view, one place to read what was sent where).
-# State under ARTIFACTS/MODEL/serve/run-replicas/: replica-I.{pid,log,ports}, haproxy.{cfg,pid,log}, openai.{pid,log}.
+# State under ARTIFACTS/<model key>/serve/run-replicas/: replica-I.{pid,log,ports}, haproxy.{cfg,pid,log}, openai.{pid,log}.
 # Env: PYTHON (default .venv/bin/python), HAPROXY (default: haproxy on PATH; `make setup-haproxy` installs it),
 #      CHECK_MS (health-check interval, 500), FALL (failed checks before a replica is out, 2), READY_TIMEOUT_S (120).
 set -euo pipefail
@@ -23,7 +23,8 @@ OPENAI_PORT="${OPENAI_PORT:-8080}" GPUS="${GPUS:-}" CHECK_MS="${CHECK_MS:-500}" 
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-120}"
 PY="${PYTHON:-.venv/bin/python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-RUN="$ART/$MODEL/serve/run-replicas"
+KEY="$("$PY" -c 'import sys; from lmopt.models import model_key; print(model_key(sys.argv[1]))' "$MODEL")"
+RUN="${RUN_DIR:-$ART/$KEY/serve/run-replicas}"  # RUN_DIR: `make serve-stop` stops each folder it finds
 die() { echo "error: $*" >&2; exit 1; }
 STARTING=0  # set while starting: a failure then stops what was already started
 stop_group() {  # stop_group PIDFILE NAME: its whole process group (run_triton.sh's stop: TERM, then KILL after 30 s)
@@ -51,7 +52,7 @@ if [ -n "$GPUS" ] && [ "${#GPU_LIST[@]}" -ne "$REPLICAS" ]; then
 fi
 for f in "$RUN"/*.pid; do
   [ -f "$f" ] || continue
-  kill -0 -- "-$(cat "$f")" 2>/dev/null && die "already running ($f) — run: make serve-replicas-stop"
+  kill -0 -- "-$(cat "$f")" 2>/dev/null && die "already running ($f) — run: make serve-stop"
   rm -f "$f"
 done
 if [ -z "${REPO:-}" ]; then

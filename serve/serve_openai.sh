@@ -5,8 +5,10 @@
 #   bash serve/serve_openai.sh start [MODEL] [ARTIFACTS]   # ports: OPENAI_PORT (8080); HTTP_PORT/GRPC_PORT/METRICS_PORT
 #                                                          # READY_TIMEOUT_S (120): a GPU engine compiling at load
 #   bash serve/serve_openai.sh stop  [MODEL] [ARTIFACTS]   # stops both; no process is left
+#   bash serve/serve_openai.sh stop-all "" [ARTIFACTS]     # `make serve-stop`: what serve-openai and serve-replicas
+#                                                          # started for any model under ARTIFACTS
 #
-# Pid files and logs: ARTIFACTS/MODEL/serve/run/{triton,openai}.{pid,log}. Both run in their own process group, so
+# Pid files and logs: ARTIFACTS/<model key>/serve/run/{triton,openai}.{pid,log} (the key: lmopt.models.model_key). Both run in their own process group, so
 # stopping one stops everything it started (Triton's backend stubs included). Env: PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +19,9 @@ READY_TIMEOUT_S="${READY_TIMEOUT_S:-120}"   # seconds each of Triton and the gat
 PY="${PYTHON:-.venv/bin/python}"
 # the gateway imports this checkout's lmopt package
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-RUN="$ART/$MODEL/serve/run"
 die() { echo "error: $*" >&2; exit 1; }
+KEY="$("$PY" -c 'import sys; from lmopt.models import model_key; print(model_key(sys.argv[1]))' "$MODEL")"
+RUN="$ART/$KEY/serve/run"
 
 stop_gateway() {
   local f="$RUN/openai.pid" pgid i
@@ -32,14 +35,25 @@ stop_gateway() {
   echo "openai gateway stopped"
 }
 
+stop_run() {  # stop_run DIR: the gateway and Triton whose pid files are in DIR
+  RUN="$1"
+  [ -f "$RUN/openai.pid" ] || [ -f "$RUN/triton.pid" ] || return 1
+  stop_gateway
+  [ ! -f "$RUN/triton.pid" ] || bash serve/run_triton.sh stop --pid-file "$RUN/triton.pid"
+}
+
 case "$ACTION" in
-  stop)
-    [ -f "$RUN/openai.pid" ] || [ -f "$RUN/triton.pid" ] || { echo "nothing running under $RUN"; exit 0; }
-    stop_gateway
-    [ ! -f "$RUN/triton.pid" ] || bash serve/run_triton.sh stop --pid-file "$RUN/triton.pid"
+  stop) stop_run "$RUN" || echo "nothing running under $RUN"; exit 0 ;;
+  stop-all)
+    n=0
+    for d in "$ART"/*/serve/run; do [ -d "$d" ] && stop_run "$d" && n=$((n + 1)) || true; done
+    for d in "$ART"/*/serve/run-replicas; do
+      [ -n "$(ls "$d"/*.pid 2>/dev/null)" ] && RUN_DIR="$d" bash serve/run_replicas.sh stop && n=$((n + 1)) || true
+    done
+    [ "$n" -gt 0 ] || echo "nothing running under $ART"
     exit 0 ;;
   start) ;;
-  *) die "usage: bash serve/serve_openai.sh start|stop [MODEL] [ARTIFACTS]" ;;
+  *) die "usage: bash serve/serve_openai.sh start|stop [MODEL] [ARTIFACTS], or stop-all \"\" [ARTIFACTS]" ;;
 esac
 
 for f in openai triton; do

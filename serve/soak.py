@@ -15,6 +15,8 @@ warm-up of the first quarter of the run. Reads: the server, its pid file. Writes
 <variant>-c<clients>-<duration>s.json (machine, versions, command, settings, raw samples, summary).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

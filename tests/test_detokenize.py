@@ -47,7 +47,9 @@ def test_encode_equals_the_tokenizer_call(tok, special):
 
 
 def test_encode_takes_the_tokenizer_call_when_truncation_is_on():
-    tok = load_tokenizer("tiny")  # its own instance: the backend's truncation is switched on below
+    from lmopt.models import resolve
+
+    tok = resolve("tiny").load_tokenizer()  # its own instance (load_tokenizer's is shared): truncation goes on below
     text = TEXTS[0]
     full = encode(tok, text)
     tok.backend_tokenizer.enable_truncation(max_length=3)

@@ -93,7 +93,7 @@ def test_unknown_model_name(tmp_path):
     # offline: a bare name that is neither a preset nor in the local Hugging Face cache is refused in one line
     proc = run_cli("convert/export_onnx.py", "--model", "no-such-preset", "--artifacts", str(tmp_path), check=False,
                    env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
-    assert_one_line_error(proc, "unknown model 'no-such-preset'", "local Hugging Face cache")
+    assert_one_line_error(proc, "'no-such-preset' is not in the local Hugging Face cache", "HF_HUB_OFFLINE")
 
 
 def test_legacy_hub_id_loads_from_local_cache(tmp_path):

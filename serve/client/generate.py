@@ -10,6 +10,8 @@ Writes: nothing; prints each prompt's completion (or, with --json, one JSON obje
         reasons and timings, for scripts and tests).
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json

@@ -17,6 +17,8 @@ Writes: --out FILE (optional): JSON with settings, per-request results (tokens, 
 Exit code: 0, or 1 when --check fails or a request fails.
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import argparse
 import json
