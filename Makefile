@@ -137,7 +137,7 @@ gguf: $(A)/gguf/f32/manifest.json $(A)/gguf/q8_0/manifest.json $(A)/gguf/q4_0/ma
 
 # ---- stage 5-6: measure ---------------------------------------------------------------------------------------------
 # BENCH_ARGS e.g. "--engines torch,ort --precisions fp32,int8 --batch-sizes 1" (see profile/benchmark.py --help)
-benchmark: quantize fp16  ## stage 5: every engine x precision available here (BENCH_ARGS)
+benchmark: quantize  ## stage 5: every engine x precision available here (BENCH_ARGS)
 	$(PY) profile/benchmark.py --model $(MODEL) --artifacts $(ART) $(BENCH_ARGS)
 # on a GPU machine: every GPU engine side by side (profile/benchmark.py --preset gpu), ORT on the FP16 graph
 benchmark-gpu: DEVICE = cuda
@@ -167,7 +167,8 @@ diagrams/pipeline_architecture.png: diagrams/pipeline_architecture.py diagrams/p
 # MACHINE=<tag>: plot the committed results/<tag>/<model>/ instead of this machine's artifacts
 notebook: $(STAMP)  ## run the latency notebook -> artifacts/<model>/report/ (HTML + PNG)
 	$(PY) notebooks/run_notebook.py --model $(MODEL) --artifacts $(ART) $(if $(MACHINE),--machine $(MACHINE))
-readme-tables: $(STAMP)  ## regenerate results/README.md from the committed result JSON
+readme-tables: $(STAMP)  ## regenerate the README's headline and results/README.md from the committed result JSON
+	$(PY) report/update_readme.py --readme README.md --results results
 	$(PY) report/update_readme.py --readme results/README.md --results results
 
 summary: $(STAMP)  ## what was built for MODEL and where (one line per stage output)
@@ -175,7 +176,7 @@ summary: $(STAMP)  ## what was built for MODEL and where (one line per stage out
 
 demo: setup export quantize fp16 engine serve-demo benchmark profile notebook diagram summary  ## every stage on MODEL, then a summary
 
-test: setup setup-nsys setup-haproxy  ## the test suite (CPU, about 15 min)
+test: setup setup-nsys setup-haproxy  ## the test suite (CPU, under 30 min)
 	$(PY) -m pytest -q tests
 
 clean:  ## delete ART (every model's artifacts)

@@ -1,14 +1,17 @@
-"""Regenerate the README's result sections from committed files, so no number in the README is typed by hand.
+"""Regenerate the generated sections of README.md (the headline table) and results/README.md (every result table)
+from committed files, so no number in either is typed by hand.
 
-    python report/update_readme.py                 # rewrite README.md in place
-    python report/update_readme.py --check         # exit 1 if README.md is stale (CI)
-    make readme-tables
+    python report/update_readme.py                                  # rewrite README.md in place
+    python report/update_readme.py --readme results/README.md       # the result tables
+    python report/update_readme.py --readme results/README.md --check   # exit 1 if stale (CI)
+    make readme-tables                                              # both
 
 Reads:  every result file under --results (results/<machine-tag>/<model>/*.json), found by its `kind`, and
         models/tiny/training.json.
-Writes: README.md, only between `<!-- BEGIN name ... -->` and `<!-- END name -->` markers.
+Writes: --readme, only between `<!-- BEGIN name ... -->` and `<!-- END name -->` markers.
 
-Sections and their renderers (lmopt.report.SECTIONS): tiny-model, before-vs-after (kind benchmark), serving (kinds
+Sections and their renderers (lmopt.report.SECTIONS): headline (README.md: the best benchmark row per machine and
+model), tiny-model, before-vs-after (kind benchmark), serving (kinds
 serving_batching_comparison, streaming_load, perf_analyzer), gpu (kinds gpu-suite, profile), openai-endpoint (kinds
 openai-overhead, aiperf-compare). A section without a
 renderer is left as is. Every rendered table states the machine, date and command of its data.

@@ -4,6 +4,7 @@
 #
 #   bash serve/serve_openai.sh start [MODEL] [ARTIFACTS]   # ports: OPENAI_PORT (8080); HTTP_PORT/GRPC_PORT/METRICS_PORT
 #                                                          # READY_TIMEOUT_S (120): a GPU engine compiling at load
+#                                                          # SERVED_MODEL_NAME: the `model` clients send
 #   bash serve/serve_openai.sh stop  [MODEL] [ARTIFACTS]   # stops both; no process is left
 #   bash serve/serve_openai.sh stop-all "" [ARTIFACTS]     # `make serve-stop`: what serve-openai and serve-replicas
 #                                                          # started for any model under ARTIFACTS
@@ -73,12 +74,12 @@ mkdir -p "$RUN"
 bash serve/run_triton.sh "$REPO" --background --pid-file "$RUN/triton.pid" --log-file "$RUN/triton.log" \
   --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --timeout "$READY_TIMEOUT_S"
 setsid "$PY" serve/openai_server.py --port "$OPENAI_PORT" --triton-grpc "127.0.0.1:$GRPC_PORT" \
-  >"$RUN/openai.log" 2>&1 </dev/null &
+  ${SERVED_MODEL_NAME:+--served-model-name "$SERVED_MODEL_NAME"} >"$RUN/openai.log" 2>&1 </dev/null &
 echo "$!" > "$RUN/openai.pid"
 for i in $(seq 1 $((READY_TIMEOUT_S * 2))); do
   if "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$OPENAI_PORT/health', timeout=2)" 2>/dev/null
   then
-    echo "OpenAI-compatible endpoint ready: base URL http://127.0.0.1:$OPENAI_PORT/v1  (model: $MODEL)"
+    echo "OpenAI-compatible endpoint ready: base URL http://127.0.0.1:$OPENAI_PORT/v1  (model: ${SERVED_MODEL_NAME:-$MODEL})"
     echo "logs: $RUN/openai.log $RUN/triton.log; stop: make serve-stop"
     exit 0
   fi

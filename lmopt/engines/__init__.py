@@ -75,11 +75,11 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
                             max_len=man["graph"]["max_len"], max_positions=man["model_shape"]["max_positions"],
                             **kwargs)
     if engine == "ort":
-        from ..models import load_config, model_shape
+        from ..models import as_model
         from .ort_engine import OrtEngine
 
         folder, man = find_onnx(artifacts, model, precision, "onnxruntime")
-        max_pos = man.get("model_shape", {}).get("max_positions") or model_shape(load_config(model))["max_positions"]
+        max_pos = man.get("model_shape", {}).get("max_positions") or as_model(model).context_length
         return OrtEngine(onnx_file(folder, man), precision, device, threads, variant=folder.name,
                          max_positions=max_pos, **kwargs)
     reason = trt_unavailable_reason(device)

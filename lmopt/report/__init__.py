@@ -68,13 +68,13 @@ def floor_note(result: dict) -> str:
 
 
 def _sections() -> dict[str, Callable[[Path], str]]:
-    from lmopt.report import benchmark, gpu, openai, scaleout, serving, tiny
+    from lmopt.report import benchmark, gpu, headline, openai, scaleout, serving, tiny
 
-    return {"tiny-model": tiny.render, "before-vs-after": benchmark.render, "serving": serving.render,
+    return {"headline": headline.render, "tiny-model": tiny.render, "before-vs-after": benchmark.render, "serving": serving.render,
             "gpu": gpu.render, "openai-endpoint": openai.render, "scale-out": scaleout.render}
 
 
-SECTION_NAMES = ("tiny-model", "before-vs-after", "serving", "gpu", "openai-endpoint", "scale-out")
+SECTION_NAMES = ("headline", "tiny-model", "before-vs-after", "serving", "gpu", "openai-endpoint", "scale-out")
 
 
 def render_section(name: str, results_dir: str | Path) -> str | None:
