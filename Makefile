@@ -55,7 +55,7 @@ $(A)/export/fp16-gqa/manifest.json: $(STAMP) $(MODEL_FILES)
 export-gqa: $(A)/export/fp16-gqa/manifest.json  ## fused GroupQueryAttention FP16 graph (engine ort-gqa)
 
 # ---- stage 2: INT8 Q/DQ (per target) and FP16 --------------------------------------------------------------------
-# one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (README: Stage 2)
+# one run writes both INT8 graphs: S8S8 Q/DQ for TensorRT, U8S8 for ONNX Runtime CPU (docs/quantization.md)
 $(A)/quantize/int8-qdq-trt-minmax/manifest.json $(A)/quantize/int8-cpu-u8s8-minmax/manifest.json &: \
 		$(A)/export/fp32/manifest.json
 	$(PY) convert/quantize_model.py --model $(MODEL) --artifacts $(ART)

@@ -18,7 +18,7 @@ Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.j
         with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
 
 Why two INT8 graphs: TensorRT needs symmetric int8 Q/DQ pairs on MatMul inputs; ONNX Runtime's AVX2 CPU kernels
-are U8S8 and leave signed-activation MatMuls in float with a DequantizeLinear on every call (README, Stage 2).
+are U8S8 and leave signed-activation MatMuls in float with a DequantizeLinear on every call (docs/quantization.md).
 
 Calibration: N windows x sequence length from the text, each fed as a prefill and as a second half with the KV cache
 of its first half (the past_key_values paths need ranges too). Methods minmax / entropy / percentile.

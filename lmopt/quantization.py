@@ -76,7 +76,7 @@ FLOAT_MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul"}
 ALWAYS_EXCLUDE = re.compile(r"rotary_emb")
 # The Llama MLP's down projection reads the SwiGLU product, whose few large channels set a per-tensor activation scale
 # that leaves every other channel a handful of levels. On the built-in model, quantizing these 4 MatMuls alone took
-# top-1 agreement with FP32 from 95.9% to 93.7% and greedy agreement from 85% to 50% (minmax; README, Stage 2), so
+# top-1 agreement with FP32 from 95.9% to 93.7% and greedy agreement from 85% to 50% (minmax; docs/quantization.md), so
 # they stay FP32 unless asked (--int8-down-proj). Other architectures have no node of this name.
 OUTLIER_EXCLUDE = re.compile(r"mlp/down_proj/")
 

@@ -72,8 +72,8 @@ class BenchmarkSettings:
     out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
 
 
-# Named presets: the values of the flags a command line does not give. "gpu" is the side-by-side GPU run (README,
-# GPU section).
+# Named presets: the values of the flags a command line does not give. "gpu" is the side-by-side GPU run
+# (results/README.md, GPU).
 PRESETS = {
     "gpu": dict(
         device="cuda",

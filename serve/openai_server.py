@@ -17,7 +17,7 @@ the decoupled model `lm_stream` over Triton's gRPC bidirectional stream (one cha
 request); each response carries one token id, detokenized here (lmopt.detokenize) and forwarded at once as an SSE
 chunk, so usage counts are exact and nothing is buffered. Stop strings are matched here on the text (text that may
 be the start of a stop string is held back until it is not), and the backend request is cancelled when one matches.
-Why a gateway and not Triton's own OpenAI frontend: README, "OpenAI-compatible endpoint".
+Why a gateway and not Triton's own OpenAI frontend: docs/openai_endpoint.md.
 
 Reads:  Triton's config of the served model (its `parameters`: model spec, max_tokens_cap, default_max_tokens), the
         model's tokenizer and config (context length) through lmopt.models

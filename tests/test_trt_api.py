@@ -109,7 +109,7 @@ def test_network_flags_per_major_version():
 
 def test_trt_runtime_device_memory_needs_cuda_torch(monkeypatch):
     """The TensorRT runtime's device buffers are torch CUDA tensors: without torch, or with a CPU-only torch, one
-    line names the install (README, "TensorRT runtime")."""
+    line names the install (docs/tensorrt.md, "TensorRT runtime")."""
     import sys
 
     import pytest

@@ -3,7 +3,7 @@
     create_engine("cudagraph", "llama-1b", precision="fp16", device="cuda")
 
 One token then costs one graph launch instead of the hundreds of kernel launches an eager step issues from Python
-(the eager step leaves the GPU idle most of the time; see the README's GPU section). A graph is captured per
+(the eager step leaves the GPU idle most of the time; see results/README.md, GPU). A graph is captured per
 (batch size, cache length) the first time a decode step needs it and replayed afterwards: its input buffers (token
 ids, position ids, cache position, a [batch, cache length] attention mask) and the cache tensors keep their addresses,
 and each step only refills the small input buffers. The cache length is the prompt length plus `max_new_tokens`,

@@ -6,7 +6,7 @@
 The engine has two optimization profiles (optimize/build_trt_engine.py): 0 = prefill (past length 0), 1 = decode
 (one new token). Each gets its own execution context, bound once to its profile, so no call switches profiles.
 Device buffers are torch CUDA tensors (torch's caching allocator makes the per-step `present` buffers cheap; the
-README's "TensorRT runtime" section says why torch rather than cuda-python or pycuda); the state between steps is
+docs/tensorrt.md, "TensorRT runtime", says why torch rather than cuda-python or pycuda); the state between steps is
 the list of `present.*` tensors, which become the next step's `past_key_values.*` without leaving the GPU. Every
 TensorRT name used here is listed in lmopt/trt_api.py.
 """

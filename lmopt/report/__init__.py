@@ -1,4 +1,5 @@
-"""Reporting: README sections, the artifact summary and the notebook's helpers, all rendered from result files.
+"""Reporting: the generated sections of README.md and results/README.md, the artifact summary and the notebook's
+helpers, all rendered from result files.
 
 Result files are found by what they say they are — the envelope's `kind` (see lmopt.results) — never by file name:
 

@@ -1,5 +1,5 @@
-"""The README "before-vs-after" section: one table per committed benchmark result (kind "benchmark", written by
-profile/benchmark.py). `render_table` also prints the table at the end of a benchmark run."""
+"""The "before-vs-after" section of results/README.md: one table per committed benchmark result (kind "benchmark",
+written by profile/benchmark.py). `render_table` also prints the table at the end of a benchmark run."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The README "gpu" section, from result files under results/ by their `kind`: `render(results_dir) -> str`.
+"""The "gpu" section of results/README.md, from result files under results/ by their `kind`:
+`render(results_dir) -> str`.
 
   benchmark   (settings.device cuda) written by `profile/benchmark.py --preset gpu`: one table per file
   gpu-suite   the older GPU suite's files (its script was folded into profile/benchmark.py; its committed H200

@@ -1,5 +1,5 @@
-"""The README "openai-endpoint" section, rendered from committed result files: the endpoint's overhead at one stream
-(kind "openai-overhead", profile/openai_overhead.py) and aiperf beside our load generator (kind "aiperf-compare",
+"""The "openai-endpoint" section of results/README.md, rendered from committed result files: the endpoint's
+overhead at one stream (kind "openai-overhead", profile/openai_overhead.py) and aiperf beside our load generator (kind "aiperf-compare",
 profile/aiperf_compare.py). Every table names the machine, date and command of its data.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The README "scale-out" section, rendered from committed result files: the fault test (kind "fault-test",
-profile/fault_test.py): two Triton replicas behind HAProxy, one killed under streaming load.
+"""The "scale-out" section of results/README.md, rendered from committed result files: the fault test (kind
+"fault-test", profile/fault_test.py): two Triton replicas behind HAProxy, one killed under streaming load.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README "serving" section, rendered from committed serving result files.
+"""The "serving" section of results/README.md, rendered from committed serving result files.
 
 One table set per folder holding a batching comparison (kind "serving_batching_comparison", written by
 profile/serve_bench.py); beside it, the streaming sweep (kind "streaming_load", label "batching-on") and the

@@ -1,5 +1,5 @@
-"""The README "tiny-model" section: the built-in model's training record (models/tiny/training.json) and, when
-committed, the accuracy of its INT8 CPU graph with the evaluation's own noise (results/quantize/tiny-int8-cpu-u8s8-
+"""The "tiny-model" section of results/README.md: the built-in model's training record (models/tiny/training.json)
+and, when committed, the accuracy of its INT8 CPU graph with the evaluation's own noise (results/quantize/tiny-int8-cpu-u8s8-
 manifest.json, a copy of the quantize stage's manifest)."""
 from __future__ import annotations
 
