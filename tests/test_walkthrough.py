@@ -203,3 +203,34 @@ def test_stale_artifact_folder_refused(own):
     proc = run_cli("convert/quantize_model.py", "--model", str(own["model"]), "--artifacts", str(own["art"]),
                    check=False)
     assert_one_line_error(proc, "is stale", "make export MODEL=")
+
+
+STAGE_SCRIPTS = sorted(str(p.relative_to(REPO)) for d in ("convert", "optimize", "serve", "profile", "report",
+                                                          "notebooks", "diagrams", "models")
+                       for p in (REPO / d).rglob("*.py") if "__main__" in p.read_text() and "templates" not in p.parts)
+
+
+@pytest.mark.parametrize("script", STAGE_SCRIPTS)
+def test_without_the_project_one_line(script, tmp_path):
+    """Run by a Python that lacks the project (here: no site-packages, no PYTHONPATH): one line naming `make setup`
+    and .venv/bin/python, instead of a ModuleNotFoundError traceback."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-S", str(REPO / script), "--help"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "make setup" in lines[0] and ".venv/bin/python" in lines[0], proc.stderr
+
+
+def test_missing_dependency_one_line(capsys):
+    """lmopt importable but a pinned package missing (another Python than .venv's): the same advice, one line."""
+    from lmopt.errors import cli_main
+
+    def main(argv):
+        import lmopt_no_such_dependency  # noqa: F401
+
+    assert cli_main(main) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lmopt_no_such_dependency" in err[0] and "make setup" in err[0], err
