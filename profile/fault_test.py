@@ -33,6 +33,7 @@ from lmopt import cli
 from lmopt import results as R
 from lmopt.errors import UserError
 from lmopt.log import get_logger, setup_logging
+from lmopt.paths import model_slug
 from lmopt.serving import free_ports
 
 log = get_logger("fault-test")
@@ -129,7 +130,7 @@ def run(s: FaultSettings) -> dict:
                PYTHON=os.environ.get("PYTHON", __import__("sys").executable))
     script = ["bash", str(ROOT / "serve" / "run_replicas.sh")]
     art = str(Path(s.artifacts).resolve())
-    run_dir = Path(art) / s.model / "serve" / "run-replicas"
+    run_dir = Path(art) / model_slug(s.model) / "serve" / "run-replicas"
     proc = subprocess.run(script + ["start", s.model, art], env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.splitlines()
@@ -211,7 +212,7 @@ def run(s: FaultSettings) -> dict:
     doc = R.envelope("fault-test", settings=asdict(s), summary=summary, samples=samples,
                      versions=R.versions("tritonclient", "nvidia-pytriton"),
                      balancer=subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0])
-    out = Path(s.out or Path(s.artifacts) / s.model / "profile" / "fault-test" / "fault-test.json")
+    out = Path(s.out or Path(s.artifacts) / model_slug(s.model) / "profile" / "fault-test" / "fault-test.json")
     R.write_json(out, doc)
     log.info("%s", {k: summary[k] for k in ("completed", "failed", "hung", "failed_in_flight_at_kill",
                                              "sent_after_kill", "completed_after_kill", "after_kill_served_by",

@@ -54,7 +54,9 @@ def publish(*, settings: PublishSettings) -> list[Path]:
         raise UserError(f"unknown --kind '{s.kind}' — use one of {', '.join(PATTERNS)}")
     name, target = PATTERNS[s.kind]
     root = Path(s.artifacts)
-    pattern = f"{s.model or '*'}/profile/{name}"
+    from lmopt.paths import model_slug
+
+    pattern = f"{model_slug(s.model) if s.model else '*'}/profile/{name}"  # a local folder's artifacts key
     found = sorted(root.glob(pattern))
     if not found:
         raise UserError(f"no {s.kind} results under {root / pattern} — run: make {target}"

@@ -16,9 +16,9 @@ from conftest import REPO, load_script, run_cli
 BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
 
 
-def _commands() -> list[list[str]]:
+def _commands(path=REPO / "README.md") -> list[list[str]]:
     cmds = []
-    text = (REPO / "README.md").read_text()
+    text = path.read_text()
     for block in BLOCK.findall(text):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
@@ -29,6 +29,8 @@ def _commands() -> list[list[str]]:
 
 
 COMMANDS = _commands()
+# the reference pages the README links to hold the commands it used to: they are checked the same way
+DOC_COMMANDS = [c for p in sorted((REPO / "docs").glob("*.md")) for c in _commands(p)]
 
 
 def test_readme_has_commands():
@@ -52,7 +54,7 @@ def test_every_readme_command_runs_in_a_test():
     assert sorted(others) == ["make demo", "make test"], others
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c[0] == "make"], ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS + DOC_COMMANDS if c[0] == "make"], ids=lambda c: " ".join(c))
 def test_make_targets_exist(cmd):
     targets = [w for w in cmd[1:] if "=" not in w and not w.startswith("-")]
     for t in targets:
@@ -62,7 +64,7 @@ def test_make_targets_exist(cmd):
         assert "No rule to make target" not in proc.stderr, f"README names `make {t}`, the Makefile has no such target"
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c[0] in (".venv/bin/python", "python")
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS + DOC_COMMANDS if c[0] in (".venv/bin/python", "python")
                                  and c[1].endswith(".py")], ids=lambda c: " ".join(c[:2]))
 def test_python_commands_parse(cmd):
     script = REPO / cmd[1]
@@ -74,7 +76,7 @@ def test_python_commands_parse(cmd):
         raise AssertionError(f"README's `{' '.join(cmd)}`: its flags no longer parse (exit {e.code})") from None
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS if c[0] == "bash"], ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS + DOC_COMMANDS if c[0] == "bash"], ids=lambda c: " ".join(c[:2]))
 def test_bash_scripts_exist(cmd):
     assert (REPO / cmd[1]).is_file(), f"README runs {cmd[1]}, which does not exist"
 
