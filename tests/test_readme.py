@@ -86,3 +86,13 @@ def test_result_sections_are_current(readme):
     proc = run_cli("report/update_readme.py", "--readme", readme, "--check", check=False, timeout=300)
     assert proc.returncode == 0, f"{readme}'s generated sections are stale — run: make readme-tables\n" + \
         proc.stderr[-2000:]
+
+
+def test_make_help_lists_every_target():
+    """`make help`: one line per target the Makefile defines (a target without a `## ...` description fails)."""
+    makefile = (REPO / "Makefile").read_text()
+    targets = sorted(set(re.findall(r"^([a-z][a-z0-9-]*):(?!=)", makefile, re.M)))
+    out = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+    listed = re.findall(r"^  make (\S+)\s", out, re.M)
+    assert sorted(listed) == targets and len(listed) == len(set(listed)), set(targets) ^ set(listed)
