@@ -181,6 +181,33 @@ def test_hub_id_offline_one_line_fast(tmp_path):
     assert "not found" not in proc.stderr
 
 
+def test_hub_id_unknown_to_a_reachable_hub_says_not_found(tmp_path):
+    """A hub that answers 404 (here a local HTTP server standing in for it): one line that says 'not found', not
+    'unreachable'."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = run_cli("convert/export_onnx.py", "--model", "no-org/no-such-model", "--artifacts",
+                       str(tmp_path / "art"), check=False,
+                       env={"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                            "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": ""})
+    finally:
+        server.shutdown()
+    assert_one_line_error(proc, "'no-org/no-such-model' was not found on the Hugging Face hub", "HTTP 404")
+    assert "unreachable" not in proc.stderr
+
+
 def test_hub_id_in_a_written_cache_loads_offline(tmp_path):
     """The same unreachable hub, with the model in a Hugging Face cache laid out by this test: it loads."""
     snap = tmp_path / "hub" / "models--gpt2" / "snapshots" / "0123abc"
