@@ -218,7 +218,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
     from lmopt.artifacts import find_onnx, find_trt_engines, onnx_file
     from lmopt.engines import ENGINES, PRECISIONS
     from lmopt.manifest import file_entry, package_versions, write_manifest
-    from lmopt.models import load_tokenizer
+    from lmopt.models import load_tokenizer, resolve
     from lmopt.paths import check_writable, model_slug, stage_dir, staging_dir
 
     s = settings
@@ -262,7 +262,9 @@ def make_repository(*, settings: RepoSettings) -> dict:
 
     variant = f"{s.engine}-{precision}-{'gpu' if s.device == 'cuda' else 'cpu'}"
     final = stage_dir(s.artifacts, s.model, "serve", variant)
-    params = {"artifacts": str(Path(s.artifacts).resolve()), "model": s.model,
+    model = resolve(s.model)  # a local folder by its absolute path: the server resolves it from another folder
+    params = {"artifacts": str(Path(s.artifacts).resolve()),
+              "model": str(model.path) if model.kind == "local" else s.model,
               "engine": s.engine, "precision": precision, "device": s.device, "threads": str(s.threads),
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
