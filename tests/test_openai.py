@@ -389,6 +389,21 @@ def test_backend_not_ready_is_503(tmp_path):
         gw.stop()
 
 
+def test_bad_body_limit_is_one_line_error():
+    proc = run_cli("serve/openai_server.py", "--max-body-bytes", "0", check=False, env=_env())
+    assert_one_line_error(proc, "--max-body-bytes must be >= 1")
+
+
+def test_bearer_token_check():
+    mod = _gateway_module()
+    key = b"sk-1"
+    assert mod.bearer_ok([(b"host", b"x"), (b"authorization", b"Bearer sk-1")], key) is True
+    assert mod.bearer_ok([(b"authorization", b"bearer  sk-1 ")], key) is True        # the scheme is case-blind
+    for wrong in (b"Bearer sk-2", b"Basic sk-1", b"sk-1", b"Bearer ", b"Bearer sk-1x"):
+        assert mod.bearer_ok([(b"authorization", wrong)], key) is False, wrong
+    assert mod.bearer_ok([(b"host", b"x")], key) is None
+
+
 def test_port_in_use_is_one_line_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
