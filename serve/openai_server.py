@@ -263,9 +263,9 @@ def _load_info(params: dict, served_name: str) -> ModelInfo:
 def default_served_name(spec: str) -> str:
     """The model's id on the endpoint when --served-model-name is not given: a preset or hub id as is, a local folder
     by its folder name (its path is this machine's business, and changes when the folder moves)."""
-    from lmopt.models import resolve
+    from lmopt.models import classify
 
-    m = resolve(spec)
+    m = classify(spec)  # the name only: no hub lookup
     return m.path.name if m.kind == "local" and m.path is not None else spec
 
 
