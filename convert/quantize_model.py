@@ -5,6 +5,8 @@
                                                                          # which MatMul groups stay FP32
     python convert/quantize_model.py --model tiny --target onnxruntime --method entropy --calib-text my.txt
     python convert/quantize_model.py --model tiny --compare-quantizers  # ModelOpt vs ONNX Runtime for TensorRT
+    python convert/quantize_model.py --model tiny --smooth 0.5          # SmoothQuant: down projections INT8 too
+    python convert/quantize_model.py --model tiny --smooth auto         # ... alpha chosen per site
     python convert/quantize_model.py --model tiny --target onnxruntime-int4                  # 4-bit weights (CPU)
     python convert/quantize_model.py --model tiny --target onnxruntime-int4 --attention gqa  # ... of the fused graph
 
@@ -13,6 +15,7 @@ Reads:  artifacts/<model>/export/fp32/{manifest.json, model.onnx, tokenizer}  (s
         evaluation text: always the built-in held-out split (data/eval.txt), never the calibration text
 Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.json}    for TensorRT (S8S8)
         artifacts/<model>/quantize/int8-cpu-u8s8-<method>/{model.onnx, manifest.json}   for ONNX Runtime CPU (U8S8)
+        ... -<method>-sq<alpha|auto>/ with --smooth (not the default graph: engines pick it by variant name)
         artifacts/<model>/quantize/int4-cpu-nbits[-gqa]/{model.onnx, manifest.json}        --target onnxruntime-int4
         artifacts/<model>/quantize/int8-cpu-nbits[-gqa]/{model.onnx, manifest.json}  --target onnxruntime-int8-nbits
         with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
@@ -32,6 +35,13 @@ included unless the budget keeps it FP32; no calibration. With --attention gqa t
 report, budget and sweep are the same.
 Kept FP32 by default: Llama's rotary-embedding MatMul (always) and the MLP down projection (its input's outliers;
 --int8-down-proj quantizes it too).
+Smoothing (--smooth ALPHA | auto; lmopt/smoothing.py, docs/smoothquant.md): before calibration, every MatMul input
+channel j is divided by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) and the weight row multiplied by it, 1/s folded
+into the RMSNorm/LayerNorm weight, the up projection's columns (down projection) or an explicit Mul (counted);
+auto picks per site the grid alpha with the least INT8 output error on the calibration activations. The down
+projections then run INT8; the budget search starts from the smoothed graph and keeps a group FP32 only where the
+smoothed graph misses the budget. The manifest's `smoothing` records alpha per site and layer, what absorbed each
+scale, and the same graph's Δppl without smoothing.
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """

@@ -100,15 +100,23 @@ def planted(tmp_path_factory) -> tuple[Path, Path]:
     return model, art
 
 
+@pytest.fixture(scope="module")
+def planted_quantized(planted) -> tuple[Path, Path, str]:
+    """Both INT8 graphs of the planted model without smoothing (down projections INT8 too) and with --smooth 0.5."""
+    model, art = planted
+    run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--int8-down-proj", *FAST)
+    proc = run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--smooth", "0.5", *FAST)
+    return model, art, proc.stdout
+
+
 def _manifests(art: Path, suffix: str) -> dict:
     q = art / "planted-llama" / "quantize"
     return {t: read_json(q / f"{p}-minmax{suffix}" / "manifest.json")
             for t, p in (("tensorrt", "int8-qdq-trt"), ("onnxruntime", "int8-cpu-u8s8"))}
 
 
-def test_planted_outliers_force_fp32_without_smoothing(planted):
-    model, art = planted
-    run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--int8-down-proj", *FAST)
+def test_planted_outliers_force_fp32_without_smoothing(planted_quantized):
+    model, art, _ = planted_quantized
     for target, man in _manifests(art, "").items():
         assert man["sensitivity"]["full_int8_ppl_increase_pct"] > 1.0, target       # the outliers break INT8
         assert man["exclusions"]["budget"] == ["layer 0"], target                    # ... so layer 0 stays FP32
@@ -116,10 +124,9 @@ def test_planted_outliers_force_fp32_without_smoothing(planted):
         assert man["smoothing"] is None
 
 
-def test_planted_outliers_run_int8_with_smoothing(planted):
-    model, art = planted
-    proc = run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--smooth", "0.5", *FAST)
-    assert "unsmoothed" in proc.stdout                   # the accuracy report shows what smoothing bought
+def test_planted_outliers_run_int8_with_smoothing(planted_quantized):
+    model, art, stdout = planted_quantized
+    assert "unsmoothed" in stdout                   # the accuracy report shows what smoothing bought
     for target, man in _manifests(art, "-sq0.5").items():
         assert man["exclusions"]["budget"] == [] and man["accuracy"]["ppl_increase_pct"] <= 1.0, target
         assert man["fp32_matmuls"] == ["/model/rotary_emb/MatMul"]                   # down projections INT8
@@ -155,3 +162,19 @@ def test_bad_smooth(args, needle, tiny_export, tmp_path):
     proc = run_cli(SCRIPT, "--artifacts", str(art), *args, check=False)
     assert_one_line_error(proc, needle)
     assert not (art / "tiny" / "quantize").exists()
+
+
+def test_benchmark_runs_named_int8_graphs(planted_quantized, tmp_path):
+    """profile/benchmark.py --int8-variants: one interleaved ort int8 row per named stage-2 graph."""
+    model, art, _ = planted_quantized
+    out = tmp_path / "bench.json"
+    names = ["int8-cpu-u8s8-minmax", "int8-cpu-u8s8-minmax-sq0.5", "int8-qdq-trt-minmax-sq0.5", "no-such-graph"]
+    run_cli("profile/benchmark.py", "--model", str(model), "--artifacts", str(art), "--engines", "ort",
+            "--precisions", "fp32,int8", "--int8-variants", ",".join(names), "--batch-sizes", "1", "--repeats", "1",
+            "--warmup", "0", "--bandwidth-mb", "0", "--max-new-tokens", "4", "--long-prompt", "16",
+            "--out", str(out))
+    rows = read_json(out)["rows"]
+    assert [(r["engine"], r["precision"]) for r in rows] == [("ort", "fp32")] + [("ort", "int8")] * 4
+    ok = [r["variant"] for r in rows if r["status"] == "ok"]
+    assert ok == ["fp32", "int8-cpu-u8s8-minmax", "int8-cpu-u8s8-minmax-sq0.5"]
+    assert "not int8 for onnxruntime" in rows[3]["reason"] and "missing" in rows[4]["reason"]
