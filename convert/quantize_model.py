@@ -38,7 +38,8 @@ Kept FP32 by default: Llama's rotary-embedding MatMul (always) and the MLP down 
 Smoothing (--smooth ALPHA | auto; lmopt/smoothing.py, docs/smoothquant.md): before calibration, every MatMul input
 channel j is divided by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) and the weight row multiplied by it, 1/s folded
 into the RMSNorm/LayerNorm weight, the up projection's columns (down projection) or an explicit Mul (counted);
-auto picks per site the grid alpha with the least INT8 output error on the calibration activations. The down
+auto picks one alpha from a grid by held-out perplexity, then tries per layer group the neighbouring alphas and no
+smoothing (candidates take minmax ranges derived from per-channel statistics: no calibration pass each). The down
 projections then run INT8; the budget search starts from the smoothed graph and keeps a group FP32 only where the
 smoothed graph misses the budget. The manifest's `smoothing` records alpha per site and layer, what absorbed each
 scale, and the same graph's Δppl without smoothing.
@@ -116,6 +117,9 @@ def check_settings(s: QuantizeSettings) -> None:
                         "or onnxruntime-int8-nbits")
     from lmopt.smoothing import parse_alpha
 
+    if parse_alpha(s.smooth) == "auto" and (s.method != "minmax" or s.quantizer == "modelopt"):
+        raise UserError("--smooth auto derives each candidate's ranges from minmax statistics — use --method minmax "
+                        "and --quantizer ort, or a fixed alpha")
     if parse_alpha(s.smooth) is not None and (s.target in ("onnxruntime-int4", "onnxruntime-int8-nbits")
                                                or s.compare_quantizers):
         raise UserError("--smooth prepares activations for INT8 Q/DQ graphs — use --target all, tensorrt or "
@@ -193,10 +197,17 @@ class _Target:
                   location=name + ".data")
         return path
 
-    def make(self, exclude: list[str], smooth: bool = True) -> Path:
-        """A candidate graph with `exclude` kept FP32; smoothed (when --smooth) wherever a MatMul is quantized."""
+    def make(self, exclude: list[str], smooth: bool = True, alphas: dict | None = None) -> Path:
+        """A candidate graph with `exclude` kept FP32; smoothed (when --smooth) wherever a MatMul is quantized.
+        `alphas` (the auto search's candidates): minmax ranges derived from the unsmoothed calibration."""
         self.n += 1
         out = self.work / f"{self.target}-{self.n}.onnx"
+        if alphas is not None:
+            sym = self.preset.activation_symmetric
+            cal = self.calibration()
+            cal.quantize(self.preset, exclude, out, self.smoother.graph(sym, exclude, alphas),
+                         self.smoother.ranges(cal.ranges, sym, exclude, alphas))
+            return out
         smooth = smooth and self.smoother is not None
         if self.preset.weight_bits:
             from lmopt.quantization import nbits_quantize
@@ -306,6 +317,9 @@ def quantize(*, settings: QuantizeSettings) -> dict:
         for target in targets:
             t0 = time.perf_counter()
             tg = _Target(target, s, fp32_path, feeds, ev, Path(work), calibrations, smoother, base_excl)
+            if alpha == "auto":
+                with timed(log, f"{target}: alpha search"):
+                    alpha_search(tg, base_excl, ev)
             res = budget_search(tg, names, base_excl, ev, s)
             if smoother is not None:
                 sym = PRESETS[target].activation_symmetric
@@ -422,6 +436,52 @@ def quantize(*, settings: QuantizeSettings) -> dict:
             manifests[variant] = manifest
             log.info("%s: %s", variant, final)
     return manifests
+
+
+def alpha_search(tg: _Target, base_excl: list[str], ev) -> dict:
+    """--smooth auto: one alpha for every site from the grid (scored by held-out perplexity), then per layer group
+    the neighbouring alphas and no smoothing, each kept where it lowers Δppl. Candidates take minmax ranges derived
+    from the per-channel statistics (lmopt.smoothing.smoothed_ranges), so a candidate costs a quantization and a
+    perplexity pass, not a calibration."""
+    from tqdm import tqdm
+
+    from lmopt.smoothing import ALPHA_GRID
+
+    sm, sym = tg.smoother, tg.preset.activation_symmetric
+    groups: dict[str, list[str]] = {}
+    for site in sm.sites:
+        groups.setdefault(site.group, []).append(site.name)
+    every = [n for names in groups.values() for n in names]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(ALPHA_GRID) + 3 * len(groups), desc=f"alpha search ({tg.target})", unit="graph",
+               leave=False)
+
+    def score(alphas: dict) -> float:
+        d = ev.delta_pct(ev.ppl(tg.make(base_excl, alphas=alphas)))
+        bar.update()
+        return round(d, 4)
+
+    uniform = {a: score({n: a for n in every}) for a in ALPHA_GRID}
+    a0 = min(uniform, key=uniform.get)
+    cur, best = {n: a0 for n in every}, uniform[a0]
+    per_group = {}
+    i = ALPHA_GRID.index(a0)
+    for g, names in groups.items():
+        tried = {str(a0): best}
+        for a in [ALPHA_GRID[j] for j in (i - 1, i + 1) if 0 <= j < len(ALPHA_GRID)] + [None]:
+            d = score({**cur, **{n: a for n in names}})
+            tried[str(a)] = d
+            if d < best:
+                best, cur = d, {**cur, **{n: a for n in names}}
+        per_group[g] = {"alpha": cur[names[0]], "ppl_increase_pct": tried}
+    bar.close()
+    log.info("%s: alpha search: one alpha %s %+.3f%%; per layer group %+.3f%%", tg.target, a0, uniform[a0], best)
+    out = {"grid": list(ALPHA_GRID), "uniform_ppl_increase_pct": {str(a): d for a, d in uniform.items()},
+           "uniform_best": a0, "per_group": per_group, "ppl_increase_pct": best,
+           "ranges": "minmax, derived from per-channel statistics", "seconds": round(time.perf_counter() - t0, 2),
+           "scored_on": "the held-out evaluation text, as the sensitivity sweep is"}
+    sm.fix(sym, cur, out)
+    return out
 
 
 def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: QuantizeSettings) -> dict:

@@ -2,8 +2,8 @@
 
     sites = find_sites(model, skip)                    # MatMul inputs that can be smoothed, and what absorbs 1/s
     stats = collect_stats(fp32_path, sites, feeds)     # per-channel min/max of those inputs + a row sample
-    alphas = {site.name: 0.5 ...} or choose_alphas(...) (auto: the alpha with the least INT8 output error per site)
-    smoothed = apply(model, sites, stats, alphas)      # a new ModelProto; the FP32 function is unchanged
+    smoothed, n_mul = apply(model, sites, stats, {site.name: 0.5, ...})   # the FP32 function is unchanged
+    ranges = smoothed_ranges(calibration.ranges, sites, stats, alphas, symmetric)  # minmax ranges without a rerun
 
 A MatMul Y = X W with a per-tensor INT8 activation scale suffers when a few input channels of X are far larger than
 the rest (the SwiGLU product feeding Llama's down projection): those channels set the scale and every other channel
@@ -22,10 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-# auto: the alphas tried per site (a small grid around SmoothQuant's 0.5; 0.75-0.85 suits its larger models)
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-SAMPLE_ROWS = 512          # activation rows kept per site for the auto search's error estimate
-SAMPLE_COLS = 4096         # output columns the error estimate looks at (a vocabulary-wide LM head is subsampled)
+# auto: the alphas tried for the whole model, then per layer group around the best (SmoothQuant uses 0.5 for most
+# models, 0.75-0.85 for its largest)
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization")
 
 
@@ -41,6 +40,7 @@ class Site:
     absorber_node: str = ""
     params: list[str] = field(default_factory=list)   # initializers divided by s along the channel axis
     column_params: list[str] = field(default_factory=list)  # [*, K] weights divided by s per column (linear)
+    scaled: list[str] = field(default_factory=list)   # other tensors whose channel j smoothing divides by s_j
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +130,7 @@ def _absorber(site, p, inits, producer, consumers, outputs, k) -> None:
                     site.absorber, site.absorber_node = "linear", q.name
                     site.column_params = [q.input[1]]
                     site.params = [bias] if bias else []
+                    site.scaled = [q.output[0]] + ([t] if bias else [])   # the up projection's output (+ bias)
                     return
     elif p.op_type == "Add":                      # decomposed LayerNorm: (x * gamma) + beta
         beta = next((i for i in p.input if _vec(i, inits, k, producer)), None)
@@ -139,6 +140,7 @@ def _absorber(site, p, inits, producer, consumers, outputs, k) -> None:
             gamma = [i for i in q.input if _vec(i, inits, k, producer)]
             if len(gamma) == 1:
                 site.absorber, site.absorber_node, site.params = "norm", p.name, gamma + [beta]
+                site.scaled = [other]
     elif p.op_type in _NORM_OPS:
         params = [i for i in p.input[1:3] if i and _vec(i, inits, k, producer)]
         if params and len(p.output) >= 1:
@@ -147,17 +149,19 @@ def _absorber(site, p, inits, producer, consumers, outputs, k) -> None:
 
 # --- statistics ------------------------------------------------------------------------------------------------------
 
-def collect_stats(fp32_path, sites: list[Site], feeds: list[dict], seed: int = 0) -> dict:
-    """Per site input: per-channel min and max over every calibration feed, and a random sample of rows (for auto)."""
+def collect_stats(fp32_path, sites: list[Site], feeds: list[dict]) -> dict:
+    """Per-channel min and max over every calibration feed of each site's input (and of the tensors between the
+    absorber and it, which smoothing also rescales)."""
     import onnx
 
     from .engines.ort_engine import make_session
 
     model = onnx.load(str(fp32_path))
     have = {o.name for o in model.graph.output}
-    for s in sites:
-        if s.input not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(s.input, onnx.TensorProto.FLOAT, None))
+    names = list(dict.fromkeys(n for s in sites for n in [s.input, *s.scaled]))
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
     import tempfile
     from pathlib import Path
 
@@ -165,12 +169,8 @@ def collect_stats(fp32_path, sites: list[Site], feeds: list[dict], seed: int = 0
         aug = Path(d) / "stats.onnx"
         onnx.save(model, str(aug), save_as_external_data=model.ByteSize() > (1 << 31) - (64 << 20))
         sess = make_session(aug)
-    rng = np.random.default_rng(seed)
-    names = [s.input for s in sites]
     lo = {n: None for n in names}
     hi = {n: None for n in names}
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    per_feed = max(1, SAMPLE_ROWS // max(1, len(feeds)))
     for f in feeds:
         outs = sess.run(names, f)
         for n, x in zip(names, outs):
@@ -178,10 +178,33 @@ def collect_stats(fp32_path, sites: list[Site], feeds: list[dict], seed: int = 0
             mn, mx = x.min(0), x.max(0)
             lo[n] = mn if lo[n] is None else np.minimum(lo[n], mn)
             hi[n] = mx if hi[n] is None else np.maximum(hi[n], mx)
-            take = rng.choice(len(x), min(per_feed, len(x)), replace=False)
-            rows[n].append(x[take].astype(np.float32))
     del sess
-    return {n: {"min": lo[n], "max": hi[n], "rows": np.concatenate(rows[n])[:SAMPLE_ROWS]} for n in names}
+    return {n: {"min": lo[n], "max": hi[n]} for n in names}
+
+
+def smoothed_ranges(ranges, sites: list[Site], stats: dict, alphas: dict, symmetric: bool, model):
+    """MinMax calibration ranges of a smoothed graph from those of the unsmoothed one: a smoothed MatMul input is
+    X / s, whose per-tensor range follows from X's per-channel min/max (the same feeds), so the alpha search needs
+    no calibration pass per candidate. Other quantized tensors are unchanged by smoothing."""
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    data = dict(ranges.data)
+    for site in sites:
+        a = alphas.get(site.name)
+        if a is None:
+            continue
+        st = stats[site.input]
+        s = scales(np.maximum(np.abs(st["min"]), np.abs(st["max"])), weight_absmax(model, site), a)
+        name = site.input if site.absorber != "mul" else f"{site.name}/smooth_output_0"
+        # a calibrator records every input and output of the MatMuls: the up projection's output is one of them
+        for tensor, src in [(name, site.input)] + [(x, x) for x in site.scaled]:
+            if tensor != name and tensor not in data:
+                continue
+            lo, hi = float((stats[src]["min"] / s).min()), float((stats[src]["max"] / s).max())
+            if symmetric:
+                lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+            data[tensor] = TensorData(lowest=np.array([lo], np.float32), highest=np.array([hi], np.float32))
+    return TensorsData(ranges.calibration_method, data)
 
 
 def weight_absmax(model, site: Site) -> np.ndarray:
@@ -196,60 +219,6 @@ def scales(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.nda
     s = np.power(np.maximum(act_absmax, 1e-5), alpha) / np.power(np.maximum(w_absmax, 1e-5), 1 - alpha)
     s = np.where((act_absmax > 0) & (w_absmax > 0), s, 1.0)
     return np.clip(s, 1e-5, 1e5).astype(np.float32)
-
-
-# --- auto: the alpha with the least INT8 output error per site -------------------------------------------------------
-
-def _fake_quant_act(x: np.ndarray, lo: float, hi: float, symmetric: bool) -> np.ndarray:
-    if symmetric:                                       # TensorRT: int8, zero point 0
-        sc = max(abs(lo), abs(hi)) / 127.0 or 1.0
-        return np.clip(np.round(x / sc), -127, 127) * sc
-    lo, hi = min(lo, 0.0), max(hi, 0.0)                 # ONNX Runtime CPU: uint8 with a zero point
-    sc = (hi - lo) / 255.0 or 1.0
-    zp = np.round(-lo / sc)
-    return (np.clip(np.round(x / sc) + zp, 0, 255) - zp) * sc
-
-
-def _fake_quant_w(w: np.ndarray) -> np.ndarray:        # per output column, symmetric int8 (both presets)
-    sc = np.abs(w).max(0, keepdims=True) / 127.0
-    sc[sc == 0] = 1.0
-    return np.clip(np.round(w / sc), -127, 127) * sc
-
-
-def output_error(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray | None,
-                 symmetric: bool) -> float:
-    """Relative squared error of Q(X / s) Q(s W) against X W on the sampled rows; the activation range is the
-    calibration's per-tensor range of X / s (what the quantizer will see)."""
-    y = x @ w
-    if s is not None:
-        x, w, lo, hi = x / s, w * s[:, None], lo / s, hi / s
-    yq = _fake_quant_act(x, float(lo.min()), float(hi.max()), symmetric) @ _fake_quant_w(w)
-    return float(((yq - y) ** 2).sum() / max(float((y ** 2).sum()), 1e-30))
-
-
-def choose_alphas(model, sites: list[Site], stats: dict, symmetric: bool, grid=ALPHA_GRID, seed: int = 0) -> dict:
-    """{site: {"alpha": best or None (smoothing did not help), "errors": {alpha: error}}} per site."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    rng = np.random.default_rng(seed)
-    out = {}
-    for site in sites:
-        st = stats[site.input]
-        w = np.concatenate([numpy_helper.to_array(inits[n]) for n in site.weights], axis=1).astype(np.float32)
-        if w.shape[1] > SAMPLE_COLS:
-            w_err = w[:, np.sort(rng.choice(w.shape[1], SAMPLE_COLS, replace=False))]
-        else:
-            w_err = w
-        absmax = np.maximum(np.abs(st["min"]), np.abs(st["max"]))
-        wmax = np.abs(w).max(1)
-        errs = {"none": output_error(st["rows"], w_err, st["min"], st["max"], None, symmetric)}
-        for a in grid:
-            errs[a] = output_error(st["rows"], w_err, st["min"], st["max"], scales(absmax, wmax, a), symmetric)
-        best = min(errs, key=errs.get)
-        out[site.name] = {"alpha": None if best == "none" else best,
-                          "errors": {str(k): round(v, 8) for k, v in errs.items()}}
-    return out
 
 
 # --- the rewrite ---------------------------------------------------------------------------------------------------
@@ -366,40 +335,40 @@ class Smoother:
         self.model = load_model_with_shape_infer(fp32_path)   # shapes kept: QDQQuantizer reads them
         self.sites = find_sites(self.model, skip)
         self.stats = collect_stats(fp32_path, self.sites, feeds)
-        self._search: dict[bool, dict] = {}
+        self.chosen: dict[bool, dict] = {}    # auto: {symmetric: {site: alpha}} once the search has run
+        self.search_log: dict[bool, dict] = {}
 
-    def search(self, symmetric: bool) -> dict:
-        if symmetric not in self._search:
-            if self.alpha == "auto":
-                self._search[symmetric] = choose_alphas(self.model, self.sites, self.stats, symmetric)
-            else:
-                self._search[symmetric] = {s.name: {"alpha": self.alpha} for s in self.sites}
-        return self._search[symmetric]
+    def fix(self, symmetric: bool, alphas: dict, log: dict) -> None:
+        self.chosen[symmetric], self.search_log[symmetric] = dict(alphas), log
 
-    def alphas(self, symmetric: bool, exclude=()) -> dict:
+    def alphas(self, symmetric: bool, exclude=(), alphas: dict | None = None) -> dict:
         """Alpha per site; a site whose MatMuls all stay FP32 is left as it is (its input is not quantized)."""
         ex = set(exclude)
-        found = self.search(symmetric)
-        return {s.name: (None if all(m in ex for m in s.matmuls) else found[s.name]["alpha"]) for s in self.sites}
+        if alphas is None:
+            if self.alpha == "auto" and symmetric not in self.chosen:
+                raise RuntimeError("--smooth auto: the alpha search has not run for this target")
+            alphas = self.chosen[symmetric] if self.alpha == "auto" else {s.name: self.alpha for s in self.sites}
+        return {s.name: (None if all(m in ex for m in s.matmuls) else alphas.get(s.name)) for s in self.sites}
 
-    def graph(self, symmetric: bool, exclude=()):
-        return apply(self.model, self.sites, self.stats, self.alphas(symmetric, exclude))[0]
+    def graph(self, symmetric: bool, exclude=(), alphas: dict | None = None):
+        return apply(self.model, self.sites, self.stats, self.alphas(symmetric, exclude, alphas))[0]
+
+    def ranges(self, ranges, symmetric: bool, exclude=(), alphas: dict | None = None):
+        return smoothed_ranges(ranges, self.sites, self.stats, self.alphas(symmetric, exclude, alphas), symmetric,
+                               self.model)
 
     def report(self, symmetric: bool, exclude=()) -> dict:
         """What the manifest records: alpha per site and per layer group, explicit Muls, what absorbed each 1/s."""
         alphas = self.alphas(symmetric, exclude)
-        found = self.search(symmetric)
         sites = []
         per_layer: dict[str, dict] = {}
         for s in self.sites:
             a = alphas[s.name]
             row = {"site": s.name, "group": s.group, "matmuls": s.matmuls, "absorber": s.absorber,
                    "absorbed_by": s.absorber_node or None, "alpha": a}
-            if "errors" in found[s.name]:
-                row["int8_output_error"] = found[s.name]["errors"]
             sites.append(row)
             per_layer.setdefault(s.group, {})[s.name.rsplit("/", 1)[-1]] = a
-        return {"alpha": self.alpha, "grid": list(ALPHA_GRID) if self.alpha == "auto" else None,
+        return {"alpha": self.alpha, "search": self.search_log.get(symmetric),
                 "activation_scheme": "symmetric int8" if symmetric else "asymmetric uint8",
                 "sites_smoothed": sum(a is not None for a in alphas.values()), "sites": sites,
                 "alpha_per_layer": per_layer,

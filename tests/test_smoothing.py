@@ -141,21 +141,32 @@ def test_planted_outliers_run_int8_with_smoothing(planted_quantized):
     assert cpu["matmuls_float"] == 1 and cpu["op_types"].get("QLinearMatMul", 0) == cpu["matmuls_int8"]
 
 
-def test_auto_picks_an_alpha_per_site(planted):
+def test_auto_searches_alpha_by_perplexity(planted):
     model, art = planted
     run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--smooth", "auto", "--target", "onnxruntime",
             *FAST)
     man = read_json(art / "planted-llama" / "quantize" / "int8-cpu-u8s8-minmax-sqauto" / "manifest.json")
     sm = man["smoothing"]
-    down = next(s for s in sm["sites"] if s["site"] == "/model/layers.0/mlp/down_proj")
-    errs = down["int8_output_error"]
-    assert down["alpha"] is not None and errs[str(down["alpha"])] == min(errs.values()) < errs["none"]
+    search = sm["search"]
+    uniform = search["uniform_ppl_increase_pct"]
+    assert set(uniform) == {str(a) for a in search["grid"]}
+    assert uniform[str(search["uniform_best"])] == min(uniform.values())
+    assert set(search["per_group"]) == {"layer 0", "layer 1", "/lm_head/MatMul"}
+    for g, row in search["per_group"].items():      # every group tried its neighbours and no smoothing
+        assert "None" in row["ppl_increase_pct"] and len(row["ppl_increase_pct"]) >= 3
+        assert sm["alpha_per_layer"][g] == {k: row["alpha"] for k in sm["alpha_per_layer"][g]}
+    assert search["ppl_increase_pct"] <= min(uniform.values())
+    # the candidates' derived minmax ranges are the ones a calibration of the chosen graph finds, up to float
+    # rounding of the scales; those ~1e-7 differences still flip a few rounded values (0.14 points on the built-in
+    # model, docs/smoothquant.md), so the two Δppl figures agree only roughly
+    assert abs(man["sensitivity"]["full_int8_ppl_increase_pct"] - search["ppl_increase_pct"]) < 0.3
     assert man["accuracy"]["ppl_increase_pct"] <= 1.0 and man["exclusions"]["budget"] == []
 
 
 @pytest.mark.parametrize("args,needle", [(["--smooth", "1.5"], "--smooth must be an alpha"),
                                          (["--smooth", "lots"], "--smooth must be an alpha"),
-                                         (["--smooth", "0.5", "--target", "onnxruntime-int4"], "INT8 Q/DQ")])
+                                         (["--smooth", "0.5", "--target", "onnxruntime-int4"], "INT8 Q/DQ"),
+                                         (["--smooth", "auto", "--method", "entropy"], "--method minmax")])
 def test_bad_smooth(args, needle, tiny_export, tmp_path):
     art = tmp_path / "art"
     shutil.copytree(tiny_export, art / "tiny" / "export" / "fp32")
