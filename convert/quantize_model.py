@@ -6,7 +6,7 @@
     python convert/quantize_model.py --model tiny --target onnxruntime --method entropy --calib-text my.txt
     python convert/quantize_model.py --model tiny --compare-quantizers  # ModelOpt vs ONNX Runtime for TensorRT
     python convert/quantize_model.py --model tiny --smooth 0.5          # SmoothQuant: down projections INT8 too
-    python convert/quantize_model.py --model tiny --smooth auto         # ... alpha chosen per site
+    python convert/quantize_model.py --model tiny --smooth auto         # ... alpha per layer group
     python convert/quantize_model.py --model tiny --target onnxruntime-int4                  # 4-bit weights (CPU)
     python convert/quantize_model.py --model tiny --target onnxruntime-int4 --attention gqa  # ... of the fused graph
 
@@ -93,7 +93,7 @@ class QuantizeSettings:
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
     int8_down_proj: bool = False       # also quantize the Llama MLP down projection (kept FP32 by default: outliers)
-    smooth: str = ""                   # SmoothQuant alpha in [0, 1], or auto (per site); down projections run INT8
+    smooth: str = ""                   # SmoothQuant alpha in [0, 1], or auto (per layer group); down projections run INT8
     compare_quantizers: bool = False
     speed_check: bool = False  # also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest
     threads: int = 0

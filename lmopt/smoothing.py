@@ -1,9 +1,9 @@
 """SmoothQuant-style smoothing of an FP32 ONNX graph before INT8 quantization (stage 2, --smooth).
 
     sites = find_sites(model, skip)                    # MatMul inputs that can be smoothed, and what absorbs 1/s
-    stats = collect_stats(fp32_path, sites, feeds)     # per-channel min/max of those inputs + a row sample
+    stats = collect_stats(fp32_path, sites, feeds)     # per-channel min/max of those inputs (and what they rescale)
     smoothed, n_mul = apply(model, sites, stats, {site.name: 0.5, ...})   # the FP32 function is unchanged
-    ranges = smoothed_ranges(calibration.ranges, sites, stats, alphas, symmetric)  # minmax ranges without a rerun
+    ranges = smoothed_ranges(calibration.ranges, sites, stats, alphas, symmetric, model)  # minmax, no rerun
 
 A MatMul Y = X W with a per-tensor INT8 activation scale suffers when a few input channels of X are far larger than
 the rest (the SwiGLU product feeding Llama's down projection): those channels set the scale and every other channel
