@@ -5,6 +5,8 @@
                                                                          # which MatMul groups stay FP32
     python convert/quantize_model.py --model tiny --target onnxruntime --method entropy --calib-text my.txt
     python convert/quantize_model.py --model tiny --compare-quantizers  # ModelOpt vs ONNX Runtime for TensorRT
+    python convert/quantize_model.py --model tiny --smooth 0.5          # SmoothQuant: down projections INT8 too
+    python convert/quantize_model.py --model tiny --smooth auto         # ... alpha per layer group
     python convert/quantize_model.py --model tiny --target onnxruntime-int4                  # 4-bit weights (CPU)
     python convert/quantize_model.py --model tiny --target onnxruntime-int4 --attention gqa  # ... of the fused graph
 
@@ -13,6 +15,7 @@ Reads:  artifacts/<model>/export/fp32/{manifest.json, model.onnx, tokenizer}  (s
         evaluation text: always the built-in held-out split (data/eval.txt), never the calibration text
 Writes: artifacts/<model>/quantize/int8-qdq-trt-<method>/{model.onnx, manifest.json}    for TensorRT (S8S8)
         artifacts/<model>/quantize/int8-cpu-u8s8-<method>/{model.onnx, manifest.json}   for ONNX Runtime CPU (U8S8)
+        ... -<method>-sq<alpha|auto>/ with --smooth (not the default graph: engines pick it by variant name)
         artifacts/<model>/quantize/int4-cpu-nbits[-gqa]/{model.onnx, manifest.json}        --target onnxruntime-int4
         artifacts/<model>/quantize/int8-cpu-nbits[-gqa]/{model.onnx, manifest.json}  --target onnxruntime-int8-nbits
         with --compare-quantizers: artifacts/<model>/profile/quantize/quantizer-comparison.json (only that)
@@ -32,6 +35,14 @@ included unless the budget keeps it FP32; no calibration. With --attention gqa t
 report, budget and sweep are the same.
 Kept FP32 by default: Llama's rotary-embedding MatMul (always) and the MLP down projection (its input's outliers;
 --int8-down-proj quantizes it too).
+Smoothing (--smooth ALPHA | auto; lmopt/smoothing.py, docs/smoothquant.md): before calibration, every MatMul input
+channel j is divided by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) and the weight row multiplied by it, 1/s folded
+into the RMSNorm/LayerNorm weight, the up projection's columns (down projection) or an explicit Mul (counted);
+auto picks one alpha from a grid by held-out perplexity, then tries per layer group the neighbouring alphas and no
+smoothing (candidates take minmax ranges derived from per-channel statistics: no calibration pass each). The down
+projections then run INT8; the budget search starts from the smoothed graph and keeps a group FP32 only where the
+smoothed graph misses the budget. The manifest's `smoothing` records alpha per site and layer, what absorbed each
+scale, and the same graph's Δppl without smoothing.
 Fallback check: ONNX Runtime's optimised graph is saved and its MatMuls counted as INT8 kernels vs float (and their
 share of per-token MatMul FLOPs); zero INT8 MatMuls on the variant's own engine is fatal.
 """
@@ -53,6 +64,12 @@ from lmopt.log import get_logger, setup_logging, timed
 
 log = get_logger("quantize")
 
+# NVIDIA ModelOpt 0.47's ONNX path (modelopt.onnx.quantization.quantize) has no smoothing for INT8: its int8 mode
+# calibrates (max / entropy) and inserts Q/DQ; SmoothQuant (int8_sq) exists only in its PyTorch path, and its ONNX
+# activation-aware scaling (awq_*) is for INT4 weight-only. So stage 2 smooths the FP32 graph itself and hands the
+# smoothed graph to either quantizer.
+MODELOPT_SMOOTHING = ("not used: ModelOpt 0.47's ONNX INT8 path has no smoothing (SmoothQuant is in its PyTorch path "
+                      "only; ONNX AWQ is INT4 weight-only), so the FP32 graph is smoothed here before quantization")
 TARGETS = ("all", "tensorrt", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8-nbits")
 QUANTIZERS = ("ort", "modelopt")
 
@@ -78,6 +95,7 @@ class QuantizeSettings:
     sweep_granularity: str = "layer"   # layer (decoder layer / LM head) | node (every MatMul)
     exclude: list[str] = field(default_factory=list)   # regexes of MatMul node names forced to stay FP32
     int8_down_proj: bool = False       # also quantize the Llama MLP down projection (kept FP32 by default: outliers)
+    smooth: str = ""                   # SmoothQuant alpha in [0, 1], or auto (per layer group); down projections run INT8
     compare_quantizers: bool = False
     speed_check: bool = False  # also time ORT FP32 vs INT8 decode (64 tokens, interleaved) into the CPU manifest
     threads: int = 0
@@ -99,6 +117,15 @@ def check_settings(s: QuantizeSettings) -> None:
     if s.attention == "gqa" and s.target not in ("onnxruntime-int4", "onnxruntime-int8-nbits"):
         raise UserError("--attention gqa quantizes the fused graph's weights only — use --target onnxruntime-int4 "
                         "or onnxruntime-int8-nbits")
+    from lmopt.smoothing import parse_alpha
+
+    if parse_alpha(s.smooth) == "auto" and (s.method != "minmax" or s.quantizer == "modelopt"):
+        raise UserError("--smooth auto derives each candidate's ranges from minmax statistics — use --method minmax "
+                        "and --quantizer ort, or a fixed alpha")
+    if parse_alpha(s.smooth) is not None and (s.target in ("onnxruntime-int4", "onnxruntime-int8-nbits")
+                                               or s.compare_quantizers):
+        raise UserError("--smooth prepares activations for INT8 Q/DQ graphs — use --target all, tensorrt or "
+                        "onnxruntime, without --compare-quantizers")
     if s.quantizer == "modelopt" and s.target == "onnxruntime":
         raise UserError("--quantizer modelopt makes the TensorRT graph only — use --target tensorrt")
     for p in s.exclude:
@@ -113,8 +140,12 @@ def variant_name(target: str, s: QuantizeSettings) -> str:
 
     if PRESETS[target].weight_bits:  # no calibration, so no method
         return PRESETS[target].prefix + ("-gqa" if s.attention == "gqa" else "")
+    from lmopt.smoothing import parse_alpha
+
     q = "-modelopt" if target == "tensorrt" and s.quantizer == "modelopt" else ""
-    return f"{PRESETS[target].prefix}{q}-{s.method}"
+    a = parse_alpha(s.smooth)
+    sq = "" if a is None else f"-sq{a if a == 'auto' else format(a, 'g')}"
+    return f"{PRESETS[target].prefix}{q}-{s.method}{sq}"
 
 
 def sweep_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
@@ -130,30 +161,56 @@ def sweep_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
 class _Target:
     """Makes candidate INT8 graphs of one target into a scratch folder and scores them."""
 
-    def __init__(self, target, s, fp32_path, feeds, evaluator, work: Path, calibrations: dict):
+    def __init__(self, target, s, fp32_path, feeds, evaluator, work: Path, calibrations: dict, smoother=None,
+                 base_excl: list[str] = ()):
         from lmopt.quantization import PRESETS
 
         self.target, self.s, self.fp32_path, self.feeds, self.ev = target, s, fp32_path, feeds, evaluator
         self.preset = PRESETS[target]
         self.work, self.calibrations, self.n = work, calibrations, 0
         self.use_modelopt = target == "tensorrt" and s.quantizer == "modelopt"
+        self.smoother, self.base_excl = smoother, list(base_excl)
 
-    def calibration(self):
+    def calibration(self, smooth: bool = False):
+        """Ranges of the FP32 graph, or of the graph smoothed everywhere the base exclusions leave INT8: a MatMul
+        input has the same range in every partly smoothed graph whose unsmoothed sites stay FP32, so one
+        calibration serves the whole sensitivity sweep."""
         from tqdm import tqdm
 
         from lmopt.quantization import Calibration
 
-        key = (self.s.method, self.preset.activation_symmetric)
+        sym = self.preset.activation_symmetric
+        key = (self.s.method, sym, smooth)
         if key not in self.calibrations:
-            with timed(log, f"calibration ({self.s.method}, {len(self.feeds)} feeds)"), \
+            src = self.fp32_path
+            if smooth:
+                src = self._save(self.smoother.graph(sym, self.base_excl), f"smoothed-{int(sym)}.onnx")
+            with timed(log, f"calibration ({self.s.method}{', smoothed' if smooth else ''}, {len(self.feeds)} "
+                            "feeds)"), \
                     tqdm(total=len(self.feeds), desc="calibration", unit="feed", leave=False) as bar:
-                self.calibrations[key] = Calibration(self.fp32_path, self.feeds, self.s.method,
-                                                     self.preset.activation_symmetric, bar)
+                self.calibrations[key] = Calibration(src, self.feeds, self.s.method, sym, bar)
         return self.calibrations[key]
 
-    def make(self, exclude: list[str]) -> Path:
+    def _save(self, model, name: str) -> Path:
+        import onnx
+
+        path = self.work / name
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 31) - (64 << 20),
+                  location=name + ".data")
+        return path
+
+    def make(self, exclude: list[str], smooth: bool = True, alphas: dict | None = None) -> Path:
+        """A candidate graph with `exclude` kept FP32; smoothed (when --smooth) wherever a MatMul is quantized.
+        `alphas` (the auto search's candidates): minmax ranges derived from the unsmoothed calibration."""
         self.n += 1
         out = self.work / f"{self.target}-{self.n}.onnx"
+        if alphas is not None:
+            sym = self.preset.activation_symmetric
+            cal = self.calibration()
+            cal.quantize(self.preset, exclude, out, self.smoother.graph(sym, exclude, alphas),
+                         self.smoother.ranges(cal.ranges, sym, exclude, alphas))
+            return out
+        smooth = smooth and self.smoother is not None
         if self.preset.weight_bits:
             from lmopt.quantization import nbits_quantize
 
@@ -163,8 +220,15 @@ class _Target:
 
             from lmopt.quantization import modelopt_quantize
 
+            src = self.fp32_path
+            if smooth:
+                src = self._save(self.smoother.graph(self.preset.activation_symmetric, exclude),
+                                 f"smoothed-{self.n}.onnx")
             with tqdm(total=len(self.feeds), desc="ModelOpt calibration", unit="feed", leave=False) as bar:
-                modelopt_quantize(self.fp32_path, self.feeds, self.s.method, exclude, out, bar)
+                modelopt_quantize(src, self.feeds, self.s.method, exclude, out, bar)
+        elif smooth:
+            self.calibration(True).quantize(self.preset, exclude, out,
+                                            self.smoother.graph(self.preset.activation_symmetric, exclude))
         else:
             self.calibration().quantize(self.preset, exclude, out)
         return out
@@ -180,6 +244,7 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     from lmopt.paths import check_writable, stage_dir, staging_dir
     from lmopt.quantization import (ALWAYS_EXCLUDE, OUTLIER_EXCLUDE, PRESETS, Evaluator, accuracy_table,
                                     calibration_feeds, int8_coverage, matmul_nodes, pick_nodes, qdq_coverage)
+    from lmopt.smoothing import parse_alpha
     from lmopt.validate import Checklist
 
     s = settings
@@ -233,18 +298,40 @@ def quantize(*, settings: QuantizeSettings) -> dict:
     if s.exclude and not user:
         raise UserError(f"--exclude {' '.join(s.exclude)} matches no MatMul/Gemm node — node names look like "
                         f"{names[0]!r}")
-    outliers = [] if s.int8_down_proj else pick_nodes(names, [OUTLIER_EXCLUDE.pattern])
+    alpha = parse_alpha(s.smooth)
+    # smoothing is the answer to the down projection's outliers: with it they run INT8 like the rest
+    outliers = [] if s.int8_down_proj or alpha is not None else pick_nodes(names, [OUTLIER_EXCLUDE.pattern])
     base_excl = sorted(set(forced) | set(outliers) | set(user))
     if s.compare_quantizers:
         return compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man)
+    smoother = None
+    if alpha is not None:
+        from lmopt.smoothing import Smoother
+
+        with timed(log, f"smoothing statistics ({len(feeds)} feeds)", timings, "smoothing_stats_s"):
+            smoother = Smoother(fp32_path, feeds, sorted(set(forced) | set(user)), alpha)
+        log.info("smoothing: %d sites (%s)", len(smoother.sites), ", ".join(
+            f"{k}: {sum(x.absorber == k for x in smoother.sites)}" for k in ("norm", "linear", "mul")))
 
     results = {}
     calibrations: dict = {}
     with tempfile.TemporaryDirectory(prefix="lmopt-quant-") as work:
         for target in targets:
             t0 = time.perf_counter()
-            tg = _Target(target, s, fp32_path, feeds, ev, Path(work), calibrations)
+            tg = _Target(target, s, fp32_path, feeds, ev, Path(work), calibrations, smoother, base_excl)
+            if alpha == "auto":
+                with timed(log, f"{target}: alpha search"):
+                    alpha_search(tg, base_excl, ev)
             res = budget_search(tg, names, base_excl, ev, s)
+            if smoother is not None:
+                sym = PRESETS[target].activation_symmetric
+                with timed(log, f"{target}: the same graph without smoothing"):
+                    plain = ev.delta_pct(ev.ppl(tg.make(res["exclude"], smooth=False)))
+                res["smoothing"] = {**smoother.report(sym, res["exclude"]),
+                                    "ppl_increase_pct_without_smoothing": round(plain, 4),
+                                    "modelopt": MODELOPT_SMOOTHING}
+                log.info("%s: %d sites smoothed (%d explicit Mul); Δppl without smoothing %+.3f%%", target,
+                         res["smoothing"]["sites_smoothed"], res["smoothing"]["explicit_muls"], plain)
             coverage = {"onnxruntime": int8_coverage(res["path"], shape, s.eval_seq_len),
                         "tensorrt": qdq_coverage(res["path"], shape, s.eval_seq_len)}
             with timed(log, f"{target}: accuracy report"):
@@ -262,7 +349,11 @@ def quantize(*, settings: QuantizeSettings) -> dict:
 
         rows = {"fp32": {"ppl": round(ev.ref_ppl, 4), "ppl_increase_pct": 0.0, "top1_agreement": 1.0,
                          "max_abs_dlogits": 0.0, "greedy_agreement": 1.0}}
-        rows.update({variant_name(t, s): r["accuracy"] for t, r in results.items()})
+        for t, r in results.items():
+            rows[variant_name(t, s)] = r["accuracy"]
+            if "smoothing" in r:   # the same exclusions without smoothing: what smoothing buys
+                p = r["smoothing"]["ppl_increase_pct_without_smoothing"]
+                rows[f"  {t}, unsmoothed"] = {"ppl": round(ev.ref_ppl * (1 + p / 100), 4), "ppl_increase_pct": p}
         print(accuracy_table(rows), flush=True)
         for t, r in results.items():
             nz = r["accuracy"]["noise"]
@@ -317,7 +408,9 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                     **({"graph": src_man["graph"]} if s.attention == "gqa" else {}),
                     # the pipeline's own choice per precision+target; other methods/quantizers are for comparison
                     "default": s.method == QuantizeSettings.method and s.quantizer == QuantizeSettings.quantizer
-                    and target != "onnxruntime-int8-nbits",   # the U8S8 graph stays ort's int8
+                    and target != "onnxruntime-int8-nbits"    # the U8S8 graph stays ort's int8
+                    and alpha is None,                        # smoothed graphs are picked by variant name
+
                     "quantizer": "modelopt" if (target == "tensorrt" and s.quantizer == "modelopt")
                     else "onnxruntime.quantization MatMulNBitsQuantizer" if PRESETS[target].weight_bits
                     else "onnxruntime.quantization QDQQuantizer",
@@ -337,12 +430,61 @@ def quantize(*, settings: QuantizeSettings) -> dict:
                                    "all": r["exclude"]},
                     "sensitivity": r["sweep"],
                     "int8_fallback": r["coverage"],
+                    "fp32_matmuls": r["exclude"],
+                    "int8_flop_share": {k: v["int8_flop_fraction"] for k, v in r["coverage"].items()},
+                    "smoothing": r.get("smoothing"),
                     "speed_check": r.get("speed"),
                 }
                 write_manifest(tmp, manifest)
             manifests[variant] = manifest
             log.info("%s: %s", variant, final)
     return manifests
+
+
+def alpha_search(tg: _Target, base_excl: list[str], ev) -> dict:
+    """--smooth auto: one alpha for every site from the grid (scored by held-out perplexity), then per layer group
+    the neighbouring alphas and no smoothing, each kept where it lowers Δppl. Candidates take minmax ranges derived
+    from the per-channel statistics (lmopt.smoothing.smoothed_ranges), so a candidate costs a quantization and a
+    perplexity pass, not a calibration."""
+    from tqdm import tqdm
+
+    from lmopt.smoothing import ALPHA_GRID
+
+    sm, sym = tg.smoother, tg.preset.activation_symmetric
+    groups: dict[str, list[str]] = {}
+    for site in sm.sites:
+        groups.setdefault(site.group, []).append(site.name)
+    every = [n for names in groups.values() for n in names]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(ALPHA_GRID) + 3 * len(groups), desc=f"alpha search ({tg.target})", unit="graph",
+               leave=False)
+
+    def score(alphas: dict) -> float:
+        d = ev.delta_pct(ev.ppl(tg.make(base_excl, alphas=alphas)))
+        bar.update()
+        return round(d, 4)
+
+    uniform = {a: score({n: a for n in every}) for a in ALPHA_GRID}
+    a0 = min(uniform, key=uniform.get)
+    cur, best = {n: a0 for n in every}, uniform[a0]
+    per_group = {}
+    i = ALPHA_GRID.index(a0)
+    for g, names in groups.items():
+        tried = {str(a0): best}
+        for a in [ALPHA_GRID[j] for j in (i - 1, i + 1) if 0 <= j < len(ALPHA_GRID)] + [None]:
+            d = score({**cur, **{n: a for n in names}})
+            tried[str(a)] = d
+            if d < best:
+                best, cur = d, {**cur, **{n: a for n in names}}
+        per_group[g] = {"alpha": cur[names[0]], "ppl_increase_pct": tried}
+    bar.close()
+    log.info("%s: alpha search: one alpha %s %+.3f%%; per layer group %+.3f%%", tg.target, a0, uniform[a0], best)
+    out = {"grid": list(ALPHA_GRID), "uniform_ppl_increase_pct": {str(a): d for a, d in uniform.items()},
+           "uniform_best": a0, "per_group": per_group, "ppl_increase_pct": best,
+           "ranges": "minmax, derived from per-channel statistics", "seconds": round(time.perf_counter() - t0, 2),
+           "scored_on": "the held-out evaluation text, as the sensitivity sweep is"}
+    sm.fix(sym, cur, out)
+    return out
 
 
 def budget_search(tg: _Target, names: list[str], base_excl: list[str], ev, s: QuantizeSettings) -> dict:

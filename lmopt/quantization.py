@@ -178,14 +178,17 @@ class Calibration:
             self.ranges = cal.compute_data()
             del cal
 
-    def quantize(self, preset: QuantPreset, exclude: list[str], out_path: Path) -> None:
+    def quantize(self, preset: QuantPreset, exclude: list[str], out_path: Path, model=None, ranges=None) -> None:
+        """Q/DQ graph of the calibrated model (or of `model`: the same graph with other weights, e.g. smoothed only
+        where a MatMul is quantized, whose quantized tensors have the ranges calibrated here)."""
         import copy
 
         from onnxruntime.quantization import QuantType
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
         act = QuantType.QInt8 if preset.activation_type == "int8" else QuantType.QUInt8
-        q = QDQQuantizer(copy.deepcopy(self.model), True, False, QuantType.QInt8, act, self.ranges, [],
+        q = QDQQuantizer(copy.deepcopy(self.model if model is None else model), True, False, QuantType.QInt8, act,
+                         self.ranges if ranges is None else ranges, [],
                          list(exclude), ["MatMul", "Gemm"],
                          {"ActivationSymmetric": preset.activation_symmetric, "WeightSymmetric": True})
         q.quantize_model()

@@ -70,6 +70,7 @@ class BenchmarkSettings:
     long_batch_sizes: str = ""               # batch sizes that also run the long prompt (default: all)
     pause_s: float = 0.3                     # idle seconds before each run: the previous row's thread pool stops spinning
     out: str = ""                            # result file (default artifacts/<model>/profile/benchmark-<device>.json)
+    int8_variants: str = ""                  # ort int8 rows: comma-separated stage-2 variants (default: the default)
 
 
 # Named presets: the values of the flags a command line does not give. "gpu" is the side-by-side GPU run
@@ -249,8 +250,13 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
     # rows: load what can run, give a reason for what cannot
     rows: list[dict] = []
     live: dict[int, object] = {}
-    wanted = [(e, p) for e, p in candidate_rows(s.device, engines, precisions) if e in engines and p in precisions]
-    for e, p in wanted:
+    wanted = [(e, p, None) for e, p in candidate_rows(s.device, engines, precisions)
+              if e in engines and p in precisions]
+    picks = _csv(s.int8_variants, "int8-variants") if s.int8_variants else []
+    if picks:   # one ort int8 row per named graph (e.g. today's INT8 graph and its smoothed twin)
+        at = next((i for i, w in enumerate(wanted) if w[:2] == ("ort", "int8")), len(wanted))
+        wanted = wanted[:at] + [("ort", "int8", v) for v in picks] + [w for w in wanted[at:] if w[:2] != ("ort", "int8")]
+    for e, p, pick in wanted:
         row = {"engine": e, "precision": p, "device": s.device, "status": "skipped", "reason": None}
         rows.append(row)
         if e == "trt":
@@ -263,6 +269,8 @@ def benchmark(*, settings: BenchmarkSettings) -> dict:
             t0 = time.perf_counter()
             # static-cache engines size their cache for the prompt plus this many tokens
             kw = {"max_new_tokens": s.max_new_tokens} if e == "cudagraph" else {}
+            if pick:
+                kw["variant"] = pick
             eng = create_engine(e, s.model, precision=p, device=s.device, artifacts=s.artifacts,
                                 threads=s.threads or None, **kw)
             row["load_s"] = round(time.perf_counter() - t0, 3)

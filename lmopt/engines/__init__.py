@@ -78,7 +78,17 @@ def create_engine(engine: str, model: str, precision: str = "fp32", device: str 
         from ..models import as_model
         from .ort_engine import OrtEngine
 
-        folder, man = find_onnx(artifacts, model, precision, "onnxruntime")
+        variant = kwargs.pop("variant", None)
+        if variant:   # one stage-2 graph by name (e.g. a smoothed INT8 graph beside the default one)
+            from ..manifest import load_stage
+
+            folder, man = load_stage(artifacts, model, "quantize", variant)
+            if man.get("precision") != precision or "onnxruntime" not in man.get("targets", []):
+                raise UserError(f"{variant} is a {man.get('precision')} graph for {', '.join(man.get('targets', []))}"
+                                f", not {precision} for onnxruntime — pick a variant under "
+                                f"{stage_dir(artifacts, model, 'quantize', '')} made for onnxruntime")
+        else:
+            folder, man = find_onnx(artifacts, model, precision, "onnxruntime")
         max_pos = man.get("model_shape", {}).get("max_positions") or as_model(model).context_length
         return OrtEngine(onnx_file(folder, man), precision, device, threads, variant=folder.name,
                          max_positions=max_pos, **kwargs)
