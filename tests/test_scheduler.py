@@ -348,3 +348,19 @@ def test_a_slot_native_engine_used_with_fewer_slots_holds_at_most_that_many(engi
             r.result(timeout=60)
     assert [r.tokens for r in reqs] == [generate(eng["ort"], [[1, 2, 3 + i]], _greedy(30)).tokens[0] for i in range(4)]
     assert native.num_free_slots() == 4
+
+
+def test_long_prompt_itl_benchmark_runs_small(engines, artifacts, tmp_path):
+    """profile/long_prompt_itl.py (the benchmark row behind docs/serving.md's long-prompt figure) on a small setting:
+    both policies measured with and without the long prompt; the bounded one prefilled it in more chunks."""
+    from conftest import read_json, run_cli
+
+    out = tmp_path / "itl.json"
+    run_cli("profile/long_prompt_itl.py", "--model", "tiny", "--artifacts", str(artifacts), "--streams", "4",
+            "--prompt-len", "300", "--rounds", "1", "--out", str(out), "-q")
+    s = read_json(out)["summary"]
+    for p in ("bounded", "chunk-only"):
+        assert s[p]["itl_ms_with_long_prompt"]["count"] and s[p]["itl_ms_without"]["count"], p
+        assert s[p]["itl_p99_ratio"] is not None
+    assert sum(s["bounded"]["chunks"][0]) == sum(s["chunk-only"]["chunks"][0]) == 300
+    assert len(s["bounded"]["chunks"][0]) >= len(s["chunk-only"]["chunks"][0]) == 2
