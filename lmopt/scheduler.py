@@ -8,7 +8,7 @@ is the output side's, on another thread.
         print(ev.token, ev.text)        # the last event has finished=True and a finish_reason
     sched.close()
 
-Each step of the loop (docs/serving.md draws it):
+Each step of the loop (docs/serving.md has the whole picture):
   1. retire cancelled requests (Request.cancel(), or the request's is_cancelled() returns True) and those whose text
      reached a stop string (the output side says so): their slot is free for this very step;
   2. admit waiting requests into free KV-cache slots, first come first served (a request never overtakes an earlier

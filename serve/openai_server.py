@@ -430,9 +430,8 @@ async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
     try:
         piece = first
         while piece is not None:
-            for t in piece.token_ids:
-                n_out += 1
-                pieces.append(text.add(t))
+            pieces.append(text.add_many(piece.token_ids))
+            n_out = len(text.tokens)     # none after a stop string's end, also within one response
             reason = piece.finish_reason or reason
             if text.stopped:
                 break
@@ -490,10 +489,8 @@ async def stream_events(info: ModelInfo, job: Job, first, it) -> AsyncIterator[b
             yield chunk("", None, first_chunk=True)
         resp = first
         while resp is not None:
-            piece = ""
-            for t in resp.token_ids:
-                n_out += 1
-                piece += text.add(t)
+            piece = text.add_many(resp.token_ids)
+            n_out = len(text.tokens)     # none after a stop string's end, also within one response
             if piece:
                 yield text_chunk(piece)
             reason = resp.finish_reason or reason
