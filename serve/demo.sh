@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 MODEL="${1:-tiny}" ART="${2:-artifacts}"
 HTTP_PORT="${HTTP_PORT:-8000}" GRPC_PORT="${GRPC_PORT:-8001}" METRICS_PORT="${METRICS_PORT:-8002}"
 PY="${PYTHON:-.venv/bin/python}"
-# the repository serve-repo wrote last (its manifest names the engine/precision the client checks against)
+# the repository serve-repo wrote last (--check then asks the server which model and engine it runs)
 read -r VARIANT REPO < <("$PY" - "$ART" "$MODEL" <<'PY'
 import sys
 sys.path.insert(0, ".")
@@ -25,7 +25,7 @@ PIDF="$RUN_DIR/triton.pid"
 trap 'bash serve/run_triton.sh stop --pid-file "$PIDF" >/dev/null 2>&1 || true; rm -rf "$RUN_DIR"' EXIT
 bash serve/run_triton.sh "$REPO" --background --pid-file "$PIDF" --log-file "$RUN_DIR/triton.log" \
   --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
-C=(--model "$MODEL" --artifacts "$ART" --variant "$VARIANT" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT")
+C=(--http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT")   # --check asks the server which model and engine it runs
 echo "== HTTP, unary, 3 prompts concurrently (model lm, dynamic batching) =="
 "$PY" serve/client/infer_client.py "${C[@]}" --check --concurrency 3 \
   --prompt "The list" --prompt "def f(" --prompt "A class attribute"

@@ -9,8 +9,13 @@ Request fields: model, prompt | messages, max_tokens (chat also max_completion_t
 stop (string or list of up to 4), n (1 only), stream, stream_options. Fields this server cannot honour (logprobs,
 echo, best_of > 1, penalties, tools, ...) are refused with 400 rather than ignored.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON, wrong type, value out of
-range, prompt over the context; 404 unknown model or path; 429 the backend's queue is full ("server busy: ...");
-503 Triton or the model not ready. The server keeps serving after every one of them.
+range, prompt over the context; 401 no or a wrong API key (with --api-key); 404 unknown model or path; 413 a body
+over --max-body-bytes (from its Content-Length, before it is read); 429 the backend's queue is full ("server busy:
+..."); 503 Triton or the model not ready. The server keeps serving after every one of them.
+
+Access: with --api-key KEY (or the environment variable LMOPT_API_KEY, which keeps the key out of `ps`), every /v1/
+route wants `Authorization: Bearer KEY` (the `openai` client's api_key); /health stays open for probes, as in
+`vllm serve`. Without a key the endpoint is open: it listens on loopback unless --host says otherwise.
 
 How it works: the prompt is tokenized here (chat template from the tokenizer, lmopt.chat) and sent as `input_ids` to
 the decoupled model `lm_stream` over Triton's gRPC bidirectional stream (one channel for the process, one stream per
@@ -19,6 +24,8 @@ chunk, so usage counts are exact and nothing is buffered. Text and stop strings 
 path (lmopt.detokenize.TextStream: text that may be the start of a stop string is held back until it is not), and
 the backend request is cancelled when one matches; the finish reason is the backend's (its last response says why
 the request ended), "stop" when a stop string ended the text here.
+The prompt of a body over 2 KB is tokenized in a worker thread, so a long prompt never stalls the other requests
+(docs/openai_gateway.md, "Limits and access").
 Why a gateway and not Triton's own OpenAI frontend: README, "OpenAI-compatible endpoint".
 
 Reads:  Triton's config of the served model (its `parameters`: model spec, max_tokens_cap, default_max_tokens), the
@@ -32,7 +39,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from lmopt import cli
@@ -43,18 +50,25 @@ from lmopt.log import get_logger
 log = get_logger("openai")
 
 BUSY_PREFIX = "server busy: "        # what the backend's bounded queue answers when it is full
+API_KEY_ENV = "LMOPT_API_KEY"        # the API key when --api-key is not given (vLLM reads VLLM_API_KEY the same way)
+# the prompt of a body up to this size is validated and tokenized on the event loop (<= ~1 ms on 2 CPU cores); of a
+# larger one in a worker thread, with the GIL released while the Rust tokenizer runs (lmopt.models.encode):
+# docs/openai_gateway.md
+INLINE_BODY_BYTES = 2048
 MAX_STOP_STRINGS = 4                 # OpenAI's limit
 _MARK = "\x00text\x00"               # stands for a token's text while an SSE chunk's template is serialized
 
 
 @dataclass
 class GatewaySettings:
-    host: str = "127.0.0.1"          # address to listen on; loopback only unless asked: there is no authentication
+    host: str = "127.0.0.1"          # address to listen on; loopback unless asked (beyond it, set an API key)
     port: int = 8080                 # the endpoint's TCP port; clear of Triton's 8000, 8001 and 8002
     triton_grpc: str = "127.0.0.1:8001"  # Triton's gRPC address host:port
     triton_model: str = "lm_stream"  # the decoupled model: token responses as tokens come
-    served_model_name: str = ""      # the `model` clients send; default: the model spec Triton serves (e.g. tiny)
+    served_model_name: str = ""      # the model's id in /v1/models and answers (default: preset/hub id, folder name)
     request_timeout: float = 600.0   # seconds one request may stream before it is cut
+    api_key: str = ""                # /v1/ routes want "Authorization: Bearer KEY" (default: $LMOPT_API_KEY)
+    max_body_bytes: int = 1 << 20    # a request body over this gets 413 before it is read (1 MiB)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -76,6 +90,29 @@ def bad(message: str, param: str | None = None, code: str | None = "invalid_valu
 
 def not_ready(message: str) -> APIError:
     return APIError(503, message, "service_unavailable", None, "backend_not_ready")
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over this server's limit of {limit} bytes — send a shorter prompt, or "
+                    "start the server with a higher --max-body-bytes", "invalid_request_error", None,
+                    "request_too_large")
+
+
+def unauthorized(given: bool) -> APIError:
+    msg = ("incorrect API key provided" if given else
+           "no API key provided — send it as the header 'Authorization: Bearer KEY' (the openai client's api_key)")
+    return APIError(401, msg, "invalid_request_error", None, "invalid_api_key")
+
+
+def bearer_ok(headers, key: bytes) -> bool | None:
+    """True: the request's `Authorization: Bearer` token is `key`; False: a wrong token; None: none sent."""
+    import hmac
+
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+    return None
 
 
 # Texts of the model's own request checks (serve/templates/model.py): the backend streams errors as text only, so
@@ -219,9 +256,18 @@ def _load_info(params: dict, served_name: str) -> ModelInfo:
         context = int(model_shape(load_config(spec))["max_positions"])
     except UserError:
         context = int(getattr(tok, "model_max_length", 0) or 2048)
-    return ModelInfo(name=served_name or spec, spec=spec, tokenizer=tok, context=context, vocab=len(tok),
-                     max_tokens_cap=int(params.get("max_tokens_cap") or 256),
+    return ModelInfo(name=served_name or default_served_name(spec), spec=spec, tokenizer=tok, context=context,
+                     vocab=len(tok), max_tokens_cap=int(params.get("max_tokens_cap") or 256),
                      default_max_tokens=int(params.get("default_max_tokens") or 16))
+
+
+def default_served_name(spec: str) -> str:
+    """The model's id on the endpoint when --served-model-name is not given: a preset or hub id as is, a local folder
+    by its folder name (its path is this machine's business, and changes when the folder moves)."""
+    from lmopt.models import resolve
+
+    m = resolve(spec)
+    return m.path.name if m.kind == "local" and m.path is not None else spec
 
 
 # ---- request validation -------------------------------------------------------------------------------------------
@@ -291,6 +337,10 @@ def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
         include_usage = so.get("include_usage", False)
 
     ids = _chat_ids(body, info) if chat else _prompt_ids(body, info)
+    room = info.context - len(ids)
+    if room <= 0:   # before the vocabulary scan: a huge prompt is refused without a Python loop over its ids
+        raise bad(f"the prompt has {len(ids)} tokens, at or over the model's context of {info.context} — "
+                  "shorten it", "messages" if chat else "prompt", "context_length_exceeded")
     vocab = info.vocab or len(info.tokenizer)
     if any(not 0 <= t < vocab for t in ids):
         raise bad(f"the prompt holds a token id outside the vocabulary [0, {vocab})", "prompt")
@@ -299,10 +349,6 @@ def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
     mt = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         key, mt = "max_completion_tokens", body["max_completion_tokens"]
-    room = info.context - len(ids)
-    if room <= 0:
-        raise bad(f"the prompt has {len(ids)} tokens, at or over the model's context of {info.context} — "
-                  "shorten it", "messages" if chat else "prompt", "context_length_exceeded")
     if mt is None:
         mt = min(info.default_max_tokens, room)
     elif not _is_int(mt):
@@ -522,6 +568,7 @@ def create_app(backend, settings: GatewaySettings | None = None):
     """The Starlette app over `backend` (a TritonBackend, or anything with the same start/close/ready/info/generate
     methods: the tests use a stub)."""
     import contextlib
+    from concurrent.futures import ThreadPoolExecutor
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -529,8 +576,14 @@ def create_app(backend, settings: GatewaySettings | None = None):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    s = settings or GatewaySettings()
+    max_body, api_key = s.max_body_bytes, s.api_key.encode()
+    # long prompts are tokenized here, off the event loop (two at a time: they are rare, and each holds a core)
+    prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompt")
+
     def error(e: APIError):
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = ({"Retry-After": "1"} if e.status == 429 else {"WWW-Authenticate": "Bearer"} if e.status == 401
+                   else None)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     class EventStream(StreamingResponse):
@@ -596,18 +649,31 @@ def create_app(backend, settings: GatewaySettings | None = None):
             path = scope["path"]
             try:
                 try:
-                    raw = []
+                    for name, value in scope["headers"]:   # a declared size over the limit: 413 before reading any
+                        if name == b"content-length":
+                            if value.isdigit() and int(value) > max_body:
+                                raise too_large(max_body)
+                            break
+                    raw, size = [], 0
                     while True:
                         m = await receive()
                         if m["type"] == "http.disconnect":
                             return                    # the client left before its body arrived: nobody to answer
-                        raw.append(m.get("body", b""))
+                        chunk = m.get("body", b"")
+                        size += len(chunk)
+                        if size > max_body:           # a chunked body: cut off where it passes the limit
+                            raise too_large(max_body)
+                        raw.append(chunk)
                         if not m.get("more_body"):
                             break
                     body = parse_body(b"".join(raw))
                     info = await backend.info()
                     check_model(body, info)
-                    job = parse_job(body, info, chat)
+                    if size <= INLINE_BODY_BYTES:
+                        job = parse_job(body, info, chat)
+                    else:  # a prompt that takes long to tokenize: the event loop serves the other requests meanwhile
+                        job = await asyncio.get_running_loop().run_in_executor(prompt_pool, parse_job, body, info,
+                                                                               chat)
                     if not job.stream:
                         response = JSONResponse(await complete(backend, info, job))
                     else:
@@ -644,6 +710,7 @@ def create_app(backend, settings: GatewaySettings | None = None):
             log.warning("%s — requests get 503 until it is", e.message)
         yield
         await backend.close()
+        prompt_pool.shutdown(wait=False, cancel_futures=True)
 
     class ASGIEndpoint:      # a callable that is no function: Starlette routes to it as an ASGI app, not a handler
         def __init__(self, handle):
@@ -662,8 +729,11 @@ def create_app(backend, settings: GatewaySettings | None = None):
                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
     async def gateway(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and (h := fast.get(scope["path"])) is not None:
-            return await h(scope, receive, send)
+        if scope["type"] == "http":
+            if api_key and scope["path"].startswith("/v1") and not (ok := bearer_ok(scope["headers"], api_key)):
+                return await error(unauthorized(ok is not None))(scope, receive, send)   # the body is never read
+            if scope["method"] == "POST" and (h := fast.get(scope["path"])) is not None:
+                return await h(scope, receive, send)
         return await app(scope, receive, send)
     return gateway
 
@@ -674,10 +744,17 @@ def serve(*, settings: GatewaySettings) -> None:
         import uvicorn
     except ImportError as e:
         raise UserError(f"missing {e.name} — run: pip install -r requirements.txt") from None
-    s = settings
+    s = replace(settings, api_key=settings.api_key or os.environ.get(API_KEY_ENV, ""))
     if not 0 < s.port < 65536:
         raise UserError(f"--port {s.port} is not a TCP port — pick one in 1..65535")
+    if s.max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes must be >= 1 (got {s.max_body_bytes})")
     _check_port_free(s.host, s.port)
+    if s.api_key:
+        log.info("/v1/ routes want the API key (from %s)", "--api-key" if settings.api_key else f"${API_KEY_ENV}")
+    elif not _is_loopback(s.host):
+        log.warning("listening on %s without an API key: anyone who reaches port %d can use it — set %s (or "
+                    "--api-key)", s.host, s.port, API_KEY_ENV)
     backend = TritonBackend(s.triton_grpc, s.triton_model, s.served_model_name, s.request_timeout)
     loop, http = _io_implementations()
     log.info("OpenAI-compatible endpoint: http://%s:%d/v1 -> Triton gRPC %s (model %s); event loop %s, HTTP %s",
@@ -751,6 +828,15 @@ def _io_implementations() -> tuple[str, str]:
         log.warning("uvloop or httptools is not installed: serving with %s and %s, slower per request and token "
                     "(pip install -r requirements.txt)", loop, http)
     return loop, http
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _check_port_free(host: str, port: int) -> None:

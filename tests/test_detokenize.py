@@ -46,6 +46,36 @@ def test_encode_equals_the_tokenizer_call(tok, special):
             list(tok(text, add_special_tokens=special)["input_ids"])
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_of_a_long_text_releases_the_gil_and_gives_the_same_ids(tok, special):
+    """Past GIL_FREE_CHARS, encode takes the tokenizer's batch call (it lets other threads run): same ids, and a
+    thread ticking meanwhile is not held up for the whole encoding."""
+    import threading
+    import time
+
+    from lmopt.models import GIL_FREE_CHARS
+
+    text = "".join(TEXTS) * (4 * GIL_FREE_CHARS // len("".join(TEXTS)))
+    for t in (text[:GIL_FREE_CHARS + 1], text):
+        assert encode(tok, t, add_special_tokens=special) == list(tok(t, add_special_tokens=special)["input_ids"])
+    big, ticks, done = text * 60, [], threading.Event()   # ~0.5 MB: ~0.4 s of encoding
+
+    def tick():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=tick)
+    th.start()
+    t0 = time.perf_counter()
+    encode(tok, big)
+    took = time.perf_counter() - t0
+    done.set()
+    th.join()
+    longest = max(b - a for a, b in zip(ticks, ticks[1:]))
+    assert longest < took / 2, (longest, took)   # with the GIL held throughout, one gap as long as the encoding
+
+
 def test_encode_takes_the_tokenizer_call_when_truncation_is_on():
     tok = load_tokenizer("tiny")  # its own instance: the backend's truncation is switched on below
     text = TEXTS[0]

@@ -101,6 +101,23 @@ def test_kubernetes_deployment_probes_gpu_and_autoscaling_metric():
     assert metric in (REPO / "serve" / "templates" / "model.py").read_text()
 
 
+def test_kubernetes_manifest_gateway_binds_beyond_loopback_only_with_a_key_from_a_secret():
+    """The OpenAI gateway beside Triton listens on 0.0.0.0, so its API key comes from a Secret (never a literal in
+    the manifest); its arguments are ones serve/openai_server.py takes; the Service exposes its port."""
+    docs = {d["kind"]: d for _, d in _k8s_resources()}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    gw = next(c for c in pod["containers"] if "serve/openai_server.py" in c["command"] + c.get("args", []))
+    args = load_script("serve/openai_server.py").build_parser().parse_args(gw["args"])
+    assert args.host == "0.0.0.0" and args.triton_grpc == "127.0.0.1:8001" and not args.api_key
+    env = {e["name"]: e for e in gw["env"]}
+    assert "value" not in env["LMOPT_API_KEY"]
+    assert set(env["LMOPT_API_KEY"]["valueFrom"]["secretKeyRef"]) == {"name", "key"}   # not optional: fail closed
+    assert "LMOPT_API_KEY" in (REPO / "serve" / "openai_server.py").read_text()
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/health"        # the one route that needs no key
+    assert {p["containerPort"] for p in gw["ports"]} == {args.port}
+    assert args.port in {p["port"] for p in docs["Service"]["spec"]["ports"]}
+
+
 @pytest.fixture(scope="module")
 def replica_root(tiny_export, tmp_path_factory):
     """An artifacts root with the tiny model's FP32 repository (its own, linking the shared export)."""

@@ -77,8 +77,7 @@ class Server:
         return f"http://127.0.0.1:{self.http}{path}"
 
     def client_args(self, *extra: str) -> list[str]:
-        return ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--artifacts", str(self.artifacts),
-                "--variant", VARIANT, *extra]
+        return ["--http-port", str(self.http), "--grpc-port", str(self.grpc), *extra]
 
     def stats(self, model: str) -> dict:
         return json.load(urllib.request.urlopen(self.url(f"/v2/models/{model}/stats")))["model_stats"][0]
@@ -155,7 +154,7 @@ def test_repository_is_generated_with_manifest(server):
 def test_client_cli_greedy_tokens_equal_in_process_engine(server):
     proc = run_cli("serve/client/infer_client.py", *server.client_args(
         "--check", "--max-new-tokens", "12", "--prompt", "The list", "--prompt", "def f(", "--concurrency", "2"))
-    assert "PASS: served greedy tokens equal the in-process ort fp32 engine (2/2 prompts)" in proc.stdout
+    assert "PASS: served greedy tokens equal the in-process ort fp32 engine of tiny (2/2 prompts)" in proc.stdout
     assert "time to first token" in proc.stdout
 
 
@@ -171,8 +170,8 @@ def test_served_greedy_tokens_equal_in_process_engine(server, mode):
     client = load_script("serve/client/infer_client.py")
     ClientSettings, run_client = client.ClientSettings, client.run_client
 
-    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_new_tokens=12, check=True, model="tiny",
-                       artifacts=str(server.artifacts), variant=VARIANT, http_port=server.http,
+    s = ClientSettings(prompt=["The list", "def f("], concurrency=2, max_new_tokens=12, check=True,
+                       http_port=server.http,
                        grpc_port=server.grpc, **mode)
     report = run_client(settings=s)
     assert report["failed"] == 0 and report["check"]["passed"], report["check"]

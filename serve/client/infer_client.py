@@ -11,8 +11,12 @@ lm_stream) or --api generate (HTTP only: /v2/models/lm/generate, or lm_stream/ge
 Streaming prints tokens as they arrive (one prompt at a time on screen; with --concurrency > 1 the text is printed
 when each request completes).
 
-Reads:  the server; for --check the serve manifest artifacts/<model>/serve/<variant>/manifest.json (which engine and
-        precision the server runs) and the same engine in-process through lmopt.engines
+--check asks the server what it runs (Triton's config of the model called, GET /v2/models/<lm|lm_stream>/config: its
+`parameters`, written by serve/make_model_repository.py, name the model, engine, precision, device and artifacts
+root), builds that engine in-process through lmopt.engines and compares greedy tokens: the served model's own engine,
+whichever model the server was started on.
+
+Reads:  the server (for --check also its model config, and the engine files under the artifacts root it names)
 Writes: --out FILE (optional): JSON with settings, per-request results (tokens, ttft_s, total_s) and the check
 Exit code: 0, or 1 when --check fails or a request fails.
 """
@@ -50,10 +54,8 @@ class ClientSettings:
     top_p: float = 1.0
     seed: int | None = None
     stop: str = ""                   # stop string
-    check: bool = False              # compare greedy tokens with the in-process engine
-    model: str = "tiny"
-    artifacts: str = "artifacts"
-    variant: str = ""                # serve variant to check against (default: the only/newest one)
+    check: bool = False              # compare greedy tokens with the served model's engine, in-process
+    artifacts: str = ""              # --check: artifacts root of the served engine (default: the server's own)
     timeout: float = 120.0
     out: str = ""                    # write results JSON here
 
@@ -154,32 +156,52 @@ def _generate_http(s: ClientSettings, prompt: str, piece):
         conn.close()
 
 
-def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[int]], dict]:
-    """Greedy tokens of the in-process engine the server runs (engine/precision from the serve manifest)."""
+def served_model(s: ClientSettings) -> dict[str, str]:
+    """What the server runs: the `parameters` of Triton's config of the model this client calls (model spec, engine,
+    precision, device, artifacts root; serve/make_model_repository.py writes them)."""
+    import urllib.error
+    import urllib.request
+
+    name = "lm_stream" if s.stream else "lm"
+    url = f"http://{s.host}:{s.http_port}/v2/models/{name}/config"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            cfg = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"cannot read the served model's config at {url} ({getattr(e, 'reason', e)}) — --check needs "
+                        "Triton's HTTP port (--http-port)") from None
+    params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+    missing = [k for k in ("model", "engine", "precision") if not params.get(k)]
+    if missing:
+        raise UserError(f"the server's model '{name}' does not say what it runs (no {', '.join(missing)} among its "
+                        "config parameters) — --check needs a repository made by serve/make_model_repository.py")
+    return params
+
+
+def reference_tokens(s: ClientSettings, prompts: list[str]) -> tuple[list[list[int]], dict[str, str]]:
+    """Greedy tokens of the engine the server runs (model, engine, precision and device from the server's own model
+    config), in-process, batch 1."""
     from lmopt.engines import create_engine
     from lmopt.generate import SamplingParams, generate_text
-    from lmopt.manifest import list_variants
     from lmopt.models import load_tokenizer
 
-    variants = list_variants(s.artifacts, s.model, "serve")
-    if not variants:
-        raise UserError(f"no serve manifest for {s.model} under {s.artifacts} — run: make serve-repo")
-    if s.variant:
-        if s.variant not in variants:
-            raise UserError(f"no serve variant '{s.variant}' (have: {', '.join(variants)}) — pass one of them")
-        man = variants[s.variant]
-    else:
-        man = max(variants.values(), key=lambda m: m.get("created", ""))
-    device = "cuda" if man["device"] == "cuda" else "cpu"
-    engine = create_engine(man["engine"], s.model, man["precision"], device=device, artifacts=s.artifacts)
-    tok = load_tokenizer(s.model)
+    served = served_model(s)
+    artifacts = s.artifacts or served.get("artifacts") or "artifacts"
+    if not Path(artifacts).is_dir():
+        raise UserError(f"the served engine's artifacts root {artifacts} is not on this machine — run --check where "
+                        "the server's artifacts are, or pass --artifacts DIR with a copy of them")
+    device = "cuda" if served.get("device", "cpu").startswith("cuda") else "cpu"
+    log.info("checking against %s %s %s on %s (the served model's config)", served["model"], served["engine"],
+             served["precision"], device)
+    engine = create_engine(served["engine"], served["model"], served["precision"], device=device, artifacts=artifacts)
+    tok = load_tokenizer(served["model"])
     toks = []
     for p in prompts:  # one at a time: the reference is batch 1
         _, out = generate_text(engine, tok, [p], SamplingParams(max_new_tokens=s.max_new_tokens,
                                                                 stop_strings=(s.stop,) if s.stop else ()))
         toks.append(out.tokens[0])
     engine.close()
-    return toks, man
+    return toks, {k: served.get(k, "") for k in ("model", "engine", "precision", "device")}
 
 
 def run_client(*, settings: ClientSettings) -> dict:
@@ -223,15 +245,15 @@ def run_client(*, settings: ClientSettings) -> dict:
     failed = [r for r in results if r["error"]]
     report = {"settings": asdict(s), "results": results, "wall_s": wall, "failed": len(failed)}
     if s.check:
-        ref, man = reference_tokens(s, s.prompt)
+        ref, served = reference_tokens(s, s.prompt)
         same = [r["error"] is None and r["tokens"] == t for r, t in zip(results, ref)]
-        report["check"] = {"variant": man["variant"], "passed": all(same), "per_prompt": same, "reference": ref}
+        report["check"] = {"served": served, "passed": all(same), "per_prompt": same, "reference": ref}
         for p, ok, r, t in zip(s.prompt, same, results, ref):
             if not ok:
                 print(f"  mismatch for {p!r}: served {r['tokens']} vs in-process {t}")
         print(f"{'PASS' if all(same) else 'FAIL'}: served greedy tokens "
-              f"{'equal' if all(same) else 'differ from'} the in-process {man['engine']} {man['precision']} engine "
-              f"({sum(same)}/{len(same)} prompts)")
+              f"{'equal' if all(same) else 'differ from'} the in-process {served['engine']} {served['precision']} "
+              f"engine of {served['model']} ({sum(same)}/{len(same)} prompts)")
     if s.out:
         Path(s.out).parent.mkdir(parents=True, exist_ok=True)
         Path(s.out).write_text(json.dumps(report, indent=2) + "\n")
