@@ -65,6 +65,7 @@ class RepoSettings:
     slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
     max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
     prefill_chunk: int = 256         # in-flight: prompt tokens prefilled per step while other requests decode
+    decode_wait_ratio: float = 1.0   # in-flight: while requests decode, a step's prefill takes at most this many times a decode-only step (the chunk adapts; 0 = chunks of --prefill-chunk regardless); docs/serving.md
     cancel_poll_ms: float = 10.0     # in-flight: ask Triton whether a request was cancelled at most this often (0 = every step; each ask is a round trip to the server process)
     max_batch_size: int = 8          # Triton's dynamic batcher (lm; lm_stream too when --batching static)
     queue_delay_us: int = 2000       # how long the dynamic batcher waits to fill a batch
@@ -232,6 +233,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --output-transport '{s.output_transport}' — use auto, dlpack or numpy")
     if s.batching not in ("inflight", "static"):
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
+    if s.decode_wait_ratio < 0:
+        raise UserError(f"--decode-wait-ratio must be >= 0 (got {s.decode_wait_ratio:g})")
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
     for name in ("capture_kv", "max_len", "gil_switch_us", "first_token_pause_us"):
@@ -267,6 +270,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
+              "decode_wait_ratio": str(s.decode_wait_ratio),
               "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len),
               "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})

@@ -141,6 +141,7 @@ class TritonPythonModel:
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler",
                                        first_token_pause_s=(float(_param(cfg, "first_token_pause_us", "0")) / 1e6
                                                             if self.decoupled else 0.0),
+                                       decode_wait_ratio=float(_param(cfg, "decode_wait_ratio", "1.0")),
                                        # streams: the sender thread is the output side (drain()): text, stop strings
                                        # and the responses happen there, off the engine loop
                                        output_thread=not self.decoupled)
