@@ -596,8 +596,9 @@ def test_latency_histograms_on_the_metrics_endpoint(server):
     url = f"http://127.0.0.1:{server.metrics}/metrics"
     before, snap0 = scrape(), scrape_metrics(url)
     n = 3
-    tokens, errors = _stream_many(server, [(f"h{i}", "The list", 6) for i in range(n)])
-    assert not errors and all(len(t) == 6 for t in tokens.values())
+    # 24 tokens each: several responses per stream even when the sender merges tokens (inter-token latency)
+    tokens, errors = _stream_many(server, [(f"h{i}", "The list", 24) for i in range(n)])
+    assert not errors and all(len(t) == 24 for t in tokens.values())
     deadline = time.time() + 15   # observations are made by the model's metrics thread, shortly after
     while count(scrape(), "lm_e2e_request_latency_seconds") < count(before, "lm_e2e_request_latency_seconds") + n \
             and time.time() < deadline:

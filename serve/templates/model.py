@@ -404,10 +404,9 @@ class TritonPythonModel:
         st["t_last"] = now
         if o.finished:
             self.metrics.observe("e2e", now - st["t_exec"])
-            if st["count"] > 1 and st.get("t_first") is not None:
-                self.metrics.observe("tpot", (now - st["t_first"]) / (st["count"] - 1))
-        if first:
-            st["t_first"] = now
+            # the engine loop's clock: defined even when every token came in one response
+            if st["count"] > 1 and h.first_token_at is not None and h.finished_at is not None:
+                self.metrics.observe("tpot", (h.finished_at - h.first_token_at) / (st["count"] - 1))
 
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
@@ -539,7 +538,7 @@ class _Metrics:
     2.51 has MetricFamily.HISTOGRAM):
       lm_time_to_first_token_seconds            execute() entry to the first response handed to Triton
       lm_inter_token_latency_seconds            gap between two responses of a stream / the tokens in the later one
-      lm_request_time_per_output_token_seconds  per request: (last response - first) / (tokens - 1)
+      lm_request_time_per_output_token_seconds  per request: (last token - first) / (tokens - 1), engine loop's clock
       lm_e2e_request_latency_seconds            execute() entry to the final response
       lm_request_queue_time_seconds             submitted to the scheduler until given a KV-cache slot
     Per-step timeline counters: lm_scheduler_step_seconds_total (wall time of the engine loop's steps),
