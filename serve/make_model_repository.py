@@ -19,7 +19,7 @@ Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
 Model names and tensors (stable; serve/client and profile/ depend on them):
   lm, lm_stream   inputs  text_input STRING [1]; optional max_tokens INT32 [1], temperature FP32 [1],
                           top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
-                  outputs text_output STRING [1], token_ids INT64 [-1]
+                  outputs text_output STRING [1], token_ids INT64 [-1], finish_reason INT32 [1] (last response)
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
   lm_empty        the same tensors; streams max_tokens responses of token id 0 at once, no engine (KIND_CPU): what
                   Triton itself costs per request and per streamed response, the floor of the serving overhead
@@ -67,6 +67,7 @@ class RepoSettings:
     slots: int = 8                   # in-flight: requests generating at once (KV-cache slots)
     max_queue: int = 32              # in-flight: requests waiting for a slot; beyond that "server busy: "
     prefill_chunk: int = 256         # in-flight: prompt tokens prefilled per step while other requests decode
+    decode_wait_ratio: float = 1.0   # in-flight: while requests decode, a step's prefill takes at most this many times a decode-only step (the chunk adapts; 0 = chunks of --prefill-chunk regardless); docs/serving.md
     cancel_poll_ms: float = 10.0     # in-flight: ask Triton whether a request was cancelled at most this often (0 = every step; each ask is a round trip to the server process)
     max_batch_size: int = 8          # Triton's dynamic batcher (lm; lm_stream too when --batching static)
     queue_delay_us: int = 2000       # how long the dynamic batcher waits to fill a batch
@@ -203,7 +204,9 @@ input [
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }}
+  {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }},
+  # a request's last response only: index in lmopt.detokenize.FINISH_REASONS (stop, length, cancelled, error)
+  {{ name: "finish_reason" data_type: TYPE_INT32 dims: [ 1 ] }}
 ]
 
 # {kind} from --device; each instance loads its own engine{" (and runs its own scheduler) on its GPU" if gpus else ""}.
@@ -232,6 +235,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --output-transport '{s.output_transport}' — use auto, dlpack or numpy")
     if s.batching not in ("inflight", "static"):
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
+    if s.decode_wait_ratio < 0:
+        raise UserError(f"--decode-wait-ratio must be >= 0 (got {s.decode_wait_ratio:g})")
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
     for name in ("capture_kv", "max_len", "gil_switch_us", "first_token_pause_us"):
@@ -269,6 +274,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_tokens_cap": str(s.max_tokens_cap), "default_max_tokens": str(s.default_max_tokens),
               "output_transport": s.output_transport, "batching": s.batching, "slots": str(s.slots),
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
+              "decode_wait_ratio": str(s.decode_wait_ratio),
               "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len),
               "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
@@ -321,11 +327,14 @@ Start: `bash serve/run_triton.sh <this folder>/model_repository`.
 
 Busy: more than {s.slots} running + {s.max_queue} waiting requests get an error starting with `server busy: `
 (code UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE); retry later. Metrics port: `lm_scheduler_slots_in_use`,
-`lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`.
+`lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`,
+and the latency histograms `lm_time_to_first_token_seconds`, `lm_inter_token_latency_seconds`,
+`lm_request_time_per_output_token_seconds`, `lm_e2e_request_latency_seconds`, `lm_request_queue_time_seconds`.
 
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
 default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING.
-Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`.
+Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`, `finish_reason` INT32 (last response: 0 stop, 1 length,
+2 cancelled, 3 error).
 HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_stream` with
 `{{"text_input": "...", "max_tokens": 16}}`.
 """
