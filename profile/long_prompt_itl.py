@@ -17,6 +17,8 @@ Writes: artifacts/<model>/profile/long-prompt-itl.json (or --out): per policy IT
         prompt and their ratio, the long prompt's TTFT, the chunks it was prefilled in; raw step times
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import time
 from dataclasses import asdict, dataclass

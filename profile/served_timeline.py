@@ -10,6 +10,8 @@ Writes: artifacts/<model>/profile/served-timeline-<streams>.json (or --out): the
         step, engine share, send ms per response, responses and tokens per step), client-side tokens/s
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import threading
 import time
