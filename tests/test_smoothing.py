@@ -11,6 +11,8 @@ import pytest
 
 from conftest import assert_one_line_error, read_json, run_cli
 
+from lmopt.paths import stage_dir
+
 SCRIPT = "convert/quantize_model.py"
 OUTLIER_CHANNELS = [3, 17, 60, 99]
 FAST = ["--eval-samples", "16", "--calib-samples", "8", "--greedy-prompts", "1", "--greedy-tokens", "8"]
@@ -109,15 +111,15 @@ def planted_quantized(planted) -> tuple[Path, Path, str]:
     return model, art, proc.stdout
 
 
-def _manifests(art: Path, suffix: str) -> dict:
-    q = art / "planted-llama" / "quantize"
+def _manifests(art: Path, model: Path, suffix: str) -> dict:
+    q = stage_dir(art, str(model), "quantize", "")   # a local folder's artifacts are keyed by name + path hash
     return {t: read_json(q / f"{p}-minmax{suffix}" / "manifest.json")
             for t, p in (("tensorrt", "int8-qdq-trt"), ("onnxruntime", "int8-cpu-u8s8"))}
 
 
 def test_planted_outliers_force_fp32_without_smoothing(planted_quantized):
     model, art, _ = planted_quantized
-    for target, man in _manifests(art, "").items():
+    for target, man in _manifests(art, model, "").items():
         assert man["sensitivity"]["full_int8_ppl_increase_pct"] > 1.0, target       # the outliers break INT8
         assert man["exclusions"]["budget"] == ["layer 0"], target                    # ... so layer 0 stays FP32
         assert "/model/layers.0/mlp/down_proj/MatMul" in man["fp32_matmuls"]
@@ -127,7 +129,7 @@ def test_planted_outliers_force_fp32_without_smoothing(planted_quantized):
 def test_planted_outliers_run_int8_with_smoothing(planted_quantized):
     model, art, stdout = planted_quantized
     assert "unsmoothed" in stdout                   # the accuracy report shows what smoothing bought
-    for target, man in _manifests(art, "-sq0.5").items():
+    for target, man in _manifests(art, model, "-sq0.5").items():
         assert man["exclusions"]["budget"] == [] and man["accuracy"]["ppl_increase_pct"] <= 1.0, target
         assert man["fp32_matmuls"] == ["/model/rotary_emb/MatMul"]                   # down projections INT8
         assert man["default"] is False and man["variant"].endswith("-sq0.5")
@@ -137,7 +139,7 @@ def test_planted_outliers_run_int8_with_smoothing(planted_quantized):
         assert sm["explicit_muls"] == 2 and sm["absorbed"] == {"norm": 5, "linear": 2}
         assert "ModelOpt" in sm["modelopt"]
         assert man["int8_flop_share"][target] >= 0.95
-    cpu = _manifests(art, "-sq0.5")["onnxruntime"]["int8_fallback"]["onnxruntime"]
+    cpu = _manifests(art, model, "-sq0.5")["onnxruntime"]["int8_fallback"]["onnxruntime"]
     assert cpu["matmuls_float"] == 1 and cpu["op_types"].get("QLinearMatMul", 0) == cpu["matmuls_int8"]
 
 
@@ -145,7 +147,7 @@ def test_auto_searches_alpha_by_perplexity(planted):
     model, art = planted
     run_cli(SCRIPT, "--model", str(model), "--artifacts", str(art), "--smooth", "auto", "--target", "onnxruntime",
             *FAST)
-    man = read_json(art / "planted-llama" / "quantize" / "int8-cpu-u8s8-minmax-sqauto" / "manifest.json")
+    man = read_json(stage_dir(art, str(model), "quantize", "int8-cpu-u8s8-minmax-sqauto") / "manifest.json")
     sm = man["smoothing"]
     search = sm["search"]
     uniform = search["uniform_ppl_increase_pct"]
