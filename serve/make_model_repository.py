@@ -18,7 +18,8 @@ Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
 
 Model names and tensors (stable; serve/client and profile/ depend on them):
   lm, lm_stream   inputs  text_input STRING [1]; optional max_tokens INT32 [1], temperature FP32 [1],
-                          top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
+                          top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1],
+                          ignore_eos BOOL [1]
                   outputs text_output STRING [1], token_ids INT64 [-1]
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
   lm_empty        the same tensors; streams max_tokens responses of token id 0 at once, no engine (KIND_CPU): what
@@ -74,7 +75,7 @@ class RepoSettings:
     output_transport: str = "auto"   # auto | dlpack | numpy (auto = DLPack whenever torch is importable)
     gil_switch_us: int = 200         # the model process's Python thread switch interval (sys.setswitchinterval; Python's default is 5000): how long a thread waiting for the interpreter lock (the sender, the scheduler) can be kept waiting by another (0 = Python's default)
     first_token_pause_us: int = 50   # in-flight streaming: after a step that produced first tokens, the scheduler sleeps this long (while at most 4 requests decode) so the sender thread sends them at once (0 = never)
-    capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at this KV length (0 = on first use, stalling live requests while it compiles)
+    capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at every KV bucket up to this length (0 = on first use, stalling live requests while it compiles)
     max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
 
 
@@ -197,7 +198,8 @@ input [
   {{ name: "top_k"       data_type: TYPE_INT32  dims: [ 1 ] optional: true }},
   {{ name: "top_p"       data_type: TYPE_FP32   dims: [ 1 ] optional: true }},
   {{ name: "seed"        data_type: TYPE_INT64  dims: [ 1 ] optional: true }},
-  {{ name: "stop"        data_type: TYPE_STRING dims: [ 1 ] optional: true }}
+  {{ name: "stop"        data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "ignore_eos"  data_type: TYPE_BOOL   dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
@@ -320,7 +322,8 @@ Busy: more than {s.slots} running + {s.max_queue} waiting requests get an error 
 `lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`.
 
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
-default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING.
+default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING,
+`ignore_eos` BOOL (true: the end-of-sequence token does not end the request; benchmarks use it for fixed lengths).
 Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`.
 HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_stream` with
 `{{"text_input": "...", "max_tokens": 16}}`.

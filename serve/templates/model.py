@@ -98,15 +98,19 @@ class TritonPythonModel:
             # compile and capture every decode batch bucket now: a first use would otherwise stall live requests
             # for seconds per bucket
             t0 = time.perf_counter()
-            self.engine.capture(self.engine.batch_buckets, capture_kv)
+            # at every KV bucket up to capture_kv: a request crosses them as its context grows
+            kvs = [k for k in getattr(self.engine, "kv_buckets", []) if k <= capture_kv] or [capture_kv]
+            for kv in kvs:
+                self.engine.capture(self.engine.batch_buckets, kv)
             self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
-                                 f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
+                                 f"(kv {kvs}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
         eos = self.tokenizer.eos_token_id       # a property that looks the token up: once, not per request
         self._stop_ids = (eos,) if eos is not None else ()
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
+        self._trace = None
         self.scheduler = None
         if self.batching == "inflight":
             from lmopt.engines.slotted import create_slot_engine
@@ -114,6 +118,12 @@ class TritonPythonModel:
 
             slots = create_slot_engine(self.engine, num_slots=int(_param(cfg, "slots", "8")),
                                        max_prefill_chunk=int(_param(cfg, "prefill_chunk", "256")))
+            from lmopt.profiling.step_trace import StepTrace
+
+            # LMOPT_STEP_TRACE=<folder>: every engine call and send pass timed (profile/serve_bench.py's timeline)
+            self._trace = StepTrace.from_env(self.model_name)
+            if self._trace is not None:
+                slots = self._trace.wrap(slots)
             self.metrics = _Metrics(self.model_name, self.logger)
             max_queue = int(_param(cfg, "max_queue", "32"))
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
@@ -211,7 +221,9 @@ class TritonPythonModel:
         p = SamplingParams(max_new_tokens=max_tokens, temperature=float(scalar("temperature", 0.0)),
                            top_k=int(scalar("top_k", 0)), top_p=float(scalar("top_p", 1.0)),
                            seed=None if seed is None else int(seed),
-                           stop_token_ids=self._stop_ids, stop_strings=(stop,) if stop else ())
+                           # ignore_eos: the request runs to max_tokens (a benchmark's fixed output length)
+                           stop_token_ids=() if scalar("ignore_eos", False) else self._stop_ids,
+                           stop_strings=(stop,) if stop else ())
         try:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
@@ -325,6 +337,7 @@ class TritonPythonModel:
                 else:
                     m[1].append(ev.token)
                     m[2] += ev.text or ""
+            t_send = time.perf_counter()
             for st, tokens, text, ev in merged.values():
                 try:
                     self._deliver(st, tokens, text, ev, final)
@@ -332,6 +345,8 @@ class TritonPythonModel:
                     self.logger.log_warn(f"{self.model_name}: sending to request {st['id']!r} failed: {e}")
                 if ev is not None:
                     self._streams.pop(id(st), None)
+            if self._trace is not None and merged:
+                self._trace.send(t_send, time.perf_counter(), len(merged))
             now = time.monotonic()
             while self._late_finals and (stop or self._late_finals[0][0] <= now):
                 try:
@@ -489,6 +504,8 @@ class TritonPythonModel:
             if self.decoupled:
                 self._outq.put(None)
                 self._sender.join(timeout=10)
+            if self._trace is not None:
+                self.logger.log_info(f"{self.model_name}: step trace written to {self._trace.dump()}")
         self.engine.close()
 
 
