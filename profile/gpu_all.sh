@@ -221,28 +221,29 @@ PYEOF
         cp "$ART_M/llama-1b/profile/serving-stream-scaleout-$mode.json" "$WORK/results/llama-1b/" 2>/dev/null
       done ;;
     load)
-      ART_L="$WORK/art-load"
-      # 64 slots; max length 512 holds the longest request (320 + 160); every decode bucket captured at load (KV
-      # buckets 256 and 512: a request crosses from one to the other as it grows)
-      "$PY" serve/make_model_repository.py --model llama-1b --engine compiled --precision fp16 --device cuda \
+      ART_L="$WORK/art-load" LM="${LOAD_MODEL:-llama-1b}"   # LOAD_MODEL=tiny: a quick check of the whole part
+      # 64 slots; max length 512 holds the longest request (320 + 160); every decode batch bucket captured at load
+      # at KV 512, where every level from 16 streams up runs (compile + capture costs 15-25 s per shape); the load
+      # generator's warm-up (shortest prompts at 1, 2, 4 streams) compiles the few KV-256 shapes short prompts need
+      "$PY" serve/make_model_repository.py --model "$LM" --engine compiled --precision fp16 --device cuda \
         --slots 64 --max-queue 256 --max-batch-size 64 --capture-kv 512 --max-len 512 --cancel-poll-ms 10 \
         --artifacts "$ART_L" -q 2>&1 | tail -2 | tee -a "$LOG"
       say "load: sweep ${LOAD_SWEEP:-1,4,16,64,128,256}, rates ${LOAD_RATES:-25,50,100,150,inf}"
-      PYTHON="$PY" timeout "${LOAD_TIMEOUT:-520}" "$PY" profile/serve_bench.py --model llama-1b --artifacts "$ART_L" \
+      PYTHON="$PY" timeout "${LOAD_TIMEOUT:-520}" "$PY" profile/serve_bench.py --model "$LM" --artifacts "$ART_L" \
         --compare load --workload random --prompt-tokens 256 --max-new-tokens 128 \
         --concurrency "${LOAD_SWEEP:-1,4,16,64,128,256}" --open-loop-rates "${LOAD_RATES:-25,50,100,150,inf}" \
         --requests 100000 --rate-requests "${LOAD_RATE_REQUESTS:-600}" --duration-s "${LOAD_DURATION:-8}" \
         --overhead-requests "${LOAD_OVERHEAD:-24}" --in-process-levels 64 --endpoint-levels "${LOAD_ENDPOINT:-64}" \
         --floor-levels 64,256 --timeline-level 64 --prompt-input input_ids --startup-timeout-s 400 2>&1 \
         | grep -v -i -E "warning|indices sequence" | tail -60 | tee -a "$LOG"
-      grep -h -E "captured decode|step trace|Traceback|Error" "$ART_L"/llama-1b/profile/.triton-load.pid.log 2>/dev/null \
+      grep -h -E "captured decode|step trace|Traceback|Error" "$ART_L/$LM/profile"/.triton-load.pid.log 2>/dev/null \
         | tail -8 | tee -a "$LOG"
-      mkdir -p "$WORK/results/llama-1b"
+      mkdir -p "$WORK/results/$LM"
       for f in serving-load.json serving-timeline.json serving-stream-load-floor.json serving-stream-load-timeline.json; do
-        cp "$ART_L/llama-1b/profile/$f" "$WORK/results/llama-1b/" 2>/dev/null
+        cp "$ART_L/$LM/profile/$f" "$WORK/results/$LM/" 2>/dev/null
       done
       # the sweep's own file holds every request (compact): large, so gzip it beside the others
-      gzip -c "$ART_L/llama-1b/profile/serving-stream-load.json" > "$WORK/results/llama-1b/serving-stream-load.json.gz" \
+      gzip -c "$ART_L/$LM/profile/serving-stream-load.json" > "$WORK/results/$LM/serving-stream-load.json.gz" \
         2>/dev/null ;;
     *) echo "unknown part $part" >&2 ;;
   esac

@@ -45,7 +45,7 @@ import asyncio
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 from lmopt import cli
@@ -375,8 +375,9 @@ def in_process_engines(s: LoadSettings):
     engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None, **kwargs)
     if s.capture_kv and hasattr(engine, "capture"):   # as the server does at load
-        for kv in [k for k in getattr(engine, "kv_buckets", []) if k <= s.capture_kv] or [s.capture_kv]:
-            engine.capture(engine.batch_buckets, kv)
+        engine.capture(engine.batch_buckets, s.capture_kv)
+        # and one row at the smallest KV bucket: the 1-stream comparison's short prompts start there
+        engine.capture([1], min(getattr(engine, "kv_buckets", [s.capture_kv])))
     slots = create_slot_engine(engine, num_slots=s.slots or 8, max_prefill_chunk=s.prefill_chunk)
     log.info("in-process engine %s %s on %s ready in %.1f s", s.engine, s.precision, s.device,
              time.perf_counter() - t0)
@@ -675,6 +676,15 @@ def run_load(*, settings: LoadSettings) -> dict:
                                 f"{pre.error or 'no tokens streamed'} — check the server log")
             log.info("pre-flight: %d tokens in %.1f ms", _n_out(pre), (pre.end_s or 0) * 1e3)
             extra["preflight"] = asdict(pre)
+        if s.warm_short and not isinstance(backend, InProcessBackend):
+            # the workload's shortest prompts at 1, 2 and 4 streams, untimed: an engine that compiles a shape on
+            # first use (the compiled engine's decode graphs at a smaller KV bucket) does it now, not in a level
+            short = sorted(items, key=lambda it: len(it.prompt_ids))[:8]
+            t = time.perf_counter()
+            for c in (1, 2, 4):
+                _run(closed_level(backend, short, c, replace(s, requests=2 * c, warmup_requests=0)))
+            log.info("warm-up on the %d shortest prompts at 1, 2, 4 streams: %.1f s", len(short),
+                     time.perf_counter() - t)
         summary, samples = _sweep(backend, items, levels, rates, s)
         if isinstance(backend, InProcessBackend):
             backend.shutdown()
@@ -771,8 +781,6 @@ def _sweep(backend, items: list, levels: list, rates: list, s: LoadSettings) -> 
 
 def _endpoint_vs_grpc(items: list, levels: list, s: LoadSettings) -> dict:
     """At each level: gRPC stream, OpenAI endpoint, gRPC, endpoint (half the duration each), same server."""
-    from dataclasses import replace
-
     half = replace(s, duration_s=s.duration_s / 2, requests=max(1, s.requests // 2))
     grpc, http = TritonBackend(s), OpenAIBackend(s)
     out = {}

@@ -483,7 +483,8 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
                 results["load"] = _run_tool("load_generator.py", replace(
                     ld, url=url, label="load", concurrency=s.concurrency, request_rate=s.open_loop_rates,
                     endpoint_levels=s.endpoint_levels, openai_url=gw, in_process_levels=s.in_process_levels,
-                    ceiling=True, in_process=s.overhead_requests > 0, overhead_requests=s.overhead_requests),
+                    ceiling=True, in_process=s.overhead_requests > 0, overhead_requests=s.overhead_requests,
+                    warm_short=True),
                     "stream-load")
             if s.floor_levels:
                 with timed(log, "lm_empty at load", timings, "floor_s"):

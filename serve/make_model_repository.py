@@ -75,7 +75,7 @@ class RepoSettings:
     output_transport: str = "auto"   # auto | dlpack | numpy (auto = DLPack whenever torch is importable)
     gil_switch_us: int = 200         # the model process's Python thread switch interval (sys.setswitchinterval; Python's default is 5000): how long a thread waiting for the interpreter lock (the sender, the scheduler) can be kept waiting by another (0 = Python's default)
     first_token_pause_us: int = 50   # in-flight streaming: after a step that produced first tokens, the scheduler sleeps this long (while at most 4 requests decode) so the sender thread sends them at once (0 = never)
-    capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at every KV bucket up to this length (0 = on first use, stalling live requests while it compiles)
+    capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at this KV length (0 = on first use, stalling live requests while it compiles)
     max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
 
 

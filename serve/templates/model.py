@@ -98,12 +98,9 @@ class TritonPythonModel:
             # compile and capture every decode batch bucket now: a first use would otherwise stall live requests
             # for seconds per bucket
             t0 = time.perf_counter()
-            # at every KV bucket up to capture_kv: a request crosses them as its context grows
-            kvs = [k for k in getattr(self.engine, "kv_buckets", []) if k <= capture_kv] or [capture_kv]
-            for kv in kvs:
-                self.engine.capture(self.engine.batch_buckets, kv)
+            self.engine.capture(self.engine.batch_buckets, capture_kv)
             self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
-                                 f"(kv {kvs}) in {time.perf_counter() - t0:.1f} s")
+                                 f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
         eos = self.tokenizer.eos_token_id       # a property that looks the token up: once, not per request
         self._stop_ids = (eos,) if eos is not None else ()
