@@ -61,6 +61,7 @@ class LoadSettings:
     in_process_levels: str = ""          # also: the same request stream through lmopt.scheduler in this process
     ceiling: bool = False                # also: the engine's ceiling for this workload (in-process, no server)
     warm_short: bool = False             # before the sweep: the shortest prompts at 1, 2, 4 streams, untimed
+    ready_timeout_s: float = 10.0        # how long to wait for the server to be ready (after the in-process engine)
     slots: int = 0                       # in-process engine/scheduler as the server runs them (0 = engine default)
     max_len: int = 0
     capture_kv: int = 0

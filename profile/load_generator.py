@@ -140,8 +140,20 @@ class OpenAIBackend:
         conn = aiohttp.TCPConnector(limit=0)   # one connection per stream in flight, as many as the level has
         self.session = aiohttp.ClientSession(connector=conn,
                                              timeout=aiohttp.ClientTimeout(total=self.s.request_timeout_s))
-        async with self.session.get(f"{self.s.openai_url}/v1/models") as r:
-            self.served = (await r.json())["data"][0]["id"]
+        deadline = time.monotonic() + self.s.ready_timeout_s   # the gateway may still be starting
+        while True:
+            try:
+                async with self.session.get(f"{self.s.openai_url}/v1/models") as r:
+                    if r.status == 200:
+                        self.served = (await r.json())["data"][0]["id"]
+                        return
+                    last = f"HTTP {r.status}"
+            except aiohttp.ClientError as e:
+                last = str(e)[:120]
+            if time.monotonic() > deadline:
+                await self.session.close()
+                raise UserError(f"no OpenAI endpoint at {self.s.openai_url} ({last}) — start it: make serve-openai")
+            await asyncio.sleep(0.5)
 
     async def close(self):
         await self.session.close()
@@ -659,7 +671,7 @@ def run_load(*, settings: LoadSettings) -> dict:
             backend = InProcessBackend(s, engine, slot_engine)
         else:
             if s.backend == "triton":
-                wait_ready(s.url, s.triton_model, 10.0)
+                wait_ready(s.url, s.triton_model, s.ready_timeout_s)
             backend = TritonBackend(s) if s.backend == "triton" else OpenAIBackend(s)
 
             async def preflight():

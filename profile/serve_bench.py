@@ -175,9 +175,10 @@ def free_ports(host: str, n: int) -> list[int]:
 
 
 @contextmanager
-def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float):
-    """serve/run_triton.sh in the background on free ports; always stopped (with its backend stubs) on exit."""
-    http, grpc, metrics = free_ports(host, 3)
+def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float, ports: list[int] | None = None):
+    """serve/run_triton.sh in the background on free ports (or these: http, grpc, metrics); always stopped (with its
+    backend stubs) on exit."""
+    http, grpc, metrics = ports or free_ports(host, 3)
     cmd = ["bash", str(RUN_TRITON), str(repo), "--background", "--pid-file", str(pid_file), "--host", host,
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--timeout", f"{timeout_s:.0f}"]
@@ -192,15 +193,7 @@ def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float):
         subprocess.run(["bash", str(RUN_TRITON), "stop", "--pid-file", str(pid_file)], capture_output=True, text=True)
 
 
-def _run_tool(script: str, settings, result_name: str) -> dict:
-    """Run a benchmark CLI with these settings in its own session; return its result file (+ "path").
-
-    Own session because Linux groups CPU time per session (autogroup): tritonserver runs under setsid
-    (serve/run_triton.sh), and a client left in a crowded session of a shared machine gets a smaller share than the
-    server, which biases latencies and the in-process baseline. On a dedicated machine this changes nothing.
-    """
-    from lmopt.serving import result_path
-
+def _tool_cmd(script: str, settings) -> list[str]:
     argv = []
     for f in fields(settings):
         v = getattr(settings, f.name)
@@ -211,14 +204,40 @@ def _run_tool(script: str, settings, result_name: str) -> dict:
             argv += [flag, str(v)]
     if log.getEffectiveLevel() > 20:
         argv.append("-q")
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / script), *argv]
-    proc = subprocess.run(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
-        err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-        raise UserError(f"{script} failed: {err[-1][7:] if err else 'exit ' + str(proc.returncode)}")
+    return [sys.executable, str(Path(__file__).resolve().parent / script), *argv]
+
+
+def _start_tool(script: str, settings):
+    """_run_tool's command started in the background (stderr to a temporary file); _finish_tool waits for it."""
+    import tempfile
+
+    err = tempfile.TemporaryFile(mode="w+")
+    return subprocess.Popen(_tool_cmd(script, settings), start_new_session=True, stderr=err, text=True), err
+
+
+def _finish_tool(started, script: str, settings, result_name: str) -> dict:
+    from lmopt.serving import result_path
+
+    proc, err = started
+    rc = proc.wait()
+    err.seek(0)
+    text = err.read()
+    sys.stderr.write(text)
+    if rc != 0:
+        lines = [l for l in text.splitlines() if l.startswith("error:")]
+        raise UserError(f"{script} failed: {lines[-1][7:] if lines else 'exit ' + str(rc)}")
     path = result_path(settings.artifacts, settings.model, result_name)
     return {**json.loads(path.read_text()), "path": str(path)}
+
+
+def _run_tool(script: str, settings, result_name: str) -> dict:
+    """Run a benchmark CLI with these settings in its own session; return its result file (+ "path").
+
+    Own session because Linux groups CPU time per session (autogroup): tritonserver runs under setsid
+    (serve/run_triton.sh), and a client left in a crowded session of a shared machine gets a smaller share than the
+    server, which biases latencies and the in-process baseline. On a dedicated machine this changes nothing.
+    """
+    return _finish_tool(_start_tool(script, settings), script, settings, result_name)
 
 
 def _floor(result: dict) -> dict:
@@ -356,14 +375,15 @@ def serve_bench(*, settings: ServeBenchSettings) -> dict:
 
 
 @contextmanager
-def openai_gateway(grpc_url: str, host: str, timeout_s: float):
-    """serve/openai_server.py in front of that Triton, on a free port, in its own session; stopped on exit."""
+def openai_gateway(grpc_url: str, host: str, timeout_s: float, port: int | None = None):
+    """serve/openai_server.py in front of that Triton, on a free port (or this one), in its own session; stopped on
+    exit."""
     import os
     import signal
     import time
     import urllib.request
 
-    port = free_ports(host, 1)[0]
+    port = port or free_ports(host, 1)[0]
     script = Path(__file__).resolve().parent.parent / "serve" / "openai_server.py"
     proc = subprocess.Popen([sys.executable, str(script), "--host", host, "--port", str(port), "--triton-grpc",
                              grpc_url, "-q"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -439,6 +459,22 @@ def load_targets(summary: dict) -> list[dict]:
     return out
 
 
+def _wait_for_trace(path: Path, until_perf_s: float, timeout_s: float) -> bool:
+    """Wait until the server's step trace holds calls up to `until_perf_s` (perf_counter, the server's clock too)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            calls = json.loads(path.read_text())["calls"]
+            if calls and max(c["t_out"] for c in calls) >= until_perf_s - 0.05:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> dict:
     """The serving benchmark: one in-flight server; the workload's closed-loop sweep and open-loop rates, the engine's
     ceiling and the in-process scheduler on the same request stream, the OpenAI endpoint vs gRPC, lm_empty at load,
@@ -474,18 +510,27 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
     os.environ[step_trace.ENV] = str(trace_dir)   # the server (started below) inherits it: its timeline
+    ports = free_ports(s.host, 4)   # http, grpc, metrics, gateway: known before anything starts
+    url, gw = f"{s.host}:{ports[1]}", f"http://{s.host}:{ports[3]}" if s.endpoint_levels else ""
+    main = replace(ld, url=url, label="load", concurrency=s.concurrency, request_rate=s.open_loop_rates,
+                   endpoint_levels=s.endpoint_levels, openai_url=gw, in_process_levels=s.in_process_levels,
+                   ceiling=True, in_process=s.overhead_requests > 0, overhead_requests=s.overhead_requests,
+                   warm_short=True, ready_timeout_s=s.startup_timeout_s + 120)
+    started = None
     try:
         with ExitStack() as stack:
-            with timed(log, "start the server", timings, "startup_s"):
-                url = stack.enter_context(triton_server(repo, s.host, prof / ".triton-load.pid", s.startup_timeout_s))
-                gw = stack.enter_context(openai_gateway(url, s.host, 120.0)) if s.endpoint_levels else ""
+            with timed(log, "start the server (and the load generator's in-process engine beside it)", timings,
+                       "startup_s"):
+                # the load generator builds its in-process engine (minutes of compiling on a GPU) while the server
+                # builds its own, then waits for the server before it sends anything
+                started = _start_tool("load_generator.py", main)
+                stack.enter_context(triton_server(repo, s.host, prof / ".triton-load.pid", s.startup_timeout_s,
+                                                  ports[:3]))
+                if gw:
+                    stack.enter_context(openai_gateway(url, s.host, 120.0, ports[3]))
             with timed(log, "sweep, rates, endpoint, in-process, ceiling, overhead", timings, "load_s"):
-                results["load"] = _run_tool("load_generator.py", replace(
-                    ld, url=url, label="load", concurrency=s.concurrency, request_rate=s.open_loop_rates,
-                    endpoint_levels=s.endpoint_levels, openai_url=gw, in_process_levels=s.in_process_levels,
-                    ceiling=True, in_process=s.overhead_requests > 0, overhead_requests=s.overhead_requests,
-                    warm_short=True),
-                    "stream-load")
+                results["load"] = _finish_tool(started, "load_generator.py", main, "stream-load")
+                started = None
             if s.floor_levels:
                 with timed(log, "lm_empty at load", timings, "floor_s"):
                     results["floor"] = _run_tool("load_generator.py", replace(
@@ -497,8 +542,14 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
                     results["timeline"] = _run_tool("load_generator.py", replace(
                         ld, url=url, label="load-timeline", concurrency=str(s.timeline_level),
                         duration_s=min(s.duration_s, 6.0)), "stream-load-timeline")
+                    # the server writes its trace once idle for a second: wait for a copy that covers the level
+                    _wait_for_trace(trace_dir / "step-trace-lm_stream.json",
+                                    results["timeline"]["summary"][0]["window_perf_s"][1], 20.0)
     finally:
         os.environ.pop(step_trace.ENV, None)
+        if started is not None and started[0].poll() is None:   # the server did not come up: stop the client too
+            os.killpg(started[0].pid, 15)
+            started[0].wait()
     load = results["load"]
     sweep = [_strip(r) for r in load["summary"]]
     summary = {"workload": load["workload"], "objective": load["objective"], "goodput": load["goodput"],
@@ -535,6 +586,10 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
     return {"path": str(out), **summary}
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
 def _print_load(sm: dict) -> None:
     w = sm["workload"]
     print(f"serving benchmark: workload {w['kind']} (input mean {w['input_tokens']['mean']:.0f}, output mean "
@@ -561,7 +616,7 @@ def _print_load(sm: dict) -> None:
     tl = sm.get("timeline")
     if tl:
         print(f"timeline c{tl['level']}: {tl['decode_steps']} decode steps, period p50 "
-              f"{tl['decode_step_period_ms']['p50'] or 0:.3f} ms, GPU busy {tl.get('gpu_busy_share') or 0:.0%}, "
+              f"{tl['decode_step_period_ms']['p50'] or 0:.3f} ms, GPU busy {_pct(tl.get('gpu_busy_share'))}, "
               f"send share {tl['send_share'] or 0:.0%}")
     for t in sm["targets"]:
         met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]

@@ -5,7 +5,8 @@ the tokens out, so the loss between the engine's ceiling and the served figure c
     trace = StepTrace.from_env(name)              # None unless LMOPT_STEP_TRACE names a folder
     slots = trace.wrap(slots) if trace else slots # the slot engine the scheduler drives
     trace.send(t0, t1, responses)                 # the sender thread, per pass (perf_counter seconds)
-    trace.dump()                                  # LMOPT_STEP_TRACE/step-trace-<name>.json (the model's finalize)
+    trace.dump_when_idle()                        # LMOPT_STEP_TRACE/step-trace-<name>.json, once the load is over
+    trace.dump()                                  # the same, now (the model's finalize)
 
     summary = summarize(json.load(open(path)), t_from, t_to)   # profile/serve_bench.py: the 64-stream window
 
@@ -42,6 +43,7 @@ class StepTrace:
             except ImportError:
                 pass
         self.ref, self.t_ref = None, None
+        self._dumped_at = 0.0
         if self.torch is not None:
             self.ref = self.torch.cuda.Event(enable_timing=True)
             self.ref.record()
@@ -61,6 +63,14 @@ class StepTrace:
 
     def send(self, t_in: float, t_out: float, responses: int) -> None:
         self.sends.append((t_in, t_out, responses))
+
+    def dump_when_idle(self, idle_s: float = 1.0) -> None:
+        """Write the trace once nothing was traced for idle_s (the sender thread calls this while no stream runs):
+        a reader gets it after a load without stopping the server."""
+        last = max(self.calls[-1][2] if self.calls else 0.0, self.sends[-1][1] if self.sends else 0.0)
+        if last > self._dumped_at and time.perf_counter() - last >= idle_s:
+            self.dump()
+            self._dumped_at = last
 
     def _event(self):
         if self.torch is None:

@@ -306,8 +306,9 @@ class TritonPythonModel:
         poll = self._poll = self._cancel_poll_s or 0.01
         while True:
             try:
-                items = [self._outq.get(timeout=poll if self._streams or self._late_finals or self._new_streams
-                                        else None)]
+                busy = self._streams or self._late_finals or self._new_streams
+                # idle with a step trace on: wake every half second to write it once the load is over
+                items = [self._outq.get(timeout=poll if busy else 0.5 if self._trace is not None else None)]
             except queue.Empty:
                 items = []
             while True:
@@ -353,6 +354,8 @@ class TritonPythonModel:
             if stop:
                 return
             self._watch_cancellation(poll)
+            if self._trace is not None and not self._streams and not self._new_streams:
+                self._trace.dump_when_idle()
 
     def _watch_cancellation(self, poll):
         """Ask Triton whether streams were cancelled (client gone), each at most every `poll` s (every ask is a
