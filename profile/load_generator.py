@@ -636,6 +636,7 @@ def _compact(r: RequestRecord) -> dict:
             "ttft_ms": None if m["ttft_ms"] is None else round(m["ttft_ms"], 3),
             "e2e_ms": None if m["e2e_ms"] is None else round(m["e2e_ms"], 3),
             "itl_p99_ms": None if not m["itl_ms"] else round(percentile(m["itl_ms"], 99), 3),
+            "itl_mean_ms": None if not m["itl_ms"] else round(sum(m["itl_ms"]) / len(m["itl_ms"]), 4),
             "responses": r.token_responses, "error": r.error, "warmup": r.warmup}
 
 
