@@ -207,9 +207,8 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
 
         nxt = [0] * b
         with nvtx_range("prefill"):
-            many = getattr(engine, "prefill_slots", None)
-            if many is not None:
-                take(list(range(b)), many(slots, prompts))
+            if engine.capabilities.batched_prefill:
+                take(list(range(b)), engine.prefill_slots(slots, prompts))
             else:
                 for r in range(b):
                     take([r], engine.prefill_slot(slots[r], prompts[r]))
@@ -230,27 +229,31 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
 
 def generate_text(engine, tokenizer, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams],
                   on_token: Callable[[int, int], bool | None] | None = None) -> tuple[list[str], GenerationOutput]:
-    """Text in, text out. Stop tokens default to the tokenizer's EOS; stop strings are checked on decoded text."""
+    """Text in, text out. Stop tokens default to the tokenizer's EOS; text and stop strings come from the one output
+    path, lmopt.detokenize.TextStream (the text ends before the earliest stop string, as servers cut it), the same
+    the scheduler, the Triton model and the OpenAI gateway use."""
+    from .detokenize import TextStream
+
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     eos = tokenizer.eos_token_id
     plist = [p if p.stop_token_ids or eos is None else _with_stop(p, eos) for p in plist]
-    with nvtx_range("tokenize"):
-        ids = [tokenizer(t)["input_ids"] for t in prompts]
     for i, t in enumerate(prompts):
         if not t:
             raise UserError(f"prompt {i} is empty — give some text")
+    with nvtx_range("tokenize"):
+        ids = [tokenizer(t)["input_ids"] for t in prompts]
+    streams = [TextStream(tokenizer, i, p.stop_strings) for i, p in zip(ids, plist)]
 
     def stop_check(r: int, toks: list[int]) -> bool:
-        ss = plist[r].stop_strings
-        return bool(ss) and any(s in tokenizer.decode(toks) for s in ss)
+        streams[r].add_many(toks[len(streams[r].tokens):])
+        return streams[r].stopped
 
     out = generate(engine, ids, plist, on_token, pad_id=tokenizer.pad_token_id or 0, stop_check=stop_check)
     with nvtx_range("detokenize"):
-        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
-    for r, p in enumerate(plist):  # cut at the stop string, as servers do
-        for s in p.stop_strings:
-            if s and s in texts[r]:
-                texts[r] = texts[r][: texts[r].index(s)]
+        for st, toks in zip(streams, out.tokens):   # a row on_token cancelled skipped its last stop check
+            st.add_many(toks[len(st.tokens):])
+        texts = [st.text + st.finish() for st in streams]
+    out.finish_reasons = [st.finish_reason(reason) for st, reason in zip(streams, out.finish_reasons)]
     return texts, out
 
 

@@ -1,34 +1,45 @@
 """In-flight (continuous) batching: one loop thread owns a SlotEngine; requests join and leave the running batch at
-every decode step.
+every step. The loop only schedules, executes and updates; text (detokenization, stop strings, the finish reason)
+is the output side's, on another thread.
 
     sched = Scheduler(create_slot_engine(engine, num_slots=8), tokenizer=tok, max_queue=32)
     req = sched.submit(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0.8, seed=1))
-    for ev in req.events():             # or submit(..., on_event=callback), called from the loop thread
+    for ev in req.events():             # or submit(..., on_event=callback), called from the output thread
         print(ev.token, ev.text)        # the last event has finished=True and a finish_reason
     sched.close()
 
-Each step of the loop:
-  1. retire cancelled requests (Request.cancel(), or the request's is_cancelled() returns True): their slot is free
-     for this very step;
-  2. admit waiting requests into free slots and prefill them, at most `engine.max_prefill_chunk` prompt tokens per
-     step in total, so a long prompt is split into chunks and the running streams are not stalled by it (whole
-     prompts admitted together go in one batched call when the engine has `prefill_slots`);
-  3. one batched `decode_slots` over every request that has a token to feed;
-  4. hand each new token to its request (greedy: `StepLogits.argmax()` for every row at once; sampling:
+Each step of the loop (docs/serving.md draws it):
+  1. retire cancelled requests (Request.cancel(), or the request's is_cancelled() returns True) and those whose text
+     reached a stop string (the output side says so): their slot is free for this very step;
+  2. admit waiting requests into free KV-cache slots, first come first served (a request never overtakes an earlier
+     one, so none starves);
+  3. prefill: at most one step's prefill budget of prompt tokens, oldest request first, so a long prompt is split
+     into chunks and the running streams keep decoding between them. The budget is the engine's chunk limit and
+     the step's token budget (`max_step_tokens`, decode rows count one token each), and, while requests decode,
+     a time bound: a step's prefill may take at most `decode_wait_ratio` times a decode-only step (measured; the
+     chunk adapts), so a long prompt arriving raises the running streams' inter-token latency by at most that
+     factor. Whole prompts admitted together go in one batched call where the engine declares
+     `capabilities.batched_prefill`;
+  4. one batched `decode_slots` over every request that has a token to feed;
+  5. hand each new token to its request (greedy: `StepLogits.argmax()` for every row at once; sampling:
      lmopt.generate.sample_next on the row with the request's own seeded generator, so a seeded request gives the
-     tokens lmopt.generate gives it) and retire the finished ones (stop token, stop string, max tokens) at once.
+     tokens lmopt.generate gives it) and retire the finished ones (stop token, max tokens) at once. The token goes
+     to the output side as an id; nothing else happens to it on the loop.
 
 Pipelining: with an engine that can feed a slot the greedy token of its previous decode step on the device
-(`engine.feeds_from_device`, the compiled engine), and while every decoding request is greedy, step 4 of a decode
-step runs after step 3 of the next one is queued: the device computes step k+1 while the host reads, detokenizes and
-hands out the tokens of step k, so the host's per-step work hides behind the device's instead of adding to it (the
-scheme of vLLM's asynchronous scheduling). The price: a request that ends on a stop token or stop string, or is
-cancelled, has one more step computed for it whose token is dropped; max tokens are known ahead and never overrun.
-A sampled request in the batch turns pipelining off until it leaves (its token needs the host).
+(`capabilities.device_feed`, the compiled engine), and while every decoding request is greedy, step 5 of a decode
+step runs after step 4 of the next one is queued: the device computes step k+1 while the host reads and hands out
+the tokens of step k, so the host's per-step work hides behind the device's instead of adding to it (the scheme of
+vLLM's asynchronous scheduling). The price: a request that ends on a stop token or stop string, or is cancelled, has
+one more step computed for it whose token is dropped; max tokens are known ahead and never overrun. A sampled
+request in the batch turns pipelining off until it leaves (its token needs the host).
 
-Text: with a tokenizer, each token's text comes from lmopt.detokenize (incremental, no re-decoding of the output);
-text that could be the start of a stop string is held back until it is known not to be one, and the text stops
-before the stop string, as lmopt.generate.generate_text cuts it.
+Output side: the tokens of each request go through its lmopt.detokenize.TextStream (incremental text, stop strings,
+the finish reason: the one output path of the repository) on the output thread (`output_thread=True`, the default:
+one event per token to `on_event` or `Request.events()`), or on the caller's own thread: `output_thread=False` and
+the caller calls `drain()`, which returns one RequestOutput per request with every token since its last drain (the
+Triton model's sender does this: one response per stream per pass, several tokens in it when it fell behind).
+A stop string found there tells the loop to retire the request at its next step.
 
 Back-pressure: the scheduler holds at most `num_slots` running plus `max_queue` waiting requests. Beyond that,
 `submit` raises ServerBusy, whose message starts with "server busy: ". That prefix is the contract with the serving
@@ -36,20 +47,24 @@ layers: they map it to their "try again later" status (HTTP 429 in the OpenAI ga
 models, whose Python backend has no RESOURCE_EXHAUSTED code).
 
 Counters (`stats()`): slots in use, queue length, last decode batch size, steps, generated tokens, requests
-finished / cancelled / rejected; `on_step(stats)` is called after every step (the Triton model exports them).
+finished / cancelled / rejected, the current prefill chunk, and the per-step timeline: seconds in steps, of which in
+engine calls (launches and waits for the device; the rest is the loop's own host work); `on_step(stats)` is called
+after every step (the Triton model exports them).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .detokenize import TextStream
 from .engines.slots import SlotEngine
 from .errors import UserError
 from .generate import SamplingParams, sample_next
@@ -66,7 +81,8 @@ class ServerBusy(UserError):
 @dataclass
 class TokenEvent:
     """One event of a request: a generated token (with its text, "" without a tokenizer or while a character is
-    incomplete), or the final event (finished=True, token None, text = any text held back until the end)."""
+    incomplete or may be the start of a stop string), or the final event (finished=True, token None, text = any
+    text held back until the end)."""
     token: int | None
     text: str = ""
     finished: bool = False
@@ -74,37 +90,67 @@ class TokenEvent:
     error: str | None = None
 
 
+@dataclass
+class RequestOutput:
+    """What drain() hands out for one request: every token since its last output, their text, and whether it ended
+    (then finish_reason, error, and `tail`: text held back until the end)."""
+    request: "Request"
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)     # each token's text
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    tail: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces) + self.tail
+
+
 class Request:
     """A submitted request: its tokens and text so far, its finish reason, and timestamps (time.perf_counter())."""
 
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, on_event, is_cancelled, detok):
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, on_event, is_cancelled,
+                 text: TextStream, tag=None):
         self.id = rid
         self.prompt_ids = prompt_ids
         self.params = params
-        self.tokens: list[int] = []
-        self.text = ""                      # text delivered so far (stop string excluded)
+        self.tag = tag                      # the caller's own state for this request (drain() callers)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None   # given a slot (its prefill starts)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self.retired_step: int | None = None    # the loop's step count when it retired the request
         self._on_event = on_event
         self._is_cancelled = is_cancelled
         self._queue: queue.Queue | None = None if on_event is not None else queue.Queue()
         self._cancel = threading.Event()
         self._done = threading.Event()
-        self._detok = detok
-        self._full_text = ""                # all decoded text, stop string included
+        self._text = text                   # output side only
         self._rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
         self._stops = set(params.stop_token_ids)
-        # engine-side state, touched by the loop thread only
+        # engine-side state, touched by the loop thread only (and _stop_hit set by the output side)
         self.slot: int | None = None
         self._prefilled = 0
+        self._generated = 0                 # tokens handed to the output side
         self._next: int | None = None
-        self._stop_string_hit = False
+        self._stop_hit = False              # the output side found a stop string: retire at the next step
+        self._retired = False
+        self._engine_reason: str | None = None
         self._next_poll = 0.0
         self._in_flight = 0                 # decode steps queued for this request whose token is not read yet
+
+    @property
+    def tokens(self) -> list[int]:
+        """Generated token ids handed out so far (none after the token that completed a stop string)."""
+        return self._text.tokens
+
+    @property
+    def text(self) -> str:
+        """Text handed out so far (a stop string and what follows it excluded)."""
+        return self._text.text
 
     # ---- caller side -------------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -153,6 +199,7 @@ class Request:
                 return True
         return False
 
+    # ---- output side -------------------------------------------------------------------------------------------
     def _emit(self, ev: TokenEvent) -> bool:
         """Deliver an event; False when the receiver is gone (the request is then cancelled)."""
         if self._queue is not None:
@@ -165,72 +212,47 @@ class Request:
             log.info("request %s: delivering an event failed (%s): cancelled", self.id, e)
             return False
 
-    def _add_token(self, tok: int) -> tuple[str, bool]:
-        """Record a generated token; (text to send now, whether a stop string ended the request)."""
-        self.tokens.append(tok)
-        if self._detok is None:
-            return "", False
-        self._full_text += self._detok.add(tok)
-        stop_strings = [s for s in self.params.stop_strings if s]
-        end = len(self._full_text)
-        hit = False
-        for s in stop_strings:
-            # search only where a stop string could newly appear: from len(s)-1 chars before the delivered text
-            i = self._full_text.find(s, max(0, len(self.text) - len(s)))
-            if i >= 0 and i < end:
-                end, hit = i, True
-        if hit:
-            self._stop_string_hit = True
-        else:
-            end -= _held_back(self._full_text, stop_strings)
-        piece = self._full_text[len(self.text):end] if end > len(self.text) else ""
-        self.text += piece
-        return piece, hit
-
-    def _tail(self) -> str:
-        """Text held back at the end of a request that did not stop on a stop string."""
-        if self._detok is not None:
-            self._full_text += self._detok.flush()
-        piece = self._full_text[len(self.text):]
-        self.text += piece
-        return piece
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the start of a stop string (it may still become one)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
 
 class Scheduler:
     def __init__(self, engine: SlotEngine, *, max_queue: int = 64, tokenizer=None,
                  on_step: Callable[[dict], None] | None = None, name: str = "scheduler",
                  cancel_poll_s: float = 0.0, pipeline: bool | None = None, first_token_pause_s: float = 0.0,
-                 pause_max_decoding: int = 4):
+                 pause_max_decoding: int = 4, max_step_tokens: int | None = None, decode_wait_ratio: float = 1.0,
+                 min_prefill_chunk: int = 16, output_thread: bool = True):
         """cancel_poll_s: call a request's is_cancelled() at most this often (0 = every step); Request.cancel() is
         always seen at the next step. pipeline: queue the next decode step before reading this one's tokens
-        (default: when the engine can, `engine.feeds_from_device`). first_token_pause_s: after a step that handed
+        (default: when the engine can, `capabilities.device_feed`). first_token_pause_s: after a step that handed
         out a request's first token, sleep this long (releasing the interpreter lock) so the consumer thread that
         sends it runs at once instead of waiting for this loop's next blocking call; only while at most
-        `pause_max_decoding` requests decode (under load throughput comes first)."""
+        `pause_max_decoding` requests decode (under load throughput comes first). max_step_tokens: tokens per step,
+        decode rows and prefill chunks together (default: the engine's prefill chunk + its slots).
+        decode_wait_ratio: while requests decode, a step's prefill takes at most this many times a decode-only step
+        (0 = no time bound); min_prefill_chunk: prompt tokens a step prefills at least (prefill always advances).
+        output_thread: False = the caller calls drain() (see the module docstring)."""
+        caps = engine.capabilities
         if max_queue < 0:
             raise UserError(f"max_queue must be >= 0 (got {max_queue})")
-        self.engine = engine
+        if pipeline and not caps.device_feed:
+            raise UserError(f"{type(engine).__name__} cannot feed a decode step from the device: pipeline=False")
+        if decode_wait_ratio < 0:
+            raise UserError(f"decode_wait_ratio must be >= 0 (got {decode_wait_ratio})")
+        if min_prefill_chunk < 1:
+            raise UserError(f"min_prefill_chunk must be >= 1 (got {min_prefill_chunk})")
+        self.engine, self.caps = engine, caps
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.on_step = on_step
         self.cancel_poll_s = cancel_poll_s
         self.first_token_pause_s, self.pause_max_decoding = first_token_pause_s, pause_max_decoding
+        self.max_step_tokens = max_step_tokens or caps.max_prefill_chunk + engine.num_slots
+        if self.max_step_tokens < 1:
+            raise UserError(f"max_step_tokens must be >= 1 (got {self.max_step_tokens})")
+        self.decode_wait_ratio, self.min_prefill_chunk = decode_wait_ratio, min_prefill_chunk
+        self._chunk: int | None = None          # the time-bounded prefill chunk while requests decode (adapts)
+        self._t_decode: float | None = None     # a decode-only step's wall time (moving average)
+        self._t_token: float | None = None      # a prompt token's prefill time, from steps that only prefilled
         self._firsts = 0                        # first tokens handed out in the current step
-        can = bool(getattr(engine, "feeds_from_device", False))
-        if pipeline and not can:
-            raise UserError(f"{type(engine).__name__} cannot feed a decode step from the device: pipeline=False")
-        self.pipeline = can if pipeline is None else pipeline
+        self.pipeline = caps.device_feed if pipeline is None else pipeline
         self._pending = None                    # (StepLogits, rows) of the queued decode step not read yet
         self._cond = threading.Condition()
         self._waiting: list[Request] = []       # submitted, no slot yet
@@ -238,17 +260,28 @@ class Scheduler:
         self._decoding: list[Request] = []      # in a slot, generating
         self._ids = itertools.count()
         self._running = True
-        self._counters = dict(steps=0, tokens=0, last_decode_batch=0, finished=0, cancelled=0, rejected=0, errors=0)
+        self._counters = dict(steps=0, tokens=0, last_decode_batch=0, finished=0, cancelled=0, rejected=0, errors=0,
+                              prefill_chunk=caps.max_prefill_chunk, step_seconds=0.0, engine_seconds=0.0)
+        # per-step timeline of the last steps: (start, wall s, engine s, decode rows, prompt tokens prefilled)
+        self.timeline: collections.deque = collections.deque(maxlen=4096)
+        self._engine_s = 0.0
+        self._out: queue.SimpleQueue = queue.SimpleQueue()   # (request, token id | None for its end); None: closed
+        self.output_closed = False
+        self._output: threading.Thread | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        if output_thread:
+            self._output = threading.Thread(target=self._output_loop, name=f"{name}-output", daemon=True)
+            self._output.start()
 
     # ---- public ----------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                on_event: Callable[[TokenEvent], None] | None = None,
                is_cancelled: Callable[[], bool] | None = None, request_id: str | None = None,
-               text: bool = True) -> Request:
+               text: bool = True, tag=None) -> Request:
         """Queue a request. Raises UserError for a bad request and ServerBusy when the queue is full.
-        `text=False`: token ids only (no detokenization unless stop strings need it)."""
+        `text=False`: token ids only (no detokenization unless stop strings need it). `tag`: the caller's state
+        for this request, handed back on its RequestOutputs."""
         params.check()
         ids = [int(t) for t in prompt_ids]
         if not ids:
@@ -259,13 +292,10 @@ class Scheduler:
                             f"length {ctx} — shorten the prompt or lower max_tokens")
         if any(params.stop_strings) and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer — create the Scheduler with tokenizer=...")
-        detok = None
-        if self.tokenizer is not None and (text or any(params.stop_strings)):
-            from .detokenize import IncrementalDetokenizer
-
-            detok = IncrementalDetokenizer(self.tokenizer, ids)
+        use_text = self.tokenizer is not None and (text or any(params.stop_strings))
+        stream = TextStream(self.tokenizer if use_text else None, ids, params.stop_strings)
         rid = request_id if request_id is not None else f"r{next(self._ids)}"
-        req = Request(rid, ids, params, on_event, is_cancelled, detok)
+        req = Request(rid, ids, params, on_event, is_cancelled, stream, tag)
         req._wake = self._wake
         with self._cond:
             if not self._running:
@@ -285,18 +315,79 @@ class Scheduler:
             return dict(self._counters, slots_in_use=len(self._prefilling) + len(self._decoding),
                         num_slots=self.engine.num_slots, queue_length=len(self._waiting))
 
+    def drain(self, timeout: float | None = None) -> list[RequestOutput]:
+        """The output side, on the caller's thread: everything the loop produced since the last call (waiting up to
+        `timeout` s for something, None = until there is), one RequestOutput per request, through each request's
+        TextStream. A request's final output comes once; after close() and the last output, `output_closed`."""
+        items = []
+        try:
+            items.append(self._out.get(timeout=timeout) if timeout is None or timeout > 0 else
+                         self._out.get_nowait())
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self._out.get_nowait())
+            except queue.Empty:
+                break
+        merged: dict[int, RequestOutput] = {}
+        for item in items:
+            if item is None:
+                self.output_closed = True
+                continue
+            r, tok = item
+            o = merged.get(id(r))
+            if o is None:
+                o = merged[id(r)] = RequestOutput(r)
+            ts = r._text
+            if tok is not None:
+                if ts.stopped:          # computed before the loop saw the stop string: dropped
+                    continue
+                o.pieces.append(ts.add(tok))
+                o.token_ids.append(tok)
+                if ts.stopped:
+                    r._stop_hit = True
+                    r._wake()
+                continue
+            reason = ts.finish_reason(r._engine_reason)
+            # text held back (a possible stop-string start, an incomplete character) is real text unless a stop
+            # string ended the request
+            o.tail = ts.finish() if reason in ("length", "stop") else ""
+            o.finished, o.finish_reason, o.error = True, reason, r.error
+            r.finish_reason = reason
+            if self._output is None:   # else the output thread sets it once the final event is out
+                r._done.set()
+        return list(merged.values())
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still queued or running finish with an error."""
         with self._cond:
             self._running = False
             self._cond.notify()
         self._thread.join(timeout)
+        if self._output is not None:
+            self._output.join(timeout)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    # ---- output thread ---------------------------------------------------------------------------------------------
+    def _output_loop(self) -> None:
+        """drain() on its own thread: one TokenEvent per token, then the final one, to each request's receiver."""
+        while not self.output_closed:
+            for o in self.drain():
+                r = o.request
+                ok = True
+                for tok, piece in zip(o.token_ids, o.pieces):
+                    if ok and not r._emit(TokenEvent(tok, piece)):
+                        ok = False
+                        r.cancel()
+                if o.finished:
+                    r._emit(TokenEvent(None, o.tail, True, o.finish_reason, o.error))
+                    r._done.set()
 
     # ---- loop ------------------------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -326,56 +417,87 @@ class Scheduler:
             left = self._waiting + self._prefilling + self._decoding
         for r in left:
             self._finish(r, "error", "the server is shutting down")
+        self._out.put(None)
+
+    def _engine(self, fn, *args):
+        """An engine call, its time counted as the engine's share of the step."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._engine_s += time.perf_counter() - t0
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill (see the module docstring, step 3)."""
+        n_dec = len(self._decoding)
+        budget = min(self.caps.max_prefill_chunk, self.max_step_tokens - n_dec)
+        if n_dec and self.decode_wait_ratio > 0:
+            if self._chunk is None:  # first prefill beside decoding requests: from the measured costs, if known
+                known = self._t_decode is not None and self._t_token is not None
+                self._chunk = self._clamp(self.decode_wait_ratio * self._t_decode / self._t_token) if known \
+                    else self.min_prefill_chunk
+            budget = min(budget, self._chunk)
+        return max(budget, self.min_prefill_chunk)
+
+    def _clamp(self, chunk: float) -> int:
+        return int(min(self.caps.max_prefill_chunk, max(self.min_prefill_chunk, chunk)))
 
     def _step(self) -> None:
         eng = self.engine
-        # 1. cancellations, wherever the request is
+        t_step = time.perf_counter()
+        self._engine_s = 0.0
+        # 1. cancellations and stop strings, wherever the request is
         with self._cond:
             for r in [r for r in self._waiting if r._cancelled(self.cancel_poll_s)]:
                 self._waiting.remove(r)
                 self._finish(r, "cancelled")
-        for r in [r for r in self._prefilling + self._decoding if r._cancelled(self.cancel_poll_s)]:
-            self._finish(r, "cancelled")
-        # 2. admission and chunked prefill
+        for r in [r for r in self._prefilling + self._decoding if r._stop_hit or r._cancelled(self.cancel_poll_s)]:
+            self._finish(r, "stop" if r._stop_hit else "cancelled")
+        # 2. admission by free KV-cache slots, first come first served
         with self._cond:
             while self._waiting and eng.num_free_slots() > 0:
                 r = self._waiting.pop(0)
                 r.slot = eng.alloc_slot()
                 r.admitted_at = time.perf_counter()
                 self._prefilling.append(r)
-        budget, work = eng.max_prefill_chunk, []
+        # 3. prefill, oldest first, within the step's budget
+        budget = self._prefill_budget()
+        work = []
         for r in self._prefilling:
             if budget <= 0:
                 break
             n = min(budget, len(r.prompt_ids) - r._prefilled)
             work.append((r, r.prompt_ids[r._prefilled:r._prefilled + n]))
             budget -= n
+        prefilled = sum(len(c) for _, c in work)
+        decoding_before = len(self._decoding)
         # whole prompts of requests admitted together: one batched prefill where the engine offers it
         whole = [(r, c) for r, c in work if r._prefilled == 0 and len(c) == len(r.prompt_ids)]
-        if len(whole) > 1 and hasattr(eng, "prefill_slots"):
+        if len(whole) > 1 and self.caps.batched_prefill:
             work = [w for w in work if w not in whole]
             try:
-                out = eng.prefill_slots([r.slot for r, _ in whole], [c for _, c in whole])
+                out = self._engine(eng.prefill_slots, [r.slot for r, _ in whole], [c for _, c in whole])
+                # one download for all
+                greedy = self._engine(out.argmax) if any(r._rng is None for r, _ in whole) else None
             except Exception as e:  # noqa: BLE001
                 log.exception("batched prefill failed")
                 for r, _ in whole:
                     self._finish(r, "error", f"generation failed: {e}")
             else:
-                greedy = out.argmax() if any(r._rng is None for r, _ in whole) else None   # one download for all
                 for i, (r, c) in enumerate(whole):
                     self._prefilled_chunk(r, len(c), out, i, greedy)
         for r, chunk in work:
             try:
-                out = eng.prefill_slot(r.slot, chunk)
+                out = self._engine(eng.prefill_slot, r.slot, chunk)
             except Exception as e:  # noqa: BLE001  (one bad request must not take the others down)
                 log.exception("prefill of request %s failed", r.id)
                 self._finish(r, "error", f"generation failed: {e}")
                 continue
             self._prefilled_chunk(r, len(chunk), out, 0)
         if self._firsts and self.first_token_pause_s > 0 and len(self._decoding) <= self.pause_max_decoding:
-            time.sleep(self.first_token_pause_s)   # the consumer sends the first tokens now, not after step 3
+            time.sleep(self.first_token_pause_s)   # the consumer sends the first tokens now, not after step 4
         self._firsts = 0
-        # 3. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
+        # 4. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
         # sampled or a read step), or, pipelined, the greedy token of its queued step still on the device
         pipelined = self.pipeline and all(r._rng is None for r in self._decoding)
         if self._pending is not None and not pipelined:
@@ -386,13 +508,13 @@ class Scheduler:
             if r._next is not None:
                 rows.append(r)
                 feed.append(r._next)
-            elif pipelined and r._in_flight == 1 and len(r.tokens) + 2 <= r.params.max_new_tokens:
+            elif pipelined and r._in_flight == 1 and r._generated + 2 <= r.params.max_new_tokens:
                 rows.append(r)
                 feed.append(None)
         out = None
         if rows:
             try:
-                out = eng.decode_slots([r.slot for r in rows], feed)
+                out = self._engine(eng.decode_slots, [r.slot for r in rows], feed)
             except Exception as e:  # noqa: BLE001
                 log.exception("decode step failed")
                 for r in rows:
@@ -401,7 +523,7 @@ class Scheduler:
             for r in rows:
                 r._next = None
                 r._in_flight += 1
-        # 4. the tokens of the step queued before this one (pipelined), or of this one
+        # 5. the tokens of the step queued before this one (pipelined), or of this one
         if self._pending is not None:
             self._collect(*self._pending)
             self._pending = None
@@ -410,26 +532,56 @@ class Scheduler:
                 self._pending = (out, rows)
             else:
                 self._collect(out, rows)
+        wall = time.perf_counter() - t_step
+        self._adapt_chunk(wall, prefilled, decoding_before and rows)
         with self._cond:
-            self._counters["steps"] += 1
-            self._counters["last_decode_batch"] = len(rows)
+            c = self._counters
+            c["steps"] += 1
+            c["last_decode_batch"] = len(rows)
+            c["prefill_chunk"] = self._chunk or self.caps.max_prefill_chunk
+            c["step_seconds"] += wall
+            c["engine_seconds"] += self._engine_s
+        self.timeline.append((t_step, wall, self._engine_s, len(rows), prefilled))
+
+    def _adapt_chunk(self, wall: float, prefilled: int, decoded: bool) -> None:
+        """The time bound of step 3. Tracked: a decode-only step's time, and a prompt token's prefill time (steps
+        that only prefilled). After a step that prefilled while requests decoded, the chunk is scaled (at most 4x
+        either way per step) so that its prefill's share of the step comes to decode_wait_ratio times a
+        decode-only step: chunk x target / measured converges where the prefill's cost meets the target, fixed
+        per-call costs included."""
+        if prefilled and not decoded:
+            t = wall / prefilled
+            self._t_token = t if self._t_token is None else 0.5 * self._t_token + 0.5 * t
+            return
+        if not decoded:
+            return
+        if not prefilled:
+            self._t_decode = wall if self._t_decode is None else 0.8 * self._t_decode + 0.2 * wall
+            return
+        if self._t_decode is None or self.decode_wait_ratio <= 0 or self._chunk is None:
+            return
+        extra = max(wall - self._t_decode, 1e-6)
+        scale = min(4.0, max(0.25, self.decode_wait_ratio * self._t_decode / extra))
+        if scale >= 1.0 and prefilled < self._chunk:
+            return  # a short last piece of a prompt says nothing about a larger chunk
+        self._chunk = self._clamp(prefilled * scale)
 
     def _collect(self, out, rows: list[Request]) -> None:
         """Read a decode step's tokens and hand them to its requests (those still running)."""
         for r in rows:
             r._in_flight -= 1
-        live = [(i, r) for i, r in enumerate(rows) if r.finish_reason is None]
+        live = [(i, r) for i, r in enumerate(rows) if not r._retired]
         if not live:
             return
         try:
-            greedy = out.argmax() if any(r._rng is None for _, r in live) else None
+            greedy = self._engine(out.argmax) if any(r._rng is None for _, r in live) else None
         except Exception as e:  # noqa: BLE001
             log.exception("reading a decode step failed")
             for _, r in live:
                 self._finish(r, "error", f"generation failed: {e}")
             return
         for i, r in live:
-            tok = int(greedy[i]) if r._rng is None else sample_next(out.row(i), r.params, r._rng)
+            tok = int(greedy[i]) if r._rng is None else sample_next(self._engine(out.row, i), r.params, r._rng)
             self._deliver(r, tok)
 
     def _prefilled_chunk(self, r: Request, n: int, out, row: int, greedy=None) -> None:
@@ -441,13 +593,13 @@ class Scheduler:
             self._prefilling.remove(r)
             self._decoding.append(r)
         if r._rng is None:
-            tok = int((greedy if greedy is not None else out.argmax())[row])
+            tok = int((greedy if greedy is not None else self._engine(out.argmax))[row])
         else:
-            tok = sample_next(out.row(row), r.params, r._rng)
+            tok = sample_next(self._engine(out.row, row), r.params, r._rng)
         self._deliver(r, tok)
 
     def _deliver(self, r: Request, tok: int) -> None:
-        """4. a new token for r: stop token, text and stop strings, max tokens; retire r when it is done."""
+        """5. a new token for r: stop token, max tokens; the token goes to the output side; retire r when done."""
         r._next = None
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -455,36 +607,33 @@ class Scheduler:
         if tok in r._stops:
             self._finish(r, "stop")
             return
-        piece, hit_stop = r._add_token(tok)
+        r._generated += 1
+        self._out.put((r, tok))
         with self._cond:
             self._counters["tokens"] += 1
-        if not r._emit(TokenEvent(tok, piece)):
-            self._finish(r, "cancelled")
-        elif hit_stop:
-            self._finish(r, "stop")
-        elif len(r.tokens) >= r.params.max_new_tokens:
+        if r._generated >= r.params.max_new_tokens:
             self._finish(r, "length")
         elif r._in_flight == 0:     # else a queued step already feeds this token from the device
             r._next = tok
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
-        """Retire r: free its slot now and send the final event."""
+        """Retire r: free its slot now and tell the output side (which sends the final event)."""
+        if r._retired:
+            return
+        r._retired = True
         with self._cond:
             for lst in (self._waiting, self._prefilling, self._decoding):
                 if r in lst:
                     lst.remove(r)
             key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
             self._counters[key] += 1
+            r.retired_step = self._counters["steps"]
         if r.slot is not None:
             try:
                 self.engine.free_slot(r.slot)
             finally:
                 r.slot = None
         r._next = None
-        r.finish_reason, r.error = reason, error
-        # text held back (a possible stop-string start, an incomplete character) is real text unless a stop string
-        # ended the request
-        tail = r._tail() if reason in ("length", "stop") and not r._stop_string_hit else ""
+        r._engine_reason, r.error = reason, error
         r.finished_at = time.perf_counter()
-        r._emit(TokenEvent(None, tail, True, reason, error))
-        r._done.set()
+        self._out.put((r, None))

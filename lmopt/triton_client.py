@@ -9,10 +9,11 @@ back — used by serve/client/infer_client.py (the CLI), profile/load_generator.
             print(piece.text, end="")
 
 The served models (serve/make_model_repository.py): `lm` (one response) and `lm_stream` (decoupled: one response per
-token, then an empty final response flagged `triton_final_response`). Inputs: `text_input` BYTES or `input_ids`
+token, then a last response flagged `triton_final_response`). Inputs: `text_input` BYTES or `input_ids`
 INT64, optional `max_tokens` INT32, `temperature` FP32, `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` BYTES,
 `ignore_eos` BOOL;
-outputs `text_output` BYTES and `token_ids` INT64. With max_batch_size > 0 every input has a leading batch dimension
+outputs `text_output` BYTES, `token_ids` INT64, and in a request's last response `finish_reason` INT32 (the index in
+lmopt.detokenize.FINISH_REASONS; Piece.finish_reason gives the name). With max_batch_size > 0 every input has a leading batch dimension
 (`[1, 1]` per value; input_ids `[1, n]`).
 """
 from __future__ import annotations
@@ -120,6 +121,13 @@ class Piece:
     text: str                 # "" for the empty final response
     token_ids: list[int]
     final: bool
+    finish_reason: str | None = None   # the server's word, in a request's last response (stop, length, ...)
+
+
+def _reason(code) -> str | None:
+    from .detokenize import FINISH_REASONS
+
+    return FINISH_REASONS[int(code)] if code is not None and 0 <= int(code) < len(FINISH_REASONS) else None
 
 
 def parse_response(result, tokens_output: str = "token_ids") -> Piece:
@@ -128,27 +136,28 @@ def parse_response(result, tokens_output: str = "token_ids") -> Piece:
     names = {o.name for o in resp.outputs}
     text = result.as_numpy("text_output").reshape(-1)[0] if "text_output" in names else b""
     ids = result.as_numpy(tokens_output).reshape(-1) if tokens_output in names else []
+    code = result.as_numpy("finish_reason").reshape(-1)[0] if "finish_reason" in names else None
     flag = resp.parameters.get(FINAL_FLAG)
     return Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
-                 bool(flag is not None and flag.bool_param))
+                 bool(flag is not None and flag.bool_param), _reason(code))
 
 
 def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
     """parse_response() of a raw ModelInferResponse protobuf (as Triton's gRPC stub streams it), without tritonclient's
-    InferResult and numpy: the token ids (INT64) and the final flag. Text outputs are not read."""
+    InferResult and numpy: the token ids (INT64), the finish reason and the final flag. Text outputs are not read."""
     import struct
 
     ids: list[int] = []
+    code = None
     for i, out in enumerate(resp.outputs):
+        raw = resp.raw_output_contents[i] if i < len(resp.raw_output_contents) else None  # how Triton sends outputs
         if out.name == tokens_output:
-            if i < len(resp.raw_output_contents):  # how Triton sends outputs
-                raw = resp.raw_output_contents[i]
-                ids = list(struct.unpack(f"<{len(raw) // 8}q", raw))
-            else:
-                ids = list(out.contents.int64_contents)
-            break
+            ids = list(struct.unpack(f"<{len(raw) // 8}q", raw)) if raw is not None else \
+                list(out.contents.int64_contents)
+        elif out.name == "finish_reason":
+            code = struct.unpack("<i", raw[:4])[0] if raw is not None else out.contents.int_contents[0]
     flag = resp.parameters.get(FINAL_FLAG)
-    return Piece("", ids, bool(flag is not None and flag.bool_param))
+    return Piece("", ids, bool(flag is not None and flag.bool_param), _reason(code))
 
 
 class StreamError(RuntimeError):

@@ -375,22 +375,26 @@ def _token_times(times: list[float], t0: float, tokens: list[int]) -> dict:
 
 
 def in_process_engines(s: LoadSettings):
-    """The engine the server runs, built as serve/templates/model.py builds it (slots, max length, captured decode
-    buckets), and its slot interface: for the overhead run, the in-process scheduler and the ceiling."""
+    """The engine the server runs, built as serve/templates/model.py builds it (slots, max length, prefill chunk,
+    captured decode buckets), and its slot interface: for the overhead run, the in-process scheduler and the
+    ceiling."""
     from lmopt.engines import create_engine
+    from lmopt.engines.slots import SlotEngine
     from lmopt.engines.slotted import create_slot_engine
 
     kwargs = {}
     if s.engine == "compiled":
-        kwargs = {"num_slots": s.slots or None, "max_len": s.max_len or None}
+        kwargs = {"num_slots": s.slots or None, "max_len": s.max_len or None, "max_prefill_chunk": s.prefill_chunk}
     t0 = time.perf_counter()
     engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None, **kwargs)
-    if s.capture_kv and hasattr(engine, "capture"):   # as the server does at load
-        engine.capture(engine.batch_buckets, s.capture_kv)
+    native = isinstance(engine, SlotEngine)
+    if s.capture_kv and native and engine.capabilities.capture:   # as the server does at load
+        engine.capture(list(engine.capabilities.batch_buckets), s.capture_kv)
         # and one row at the smallest KV bucket: the 1-stream comparison's short prompts start there
         engine.capture([1], min(getattr(engine, "kv_buckets", [s.capture_kv])))
-    slots = create_slot_engine(engine, num_slots=s.slots or 8, max_prefill_chunk=s.prefill_chunk)
+    slots = create_slot_engine(engine, num_slots=None if native else (s.slots or 8),
+                               max_prefill_chunk=s.prefill_chunk)
     log.info("in-process engine %s %s on %s ready in %.1f s", s.engine, s.precision, s.device,
              time.perf_counter() - t0)
     return engine, slots
@@ -513,7 +517,8 @@ def engine_ceiling(slot_engine, items: list, occupancies: dict, mean_output: flo
 
     eng = slot_engine
     sync = getattr(eng, "synchronize", None) or (lambda: None)
-    greedy_on_device = bool(getattr(eng, "feeds_from_device", False))
+    caps = eng.capabilities
+    greedy_on_device = caps.device_feed
 
     def prefill(group) -> tuple[float, list, list]:
         slots = [eng.alloc_slot() for _ in group]
@@ -521,11 +526,19 @@ def engine_ceiling(slot_engine, items: list, occupancies: dict, mean_output: flo
             raise UserError(f"the engine has fewer than {len(group)} free slots for the ceiling run")
         sync()
         t = time.perf_counter()
+        # as the scheduler feeds it: chunks of at most the engine's max_prefill_chunk; a group's first chunks in one
+        # batched call, the rest of each prompt slot by slot
+        k = caps.max_prefill_chunk
         if len(group) > 1:
-            out = eng.prefill_slots(slots, [it.prompt_ids for it in group])
+            out = eng.prefill_slots(slots, [it.prompt_ids[:k] for it in group])
         else:
-            out = eng.prefill_slot(slots[0], group[0].prompt_ids)
+            out = eng.prefill_slot(slots[0], group[0].prompt_ids[:k])
         first = [int(x) for x in out.argmax()]
+        for i, (slot, it) in enumerate(zip(slots, group)):
+            for a in range(k, len(it.prompt_ids), k):
+                o = eng.prefill_slot(slot, it.prompt_ids[a:a + k])
+                if a + k >= len(it.prompt_ids):
+                    first[i] = int(o.argmax()[0])
         sync()
         return time.perf_counter() - t, slots, first
 
@@ -542,7 +555,7 @@ def engine_ceiling(slot_engine, items: list, occupancies: dict, mean_output: flo
         free(slots)
         single.append(dt)
     per_prompt = {"single": statistics.median(single)}
-    if hasattr(eng, "prefill_slots") and eng.num_free_slots() >= 4:
+    if caps.batched_prefill and eng.num_free_slots() >= 4:
         g = min(8, eng.num_free_slots())
         batched = []
         for b in [0] + list(range(0, max(k, 2 * g), g)):   # the first group twice: a warm-up
@@ -558,7 +571,7 @@ def engine_ceiling(slot_engine, items: list, occupancies: dict, mean_output: flo
         slots, feed = [], []
         for b in range(0, rows, 8):   # prefill the rows in groups, as admissions would
             group = [items[(b + j) % len(items)] for j in range(min(8, rows - b))]
-            if len(group) > 1 and hasattr(eng, "prefill_slots"):
+            if len(group) > 1 and caps.batched_prefill:
                 _, sl, first = prefill(group)
             else:
                 sl, first = [], []

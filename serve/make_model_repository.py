@@ -20,7 +20,7 @@ Model names and tensors (stable; serve/client and profile/ depend on them):
   lm, lm_stream   inputs  text_input STRING [1]; optional max_tokens INT32 [1], temperature FP32 [1],
                           top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1],
                           ignore_eos BOOL [1]
-                  outputs text_output STRING [1], token_ids INT64 [-1]
+                  outputs text_output STRING [1], token_ids INT64 [-1], finish_reason INT32 [1] (last response)
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
   lm_empty        the same tensors; streams max_tokens responses of token id 0 at once, no engine (KIND_CPU): what
                   Triton itself costs per request and per streamed response, the floor of the serving overhead
@@ -203,7 +203,9 @@ input [
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
-  {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }}
+  {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }},
+  # a request's last response only: index in lmopt.detokenize.FINISH_REASONS (stop, length, cancelled, error)
+  {{ name: "finish_reason" data_type: TYPE_INT32 dims: [ 1 ] }}
 ]
 
 # {kind} from --device; each instance loads its own engine{" (and runs its own scheduler) on its GPU" if gpus else ""}.
@@ -319,12 +321,15 @@ Start: `bash serve/run_triton.sh <this folder>/model_repository`.
 
 Busy: more than {s.slots} running + {s.max_queue} waiting requests get an error starting with `server busy: `
 (code UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE); retry later. Metrics port: `lm_scheduler_slots_in_use`,
-`lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`.
+`lm_scheduler_queue_length`, `lm_scheduler_decode_batch_size`, `lm_scheduler_steps_total`, `lm_scheduler_tokens_total`,
+and the latency histograms `lm_time_to_first_token_seconds`, `lm_inter_token_latency_seconds`,
+`lm_request_time_per_output_token_seconds`, `lm_e2e_request_latency_seconds`, `lm_request_queue_time_seconds`.
 
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
 default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING,
 `ignore_eos` BOOL (true: the end-of-sequence token does not end the request; benchmarks use it for fixed lengths).
-Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`.
+Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`, `finish_reason` INT32 (last response: 0 stop, 1 length,
+2 cancelled, 3 error).
 HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_stream` with
 `{{"text_input": "...", "max_tokens": 16}}`.
 """

@@ -14,9 +14,11 @@ range, prompt over the context; 404 unknown model or path; 429 the backend's que
 
 How it works: the prompt is tokenized here (chat template from the tokenizer, lmopt.chat) and sent as `input_ids` to
 the decoupled model `lm_stream` over Triton's gRPC bidirectional stream (one channel for the process, one stream per
-request); each response carries one token id, detokenized here (lmopt.detokenize) and forwarded at once as an SSE
-chunk, so usage counts are exact and nothing is buffered. Stop strings are matched here on the text (text that may
-be the start of a stop string is held back until it is not), and the backend request is cancelled when one matches.
+request); each response carries the token ids since the last one, detokenized here and forwarded at once as an SSE
+chunk, so usage counts are exact and nothing is buffered. Text and stop strings come from the repository's one output
+path (lmopt.detokenize.TextStream: text that may be the start of a stop string is held back until it is not), and
+the backend request is cancelled when one matches; the finish reason is the backend's (its last response says why
+the request ended), "stop" when a stop string ended the text here.
 Why a gateway and not Triton's own OpenAI frontend: README, "OpenAI-compatible endpoint".
 
 Reads:  Triton's config of the served model (its `parameters`: model spec, max_tokens_cap, default_max_tokens), the
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from lmopt import cli
+from lmopt.detokenize import TextStream
 from lmopt.errors import UserError
 from lmopt.log import get_logger
 
@@ -178,9 +181,9 @@ class TritonBackend:
                          self._info.name, self._info.context, self._info.max_tokens_cap, self.model, self.url)
         return self._info
 
-    async def generate(self, prompt_ids: list[int], p: GenParams) -> AsyncIterator[list[int]]:
-        """Token ids as the backend sends them (one list per response). Raises APIError. Leaving the loop early
-        (client gone, stop string) cancels the request on the server."""
+    async def generate(self, prompt_ids: list[int], p: GenParams) -> AsyncIterator:
+        """The backend's responses as lmopt.triton_client.Piece (token ids; the last one with the finish reason).
+        Raises APIError. Leaving the loop early (client gone, stop string) cancels the request on the server."""
         import contextlib
 
         import grpc
@@ -196,8 +199,8 @@ class TritonBackend:
             # aclosing: leaving this loop early cancels the request in Triton at once, not when the GC gets to it
             async with contextlib.aclosing(stream_pb(self.stub, item, self.timeout)) as pieces:
                 async for piece in pieces:
-                    if piece.token_ids:
-                        yield piece.token_ids
+                    if piece.token_ids or piece.finish_reason:
+                        yield piece
         except StreamError as e:
             raise backend_error(str(e)) from None
         except grpc.aio.AioRpcError as e:
@@ -397,66 +400,29 @@ def _chat_ids(body: dict, info: ModelInfo) -> list[int]:
         raise bad(f"the model's chat template refused these messages: {str(e).strip()[:200]}", "messages") from None
 
 
-# ---- text: detokenize, stop strings -------------------------------------------------------------------------------
-class TextStream:
-    """Token ids in, text out: incremental detokenization, then stop strings. Text that could be the start of a
-    stop string is held back until the next tokens show it is not."""
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stops: tuple[str, ...]):
-        from lmopt.detokenize import IncrementalDetokenizer
-
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = stops
-        self.held = ""
-        self.stopped = False
-
-    def _push(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return piece
-        buf = self.held + piece
-        hits = [buf.find(s) for s in self.stops if s in buf]
-        if hits:
-            self.stopped, self.held = True, ""
-            return buf[:min(hits)]
-        keep = 0
-        for s in self.stops:  # longest tail of buf that is a proper prefix of a stop string
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-    def add(self, token_id: int) -> str:
-        return self._push(self.detok.add(token_id))
-
-    def finish(self) -> str:
-        out = self._push(self.detok.flush())
-        if not self.stopped:
-            out, self.held = out + self.held, ""
-        return out
-
-
 # ---- responses ----------------------------------------------------------------------------------------------------
 def _usage(job: Job, n_out: int) -> dict:
     return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
             "total_tokens": len(job.prompt_ids) + n_out}
 
 
-def _finish_reason(text: TextStream, n_out: int, job: Job) -> str:
-    return "length" if not text.stopped and n_out >= job.params.max_tokens else "stop"
+def _finish_reason(text: TextStream, backend_reason: str | None) -> str:
+    """The backend's word (its last response says why the request ended), "stop" when a stop string ended the text
+    here (the backend request was then cancelled)."""
+    if backend_reason is None and not text.stopped:
+        raise backend_error("the backend's last response carries no finish_reason — regenerate the model repository "
+                            "(make serve)")
+    return text.finish_reason(backend_reason or "cancelled")
 
 
 async def run_job(backend: TritonBackend, info: ModelInfo, job: Job):
     """Starts the backend request and waits for its first response, so an error before the first token still gets
-    its own HTTP status. Returns (first ids, the rest of the backend iterator)."""
+    its own HTTP status. Returns (first response, the rest of the backend iterator)."""
     it = backend.generate(job.prompt_ids, job.params).__aiter__()
     try:
         first = await it.__anext__()
     except StopAsyncIteration:
-        first = []
+        first = None
     except BaseException:
         await it.aclose()
         raise
@@ -466,17 +432,18 @@ async def run_job(backend: TritonBackend, info: ModelInfo, job: Job):
 async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
     first, it = await run_job(backend, info, job)
     text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
-    pieces, n_out = [], 0
+    pieces, n_out, reason = [], 0, None
     try:
-        batch = first
-        while True:
-            for t in batch:
+        piece = first
+        while piece is not None:
+            for t in piece.token_ids:
                 n_out += 1
                 pieces.append(text.add(t))
+            reason = piece.finish_reason or reason
             if text.stopped:
                 break
             try:
-                batch = await it.__anext__()
+                piece = await it.__anext__()
             except StopAsyncIteration:
                 break
     finally:
@@ -484,7 +451,7 @@ async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
     pieces.append(text.finish())
     out = "".join(pieces)
     rid, created = os.urandom(16).hex(), int(time.time())
-    reason = _finish_reason(text, n_out, job)
+    reason = _finish_reason(text, reason)
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
                   "finish_reason": reason}
@@ -495,7 +462,7 @@ async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
             "choices": [choice], "usage": _usage(job, n_out), "system_fingerprint": None}
 
 
-async def stream_events(info: ModelInfo, job: Job, first: list[int], it) -> AsyncIterator[bytes]:
+async def stream_events(info: ModelInfo, job: Job, first, it) -> AsyncIterator[bytes]:
     """Server-sent events: one chunk per piece of text as soon as its token arrives, then finish_reason, usage
     (with include_usage) and `data: [DONE]`. Closing this generator (client gone) cancels the backend request."""
     rid, created = os.urandom(16).hex(), int(time.time())
@@ -523,24 +490,26 @@ async def stream_events(info: ModelInfo, job: Job, first: list[int], it) -> Asyn
         return head + json.dumps(piece).encode() + tail
 
     text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
-    n_out = 0
+    n_out, reason = 0, None
     try:
         if job.chat:
             yield chunk("", None, first_chunk=True)
-        batch = first
-        while True:
+        resp = first
+        while resp is not None:
             piece = ""
-            for t in batch:
+            for t in resp.token_ids:
                 n_out += 1
                 piece += text.add(t)
             if piece:
                 yield text_chunk(piece)
+            reason = resp.finish_reason or reason
             if text.stopped:
                 break
             try:
-                batch = await it.__anext__()
+                resp = await it.__anext__()
             except StopAsyncIteration:
                 break
+        reason = _finish_reason(text, reason)
     except APIError as e:  # mid-stream: the status line is gone, the error travels as an event
         yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
@@ -550,7 +519,7 @@ async def stream_events(info: ModelInfo, job: Job, first: list[int], it) -> Asyn
     rest = text.finish()
     if rest:
         yield text_chunk(rest)
-    yield chunk(None, _finish_reason(text, n_out, job))
+    yield chunk(None, reason)
     if job.include_usage:
         yield b"data: " + json.dumps(dict(base, choices=[], usage=_usage(job, n_out)),
                                      separators=(",", ":")).encode() + b"\n\n"

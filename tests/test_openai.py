@@ -417,12 +417,16 @@ class StubBackend:
         return self._info
 
     async def generate(self, ids, params):
+        from lmopt.triton_client import Piece
+
         mod = _gateway_module()
         text = self._info.tokenizer.decode(ids)
         if text.startswith("busy"):
             raise mod.backend_error("server busy: 16 requests queued (max 16) — retry later")
-        for t in (5, 6, 7)[:params.max_tokens]:
-            yield [t]
+        toks = (5, 6, 7)[:params.max_tokens]
+        for i, t in enumerate(toks):
+            last = i == len(toks) - 1
+            yield Piece("", [t], last, ("length" if len(toks) == params.max_tokens else "stop") if last else None)
             if text.startswith("fail"):
                 raise mod.backend_error("generation failed: engine exploded")
 
@@ -594,12 +598,14 @@ def test_text_chunks_are_the_events_serialized_whole(chat):
                          default_max_tokens=8)
     job = mod.Job(chat, [], mod.GenParams(len(text)), True, True)
 
+    from lmopt.triton_client import Piece
+
     async def rest():
-        for c in text[1:]:
-            yield [ord(c)]
+        for i, c in enumerate(text[1:]):
+            yield Piece("", [ord(c)], i == len(text) - 2, "length" if i == len(text) - 2 else None)
 
     async def events():
-        return [e async for e in mod.stream_events(info, job, [ord(text[0])], rest())]
+        return [e async for e in mod.stream_events(info, job, Piece("", [ord(text[0])], False), rest())]
 
     out = asyncio.run(events())
     assert out[-1] == b"data: [DONE]\n\n"
@@ -680,3 +686,20 @@ def test_overhead_cli_measures_both_paths_and_checks_same_text(stack):
 def test_aiperf_compare_without_aiperf_is_one_line_error(tmp_path):
     proc = run_cli("profile/aiperf_compare.py", "--aiperf", str(tmp_path / "none" / "aiperf"), check=False, env=_env())
     assert_one_line_error(proc, "no aiperf", "make aiperf-venv")
+
+
+@pytest.mark.parametrize("case, prompt", __import__("stop_cases").cases())
+def test_stop_string_table_through_the_gateway(client, reference, case, prompt):
+    """The shared stop-string table (tests/stop_cases.py) through the gateway, streamed and not: the same text and
+    finish reason as offline (tests/test_scheduler.py) and through Triton (tests/test_serve.py). One stop string
+    is matched by the model, several by the gateway: both through lmopt.detokenize.TextStream."""
+    from stop_cases import CASES, MAX_TOKENS, expected
+
+    full, n = reference(reference.tok(prompt)["input_ids"], MAX_TOKENS)
+    stops = CASES[case](full)
+    want = expected(stops, full, "length" if n == MAX_TOKENS else "stop")
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=list(stops) or None)
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == want
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason) == want

@@ -182,9 +182,11 @@ def test_served_greedy_tokens_equal_in_process_engine(server, mode):
 
 
 def test_streaming_sends_tokens_as_they_come_then_final(server):
-    """Token responses in order (one token each, or several when they came faster than a send), then an empty
-    final response; together the tokens the non-streaming model returns."""
+    """Token responses in order (one token each, or several when they came faster than a send), the last of them
+    flagged final with the finish reason; together the tokens the non-streaming model returns."""
     import tritonclient.grpc as g
+
+    from lmopt.triton_client import parse_response
 
     q: queue.Queue = queue.Queue()
     c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
@@ -194,17 +196,15 @@ def test_streaming_sends_tokens_as_they_come_then_final(server):
     while True:
         result, error = q.get(timeout=60)
         assert error is None, error
-        final = result.get_response().parameters["triton_final_response"].bool_param
-        ids = result.as_numpy("token_ids")
-        responses.append((final, None if ids is None else ids.reshape(-1).tolist()))
-        if final:
+        responses.append(parse_response(result))
+        if responses[-1].final:
             break
     c.stop_stream()
     c.close()
-    tokens = [r[1] for r in responses if not r[0]]
-    assert tokens and all(len(t) >= 1 for t in tokens)
+    tokens = [r.token_ids for r in responses]
+    assert all(len(t) >= 1 for t in tokens[:-1])
     assert len(sum(tokens, [])) == 6  # tiny does not emit EOS this early
-    assert responses[-1] == (True, None)
+    assert [r.finish_reason for r in responses] == [None] * (len(responses) - 1) + ["length"]
     assert sum(tokens, []) == _infer(server, "The list", max_tokens=6)
 
 
@@ -510,10 +510,12 @@ def test_infer_request_pb_is_what_tritonclient_sends(req, batch_dim):
     assert infer_request_pb(r, "rid", "lm_stream", batch_dim).SerializeToString() == want.SerializeToString()
 
 
-@pytest.mark.parametrize("ids, final", [([7], False), ([1, 2, 2**40], False), ([], True)])
-def test_parse_response_pb_equals_parse_response(ids, final):
+@pytest.mark.parametrize("ids, final, reason", [([7], False, None), ([1, 2, 2**40], False, None), ([], True, "length"),
+                                                ([5], True, "stop"), ([], True, None)])
+def test_parse_response_pb_equals_parse_response(ids, final, reason):
     from tritonclient.grpc import InferResult, service_pb2
 
+    from lmopt.detokenize import FINISH_REASONS
     from lmopt.triton_client import FINAL_FLAG, parse_response, parse_response_pb
 
     resp = service_pb2.ModelInferResponse(model_name="lm_stream", id="rid")
@@ -522,6 +524,93 @@ def test_parse_response_pb_equals_parse_response(ids, final):
         resp.raw_output_contents.append(np.array([3], "<u4").tobytes() + b"abc")
         resp.outputs.add(name="token_ids", datatype="INT64", shape=[1, len(ids)])
         resp.raw_output_contents.append(np.array(ids, "<i8").tobytes())
+    if reason is not None:  # a request's last response carries why it ended
+        resp.outputs.add(name="finish_reason", datatype="INT32", shape=[1, 1])
+        resp.raw_output_contents.append(np.array([FINISH_REASONS.index(reason)], "<i4").tobytes())
     resp.parameters[FINAL_FLAG].bool_param = final
     got, want = parse_response_pb(resp), parse_response(InferResult(resp))
-    assert (got.token_ids, got.final) == (want.token_ids, want.final) == (ids, final)
+    assert (got.token_ids, got.final, got.finish_reason) == (want.token_ids, want.final, want.finish_reason) == \
+        (ids, final, reason)
+
+
+@pytest.fixture(scope="module")
+def reference_text(server):
+    """The offline path's greedy text and finish reason for a prompt (ORT FP32, as served)."""
+    from lmopt.engines import create_engine
+    from lmopt.generate import SamplingParams, generate_text
+    from lmopt.models import load_tokenizer
+
+    eng, tok = create_engine("ort", "tiny", artifacts=str(server.artifacts), threads=1), load_tokenizer("tiny")
+
+    def ref(prompt, n):
+        (text,), out = generate_text(eng, tok, [prompt], SamplingParams(max_new_tokens=n,
+                                                                        stop_token_ids=(tok.eos_token_id,)))
+        return text, out.finish_reasons[0]
+
+    yield ref
+    eng.close()
+
+
+@pytest.mark.parametrize("case, prompt", __import__("stop_cases").cases(single_only=True))
+def test_stop_string_table_through_triton(server, reference_text, case, prompt):
+    """The shared stop-string table (tests/stop_cases.py) through lm_stream and lm: the same text and finish reason
+    as offline (tests/test_scheduler.py) and through the gateway (tests/test_openai.py)."""
+    import tritonclient.grpc as g
+
+    from lmopt.detokenize import FINISH_REASONS
+    from lmopt.triton_client import GenRequest, GrpcStream
+    from stop_cases import CASES, MAX_TOKENS, expected
+
+    full, reason = reference_text(prompt, MAX_TOKENS)
+    stops = CASES[case](full)
+    want = expected(stops, full, reason)
+    req = GenRequest(prompt=prompt, max_tokens=MAX_TOKENS, stop=stops[0] if stops else None)
+    with GrpcStream(f"127.0.0.1:{server.grpc}") as st:
+        pieces = list(st.generate(req))
+    assert ("".join(p.text for p in pieces), pieces[-1].finish_reason) == want
+    c = g.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    try:
+        res = c.infer("lm", _inputs(g, prompt, max_tokens=MAX_TOKENS, stop=req.stop))
+    finally:
+        c.close()
+    text = res.as_numpy("text_output").reshape(-1)[0].decode()
+    assert (text, FINISH_REASONS[int(res.as_numpy("finish_reason").reshape(-1)[0])]) == want
+
+
+HISTOGRAMS = ("lm_time_to_first_token_seconds", "lm_inter_token_latency_seconds",
+              "lm_request_time_per_output_token_seconds", "lm_e2e_request_latency_seconds",
+              "lm_request_queue_time_seconds")
+
+
+def test_latency_histograms_on_the_metrics_endpoint(server):
+    """What a user scrapes: the latency histograms in Prometheus' text format on Triton's metrics port, beside the
+    gauges: cumulative buckets ending in le="+Inf", _sum and _count, and a count that grows with the streams sent."""
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics").read().decode()
+
+    def count(text: str, name: str) -> int:
+        m = re.search(rf'^{name}_count\{{model="lm_stream"\}} (\S+)', text, re.M)
+        return int(float(m.group(1))) if m else 0
+
+    before = scrape()
+    n = 3
+    tokens, errors = _stream_many(server, [(f"h{i}", "The list", 6) for i in range(n)])
+    assert not errors and all(len(t) == 6 for t in tokens.values())
+    deadline = time.time() + 15   # observations are made by the model's metrics thread, shortly after
+    while count(scrape(), "lm_e2e_request_latency_seconds") < count(before, "lm_e2e_request_latency_seconds") + n \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    text = scrape()
+    assert re.search(r"^# TYPE lm_scheduler_slots_in_use gauge", text, re.M)
+    for name in HISTOGRAMS:
+        assert re.search(rf"^# TYPE {name} histogram", text, re.M), name
+        buckets = [(float(le), float(v)) for le, v in
+                   re.findall(rf'^{name}_bucket\{{model="lm_stream",le="([^"]+)"\}} (\S+)', text, re.M)]
+        assert buckets and buckets[-1][0] == float("inf"), name
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets), name   # cumulative
+        assert buckets[-1][1] == count(text, name), name
+        assert re.search(rf'^{name}_sum\{{model="lm_stream"\}} \S+', text, re.M), name
+    for name in ("lm_time_to_first_token_seconds", "lm_e2e_request_latency_seconds", "lm_request_queue_time_seconds",
+                 "lm_request_time_per_output_token_seconds"):   # one observation per request
+        assert count(text, name) >= count(before, name) + n, name
+    assert count(text, "lm_inter_token_latency_seconds") > count(before, "lm_inter_token_latency_seconds")

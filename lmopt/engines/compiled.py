@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from ..models import load_model, resolve
 from .base import EngineInfo
-from .slots import DeviceLogits, SlotEngine, StepLogits
+from .slots import DeviceLogits, SlotCapabilities, SlotEngine, StepLogits
 
 log = logging.getLogger("lmopt.compiled")
 
@@ -49,7 +49,7 @@ class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
                  cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None,
-                 weight_quant: str | None = None, group_size: int = 128):
+                 weight_quant: str | None = None, group_size: int = 128, max_prefill_chunk: int | None = None):
         import torch
 
         if precision not in _DTYPES:
@@ -85,6 +85,8 @@ class CompiledEngine(SlotEngine):
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
         self.num_slots = num_slots or (64 if cuda else 8)
+        if max_prefill_chunk is not None:
+            self.set_max_prefill_chunk(max_prefill_chunk)
         if self.num_slots < 1 or self.max_len < 2:
             raise UserError(f"num_slots must be >= 1 and max_len >= 2 (got {self.num_slots}, {self.max_len})")
         kv_total = self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token()
@@ -142,6 +144,12 @@ class CompiledEngine(SlotEngine):
         self.load_s = time.perf_counter() - t0
         log.info("compiled engine: %s %s on %s, %d slots x %d positions, KV cache %.1f MB, loaded in %.1f s",
                  model, precision, device, self.num_slots, self.max_len, kv_total / 1e6, self.load_s)
+
+    @property
+    def capabilities(self) -> SlotCapabilities:
+        # a prompt may continue in later chunks (they run eagerly); fresh prompts of one step share one forward
+        return SlotCapabilities(batched_prefill=True, max_prefill_chunk=self.max_prefill_chunk, device_feed=True,
+                                capture=True, batch_buckets=tuple(self.batch_buckets))
 
     # ---------------------------------------------------------------------------------------------------------
     # slots
@@ -218,8 +226,8 @@ class CompiledEngine(SlotEngine):
         return DeviceLogits(logits, greedy)
 
     # decode_slots takes token None for a slot: "the greedy token this slot got in the previous decode step", read
-    # on the device, so a caller can queue step k+1 before it has read step k's tokens (lmopt.scheduler does)
-    feeds_from_device = True
+    # on the device, so a caller can queue step k+1 before it has read step k's tokens (lmopt.scheduler does;
+    # capabilities.device_feed declares it)
 
     def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int | None]) -> StepLogits:
         slots = [int(s) for s in slots]

@@ -17,6 +17,7 @@ float32 logits (for seeded sampling on the host, shared with lmopt.generate.samp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -95,11 +96,42 @@ class DeviceLogits(StepLogits):
         return self.logits[self.rows[i]].float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class SlotCapabilities:
+    """What an engine with slots can do beyond the interface every SlotEngine has, declared (never probed): the
+    scheduler and the server read it, and refuse a setting the engine cannot honour (lmopt.scheduler)."""
+    batched_prefill: bool = False        # prefill_slots(): several fresh prompts in one call
+    chunked_prefill: bool = True         # prefill_slot() may be called again with the next chunk of a prompt
+    max_prefill_chunk: int = 512         # prompt tokens per prefill call (the scheduler splits longer prompts)
+    settable_prefill_chunk: bool = True  # set_max_prefill_chunk() takes another value
+    device_feed: bool = False            # decode_slots() takes None: the slot's greedy token of its last decode step,
+                                         # read on the device (the scheduler's pipelined loop needs it)
+    mixed_steps: bool = False            # prefill chunks and decode rows in one forward
+    capture: bool = False                # capture(batch_buckets, kv_len) compiles/captures every decode bucket ahead
+    batch_buckets: tuple[int, ...] = ()  # decode batch sizes the engine pads a step to (empty: any size as is)
+
+
 class SlotEngine(Engine):
     """An Engine with a fixed pool of KV-cache slots (see the module docstring for the calling order)."""
 
     num_slots: int
     max_prefill_chunk: int = 512   # the scheduler splits longer prompts into chunks of at most this many tokens
+
+    @property
+    def capabilities(self) -> SlotCapabilities:
+        """What this engine offers beyond the base interface (engines override it)."""
+        return SlotCapabilities(max_prefill_chunk=self.max_prefill_chunk)
+
+    def set_max_prefill_chunk(self, n: int) -> None:
+        """Prompt tokens per prefill call; an engine that cannot take another value refuses with a UserError."""
+        from ..errors import UserError
+
+        if n < 1:
+            raise UserError(f"the prefill chunk must be >= 1 token (got {n})")
+        if not self.capabilities.settable_prefill_chunk and n != self.max_prefill_chunk:
+            raise UserError(f"{type(self).__name__} prefills at most {self.max_prefill_chunk} tokens per call and "
+                            f"cannot take {n} — leave the prefill chunk at {self.max_prefill_chunk}")
+        self.max_prefill_chunk = n
 
     def alloc_slot(self) -> int | None:
         raise NotImplementedError

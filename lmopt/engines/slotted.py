@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import Engine
-from .slots import HostLogits, SlotEngine, StepLogits
+from .slots import HostLogits, SlotCapabilities, SlotEngine, StepLogits
 
 
 class _SlotPool(SlotEngine):
@@ -116,6 +116,10 @@ class OrtSlotEngine(_SlotPool):
         self._dtype = engine.kv_dtype
         self._shape = (engine.kv_heads, engine.head_dim)
 
+    @property
+    def capabilities(self) -> SlotCapabilities:
+        return SlotCapabilities(batched_prefill=True, max_prefill_chunk=self.max_prefill_chunk)
+
     def _contiguous(self, slot: int) -> None:
         # after a batched step a slot's cache is a strided view; ONNX Runtime's own calls take contiguous arrays
         st = self._state[slot]
@@ -187,10 +191,83 @@ class OrtSlotEngine(_SlotPool):
         return HostLogits(logits)
 
 
-def create_slot_engine(engine: Engine, num_slots: int = 8, max_prefill_chunk: int = 256) -> SlotEngine:
-    """The engine as a SlotEngine: itself when it is one, batched ONNX Runtime on the CPU, else the serial adapter."""
+class LimitedSlots(SlotEngine):
+    """A slot-native engine used with fewer slots than it was built with: at most `num_slots` held at once;
+    everything else is the engine's own."""
+
+    def __init__(self, engine: SlotEngine, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1 (got {num_slots})")
+        self.engine, self.info, self.num_slots, self._held = engine, engine.info, num_slots, 0
+
+    @property
+    def capabilities(self):
+        return self.engine.capabilities
+
+    @property
+    def max_prefill_chunk(self) -> int:
+        return self.engine.max_prefill_chunk
+
+    def set_max_prefill_chunk(self, n: int) -> None:
+        self.engine.set_max_prefill_chunk(n)
+
+    def alloc_slot(self) -> int | None:
+        if self._held >= self.num_slots:
+            return None
+        slot = self.engine.alloc_slot()
+        self._held += slot is not None
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        self.engine.free_slot(slot)
+        self._held -= 1
+
+    def num_free_slots(self) -> int:
+        return min(self.engine.num_free_slots(), self.num_slots - self._held)
+
+    def slot_length(self, slot: int) -> int:
+        return self.engine.slot_length(slot)
+
+    def prefill_slot(self, slot: int, token_ids: Sequence[int]) -> StepLogits:
+        return self.engine.prefill_slot(slot, token_ids)
+
+    def prefill_slots(self, slots: Sequence[int], token_lists: Sequence[Sequence[int]]) -> StepLogits:
+        return self.engine.prefill_slots(slots, token_lists)
+
+    def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int | None]) -> StepLogits:
+        return self.engine.decode_slots(slots, token_ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def weight_bytes(self) -> int:
+        return self.engine.weight_bytes()
+
+    def synchronize(self) -> None:
+        self.engine.synchronize()
+
+    def __getattr__(self, name):     # what else the engine has (capture, batch_buckets, ...)
+        return getattr(self.engine, name)
+
+
+def create_slot_engine(engine: Engine, num_slots: int | None = None,
+                       max_prefill_chunk: int | None = None) -> SlotEngine:
+    """The engine as a SlotEngine: itself when it is one, batched ONNX Runtime on the CPU, else the serial adapter.
+    None: the default (8 slots, chunks of 256), or for an engine that already has slots its own (fewer: at most that
+    many held at once). A setting a slot-native engine cannot honour is refused with a UserError, never dropped."""
     if isinstance(engine, SlotEngine):
+        from ..errors import UserError
+
+        if num_slots is not None and num_slots > engine.num_slots:
+            raise UserError(f"{type(engine).__name__} was built with {engine.num_slots} slots, not {num_slots} — "
+                            "give the slot count when the engine is created")
+        if max_prefill_chunk is not None:
+            engine.set_max_prefill_chunk(max_prefill_chunk)
+        if num_slots is not None and num_slots < engine.num_slots:
+            return LimitedSlots(engine, num_slots)
         return engine
+    num_slots = 8 if num_slots is None else num_slots
+    max_prefill_chunk = 256 if max_prefill_chunk is None else max_prefill_chunk
     from .ort_engine import OrtEngine
 
     if isinstance(engine, OrtEngine) and not engine.device.startswith("cuda"):

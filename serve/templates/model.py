@@ -19,15 +19,20 @@ Busy: the scheduler holds `slots` running and `max_queue` waiting requests; a re
 response whose message starts with "server busy: " with code UNAVAILABLE (HTTP 503 / gRPC UNAVAILABLE): the
 Python backend of the bundled Triton (2.51) has no RESOURCE_EXHAUSTED code. Retry later.
 
-Metrics (Triton custom metrics, on the metrics port next to Triton's own): lm_scheduler_slots_in_use,
-lm_scheduler_queue_length, lm_scheduler_decode_batch_size (gauges), lm_scheduler_steps_total,
-lm_scheduler_tokens_total (counters); label model=<model name>.
+Metrics (Triton custom metrics, on the metrics port next to Triton's own; label model=<model name>; _Metrics lists
+them): lm_scheduler_slots_in_use, lm_scheduler_queue_length, lm_scheduler_decode_batch_size,
+lm_scheduler_prefill_chunk (gauges); lm_scheduler_steps_total, lm_scheduler_tokens_total and the per-step timeline
+(lm_scheduler_step_seconds_total, lm_scheduler_engine_seconds_total, lm_sender_seconds_total,
+lm_sender_responses_total) (counters); the latency histograms lm_time_to_first_token_seconds,
+lm_inter_token_latency_seconds, lm_request_time_per_output_token_seconds, lm_e2e_request_latency_seconds,
+lm_request_queue_time_seconds (docs/serving.md).
 
 Inputs  (per request; batch dim added by Triton): text_input STRING [1] or input_ids INT64 [-1] (the prompt already
         tokenized; exactly one of the two); optional max_tokens INT32 [1], temperature FP32 [1], top_k INT32 [1],
         top_p FP32 [1], seed INT64 [1], stop STRING [1]
 Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text, from lmopt.detokenize; only for
-         text_input requests), token_ids INT64 [-1]
+         text_input requests), token_ids INT64 [-1], finish_reason INT32 [1] (only in a request's last response: the
+         index in lmopt.detokenize.FINISH_REASONS — stop, length, cancelled, error)
 A request that sends input_ids gets token_ids only: no STRING tensor crosses the backend boundary. That is the path
 that works with Triton 2.51's Python-backend stub on the GPU machine we measured, where decoding a STRING input
 crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
@@ -90,16 +95,21 @@ class TritonPythonModel:
         kwargs = {}
         if engine == "compiled":  # its KV-cache slots: one per request generating at once
             kwargs = {"num_slots": max(int(_param(cfg, "slots", "8")), int(cfg.get("max_batch_size", 1))),
-                      "max_len": int(_param(cfg, "max_len", "0")) or None}
+                      "max_len": int(_param(cfg, "max_len", "0")) or None,
+                      "max_prefill_chunk": int(_param(cfg, "prefill_chunk", "256"))}
         self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
                                     artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
+        from lmopt.engines.slots import SlotEngine
+
+        native = isinstance(self.engine, SlotEngine)    # an engine with slots of its own (declares capabilities)
         capture_kv = int(_param(cfg, "capture_kv", "0"))
-        if capture_kv and hasattr(self.engine, "capture"):
+        if capture_kv and native and self.engine.capabilities.capture:
             # compile and capture every decode batch bucket now: a first use would otherwise stall live requests
             # for seconds per bucket
             t0 = time.perf_counter()
-            self.engine.capture(self.engine.batch_buckets, capture_kv)
-            self.logger.log_info(f"{self.model_name}: captured decode buckets {self.engine.batch_buckets} "
+            buckets = list(self.engine.capabilities.batch_buckets)
+            self.engine.capture(buckets, capture_kv)
+            self.logger.log_info(f"{self.model_name}: captured decode buckets {buckets} "
                                  f"(kv {capture_kv}) in {time.perf_counter() - t0:.1f} s")
         self.tokenizer = load_tokenizer(self.spec)
         eos = self.tokenizer.eos_token_id       # a property that looks the token up: once, not per request
@@ -113,7 +123,8 @@ class TritonPythonModel:
             from lmopt.engines.slotted import create_slot_engine
             from lmopt.scheduler import Scheduler
 
-            slots = create_slot_engine(self.engine, num_slots=int(_param(cfg, "slots", "8")),
+            # an engine with its own slots was built with them (and its prefill chunk) above
+            slots = create_slot_engine(self.engine, num_slots=None if native else int(_param(cfg, "slots", "8")),
                                        max_prefill_chunk=int(_param(cfg, "prefill_chunk", "256")))
             from lmopt.profiling.step_trace import StepTrace
 
@@ -127,35 +138,36 @@ class TritonPythonModel:
                 max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
             self._cancel_poll_s = float(_param(cfg, "cancel_poll_ms", "0")) / 1e3
             if self.decoupled:
-                import queue
-
-                self._outq = queue.SimpleQueue()
                 self._streams = {}           # id(state) -> state of every stream not yet final (sender thread only)
                 self._new_streams = collections.deque()   # streams execute() handed over, not yet in _streams
                 self._late_finals = []       # (due time, response sender) of cancelled streams (sender thread only)
                 self._ttft_parts = TtftParts(self.model_name, self.logger)
-                self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
-                self._sender.start()
             self.scheduler = Scheduler(slots, max_queue=max_queue, tokenizer=self.tokenizer,
                                        # streams: the sender thread asks Triton and sets a flag (no round trip here)
                                        cancel_poll_s=0.0 if self.decoupled else self._cancel_poll_s,
                                        on_step=self.metrics.update, name=f"{self.model_name}-scheduler",
                                        first_token_pause_s=(float(_param(cfg, "first_token_pause_us", "0")) / 1e6
-                                                            if self.decoupled else 0.0))
+                                                            if self.decoupled else 0.0),
+                                       # streams: the sender thread is the output side (drain()): text, stop strings
+                                       # and the responses happen there, off the engine loop
+                                       output_thread=not self.decoupled)
+            if self.decoupled:
+                self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
+                self._sender.start()
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
                              + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
                                 f"max_queue={self.scheduler.max_queue}" if self.scheduler else ""))
 
     # ---- outputs: the one place that decides DLPack or numpy ---------------------------------------------------
-    def _ids_tensor(self, ids):
-        """token_ids output. DLPack first: on the GPU machines numpy-built outputs failed (docs/ENVIRONMENT.md, "Triton Inference Server without a container")."""
-        arr = np.asarray(ids, dtype=np.int64)
+    def _ids_tensor(self, ids, name="token_ids", dtype=np.int64):
+        """An integer output (token_ids, finish_reason). DLPack first: on the GPU machines numpy-built outputs failed (docs/ENVIRONMENT.md, "Triton Inference Server without a container")."""
+        arr = np.asarray(ids, dtype=dtype)
         if self.use_dlpack:
             import torch
 
-            return pb_utils.Tensor.from_dlpack("token_ids", torch.from_numpy(arr.copy()))
-        return pb_utils.Tensor("token_ids", arr)
+            return pb_utils.Tensor.from_dlpack(name, torch.from_numpy(arr.copy()))
+        return pb_utils.Tensor(name, arr)
 
     def _values(self, t):
         """A numeric input as a flat numpy array, read through DLPack when outputs use it too (the path that worked
@@ -169,12 +181,19 @@ class TritonPythonModel:
                 pass
         return t.as_numpy().reshape(-1)
 
-    def _response(self, text, ids, batched):
-        """`text` None (an input_ids request): token_ids only."""
+    def _response(self, text, ids, batched, finish_reason=None):
+        """`text` None (an input_ids request): token_ids only. `finish_reason` (the request's last response): its
+        index in lmopt.detokenize.FINISH_REASONS as the finish_reason output, so no client re-derives it. A last
+        response without tokens has no token_ids (the bundled stub refuses an empty DLPack tensor as not contiguous)."""
         ids = list(ids)
-        if batched:  # max_batch_size > 0: outputs carry the batch dim of the request (1)
-            ids = [ids]
-        outputs = [self._ids_tensor(ids)]
+        outputs = []
+        if ids or finish_reason is None:
+            outputs.append(self._ids_tensor([ids] if batched else ids))  # batched: the request's batch dim (1)
+        if finish_reason is not None:
+            from lmopt.detokenize import FINISH_REASONS
+
+            code = [[FINISH_REASONS.index(finish_reason)]] if batched else [FINISH_REASONS.index(finish_reason)]
+            outputs.append(self._ids_tensor(code, "finish_reason", np.int32))
         if text is not None:
             # BYTES (string) tensors have no DLPack form: text is always a numpy object array
             t = np.array([text.encode("utf-8")], dtype=np.object_)
@@ -248,10 +267,12 @@ class TritonPythonModel:
             try:
                 ids, p, want_text = self._parse(r)
                 if self.decoupled:
-                    on_event, is_cancelled, watch = self._streamer(r.request_id(), sender, want_text)
-                    h = self.scheduler.submit(ids, p, on_event=on_event, is_cancelled=is_cancelled,
-                                              request_id=r.request_id(), text=want_text)
-                    watch(h, t_exec)
+                    st = self._stream_state(r.request_id(), sender, want_text, t_exec)
+                    self.scheduler.submit(ids, p, is_cancelled=lambda st=st: st["cancelled"], request_id=r.request_id(),
+                                          text=want_text, tag=st)
+                    # picked up at the sender's next pass, without waking it: a wake here would compete with the
+                    # prefill
+                    self._new_streams.append(st)
                 else:
                     h = self.scheduler.submit(ids, p, is_cancelled=r.is_cancelled, request_id=r.request_id(),
                                               text=want_text)
@@ -274,83 +295,60 @@ class TritonPythonModel:
             else:
                 if h.finish_reason == "cancelled":
                     self._log_cancelled(h)
-                responses[i] = self._response(h.text if want_text else None, h.tokens, batched)
+                responses[i] = self._response(h.text if want_text else None, h.tokens, batched, h.finish_reason)
         return responses
 
-    def _streamer(self, request_id, response_sender, want_text):
-        """(on_event, is_cancelled, watch) of one streaming request. on_event runs on the scheduler thread and only
-        queues the event; the sender thread (_send_loop) sends it, so the next decode step starts while responses go
-        out. is_cancelled reads a flag the sender thread sets (_watch_cancellation).
-        The response sender is dropped once the final response is out: nothing is sent on it after that."""
-        st = {"id": request_id, "sender": response_sender, "want_text": want_text, "count": 0, "cancelled": False,
-              "asked": 0.0}
-
-        def on_event(ev):
-            self._outq.put((st, ev))
-
-        def watch(handle, t_exec):  # once the scheduler took the request: the sender thread watches it for cancellation
-            st["handle"], st["t_exec"] = handle, t_exec
-            # picked up at the sender's next pass, without waking it: a wake here would compete with the prefill
-            self._new_streams.append(st)
-
-        return on_event, lambda: st["cancelled"], watch
+    def _stream_state(self, request_id, response_sender, want_text, t_exec):
+        """The sender thread's state of one streaming request (the scheduler hands it back as the request's tag).
+        The scheduler reads its cancelled flag, which only the sender thread sets (_watch_cancellation). The response
+        sender is dropped once the final response is out: nothing is sent on it after that."""
+        return {"id": request_id, "sender": response_sender, "want_text": want_text, "count": 0, "cancelled": False,
+                "asked": 0.0, "t_exec": t_exec, "t_last": None}
 
     def _send_loop(self):
-        """The sender thread: everything queued since its last pass, one response per request. A request whose
-        tokens came faster than they could be sent gets them together in one response (token_ids holds several);
-        each send is a round trip to the server process (lm_empty measures it), so under load this keeps the
-        decode loop, not the sends, setting the pace. Tokens are never held back: the first one goes at once."""
-        import queue
-
+        """The sender thread, the scheduler's output side (Scheduler.drain()): everything the engine loop produced
+        since its last pass, through each request's TextStream (text, stop strings, finish reason), one response per
+        request. A request whose tokens came faster than they could be sent gets them together in one response
+        (token_ids holds several); its last tokens, the text held back and its finish reason go in its final
+        response. Each send is a round trip to the server process (lm_empty measures it), so under load this keeps
+        the decode loop, not the sends, setting the pace. Tokens are never held back: the first one goes at once."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         poll = self._poll = self._cancel_poll_s or 0.01
+        sched = self.scheduler
         while True:
             try:
                 busy = self._streams or self._late_finals or self._new_streams
                 # idle with a step trace on: wake every half second to write it once the load is over
-                items = [self._outq.get(timeout=poll if busy else 0.5 if self._trace is not None else None)]
-            except queue.Empty:
-                items = []
-            while True:
-                try:
-                    items.append(self._outq.get_nowait())
-                except queue.Empty:
-                    break
+                outs = sched.drain(timeout=poll if busy else 0.5 if self._trace is not None else None)
+            except Exception as e:  # noqa: BLE001  (a bug on the output side must not stop every stream)
+                self.logger.log_error(f"{self.model_name}: the output side failed: {e}")
+                outs = []
+            t0 = time.perf_counter()
             while self._new_streams:
                 st = self._new_streams.popleft()
                 if st["sender"] is not None and not st.get("final"):
                     # first asked one poll interval from now: no round trip on the way to the first token
                     st["asked"] = time.monotonic()
                     self._streams[id(st)] = st
-            merged = {}                      # request -> [state, tokens, text, final event]; insertion order kept
-            stop = False
-            for item in items:
-                if item is None:
-                    stop = True
-                    continue
-                st, ev = item
-                m = merged.setdefault(id(st), [st, [], "", None])
-                if ev.finished:
-                    m[3] = ev
-                else:
-                    m[1].append(ev.token)
-                    m[2] += ev.text or ""
-            t_send = time.perf_counter()
-            for st, tokens, text, ev in merged.values():
+            for o in outs:
+                st = o.request.tag
                 try:
-                    self._deliver(st, tokens, text, ev, final)
+                    self._deliver(st, o, final)
                 except Exception as e:  # noqa: BLE001  (one stream's failure must not stop the others)
                     self.logger.log_warn(f"{self.model_name}: sending to request {st['id']!r} failed: {e}")
-                if ev is not None:
+                if o.finished:
                     self._streams.pop(id(st), None)
-            if self._trace is not None and merged:
-                self._trace.send(t_send, time.perf_counter(), len(merged))
+            if self._trace is not None and outs:
+                self._trace.send(t0, time.perf_counter(), len(outs))
             now = time.monotonic()
+            stop = sched.output_closed
             while self._late_finals and (stop or self._late_finals[0][0] <= now):
                 try:
                     self._late_finals.pop(0)[1].send(flags=final)
                 except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
                     pass
+            if outs:
+                self.metrics.sent(len(outs), time.perf_counter() - t0)
             if stop:
                 return
             self._watch_cancellation(poll)
@@ -372,36 +370,58 @@ class TritonPythonModel:
             st["cancelled"] = st["sender"].is_cancelled()
         return st["cancelled"]
 
-    def _deliver(self, st, tokens, text, ev, final):
+    def _deliver(self, st, o, final):
+        """One response for RequestOutput `o` of stream `st`: its new tokens (and text); if it is the request's
+        last, with its finish reason and the final flag."""
         sender = st["sender"]
         if sender is None:
             return
-        if tokens and not self._cancelled(st, time.monotonic()):  # nothing is written to a stream the client left
-            first = st["count"] == 0
-            st["count"] += len(tokens)
-            sender.send(self._response(text if st["want_text"] else None, tokens, True))
-            if first and "handle" in st:
-                self._ttft_parts.add(st["t_exec"], st["handle"], time.perf_counter())
-        if ev is None:
+        want_text = st["want_text"]
+        cancelled = self._cancelled(st, time.monotonic())   # nothing is written to a stream the client left
+        first = st["count"] == 0 and bool(o.token_ids)
+        if o.token_ids:
+            st["count"] += len(o.token_ids)
+        if not o.finished:
+            if o.token_ids and not cancelled:
+                sender.send(self._response(o.text if want_text else None, o.token_ids, True))
+                self._sent(st, o, first)
             return
         st["sender"], st["final"] = None, True
-        if ev.finish_reason == "error":
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error or "generation failed")),
-                        flags=final)
-            return
-        if ev.finish_reason == "cancelled":
+        if cancelled or o.finish_reason == "cancelled":
             self.logger.log_info(f"{self.model_name}: request {st['id']!r} cancelled after {st['count']} tokens")
             # the final flag of a request the client cancelled goes out CANCEL_FINAL_DELAY_S later: completing it
             # while the server still processes the cancellation crashes Triton 2.51's gRPC frontend (docs/ENVIRONMENT.md)
             self._late_finals.append((time.monotonic() + CANCEL_FINAL_DELAY_S, sender))
             return
-        if ev.text and st["want_text"]:  # text held back until the end (an incomplete character, a stop-string start)
-            sender.send(self._response(ev.text, [], True))
-        try:
-            sender.send(flags=final)
-        except Exception:  # noqa: BLE001  (a cancelled stream may refuse it)
-            if ev.finish_reason != "cancelled":
-                raise
+        if o.finish_reason == "error":
+            if o.token_ids:
+                sender.send(self._response(o.text if want_text else None, o.token_ids, True))
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(o.error or "generation failed")),
+                        flags=final)
+            return
+        # the last tokens, the text held back until the end (an incomplete character, a stop-string start) and the
+        # finish reason: one response, flagged final
+        sender.send(self._response(o.text if want_text else None, o.token_ids, True, o.finish_reason), flags=final)
+        self._sent(st, o, first)
+
+    def _sent(self, st, o, first):
+        """Timings of a response just handed to Triton: TTFT parts, and the latency histograms."""
+        now = time.perf_counter()
+        h = o.request
+        if first:
+            self._ttft_parts.add(st["t_exec"], h, now)
+            self.metrics.observe("ttft", now - st["t_exec"])
+            if h.admitted_at is not None:
+                self.metrics.observe("queue", h.admitted_at - h.submitted_at)
+        elif st["t_last"] is not None and o.token_ids:
+            self.metrics.observe("itl", (now - st["t_last"]) / len(o.token_ids))
+        st["t_last"] = now
+        if o.finished:
+            self.metrics.observe("e2e", now - st["t_exec"])
+            if st["count"] > 1 and st.get("t_first") is not None:
+                self.metrics.observe("tpot", (now - st["t_first"]) / (st["count"] - 1))
+        if first:
+            st["t_first"] = now
 
     def _log_cancelled(self, h):
         self.logger.log_info(f"{self.model_name}: request {h.id!r} cancelled after {len(h.tokens)} tokens")
@@ -438,21 +458,21 @@ class TritonPythonModel:
                 else:
                     responses[i] = err
         if rows:
+            from lmopt.detokenize import TextStream
+
             tok = self.tokenizer
-            emitted = [""] * len(rows)
             cancelled = [False] * len(rows)
+            # the one output path (lmopt.detokenize): text, stop strings, finish reason
+            streams = [TextStream(tok if wants_text[r] or params[r].stop_strings else None, prompts[r],
+                                  params[r].stop_strings) for r in range(len(rows))]
 
             def on_token(r, token):
                 req = requests[rows[r]]
                 if _is_cancelled(req, senders[rows[r]] if senders else None):
                     cancelled[r] = True
                     return True
+                piece = streams[r].add(token)
                 if self.decoupled:
-                    toks = out_so_far[r]
-                    toks.append(token)
-                    # decode the whole row so multi-byte characters split over tokens come out whole
-                    full = tok.decode(toks, skip_special_tokens=True)
-                    piece, emitted[r] = full[len(emitted[r]):], full
                     try:
                         senders[rows[r]].send(self._response(piece if wants_text[r] else None, [token], batched))
                     except Exception:  # the stream is gone: treat as cancellation
@@ -461,10 +481,8 @@ class TritonPythonModel:
                 return False
 
             def stop_check(r, toks):
-                ss = params[r].stop_strings
-                return bool(ss) and any(s in tok.decode(toks) for s in ss)
+                return streams[r].stopped
 
-            out_so_far = [[] for _ in rows]
             try:
                 with self.lock:
                     out = generate(self.engine, prompts, params, on_token, pad_id=tok.pad_token_id or 0,
@@ -478,20 +496,24 @@ class TritonPythonModel:
                         responses[i] = err
                 return None if self.decoupled else responses
             for r, i in enumerate(rows):
+                st = streams[r]
+                reason = st.finish_reason(out.finish_reasons[r])
                 if cancelled[r]:
                     self.logger.log_info(f"{self.model_name}: request {requests[i].request_id()!r} cancelled "
                                          f"after {len(out.tokens[r])} tokens")
                 if self.decoupled:
                     try:
-                        senders[i].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        if cancelled[r]:
+                            senders[i].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        else:  # the text held back until the end, and the finish reason
+                            tail = st.finish()
+                            senders[i].send(self._response(tail if wants_text[r] else None, [], batched, reason),
+                                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     except Exception:
                         pass
                 else:
-                    text = tok.decode(out.tokens[r], skip_special_tokens=True)
-                    for s in params[r].stop_strings:  # cut at the stop string, as generate_text does
-                        if s and s in text:
-                            text = text[: text.index(s)]
-                    responses[i] = self._response(text if wants_text[r] else None, out.tokens[r], batched)
+                    text = st.text + st.finish()
+                    responses[i] = self._response(text if wants_text[r] else None, out.tokens[r], batched, reason)
         return None if self.decoupled else responses
 
     def finalize(self):
@@ -502,8 +524,8 @@ class TritonPythonModel:
             self.scheduler.close()
             self.logger.log_info(f"{self.model_name}: scheduler stopped")
             if self.decoupled:
-                self._outq.put(None)
                 self._sender.join(timeout=10)
+            self.metrics.close()
             if self._trace is not None:
                 self.logger.log_info(f"{self.model_name}: step trace written to {self._trace.dump()}")
         self.engine.close()
@@ -523,34 +545,106 @@ def _busy(msg):
 
 
 class _Metrics:
-    """Scheduler counters as Triton custom metrics (pb_utils.MetricFamily); logged instead where it is missing.
-    Updated at most every INTERVAL_S (a scrape every few seconds sees them current), and whenever the scheduler goes
-    idle."""
+    """Scheduler counters and request latency histograms as Triton custom metrics (pb_utils.MetricFamily, on the
+    metrics port beside Triton's own; logged instead where it is missing). Gauges and counters are updated at most
+    every INTERVAL_S (a scrape every few seconds sees them current), and whenever the scheduler goes idle. Every
+    metric call is a round trip to the server process, so histogram observations are queued and made by a thread
+    of their own, never on the engine loop or between two sends.
+
+    Histograms (vLLM's names with lm_ for vllm:; seconds; label model=<model name>; the Python backend of Triton
+    2.51 has MetricFamily.HISTOGRAM):
+      lm_time_to_first_token_seconds            execute() entry to the first response handed to Triton
+      lm_inter_token_latency_seconds            gap between two responses of a stream / the tokens in the later one
+      lm_request_time_per_output_token_seconds  per request: (last response - first) / (tokens - 1)
+      lm_e2e_request_latency_seconds            execute() entry to the final response
+      lm_request_queue_time_seconds             submitted to the scheduler until given a KV-cache slot
+    Per-step timeline counters: lm_scheduler_step_seconds_total (wall time of the engine loop's steps),
+    lm_scheduler_engine_seconds_total (of which in engine calls: launches and waits for the device; the rest is the
+    loop's host work), lm_sender_seconds_total and lm_sender_responses_total (the sender thread's passes: handing
+    responses to Triton)."""
 
     INTERVAL_S = 0.1
+    # vLLM's buckets, with finer ones below 10 ms for a GPU's inter-token latency
+    BUCKETS = {
+        "ttft": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0],
+        "itl": [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5],
+        "e2e": [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0],
+        "queue": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+    }
+    HISTOGRAMS = (("ttft", "time_to_first_token_seconds", "ttft", "time to first token"),
+                  ("itl", "inter_token_latency_seconds", "itl", "time between tokens of a stream"),
+                  ("tpot", "request_time_per_output_token_seconds", "itl", "mean time per output token of a request"),
+                  ("e2e", "e2e_request_latency_seconds", "e2e", "end-to-end request latency"),
+                  ("queue", "request_queue_time_seconds", "queue", "time waiting for a KV-cache slot"))
 
     def __init__(self, model_name, logger):
+        import queue
+
         self.logger, self.labels = logger, {"model": model_name}
         self.last = {}
-        self.pending = {"steps": 0, "tokens": 0}
         self.flushed_at = 0.0
+        self.sender = {"sender_seconds": 0.0, "sender_responses": 0}
+        self.hists = {}
+        self._obs = queue.SimpleQueue()
         try:
             fam = pb_utils.MetricFamily
             self.families = []  # a Metric stops working once its MetricFamily is garbage-collected: keep them
 
-            def metric(name, description, kind):
+            def metric(name, description, kind, **kw):
                 self.families.append(fam(name=name, description=description, kind=kind))
-                return self.families[-1].Metric(labels=self.labels)
+                return self.families[-1].Metric(labels=self.labels, **kw)
 
             self.gauges = {k: metric(f"lm_scheduler_{n}", d, fam.GAUGE)
                            for k, n, d in (("slots_in_use", "slots_in_use", "KV-cache slots holding a request"),
                                            ("queue_length", "queue_length", "requests waiting for a slot"),
-                                           ("last_decode_batch", "decode_batch_size", "rows of the last decode step"))}
-            self.counters = {k: metric(f"lm_scheduler_{k}_total", d, fam.COUNTER)
-                             for k, d in (("steps", "scheduler steps"), ("tokens", "generated tokens"))}
+                                           ("last_decode_batch", "decode_batch_size", "rows of the last decode step"),
+                                           ("prefill_chunk", "prefill_chunk", "prompt tokens a step may prefill "
+                                            "while requests decode"))}
+            self.counters = {k: metric(n, d, fam.COUNTER)
+                             for k, n, d in (("steps", "lm_scheduler_steps_total", "scheduler steps"),
+                                             ("tokens", "lm_scheduler_tokens_total", "generated tokens"),
+                                             ("step_seconds", "lm_scheduler_step_seconds_total",
+                                              "wall time of the engine loop's steps"),
+                                             ("engine_seconds", "lm_scheduler_engine_seconds_total",
+                                              "time of the steps spent in engine calls"),
+                                             ("sender_seconds", "lm_sender_seconds_total",
+                                              "time the sender thread spent handing responses to Triton"),
+                                             ("sender_responses", "lm_sender_responses_total",
+                                              "responses the sender thread handed to Triton"))}
+            try:
+                hist = fam.HISTOGRAM
+            except AttributeError:  # a Python backend older than histograms
+                hist = None
+            if hist is not None:
+                self.hists = {k: metric(f"lm_{n}", d, hist, buckets=self.BUCKETS[b])
+                              for k, n, b, d in self.HISTOGRAMS}
+                threading.Thread(target=self._observe_loop, name=f"{model_name}-metrics", daemon=True).start()
         except Exception as e:  # noqa: BLE001  (an older Python backend without custom metrics)
             logger.log_warn(f"custom metrics unavailable ({e}): scheduler stats go to the log")
             self.gauges = None
+
+    def observe(self, key, seconds):
+        """Queue one observation of histogram `key` (made by the metrics thread)."""
+        if self.hists:
+            self._obs.put((key, seconds))
+
+    def _observe_loop(self):
+        while True:
+            item = self._obs.get()
+            if item is None:
+                return
+            try:
+                self.hists[item[0]].observe(float(item[1]))
+            except Exception as e:  # noqa: BLE001  (metrics must never stop serving)
+                self.logger.log_warn(f"observing {item[0]} failed: {e}")
+
+    def sent(self, responses, seconds):
+        """A sender pass that handed `responses` responses to Triton in `seconds` (read by the next update)."""
+        self.sender["sender_responses"] += responses
+        self.sender["sender_seconds"] += seconds
+
+    def close(self):
+        self._obs.put(None)
 
     def update(self, st):
         if self.gauges is None:
@@ -563,6 +657,7 @@ class _Metrics:
         now = time.monotonic()
         if not idle and now - self.flushed_at < self.INTERVAL_S:
             return
+        st = dict(st, **self.sender)
         for k, m in self.gauges.items():
             if self.last.get(k) != st[k]:
                 m.set(st[k])
