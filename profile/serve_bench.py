@@ -510,6 +510,17 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
     os.environ[step_trace.ENV] = str(trace_dir)   # the server (started below) inherits it: its timeline
+
+    def publish(complete: bool) -> dict:
+        """Write serving-load.json with what is measured so far (after each step: a run cut short keeps it)."""
+        summary = _load_summary(s, results, trace_dir, folder)
+        out = result_path(s.artifacts, s.model, "load")
+        write_result(out, "serving_load_benchmark", asdict(s), {}, summary,
+                     {"serve_variant": folder.name, "serve_manifest": str(folder / "manifest.json"),
+                      "timings_s": timings, "complete": complete})
+        log.info("Saving results to %s%s", out, "" if complete else " (so far)")
+        return summary
+
     ports = free_ports(s.host, 4)   # http, grpc, metrics, gateway: known before anything starts
     url, gw = f"{s.host}:{ports[1]}", f"http://{s.host}:{ports[3]}" if s.endpoint_levels else ""
     main = replace(ld, url=url, label="load", concurrency=s.concurrency, request_rate=s.open_loop_rates,
@@ -531,12 +542,14 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
             with timed(log, "sweep, rates, endpoint, in-process, ceiling, overhead", timings, "load_s"):
                 results["load"] = _finish_tool(started, "load_generator.py", main, "stream-load")
                 started = None
+                publish(complete=False)
             if s.floor_levels:
                 with timed(log, "lm_empty at load", timings, "floor_s"):
                     results["floor"] = _run_tool("load_generator.py", replace(
                         ld, url=url, label="load-floor", triton_model="lm_empty", concurrency=s.floor_levels,
                         prompt_input="input_ids" if s.prompt_input == "input_ids" else ld.prompt_input),
                         "stream-load-floor")
+                publish(complete=False)
             if s.timeline_level:
                 with timed(log, "timeline", timings, "timeline_s"):
                     results["timeline"] = _run_tool("load_generator.py", replace(
@@ -545,11 +558,23 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
                     # the server writes its trace once idle for a second: wait for a copy that covers the level
                     _wait_for_trace(trace_dir / "step-trace-lm_stream.json",
                                     results["timeline"]["summary"][0]["window_perf_s"][1], 20.0)
+                summary = publish(complete=True)   # before the server stops (a minute of unloading on a GPU)
     finally:
         os.environ.pop(step_trace.ENV, None)
         if started is not None and started[0].poll() is None:   # the server did not come up: stop the client too
             os.killpg(started[0].pid, 15)
             started[0].wait()
+    if not s.timeline_level:
+        summary = publish(complete=True)
+    _print_load(summary)
+    return {"path": str(result_path(s.artifacts, s.model, "load")), **summary}
+
+
+def _load_summary(s: ServeBenchSettings, results: dict, trace_dir: Path, folder: Path) -> dict:
+    """serving-load.json's summary from the tool results there are so far (and serving-timeline.json)."""
+    from lmopt.profiling import step_trace
+    from lmopt.serving import result_path, write_result
+
     load = results["load"]
     sweep = [_strip(r) for r in load["summary"]]
     summary = {"workload": load["workload"], "objective": load["objective"], "goodput": load["goodput"],
@@ -575,15 +600,9 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
                                    "result": str(tl_out)}
             log.info("Saving results to %s", tl_out)
         else:
-            log.warning("no step trace at %s (the server wrote none on shutdown): no timeline", trace)
+            log.warning("no step trace at %s (the server wrote none): no timeline", trace)
     summary["targets"] = load_targets(summary)
-    out = result_path(s.artifacts, s.model, "load")
-    write_result(out, "serving_load_benchmark", asdict(s), {}, summary,
-                 {"serve_variant": folder.name, "serve_manifest": str(folder / "manifest.json"),
-                  "timings_s": timings})
-    log.info("Saving results to %s", out)
-    _print_load(summary)
-    return {"path": str(out), **summary}
+    return summary
 
 
 def _pct(x) -> str:

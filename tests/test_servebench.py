@@ -272,6 +272,7 @@ def test_load_benchmark_result(load_bench):
     tl = sm["timeline"]
     assert tl["decode_steps"] > 0 and tl["send_passes"] > 0 and tl["host_in_decode_call_ms"]["count"] > 0
     assert read_json(prof / "serving-timeline.json")["kind"] == "serving_timeline"
+    assert doc["complete"] is True
     assert {t["target"] for t in sm["targets"]} >= {"1 stream: TTFT overhead ms <= bar"}
     assert "serving benchmark: workload random" in proc.stdout
     assert not list(prof.glob(".triton-*.pid"))
