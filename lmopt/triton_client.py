@@ -275,3 +275,39 @@ def has_batch_dim(url: str, model: str) -> bool:
             cfg = c.get_model_config(model, as_json=True)["config"]
         _BATCH_DIM[key] = int(cfg.get("max_batch_size", 0)) > 0
     return _BATCH_DIM[key]
+
+
+# ---- the served model's metrics (Triton's metrics port) ---------------------------------------------------------------
+def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Triton's metrics port (http://host:port/metrics) as {'name{labels}': value} (Prometheus text format)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def served_timeline(before: dict[str, float], after: dict[str, float], model: str = STREAM_MODEL) -> dict:
+    """The served engine's per-step timeline between two scrape_metrics() snapshots (docs/serving.md): steps, host
+    time per step (step wall time not in engine calls), the engine's share of the steps, the sender's time per
+    response, responses and tokens per step."""
+    def d(name: str) -> float:
+        key = f'{name}{{model="{model}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    steps, step_s, engine_s = d("lm_scheduler_steps_total"), d("lm_scheduler_step_seconds_total"), \
+        d("lm_scheduler_engine_seconds_total")
+    responses, send_s, tokens = d("lm_sender_responses_total"), d("lm_sender_seconds_total"), \
+        d("lm_scheduler_tokens_total")
+    per = (lambda x, n: round(x / n, 6) if n else None)
+    return {"steps": int(steps), "step_ms": per(step_s * 1e3, steps), "host_ms_per_step": per((step_s - engine_s) * 1e3, steps),
+            "engine_share": per(engine_s, step_s), "send_ms_per_response": per(send_s * 1e3, responses),
+            "responses_per_step": per(responses, steps), "tokens_per_step": per(tokens, steps),
+            "sender_busy_share": per(send_s, step_s)}

@@ -283,8 +283,15 @@ def test_transport_cancel_check_is_rate_limited_when_asked(engines):
     assert stopped - t_cancel < 1.0 and s.stats()["steps"] > len(calls)  # checked less often than every step
 
 
+@pytest.fixture(scope="module")
+def table_scheduler(engines):
+    eng, tok = engines
+    with _scheduler(eng["ort"], tok) as s:
+        yield s
+
+
 @pytest.mark.parametrize("case, prompt", __import__("stop_cases").cases())
-def test_stop_string_table_offline(engines, case, prompt):
+def test_stop_string_table_offline(engines, table_scheduler, case, prompt):
     """The shared stop-string table (tests/stop_cases.py) offline: generate_text and the in-process scheduler give
     what it says; tests/test_serve.py and tests/test_openai.py hold Triton and the gateway to the same table."""
     from stop_cases import CASES, MAX_TOKENS, expected
@@ -298,8 +305,8 @@ def test_stop_string_table_offline(engines, case, prompt):
     (text,), out = generate_text(eng["ort"], tok, [prompt], p)
     assert (text, out.finish_reasons[0]) == want
     pieces = []
-    with _scheduler(eng["ort"], tok) as s:
-        r = s.submit(tok(prompt)["input_ids"], p, on_event=lambda ev: pieces.append(ev.text)).result(timeout=60)
+    r = table_scheduler.submit(tok(prompt)["input_ids"], p, on_event=lambda ev: pieces.append(ev.text))
+    r.result(timeout=60)
     assert (r.text, "".join(pieces), r.finish_reason) == (want[0], want[0], want[1])
 
 

@@ -592,7 +592,10 @@ def test_latency_histograms_on_the_metrics_endpoint(server):
         m = re.search(rf'^{name}_count\{{model="lm_stream"\}} (\S+)', text, re.M)
         return int(float(m.group(1))) if m else 0
 
-    before = scrape()
+    from lmopt.triton_client import scrape_metrics, served_timeline
+
+    url = f"http://127.0.0.1:{server.metrics}/metrics"
+    before, snap0 = scrape(), scrape_metrics(url)
     n = 3
     tokens, errors = _stream_many(server, [(f"h{i}", "The list", 6) for i in range(n)])
     assert not errors and all(len(t) == 6 for t in tokens.values())
@@ -614,3 +617,19 @@ def test_latency_histograms_on_the_metrics_endpoint(server):
                  "lm_request_time_per_output_token_seconds"):   # one observation per request
         assert count(text, name) >= count(before, name) + n, name
     assert count(text, "lm_inter_token_latency_seconds") > count(before, "lm_inter_token_latency_seconds")
+    # the per-step timeline a GPU run records (docs/serving.md): counters pushed when the scheduler went idle
+    deadline = time.time() + 15
+    while (tl := served_timeline(snap0, scrape_metrics(url)))["responses_per_step"] is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert tl["steps"] > 0 and tl["step_ms"] > 0 and 0 < tl["engine_share"] <= 1 and tl["host_ms_per_step"] >= 0
+    assert tl["send_ms_per_response"] > 0 and tl["tokens_per_step"] > 0, tl
+
+
+def test_served_timeline_script_reads_the_step_split(server, tmp_path):
+    """profile/served_timeline.py against the running server: the per-step timeline from the metrics port."""
+    out = tmp_path / "tl.json"
+    run_cli("profile/served_timeline.py", "--model", "tiny", "--grpc-port", str(server.grpc), "--metrics-port",
+            str(server.metrics), "--streams", "2", "--requests", "1", "--max-new-tokens", "8", "--out", str(out),
+            "-q")
+    s = read_json(out)["summary"]
+    assert s["tokens"] == 16 and s["steps"] > 0 and 0 < s["engine_share"] <= 1 and s["send_ms_per_response"] > 0
