@@ -64,3 +64,24 @@ def test_detokenizer_without_a_fast_tokenizer_uses_its_decode(tok):
     assert d._backend_decode is None
     assert "".join(d.add(i) for i in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True,
                                                                      clean_up_tokenization_spaces=False)
+
+
+def test_text_stream_stop_strings_and_finish_reason(tok):
+    """The one output path: the earliest stop string wins wherever it is listed, a possible stop-string start is held
+    back and released at the end, nothing is accepted after the stop, and the finish reason says a stop string ended
+    it (else the engine's own)."""
+    from lmopt.detokenize import TextStream
+
+    ids = tok("one two three four five")["input_ids"]
+    whole = tok.decode(ids)
+    ts = TextStream(tok, [], ("four", " two"))
+    out = ts.add_many(ids) + ts.finish()
+    assert out == whole[:whole.index(" two")] and ts.stopped and ts.finish_reason("length") == "stop"
+    assert len(ts.tokens) < len(ids) and ts.add(ids[-1]) == ""
+    ts = TextStream(tok, [], (whole[-3:] + "never",))
+    pieces = [ts.add(t) for t in ids]
+    assert "".join(pieces) != whole and "".join(pieces) + ts.finish() == whole   # the held-back end comes out last
+    assert not ts.stopped and ts.finish_reason("length") == "length" and ts.finish_reason("error") == "error"
+    with pytest.raises(ValueError):
+        ts.finish_reason("done")
+    assert TextStream(None, [1, 2]).add(7) == "" and TextStream(None).finish() == ""
