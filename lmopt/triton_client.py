@@ -204,6 +204,30 @@ async def stream_pb(stub, item, timeout: float):
             call.cancel()
 
 
+async def stream_aio(client, item, timeout: float):
+    """The Pieces of one request (a stream_request item) over tritonclient.grpc.aio's stream_infer, up to and
+    including the final one: the same loop as stream_pb through the client a user of tritonclient would reach for.
+    Raises StreamError for an error response. Left early (contextlib.aclosing), the call is cancelled; a finished one
+    is not (Triton 2.51's gRPC frontend can crash when a cancellation races the completion, docs/ENVIRONMENT.md)."""
+    async def requests():
+        yield item
+
+    it = client.stream_infer(requests(), stream_timeout=timeout)
+    finished = False
+    try:
+        async for result, error in it:
+            if error is not None:
+                raise StreamError(str(error).splitlines()[0] if str(error) else "stream error")
+            piece = parse_response(result)
+            finished = piece.final
+            yield piece
+            if finished:
+                return
+    finally:
+        if not finished:
+            it.cancel()
+
+
 class GrpcStream:
     """One gRPC bidirectional stream to the decoupled model; requests on it run one after the other."""
 
