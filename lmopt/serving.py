@@ -39,10 +39,34 @@ class LoadSettings:
     max_tokens_input: str = "max_tokens"
     tokens_output: str = "token_ids"
     in_process: bool = False             # also time the same engine in-process at concurrency 1 (serving overhead)
+    overhead_requests: int = 0           # requests per path of that comparison (0 = --requests)
     engine: str = "ort"                  # engine/precision the server runs, for --in-process
     precision: str = "fp32"              # precision the server runs (for --in-process)
     device: str = "cpu"                  # device the server's engine runs on, for --in-process
     threads: int = 0                     # in-process engine threads (0 = library default); match the server's
+    # the workload (docs/serving_benchmark.md): fixed = held-out windows of prompt_tokens, max_new_tokens each, EOS
+    # ends a request; random = seeded lengths prompt_tokens and max_new_tokens +- length_spread, prompts cut from the
+    # held-out text; corpus = the same lengths, prompts cut from the built-in texts and chat-formatted
+    workload: str = "fixed"
+    length_spread: float = 0.25          # random/corpus: lengths uniform in mean * (1 +- spread)
+    seed: int = 0                        # random/corpus: lengths, cut points and open-loop arrivals
+    ignore_eos: bool = False             # EOS does not end a request: every request runs to its max_tokens
+    request_rate: str = ""               # comma list of open-loop Poisson rates (requests/s), after the sweep
+    rate_requests: int = 0               # requests per open-loop rate (0 = --requests)
+    objective_ttft_ms: float = 200.0     # goodput: a request is good with TTFT <= this ...
+    objective_itl_ms: float = 25.0       # ... and its own ITL p99 <= this; a level meets the objective by its p99s
+    backend: str = "triton"              # triton (gRPC stream) | openai (--openai-url) | inprocess (lmopt.scheduler)
+    openai_url: str = ""                 # the OpenAI endpoint in front of the same server (backend openai)
+    endpoint_levels: str = ""            # also: at these levels, OpenAI endpoint vs gRPC stream, interleaved
+    in_process_levels: str = ""          # also: the same request stream through lmopt.scheduler in this process
+    ceiling: bool = False                # also: the engine's ceiling for this workload (in-process, no server)
+    warm_short: bool = False             # before the sweep: the shortest prompts at 1, 2, 4 streams, untimed
+    ready_timeout_s: float = 10.0        # how long to wait for the server to be ready (after the in-process engine)
+    slots: int = 0                       # in-process engine/scheduler as the server runs them (0 = engine default)
+    max_len: int = 0
+    capture_kv: int = 0
+    prefill_chunk: int = 256
+    max_queue: int = 256
 
 
 @dataclass
@@ -78,6 +102,75 @@ def held_out_prompts(model: str, n: int, prompt_tokens: int) -> list[str]:
     tok = load_tokenizer(model)
     windows = token_windows(tok, builtin_text("eval"), n, prompt_tokens, "the held-out eval text (data/eval.txt)")
     return [tok.decode(w, skip_special_tokens=True) for w in windows]
+
+
+@dataclass
+class WorkItem:
+    """One request of a workload: its prompt (token ids, and the text they decode to) and its output length."""
+    prompt_ids: list
+    prompt: str
+    max_tokens: int
+
+
+WORKLOADS = ("fixed", "random", "corpus")
+
+
+def _lengths(rng, mean: int, spread: float, n: int) -> list[int]:
+    lo, hi = max(1, round(mean * (1 - spread))), max(1, round(mean * (1 + spread)))
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def build_workload(model: str, kind: str, n: int, prompt_tokens: int, max_new_tokens: int, spread: float = 0.25,
+                   seed: int = 0) -> list[WorkItem]:
+    """`n` requests of workload `kind` (WORKLOADS), the same for the same arguments.
+
+    fixed:  `n` consecutive held-out windows of `prompt_tokens` tokens, `max_new_tokens` each (the older benchmarks)
+    random: seeded prompt lengths uniform in prompt_tokens * (1 +- spread), cut at seeded offsets from the held-out
+            eval text (real tokens, so the model sees text), output lengths likewise around max_new_tokens
+    corpus: the same lengths; each prompt a cut of the built-in texts (eval then calibration split) as the content of
+            one chat message, formatted with the tokenizer's chat template (lmopt.chat): what a chat client sends
+    """
+    import random
+
+    from lmopt.data import builtin_text
+    from lmopt.models import load_tokenizer
+
+    if kind not in WORKLOADS:
+        raise UserError(f"unknown workload '{kind}' — use one of {', '.join(WORKLOADS)}")
+    if n <= 0 or prompt_tokens <= 0 or max_new_tokens <= 0:
+        raise UserError(f"a workload needs requests, prompt and output lengths > 0 (got {n}, {prompt_tokens}, "
+                        f"{max_new_tokens})")
+    if not 0 <= spread < 1:
+        raise UserError(f"--length-spread must be in [0, 1) (got {spread})")
+    tok = load_tokenizer(model)
+    if kind == "fixed":
+        prompts = held_out_prompts(model, n, prompt_tokens)
+        return [WorkItem(tok(p)["input_ids"], p, max_new_tokens) for p in prompts]
+    rng = random.Random(seed)
+    ins, outs = _lengths(rng, prompt_tokens, spread, n), _lengths(rng, max_new_tokens, spread, n)
+    text = builtin_text("eval") + ("\n" + builtin_text("calib") if kind == "corpus" else "")
+    ids = tok(text)["input_ids"]
+    if len(ids) <= max(ins) + 1:
+        raise UserError(f"the built-in text has {len(ids)} tokens, too few for prompts of {max(ins)} — lower "
+                        "--prompt-tokens")
+    items = []
+    for n_in, n_out in zip(ins, outs):
+        if kind == "random":
+            start = rng.randrange(0, len(ids) - n_in)
+            cut = ids[start:start + n_in]
+            items.append(WorkItem(cut, tok.decode(cut, skip_special_tokens=True), n_out))
+            continue
+        from lmopt.chat import render_chat
+        from lmopt.models import encode
+
+        # the template adds tokens of its own: cut the content so the whole prompt is about n_in tokens
+        overhead = len(encode(tok, render_chat(tok, [{"role": "user", "content": "x"}]), add_special_tokens=False))
+        body = max(1, n_in - overhead + 1)
+        start = rng.randrange(0, len(ids) - body)
+        content = tok.decode(ids[start:start + body], skip_special_tokens=True)
+        prompt = render_chat(tok, [{"role": "user", "content": content}])
+        items.append(WorkItem(encode(tok, prompt, add_special_tokens=False), prompt, n_out))
+    return items
 
 
 def result_path(artifacts: str | os.PathLike, model: str, name: str) -> Path:

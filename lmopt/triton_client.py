@@ -10,7 +10,8 @@ back — used by serve/client/infer_client.py (the CLI), profile/load_generator.
 
 The served models (serve/make_model_repository.py): `lm` (one response) and `lm_stream` (decoupled: one response per
 token, then a last response flagged `triton_final_response`). Inputs: `text_input` BYTES or `input_ids`
-INT64, optional `max_tokens` INT32, `temperature` FP32, `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` BYTES;
+INT64, optional `max_tokens` INT32, `temperature` FP32, `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` BYTES,
+`ignore_eos` BOOL;
 outputs `text_output` BYTES, `token_ids` INT64, and in a request's last response `finish_reason` INT32 (the index in
 lmopt.detokenize.FINISH_REASONS; Piece.finish_reason gives the name). With max_batch_size > 0 every input has a leading batch dimension
 (`[1, 1]` per value; input_ids `[1, n]`).
@@ -38,6 +39,7 @@ class GenRequest:
     top_p: float | None = None
     seed: int | None = None
     stop: str | None = None
+    ignore_eos: bool | None = None  # True: the end-of-sequence token does not end the request (max_tokens does)
     names: dict = field(default_factory=dict)   # tensor renames, e.g. {"text_input": "prompt"} for another model
 
     def values(self) -> list[tuple[str, Any, str]]:
@@ -47,14 +49,14 @@ class GenRequest:
         out = [("text_input", [self.prompt], "BYTES")] if self.prompt is not None else \
             [("input_ids", [int(i) for i in self.input_ids], "INT64")]
         for name, dtype in (("max_tokens", "INT32"), ("temperature", "FP32"), ("top_k", "INT32"), ("top_p", "FP32"),
-                            ("seed", "INT64"), ("stop", "BYTES")):
+                            ("seed", "INT64"), ("stop", "BYTES"), ("ignore_eos", "BOOL")):
             v = getattr(self, name)
             if v is not None:
                 out.append((name, [v], dtype))
         return [(self.names.get(n, n), v, d) for n, v, d in out]
 
 
-_NP = {"BYTES": "object", "INT32": "int32", "INT64": "int64", "FP32": "float32"}
+_NP = {"BYTES": "object", "INT32": "int32", "INT64": "int64", "FP32": "float32", "BOOL": "bool"}
 
 
 def tensors(mod, req: GenRequest, batch_dim: bool = True) -> list:
@@ -80,7 +82,7 @@ def stream_request(mod, req: GenRequest, request_id: str = "", model: str = STRE
             "parameters": {"triton_enable_empty_final_response": True}}
 
 
-_PACK = {"INT32": "i", "INT64": "q", "FP32": "f"}
+_PACK = {"INT32": "i", "INT64": "q", "FP32": "f", "BOOL": "?"}
 
 
 def infer_request_pb(req: GenRequest, request_id: str = "", model: str = STREAM_MODEL, batch_dim: bool = True):
@@ -200,6 +202,30 @@ async def stream_pb(stub, item, timeout: float):
     finally:
         if not finished:
             call.cancel()
+
+
+async def stream_aio(client, item, timeout: float):
+    """The Pieces of one request (a stream_request item) over tritonclient.grpc.aio's stream_infer, up to and
+    including the final one: the same loop as stream_pb through the client a user of tritonclient would reach for.
+    Raises StreamError for an error response. Left early (contextlib.aclosing), the call is cancelled; a finished one
+    is not (Triton 2.51's gRPC frontend can crash when a cancellation races the completion, docs/ENVIRONMENT.md)."""
+    async def requests():
+        yield item
+
+    it = client.stream_infer(requests(), stream_timeout=timeout)
+    finished = False
+    try:
+        async for result, error in it:
+            if error is not None:
+                raise StreamError(str(error).splitlines()[0] if str(error) else "stream error")
+            piece = parse_response(result)
+            finished = piece.final
+            yield piece
+            if finished:
+                return
+    finally:
+        if not finished:
+            it.cancel()
 
 
 class GrpcStream:

@@ -16,6 +16,11 @@ Both are in the result; the comparison uses the per-request definition for all. 
 our endpoint client go through the gateway (its overhead: profile/openai_overhead.py), the load generator straight to
 gRPC; aiperf runs several processes of its own, which on a small CPU compete with the server.
 
+--workload random: lengths around --prompt-tokens / --max-new-tokens, +- --length-spread, EOS ignored (the serving
+benchmark's workload, docs/serving_benchmark.md): ours uniform (lmopt.serving.build_workload), aiperf's synthetic
+ones normal with the same mean and standard deviation and `ignore_eos` sent; the same distribution's first two
+moments, not the same requests. The bar (--tolerance): ITL p50 and output tokens/s; TTFT is reported beside them.
+
 Reads:  aiperf's profile_export_aiperf.json and the load generator's serving-stream-aiperf-c<N>.json per level
 Writes: artifacts/<model>/profile/aiperf/c<N>/ (aiperf's own artifacts), artifacts/<model>/profile/aiperf-compare.json;
         with --publish also results/<machine-tag>/<model>/aiperf-compare.json
@@ -52,7 +57,10 @@ class CompareSettings:
     max_new_tokens: int = 16
     requests: int = 32                          # measured requests per level and tool (at least 4 per client)
     aiperf: str = ".venv-aiperf/bin/aiperf"     # the aiperf executable (make aiperf-venv)
-    tolerance: float = 0.10                     # agreement bar on TTFT and ITL medians (0.10 = 10 percent)
+    tolerance: float = 0.10                     # agreement bar on ITL medians and tokens/s (0.10 = 10 percent)
+    workload: str = "fixed"                     # fixed: exact lengths; random: +- length_spread, EOS ignored
+    length_spread: float = 0.25                 # random: our lengths uniform in mean*(1 +- spread); aiperf's
+                                                # normal with the same mean and standard deviation
     publish: bool = False                       # also copy the result to results/<machine-tag>/<model>/
 
 
@@ -60,9 +68,11 @@ def _aiperf_level(s: CompareSettings, served: str, tokenizer_dir: str, c: int, o
     n = max(s.requests, 4 * c)
     cmd = [s.aiperf, "profile", "--model", served, "--tokenizer", tokenizer_dir, "--url", s.openai_url,
            "--endpoint-type", "completions", "--streaming",
-           "--synthetic-input-tokens-mean", str(s.prompt_tokens), "--synthetic-input-tokens-stddev", "0",
-           "--output-tokens-mean", str(s.max_new_tokens), "--output-tokens-stddev", "0",
-           "--extra-inputs", "temperature:0", "--concurrency", str(c), "--request-count", str(n),
+           "--synthetic-input-tokens-mean", str(s.prompt_tokens), "--synthetic-input-tokens-stddev",
+           str(_stddev(s, s.prompt_tokens)), "--output-tokens-mean", str(s.max_new_tokens), "--output-tokens-stddev",
+           str(_stddev(s, s.max_new_tokens)), "--extra-inputs", "temperature:0",
+           *(["--extra-inputs", "ignore_eos:true"] if s.workload == "random" else []),
+           "--concurrency", str(c), "--request-count", str(n),
            "--warmup-request-count", str(c), "--artifact-dir", str(out), "--random-seed", "0"]
     if out.exists():
         shutil.rmtree(out)
@@ -81,6 +91,11 @@ def _aiperf_level(s: CompareSettings, served: str, tokenizer_dir: str, c: int, o
             "requests_per_s": d["request_throughput"]["avg"]}
 
 
+def _stddev(s: CompareSettings, mean: int) -> int:
+    """The standard deviation of lmopt.serving.build_workload's uniform lengths (0 for fixed ones)."""
+    return 0 if s.workload != "random" else round(s.length_spread * mean / 3 ** 0.5)
+
+
 def _per_request_itl(times_s: list[list[float]]) -> dict:
     """aiperf's ITL definition: per request (last - first token) / (tokens - 1), in ms; then statistics."""
     from lmopt.results import stats
@@ -96,18 +111,24 @@ def _load_generator_level(s: CompareSettings, c: int) -> dict:
     cmd = [sys.executable, str(REPO_ROOT / "profile" / "load_generator.py"), "--model", s.model, "--artifacts",
            s.artifacts, "--url", s.triton_grpc, "--label", label, "--concurrency", str(c), "--prompt-tokens",
            str(s.prompt_tokens), "--max-new-tokens", str(s.max_new_tokens), "--requests", str(max(s.requests, 4 * c)),
-           "--duration-s", "600", "--prompt-input", "input_ids", "-q"]
+           "--duration-s", "600", "--prompt-input", "input_ids", "--workload", s.workload, "--length-spread",
+           str(s.length_spread), "--num-prompts", "64", *(["--ignore-eos"] if s.workload == "random" else []), "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise UserError(f"the load generator failed at concurrency {c}: {proc.stderr.strip().splitlines()[-1:]}")
     doc = json.loads(result_path(s.artifacts, s.model, f"stream-{label}").read_text())
     row = doc["summary"][0]
     recs = [r for r in doc["samples"][str(c)] if not r.get("warmup") and r.get("error") is None]
-    row["itl_per_request_ms"] = _per_request_itl([r["token_times_s"] for r in recs])
+    if recs and "token_times_s" in recs[0]:
+        row["itl_per_request_ms"] = _per_request_itl([r["token_times_s"] for r in recs])
+    else:   # a long level keeps compact samples: each request's (last - first) / (tokens - 1) is in them
+        from lmopt.results import stats
+
+        row["itl_per_request_ms"] = stats([r["itl_mean_ms"] for r in recs if r.get("itl_mean_ms") is not None])
     return row
 
 
-async def _endpoint_level(s: CompareSettings, served: str, prompts: list[str], c: int) -> dict:
+async def _endpoint_level(s: CompareSettings, served: str, items: list, c: int) -> dict:
     """Our endpoint client at concurrency c through the gateway: c loops, each one request at a time."""
     import aiohttp
 
@@ -117,8 +138,10 @@ async def _endpoint_level(s: CompareSettings, served: str, prompts: list[str], c
     n = max(s.requests, 4 * c)
     recs, issued = [], 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        body = lambda i: {"model": served, "prompt": prompts[i % len(prompts)],  # noqa: E731
-                          "max_tokens": s.max_new_tokens, "temperature": 0}
+        def body(i):
+            it = items[i % len(items)]
+            b = {"model": served, "prompt": list(it.prompt_ids), "max_tokens": it.max_tokens, "temperature": 0}
+            return {**b, "ignore_eos": True} if s.workload == "random" else b
         await asyncio.gather(*(stream_completion(session, s.openai_url, body(i)) for i in range(c)))  # warm-up
         t0 = time.perf_counter()
 
@@ -175,9 +198,10 @@ def run_compare(*, settings: CompareSettings) -> dict:
         from lmopt.models import BUILTIN_DIR
 
         tokenizer_dir = str(BUILTIN_DIR)
-    from lmopt.serving import held_out_prompts
+    from lmopt.serving import build_workload
 
-    prompts = held_out_prompts(s.model, 16, s.prompt_tokens)
+    # the load generator's own workload (the same seed): our two clients send the same requests
+    items = build_workload(s.model, s.workload, 64, s.prompt_tokens, s.max_new_tokens, s.length_spread, 0)
     out_dir = result_path(s.artifacts, s.model, "x").parent / "aiperf"
     rows = []
     for c in levels:
@@ -186,14 +210,14 @@ def run_compare(*, settings: CompareSettings) -> dict:
         log.info("concurrency %d: load generator through %s", c, s.triton_grpc)
         o = _load_generator_level(s, c)
         log.info("concurrency %d: endpoint client through %s", c, s.openai_url)
-        e = asyncio.run(_endpoint_level(s, served, prompts, c))
+        e = asyncio.run(_endpoint_level(s, served, items, c))
         diff = {"ttft_p50": _pct(a["ttft_ms"]["p50"], o["ttft_ms"]["p50"]),
                 "itl_p50": _pct(a["itl_ms"]["p50"], o["itl_per_request_ms"]["p50"]),
                 "output_tok_per_s": _pct(a["output_tok_per_s"], o["output_tok_per_s"])}
         diff_same_path = {"ttft_p50": _pct(a["ttft_ms"]["p50"], e["ttft_ms"]["p50"]),
                           "itl_p50": _pct(a["itl_ms"]["p50"], e["itl_per_request_ms"]["p50"]),
                           "output_tok_per_s": _pct(a["output_tok_per_s"], e["output_tok_per_s"])}
-        within = all(v is not None and abs(v) <= s.tolerance for k, v in diff.items() if k != "output_tok_per_s")
+        within = all(v is not None and abs(v) <= s.tolerance for k, v in diff.items() if k != "ttft_p50")
         rows.append({"concurrency": c, "aiperf": a, "load_generator": o, "endpoint_client": e,
                      "relative_difference": diff, "relative_difference_same_path": diff_same_path,
                      "within_tolerance": within})

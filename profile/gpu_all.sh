@@ -26,6 +26,13 @@
 #                The replicas run needs haproxy there (PATH or HAPROXY=binary); without it that mode is skipped.
 #                SCALE_MODES picks modes (default "1gpu instances replicas")
 #
+#   8. load    - the serving benchmark (profile/serve_bench.py --compare load, docs/serving_benchmark.md): Llama-1B
+#                shape, FP16, compiled engine, in-flight scheduler; random workload (input 256, output 128, +-25%,
+#                fixed output lengths) at LOAD_SWEEP streams (default 1,4,16,64,128,256) and LOAD_RATES open-loop
+#                Poisson rates; the engine's ceiling and the in-process scheduler at 64; the OpenAI endpoint vs gRPC
+#                at 64; lm_empty at 64 and 256; the 1-stream overhead; the per-step timeline at 64. The gateway and
+#                the clients need the wheels of profile/gpu_wheels.sh on PYTHONPATH
+#
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
 #   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
@@ -213,6 +220,31 @@ PYEOF
         fi
         cp "$ART_M/llama-1b/profile/serving-stream-scaleout-$mode.json" "$WORK/results/llama-1b/" 2>/dev/null
       done ;;
+    load)
+      ART_L="$WORK/art-load" LM="${LOAD_MODEL:-llama-1b}"   # LOAD_MODEL=tiny: a quick check of the whole part
+      # 64 slots; max length 512 holds the longest request (320 + 160); every decode batch bucket captured at load
+      # at KV 512, where every level from 16 streams up runs (compile + capture costs 15-25 s per shape); the load
+      # generator's warm-up (shortest prompts at 1, 2, 4 streams) compiles the few KV-256 shapes short prompts need
+      "$PY" serve/make_model_repository.py --model "$LM" --engine compiled --precision fp16 --device cuda \
+        --slots 64 --max-queue 256 --max-batch-size 64 --capture-kv 512 --max-len 512 --cancel-poll-ms 10 \
+        --artifacts "$ART_L" -q 2>&1 | tail -2 | tee -a "$LOG"
+      say "load: sweep ${LOAD_SWEEP:-1,4,16,64,128,256}, rates ${LOAD_RATES:-25,50,100,150,inf}"
+      PYTHON="$PY" timeout "${LOAD_TIMEOUT:-520}" "$PY" profile/serve_bench.py --model "$LM" --artifacts "$ART_L" \
+        --compare load --workload random --prompt-tokens 256 --max-new-tokens 128 \
+        --concurrency "${LOAD_SWEEP:-1,4,16,64,128,256}" --open-loop-rates "${LOAD_RATES:-25,50,100,150,inf}" \
+        --requests 100000 --rate-requests "${LOAD_RATE_REQUESTS:-600}" --duration-s "${LOAD_DURATION:-8}" \
+        --overhead-requests "${LOAD_OVERHEAD:-24}" --in-process-levels 64 --endpoint-levels "${LOAD_ENDPOINT:-64}" \
+        --floor-levels 64,256 --timeline-level 64 --prompt-input input_ids --startup-timeout-s 400 2>&1 \
+        | grep -v -i -E "warning|indices sequence" | tail -60 | tee -a "$LOG"
+      grep -h -E "captured decode|step trace|Traceback|Error" "$ART_L/$LM/profile"/.triton-load.pid.log 2>/dev/null \
+        | tail -8 | tee -a "$LOG"
+      mkdir -p "$WORK/results/$LM"
+      for f in serving-load.json serving-timeline.json serving-stream-load-floor.json serving-stream-load-timeline.json; do
+        cp "$ART_L/$LM/profile/$f" "$WORK/results/$LM/" 2>/dev/null
+      done
+      # the sweep's own file holds every request (compact): large, so gzip it beside the others
+      gzip -c "$ART_L/$LM/profile/serving-stream-load.json" > "$WORK/results/$LM/serving-stream-load.json.gz" \
+        2>/dev/null ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done

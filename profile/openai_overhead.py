@@ -73,39 +73,30 @@ async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: b
     when the client has the prompt's text, as the endpoint's does: the direct client tokenizes it (the same Rust
     call the gateway makes) and builds its request tensors inside its TTFT, as the endpoint's JSON body, tokenizing
     and gRPC request are inside the endpoint's (that setup is recorded as setup_ms)."""
+    import contextlib
+
     import tritonclient.grpc.aio as aio
 
     from lmopt.models import encode
-    from lmopt.triton_client import GenRequest, parse_response, stream_request
+    from lmopt.triton_client import GenRequest, stream_aio, stream_request
 
     t_send = time.perf_counter()
     ids = encode(tok, prompt)
     item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
                           uuid.uuid4().hex[:16], s.triton_model, batch_dim)
-
-    async def requests():
-        yield item
-
     rec, tokens = StreamTiming(), []
     rec.setup_s = time.perf_counter() - t_send
-    it = client.stream_infer(requests(), stream_timeout=s.request_timeout_s)
     try:
-        async for result, error in it:
-            now = time.perf_counter() - t_send
-            if error is not None:
-                rec.error = str(error)[:200]
-                break
-            piece = parse_response(result)
-            if piece.token_ids:
-                tokens.extend(piece.token_ids)
-                rec.event_times_s.append(now)
-            if piece.final:
-                rec.end_s = now
-                break
+        async with contextlib.aclosing(stream_aio(client, item, s.request_timeout_s)) as pieces:
+            async for piece in pieces:   # the one loop over tritonclient's stream (lmopt.triton_client)
+                now = time.perf_counter() - t_send
+                if piece.token_ids:
+                    tokens.extend(piece.token_ids)
+                    rec.event_times_s.append(now)
+                if piece.final:
+                    rec.end_s = now
     except Exception as e:
         rec.error = f"{type(e).__name__}: {e}"[:200]
-    finally:
-        it.cancel()
     rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
     return rec
 

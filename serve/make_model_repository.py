@@ -18,7 +18,8 @@ Writes: artifacts/<model>/serve/<engine>-<precision>-<cpu|gpu>/
 
 Model names and tensors (stable; serve/client and profile/ depend on them):
   lm, lm_stream   inputs  text_input STRING [1]; optional max_tokens INT32 [1], temperature FP32 [1],
-                          top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1]
+                          top_k INT32 [1], top_p FP32 [1], seed INT64 [1], stop STRING [1],
+                          ignore_eos BOOL [1]
                   outputs text_output STRING [1], token_ids INT64 [-1], finish_reason INT32 [1] (last response)
                   (max_batch_size > 0, so clients send shape [1, 1] per input; the generate endpoints add it)
   lm_empty        the same tensors; streams max_tokens responses of token id 0 at once, no engine (KIND_CPU): what
@@ -200,7 +201,8 @@ input [
   {{ name: "top_k"       data_type: TYPE_INT32  dims: [ 1 ] optional: true }},
   {{ name: "top_p"       data_type: TYPE_FP32   dims: [ 1 ] optional: true }},
   {{ name: "seed"        data_type: TYPE_INT64  dims: [ 1 ] optional: true }},
-  {{ name: "stop"        data_type: TYPE_STRING dims: [ 1 ] optional: true }}
+  {{ name: "stop"        data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "ignore_eos"  data_type: TYPE_BOOL   dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
@@ -332,7 +334,8 @@ and the latency histograms `lm_time_to_first_token_seconds`, `lm_inter_token_lat
 `lm_request_time_per_output_token_seconds`, `lm_e2e_request_latency_seconds`, `lm_request_queue_time_seconds`.
 
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
-default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING.
+default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING,
+`ignore_eos` BOOL (true: the end-of-sequence token does not end the request; benchmarks use it for fixed lengths).
 Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`, `finish_reason` INT32 (last response: 0 stop, 1 length,
 2 cancelled, 3 error).
 HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_stream` with

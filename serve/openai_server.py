@@ -6,7 +6,7 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true -> server-sent events ending in
 `data: [DONE]`; `stream_options.include_usage` adds a last chunk with usage), GET /v1/models, GET /health.
 Request fields: model, prompt | messages, max_tokens (chat also max_completion_tokens), temperature, top_p, seed,
-stop (string or list of up to 4), n (1 only), stream, stream_options. Fields this server cannot honour (logprobs,
+stop (string or list of up to 4), n (1 only), stream, stream_options, ignore_eos (vLLM's extension: run to max_tokens). Fields this server cannot honour (logprobs,
 echo, best_of > 1, penalties, tools, ...) are refused with 400 rather than ignored.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON, wrong type, value out of
 range, prompt over the context; 401 no or a wrong API key (with --api-key); 404 unknown model or path; 413 a body
@@ -154,6 +154,7 @@ class GenParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False   # vLLM's extension: the end-of-sequence token does not end the request
 
 
 class TritonBackend:
@@ -230,7 +231,8 @@ class TritonBackend:
 
         # the model stops on one string itself; several are matched (and the request cancelled) here
         req = GenRequest(input_ids=prompt_ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                         seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None)
+                         seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None,
+                         ignore_eos=True if p.ignore_eos else None)
         item = infer_request_pb(req, os.urandom(8).hex(), self.model, self._info.batch_dim)
         try:
             # aclosing: leaving this loop early cancels the request in Triton at once, not when the GC gets to it
@@ -383,7 +385,11 @@ def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
         stops = tuple(s for s in stop if s)
     else:
         raise bad(f"'stop' must be a string or a list of strings (got {stop!r})", "stop", "invalid_type")
-    return Job(chat, ids, GenParams(mt, float(temperature), float(top_p), seed, stops), stream, include_usage)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad(f"'ignore_eos' must be true or false (got {ignore_eos!r})", "ignore_eos", "invalid_type")
+    return Job(chat, ids, GenParams(mt, float(temperature), float(top_p), seed, stops, ignore_eos), stream,
+               include_usage)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:

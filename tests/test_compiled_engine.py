@@ -393,3 +393,14 @@ def test_scheduler_pipelined_tokens_equal_generate(tiny_compiled, pipeline):
     assert victim.finish_reason == "cancelled" and len(victim.tokens) < 200
     assert st["slots_in_use"] == 0 and comp.num_free_slots() == comp.num_slots
     assert st["tokens"] == sum(len(r.tokens) for r in reqs) + len(victim.tokens)
+
+
+def test_prefill_chunk_given_at_construction():
+    """The served model builds the engine with its prefill chunk (serve/templates/model.py): the engine takes it as
+    it is created, and declares it."""
+    eng = create_engine("compiled", "tiny", "fp32", device="cpu", num_slots=2, max_len=128, max_prefill_chunk=64)
+    try:
+        assert eng.capabilities.max_prefill_chunk == 64 and eng.prefill_lens[-1] == 64
+        assert tuple(eng.capabilities.batch_buckets) == (1, 2)
+    finally:
+        eng.close()

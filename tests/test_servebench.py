@@ -182,3 +182,108 @@ def test_inflight_vs_static_section_comes_from_the_file(tmp_path):
     text = serving_report.render(tmp_path / "results")
     assert "In-flight vs static batching — tiny on Test CPU, 2 cores" in text
     assert "| 4 | 1249.3 | 795.1 | 1.57x | 12.4 | 28.4 | 30.2 | 61.7 | 88.8 | 55.5 |" in text
+
+
+# ---- the serving benchmark (profile/serve_bench.py --compare load) ---------------------------------------------------
+def test_workloads_are_seeded_and_what_they_say():
+    """random: lengths within mean +- spread, the same for the same seed; corpus: chat-formatted prompts; fixed: the
+    older held-out windows."""
+    from lmopt.chat import render_chat
+    from lmopt.models import load_tokenizer
+    from lmopt.serving import build_workload
+
+    a = build_workload("tiny", "random", 40, 64, 16, 0.25, seed=3)
+    assert a == build_workload("tiny", "random", 40, 64, 16, 0.25, seed=3)
+    assert a != build_workload("tiny", "random", 40, 64, 16, 0.25, seed=4)
+    assert all(48 <= len(x.prompt_ids) <= 80 and 12 <= x.max_tokens <= 20 for x in a)
+    assert len({x.max_tokens for x in a}) > 1 and len({len(x.prompt_ids) for x in a}) > 1
+    tok = load_tokenizer("tiny")
+    c = build_workload("tiny", "corpus", 4, 64, 16, 0.25, seed=3)
+    for x in c:
+        assert x.prompt.endswith("Assistant:") and x.prompt.startswith("User: ")
+        assert abs(len(x.prompt_ids) - 64) <= 20
+        assert render_chat(tok, [{"role": "user", "content": x.prompt[len("User: "):-len("\nAssistant:")]}]) == x.prompt
+    f = build_workload("tiny", "fixed", 3, 16, 8)
+    assert [len(x.prompt_ids) for x in f] == [16] * 3 and {x.max_tokens for x in f} == {8}
+    with pytest.raises(Exception, match="unknown workload"):
+        build_workload("tiny", "nope", 3, 16, 8)
+
+
+def test_step_trace_summary():
+    """The timeline's arithmetic on a hand-made trace: union of device spans, shares, periods, the window."""
+    from lmopt.profiling.step_trace import summarize
+
+    calls = [{"kind": "prefill", "t_in": 0.000, "t_out": 0.001, "rows": 1, "gpu_start": 0.0005, "gpu_end": 0.0020},
+             {"kind": "decode", "t_in": 0.002, "t_out": 0.0025, "rows": 2, "gpu_start": 0.0025, "gpu_end": 0.0045},
+             {"kind": "decode", "t_in": 0.006, "t_out": 0.0065, "rows": 2, "gpu_start": 0.0065, "gpu_end": 0.0085},
+             {"kind": "decode", "t_in": 0.5, "t_out": 0.6, "rows": 2, "gpu_start": 0.5, "gpu_end": 0.6}]  # outside
+    doc = {"device_times": True, "calls": calls, "sends": [{"t_in": 0.003, "t_out": 0.004, "responses": 2}]}
+    s = summarize(doc, 0.0, 0.01)
+    assert s["decode_steps"] == 2 and s["prefill_calls"] == 1
+    assert s["gpu_busy_share"] == pytest.approx((0.0015 + 0.002 + 0.002) / 0.01)
+    assert s["decode_step_period_ms"]["p50"] == pytest.approx(4.0)
+    assert s["send_share"] == pytest.approx(0.1) and s["responses_sent"] == 2
+    assert s["gpu_idle_before_decode_ms"]["max"] == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def load_bench(serve_repo, artifacts):
+    """A small run of the serving benchmark: two closed-loop levels and one open-loop rate of the random workload,
+    the ceiling, the in-process scheduler, the endpoint vs gRPC, lm_empty, the overhead and the timeline."""
+    proc = run_cli("profile/serve_bench.py", "--model", "tiny", "--artifacts", str(artifacts), "--serve-variant",
+                   serve_repo.name, "--compare", "load", "--concurrency", "1,2", "--open-loop-rates", "40",
+                   "--prompt-tokens", "16", "--max-new-tokens", "8", "--requests", "6", "--rate-requests", "6",
+                   "--duration-s", "20", "--num-prompts", "8", "--floor-levels", "2", "--timeline-level", "2",
+                   "--in-process-levels", "2", "--endpoint-levels", "2", "--overhead-requests", "2",
+                   "--prompt-input", "input_ids", timeout=600)
+    return artifacts / "tiny" / "profile", proc
+
+
+def test_load_benchmark_result(load_bench):
+    from lmopt.serving import build_workload
+
+    prof, proc = load_bench
+    doc = read_json(prof / "serving-load.json")
+    assert doc["kind"] == "serving_load_benchmark" and doc["schema"] == SCHEMA_VERSION
+    sm = doc["summary"]
+    assert [(r["mode"], r["level"]) for r in sm["sweep"]] == [("concurrency", 1), ("concurrency", 2), ("rate", 40.0)]
+    items = build_workload("tiny", "random", 8, 16, 8, 0.25, 0)
+    stream = read_json(prof / "serving-stream-load.json")
+    for r in sm["sweep"]:
+        assert r["failed"] == 0 and r["completed"] == 6
+        assert 0 <= r["goodput_rps"] <= r["requests_per_s"] and isinstance(r["meets_objective"], bool)
+        assert r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"] <= r["ttft_ms"]["p99"]
+        key = str(r["level"]) if r["mode"] == "concurrency" else f"rate-{r['level']}"
+        recs = [x for x in stream["samples"][key] if not x["warmup"]]
+        # EOS ignored: every request streamed exactly the output length the workload gave it
+        assert all(len(x["tokens"]) == items[x["prompt_index"] % 8].max_tokens for x in recs)
+        assert r["output_tokens"] == sum(len(x["tokens"]) for x in recs)
+    for r in sm["sweep"][:2]:
+        c = sm["ceiling"]["levels"][str(r["level"])]
+        assert c["output_tok_per_s"] > 0 and r["served_over_ceiling"] == pytest.approx(
+            r["output_tok_per_s"] / c["output_tok_per_s"])
+    (q,) = sm["in_process_scheduler"]
+    assert q["level"] == 2 and q["failed"] == 0 and q["served_over_in_process"] > 0
+    e = sm["endpoint"]["2"]
+    assert e["ratio"] > 0 and e["failed"] == {"grpc": 0, "openai": 0}
+    (f,) = sm["floor"]
+    assert f["level"] == 2 and f["failed"] == 0 and f["token_responses"] == f["output_tokens"] > 0
+    assert sm["overhead_c1"]["same_tokens"] == "2/2"
+    tl = sm["timeline"]
+    assert tl["decode_steps"] > 0 and tl["send_passes"] > 0 and tl["host_in_decode_call_ms"]["count"] > 0
+    assert read_json(prof / "serving-timeline.json")["kind"] == "serving_timeline"
+    assert doc["complete"] is True
+    assert {t["target"] for t in sm["targets"]} >= {"1 stream: TTFT overhead ms <= bar"}
+    assert "serving benchmark: workload random" in proc.stdout
+    assert not list(prof.glob(".triton-*.pid"))
+
+
+def test_load_benchmark_renders(load_bench):
+    from lmopt.report import serving as serving_report
+
+    prof, _ = load_bench
+    text = serving_report.render(prof)
+    doc = read_json(prof / "serving-load.json")
+    r = doc["summary"]["sweep"][1]
+    assert "Serving benchmark — tiny" in text and "Per-step timeline" in text and "`lm_empty`" in text
+    assert f"| 2 streams | {r['completed']} | {r['output_tok_per_s']:,.0f} |" in text

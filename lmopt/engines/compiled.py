@@ -85,8 +85,6 @@ class CompiledEngine(SlotEngine):
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
         self.num_slots = num_slots or (64 if cuda else 8)
-        if max_prefill_chunk is not None:
-            self.set_max_prefill_chunk(max_prefill_chunk)
         if self.num_slots < 1 or self.max_len < 2:
             raise UserError(f"num_slots must be >= 1 and max_len >= 2 (got {self.num_slots}, {self.max_len})")
         kv_total = self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token()
@@ -101,6 +99,8 @@ class CompiledEngine(SlotEngine):
         self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else ""), device, "hf",
                                model, self.max_len, self.model.cfg["vocab"])
         self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.num_slots] + [self.num_slots]
+        if max_prefill_chunk is not None:   # after batch_buckets (its capabilities name them), before prefill_lens
+            self.set_max_prefill_chunk(max_prefill_chunk)
         self.kv_buckets = sorted({min(self.max_len, KV_BUCKET_MIN << i) for i in range(16)})
         # fresh prefills replayed as CUDA graphs: rows x tokens buckets (longer or continued prompts run eagerly)
         self.prefill_rows = [r for r in (1, 2, 4, 8) if r <= self.num_slots]

@@ -159,19 +159,146 @@ def _scheduler_section(folder: Path, doc: dict, docs: list[Doc]) -> str:
     return "\n".join(out)
 
 
+def _ms3(st: dict) -> str:
+    return f"{_f(st.get('p50'))} / {_f(st.get('p90'))} / {_f(st.get('p99'))}"
+
+
+def explain_timeline(tl: dict, served: float | None, ceiling: float | None) -> str:
+    """What stands between the served figure and the engine's ceiling, in the timeline's own numbers."""
+    period, busy = tl["decode_step_period_ms"].get("p50"), tl.get("gpu_busy_share")
+    parts = [f"At {tl['level']} streams the served engine ran {tl['decode_steps']} decode steps in "
+             f"{tl['window_s']:.1f} s, one every {_f(period, '.2f')} ms (p50) with {_f(tl['decode_rows'].get('mean'))} "
+             f"rows on average, and {tl['prefill_calls']} prefill calls."]
+    if busy is not None:
+        gpu = tl.get("gpu_decode_step_ms", {}).get("p50")
+        parts.append(f"The GPU was busy {busy:.0%} of the window (decode {_f((tl.get('gpu_decode_share') or 0) * 100, '.0f')}%, "
+                     f"prefill {_f((tl.get('gpu_prefill_share') or 0) * 100, '.0f')}%); a decode step takes "
+                     f"{_f(gpu, '.2f')} ms of GPU time, and the GPU sat idle {_f(tl['gpu_idle_before_decode_ms'].get('p50'), '.2f')} "
+                     f"ms (p50) before each step waiting for the host to queue it.")
+        out = tl.get("host_outside_engine_per_step_ms", {}).get("p50")
+        parts.append(f"Per step the scheduler's thread spent {_f(tl['host_in_decode_call_ms'].get('p50'), '.2f')} ms in "
+                     f"the engine's decode call and {_f(out, '.2f')} ms outside it (its bookkeeping, handing tokens "
+                     f"out, and waiting for the interpreter lock the sender thread holds); the sender spent "
+                     f"{(tl.get('send_share') or 0):.0%} of the window in its passes ({tl['responses_sent']} responses).")
+        if busy < 0.8:
+            parts.append("The device waits for the host: what stands between this figure and the ceiling is host "
+                         "time per step (Python on the engine loop and the sender competing for one interpreter), "
+                         "not the engine.")
+        else:
+            parts.append("The device is busy nearly all the time: what is left is the steps themselves (prefills "
+                         "between decode steps, rows padded to the captured batch bucket), not host time.")
+    else:
+        parts.append(f"No device times (a CPU run): the scheduler's thread spent {_f(tl['host_in_decode_call_ms'].get('p50'), '.2f')} "
+                     f"ms per step in the engine's decode call; the sender {(tl.get('send_share') or 0):.0%} of the "
+                     "window in its passes.")
+    if served and ceiling:
+        parts.append(f"Served {served:,.0f} tokens/s against a ceiling of {ceiling:,.0f} ({served / ceiling:.2f}x).")
+    return " ".join(parts)
+
+
+def _load_section(folder: Path, doc: dict) -> str:
+    """The serving benchmark (kind serving_load_benchmark): every table from the one file."""
+    s, sm = doc["settings"], doc["summary"]
+    w, obj = sm["workload"], sm["objective"]
+    out = [f"### Serving benchmark — {s['model']} on {_where(doc)}", "",
+           f"Data: `{folder.as_posix()}/serving-load.json`, {doc['created'][:10]}, command `{' '.join(doc['command'])}` "
+           f"(serve variant `{doc.get('serve_variant', '?')}`). Workload `{w['kind']}`: {w['requests']} requests, "
+           f"input {_f(w['input_tokens']['mean'], '.0f')} tokens on average ({_f(w['input_tokens']['min'], '.0f')}–"
+           f"{_f(w['input_tokens']['max'], '.0f')}), output {_f(w['output_tokens']['mean'], '.0f')} "
+           f"({_f(w['output_tokens']['min'], '.0f')}–{_f(w['output_tokens']['max'], '.0f')})"
+           f"{', fixed lengths (EOS ignored)' if w.get('ignore_eos') else ''}; Triton gRPC stream, `lm_stream`. "
+           f"Objective: TTFT p99 ≤ {obj['ttft_p99_ms']:g} ms and ITL p99 ≤ {obj['itl_p99_ms']:g} ms (goodput = "
+           "requests/s meeting it one by one). Closed loop = N streams, each sending its next request when one ends; "
+           "open loop = Poisson arrivals at the rate. Ceiling = the engine alone for this workload at the level's "
+           "measured occupancy (docs/serving_benchmark.md). ms:", "",
+           "| load | done (failed) | output tok/s | req/s | TTFT p50 / p90 / p99 | ITL p50 / p90 / p99 "
+           "| end-to-end p50 / p90 / p99 | occupancy | goodput req/s | objective | ceiling tok/s | served / ceiling |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in sm["sweep"]:
+        load = f"{r['level']} streams" if r["mode"] == "concurrency" else f"{r['level']} req/s (open)"
+        fail = f" ({r['failed']})" if r["failed"] else ""
+        out.append(f"| {load} | {r['completed']}{fail} | {_f(r['output_tok_per_s'], ',.0f')} | {_f(r['requests_per_s'])} "
+                   f"| {_ms3(r['ttft_ms'])} | {_ms3(r['itl_ms'])} | {_ms3(r['e2e_ms'])} "
+                   f"| {_f(r['occupancy']['decoding'])} | {_f(r['goodput_rps'])} | {'met' if r['meets_objective'] else 'missed'} "
+                   f"| {_f(r.get('ceiling_tok_per_s'), ',.0f')} | {_f(r.get('served_over_ceiling'), '.2f')} |")
+    out.append("")
+    g = sm.get("goodput") or {}
+    out.append(f"Goodput: the highest open-loop rate meeting the objective is "
+               f"{g['highest_rate_meeting_objective'] if g.get('highest_rate_meeting_objective') is not None else 'none of those measured'}"
+               + (f" ({_f(g.get('requests_per_s'))} req/s, {_f(g.get('output_tok_per_s'), ',.0f')} tokens/s)"
+                  if g.get("requests_per_s") else "")
+               + f"; the highest closed-loop level meeting it: {g.get('highest_concurrency_meeting_objective') or 'none'}"
+               " streams.")
+    out.append("")
+    c = sm.get("ceiling")
+    if c:
+        pre = ", ".join(f"{k} {v:.2f} ms" for k, v in c["prefill_ms_per_prompt"].items())
+        out += [f"Engine ceiling, in-process, no server: prefill per prompt {pre} (the cheaper counts); decode step "
+                + ", ".join(f"{v['decode_step_ms']:.3f} ms at {v['decode_rows']} rows" for v in c["levels"].values())
+                + (" (fed on the device)" if c.get("fed_on_device") else "") + ".", ""]
+    rows = [("in-process scheduler", r) for r in sm.get("in_process_scheduler") or []]
+    if rows:
+        out += ["Where the loss is, same request stream (tokens/s; TTFT p50 ms):", "",
+                "| streams | engine ceiling | in-process scheduler | served (Triton) | served / in-process "
+                "| served / ceiling | TTFT p50 in-process | served |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        served = {r["level"]: r for r in sm["sweep"] if r["mode"] == "concurrency"}
+        for _, r in rows:
+            sv = served.get(r["level"], {})
+            out.append(f"| {r['level']} | {_f(sv.get('ceiling_tok_per_s'), ',.0f')} | {_f(r['output_tok_per_s'], ',.0f')} "
+                       f"| {_f(sv.get('output_tok_per_s'), ',.0f')} | {_f(r.get('served_over_in_process'), '.2f')} "
+                       f"| {_f(sv.get('served_over_ceiling'), '.2f')} | {_f(r['ttft_ms']['p50'])} "
+                       f"| {_f((sv.get('ttft_ms') or {}).get('p50'))} |")
+        out.append("")
+    ep = sm.get("endpoint") or {}
+    for lvl, e in ep.items():
+        out += [f"OpenAI endpoint vs Triton's gRPC stream at {lvl} streams (same server, alternating): "
+                f"{_f(e['openai_tok_per_s'], ',.0f')} vs {_f(e['grpc_tok_per_s'], ',.0f')} tokens/s "
+                f"({_f(e['ratio'], '.2f')}x); TTFT p50 {_f(e['openai_ttft_p50_ms'])} vs {_f(e['grpc_ttft_p50_ms'])} ms.", ""]
+    fl = sm.get("floor") or []
+    if fl:
+        out += ["Triton's own ceiling: `lm_empty` (no engine; each request streams its output length in one-token "
+                "responses at once) on the same server:", "",
+                "| streams | responses/s | tokens/s | req/s | TTFT p50 ms | failed |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in fl:
+            rps = r["token_responses"] / r["wall_s"] if r["wall_s"] else None
+            out.append(f"| {r['level']} | {_f(rps, ',.0f')} | {_f(r['output_tok_per_s'], ',.0f')} "
+                       f"| {_f(r['requests_per_s'])} | {_f(r['ttft_ms']['p50'])} | {r['failed']} |")
+        out.append("")
+    o = sm.get("overhead_c1")
+    if o:
+        out += _overhead_table({"in-flight": o}, OVERHEAD_INTRO)
+    tl = sm.get("timeline")
+    if tl:
+        r64 = next((r for r in sm["sweep"] if r["mode"] == "concurrency" and r["level"] == tl["level"]), {})
+        out += [f"**Per-step timeline** of the served engine at {tl['level']} streams (`{Path(tl['result']).name}`): "
+                + explain_timeline(tl, r64.get("output_tok_per_s"), r64.get("ceiling_tok_per_s")), ""]
+    t = sm.get("targets") or []
+    if t:
+        out += ["| target | measured | bar | |", "|---|---:|---:|---|"]
+        for x in t:
+            v = x["value"]
+            val = "–" if v is None else f"{v:,.3g}" if isinstance(v, float) else str(v)
+            verdict = {True: "met", False: "**missed**", None: "not measured"}[x["met"]] if x["bar"] is not None else ""
+            out.append(f"| {x['target']} | {val} | {'' if x['bar'] is None else x['bar']} | {verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def render(results_dir) -> str:
     """Markdown for the README's serving section (no markers) from the serving comparisons under results_dir: dynamic
     batching on vs off, and in-flight vs static batching."""
     docs = collect(results_dir, kinds=["serving_batching_comparison", "serving_scheduler_comparison",
-                                       "streaming_load", "perf_analyzer"])
+                                       "streaming_load", "perf_analyzer", "serving_load_benchmark"])
     found = [d for d in docs if d.kind == "serving_batching_comparison"]
     inflight = [d for d in docs if d.kind == "serving_scheduler_comparison"]
-    if not found:
+    loads = [d for d in docs if d.kind == "serving_load_benchmark"]
+    if not found and not loads:
         return ("No serving results committed yet — run `make serve-bench` then `make serve-bench-publish` "
                 "(writes results/<machine>/<model>/serving-*.json).")
     head = ("Served through the real Triton Inference Server 2.51 (Python backend running the pipeline's engine), "
             "measured by `profile/serve_bench.py` (`make serve-bench`) with Triton's perf_analyzer and our asyncio "
             "gRPC streaming load generator (`profile/load_generator.py`). TTFT = time to first token, ITL = time "
             "between tokens.\n")
-    return "\n".join([head] + [_scheduler_section(d.path.parent, d.data, docs) for d in inflight]
+    return "\n".join([head] + [_load_section(d.path.parent, d.data) for d in loads]
+                     + [_scheduler_section(d.path.parent, d.data, docs) for d in inflight]
                      + [_section(d.path.parent, d.data, docs) for d in found]).rstrip() + "\n"

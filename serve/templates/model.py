@@ -117,6 +117,7 @@ class TritonPythonModel:
         self.max_tokens_cap = int(_param(cfg, "max_tokens_cap"))
         self.batching = _param(cfg, "batching", "inflight")
         self.lock = threading.Lock()
+        self._trace = None
         self.scheduler = None
         if self.batching == "inflight":
             from lmopt.engines.slotted import create_slot_engine
@@ -125,6 +126,12 @@ class TritonPythonModel:
             # an engine with its own slots was built with them (and its prefill chunk) above
             slots = create_slot_engine(self.engine, num_slots=None if native else int(_param(cfg, "slots", "8")),
                                        max_prefill_chunk=int(_param(cfg, "prefill_chunk", "256")))
+            from lmopt.profiling.step_trace import StepTrace
+
+            # LMOPT_STEP_TRACE=<folder>: every engine call and send pass timed (profile/serve_bench.py's timeline)
+            self._trace = StepTrace.from_env(self.model_name)
+            if self._trace is not None:
+                slots = self._trace.wrap(slots)
             self.metrics = _Metrics(self.model_name, self.logger)
             max_queue = int(_param(cfg, "max_queue", "32"))
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
@@ -231,7 +238,9 @@ class TritonPythonModel:
         p = SamplingParams(max_new_tokens=max_tokens, temperature=float(scalar("temperature", 0.0)),
                            top_k=int(scalar("top_k", 0)), top_p=float(scalar("top_p", 1.0)),
                            seed=None if seed is None else int(seed),
-                           stop_token_ids=self._stop_ids, stop_strings=(stop,) if stop else ())
+                           # ignore_eos: the request runs to max_tokens (a benchmark's fixed output length)
+                           stop_token_ids=() if scalar("ignore_eos", False) else self._stop_ids,
+                           stop_strings=(stop,) if stop else ())
         try:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
@@ -309,7 +318,9 @@ class TritonPythonModel:
         sched = self.scheduler
         while True:
             try:
-                outs = sched.drain(timeout=poll if self._streams or self._late_finals or self._new_streams else None)
+                busy = self._streams or self._late_finals or self._new_streams
+                # idle with a step trace on: wake every half second to write it once the load is over
+                outs = sched.drain(timeout=poll if busy else 0.5 if self._trace is not None else None)
             except Exception as e:  # noqa: BLE001  (a bug on the output side must not stop every stream)
                 self.logger.log_error(f"{self.model_name}: the output side failed: {e}")
                 outs = []
@@ -328,6 +339,8 @@ class TritonPythonModel:
                     self.logger.log_warn(f"{self.model_name}: sending to request {st['id']!r} failed: {e}")
                 if o.finished:
                     self._streams.pop(id(st), None)
+            if self._trace is not None and outs:
+                self._trace.send(t0, time.perf_counter(), len(outs))
             now = time.monotonic()
             stop = sched.output_closed
             while self._late_finals and (stop or self._late_finals[0][0] <= now):
@@ -340,6 +353,8 @@ class TritonPythonModel:
             if stop:
                 return
             self._watch_cancellation(poll)
+            if self._trace is not None and not self._streams and not self._new_streams:
+                self._trace.dump_when_idle()
 
     def _watch_cancellation(self, poll):
         """Ask Triton whether streams were cancelled (client gone), each at most every `poll` s (every ask is a
@@ -511,6 +526,8 @@ class TritonPythonModel:
             if self.decoupled:
                 self._sender.join(timeout=10)
             self.metrics.close()
+            if self._trace is not None:
+                self.logger.log_info(f"{self.model_name}: step trace written to {self._trace.dump()}")
         self.engine.close()
 
 
