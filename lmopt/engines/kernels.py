@@ -632,7 +632,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, kv_len: int, n_heads:
     else:
         pm = pl = pacc = out
     qkv = qkv.contiguous()
-    bl = min(64, chunk)
+    bl = max(16, min(64, triton.next_power_of_2(chunk)))
     kw = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
     _attn_kernel[(B, n_kv, splits)](
         qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, k_cache, v_cache, pos, out, pm, pl,
