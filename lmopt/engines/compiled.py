@@ -65,6 +65,9 @@ class CompiledEngine(SlotEngine):
             raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
         if decode_kernels not in DECODE_KERNELS:
             raise UserError(f"decode kernels '{decode_kernels}' are unknown — use one of {', '.join(DECODE_KERNELS)}")
+        if weight_quant == "int4g" and decode_kernels != "fused":
+            raise UserError("weight quantization int4g is made for the fused decode kernels — add "
+                            "decode_kernels='fused' (or use int4)")
         if threads:
             torch.set_num_threads(threads)
         spec = resolve(model)
@@ -85,9 +88,6 @@ class CompiledEngine(SlotEngine):
         if weight_quant and cuda:
             torch.cuda.empty_cache()
         self.weight_quant = weight_quant
-        if weight_quant == "int4g" and decode_kernels != "fused":
-            raise UserError("weight quantization int4g is made for the fused decode kernels — add "
-                            "decode_kernels='fused' (or use int4)")
         if decode_kernels == "fused" and self.model.fused_ready():
             raise UserError(f"the fused decode kernels do not take {self.model.fused_ready()} — use int4g or none")
         self.decode_kernels, self.fused_max_batch = decode_kernels, fused_max_batch
