@@ -414,6 +414,8 @@ def run_kernels(*, settings: KernelSettings) -> Path:
 
     doc["decode"], doc["validation"], doc["profile"] = [], {}, {}
     if "engines" in cells:
+        pdl_default = K.PDL["on"]
+        K.PDL["on"] = False          # the fused rows without programmatic dependent launch first; then with it
         base = cell("engines/build-inductor", lambda: _engine(s.model, s, hf, max_len))
         fused = cell("engines/build-fused", lambda: _engine(s.model, s, hf, max_len, decode_kernels="fused"))
         if base is not None:
@@ -462,13 +464,26 @@ def run_kernels(*, settings: KernelSettings) -> Path:
                     K.IMPL.update(saved)
                     fused._graphs.clear()
             doc["decode"] += cell("decode/fused-cublas", forced_cublas) or []
+        if fused is not None and cuda:
+            def with_pdl():
+                K.PDL["on"] = True
+                fused._graphs.clear()
+                rows = engine_rows("fused-pdl", fused, s, bw, [1, 8], True, cuda)
+                doc["validation"]["fused-pdl_vs_inductor_decode"] = decode_logits_vs(base, fused, s)
+                return rows
+            doc["decode"] += cell("decode/fused-pdl", with_pdl) or []
         if "profile" in cells and cuda:
-            for name, e in (("inductor", base), ("fused", fused)):
+            for name, e, pdl in (("inductor", base, False), ("fused-pdl", fused, True), ("fused", fused, False)):
                 if e is not None:
+                    if e is fused and K.PDL["on"] != pdl:
+                        K.PDL["on"] = pdl
+                        fused._graphs.clear()
                     b1 = [r["ms_per_step"] for r in doc["decode"] if r["variant"] == name and r["batch"] == 1
                           and r["context"] == "short"]
                     doc["profile"][name] = cell(f"profile/{name}", lambda: profile_step(
                         e, s, statistics.median(b1) if b1 else None))
+        K.PDL["on"] = pdl_default
+        doc["pdl_default"] = pdl_default
         for e in (base, fused):
             if e is not None:
                 e.close()

@@ -38,6 +38,11 @@ try:  # Triton ships with CUDA builds of torch; the CPU wheel has none, and the 
 except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
     HAS_TRITON = False
+try:  # programmatic dependent launch (Hopper+): each kernel waits for the previous one inside itself, so its launch
+    # and prologue overlap the previous kernel's tail (Triton's tutorial 11)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_wait = gdc_launch_dependents = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"    # Triton's CPU interpreter (kernel tests off the GPU)
 MAX_GEMV_ROWS = 16          # rows one GEMV program serves (the matrix instruction's N side)
@@ -172,11 +177,14 @@ if HAS_TRITON:
                      M, N, K, stride_xm, stride_rm, stride_ym, eps, NBLK,
                      NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      INT4: tl.constexpr, GS: tl.constexpr, ARGMAX: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         """Y[m, n] = epilogue(sum_k W[n, k] * prologue(X)[m, k]) for a block of BLOCK_N outputs and BLOCK_M rows.
         NORM 0 none, 1 RMSNorm, 2 LayerNorm; ACT 0 none, 1 SwiGLU (W rows [gate; up], N = gate rows), 2 GELU tanh.
         The weight tile [BLOCK_N, BLOCK_K] is the dot's left operand (swap-AB: the matrix unit needs 16 rows and
         a decode step has 1 to 8)."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,7 +275,11 @@ if HAS_TRITON:
             tl.store(PIDX + offs_m * NBLK + pid_n, bidx, mask=m_ok)
 
     @triton.jit
-    def _argmax_finish_kernel(PMAX, PIDX, OUT, LAST, NBLK, HAS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    def _argmax_finish_kernel(PMAX, PIDX, OUT, LAST, NBLK, HAS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         m = tl.program_id(0)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         bidx = tl.full([BLOCK], 2147483647, tl.int64)
@@ -285,8 +297,12 @@ if HAS_TRITON:
             tl.store(LAST + m, idx)
 
     @triton.jit
-    def _norm_kernel(X, NW, NB, Y, K, stride_xm, stride_ym, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _norm_kernel(X, NW, NB, Y, K, stride_xm, stride_ym, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         """The prologue of _gemv_kernel on its own (for the cuBLAS path): one program per row."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         m = tl.program_id(0)
         kk = tl.arange(0, BLOCK_K)
         ok = kk < K
@@ -306,8 +322,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _epilogue_kernel(A, RES, Y, N, stride_am, stride_rm, stride_ym, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """The epilogue of _gemv_kernel on its own (for the cuBLAS path): SwiGLU / GELU, residual add."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         m = tl.program_id(0)
         o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = o < N
@@ -327,11 +346,14 @@ if HAS_TRITON:
                      stride_qb, stride_cs, stride_ch, stride_cl, stride_ob, max_len, L, scale,
                      H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
                      CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_L: tl.constexpr):
+                     BLOCK_L: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (row b, KV head h, split s): rotary on the G query heads of h and on the new key, the new key
         and value written at the row's position (split 0), attention over cache positions [s*CHUNK, (s+1)*CHUNK)
         before the row's position plus the new key itself (split 0). One split writes the output; several write
         (max, sum, weighted values) for _attn_combine_kernel."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -399,7 +421,10 @@ if HAS_TRITON:
     @triton.jit
     def _attn_combine_kernel(PM, PL, PACC, O, stride_ob, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.arange(0, BLOCK_S)
@@ -423,7 +448,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _embed_kernel(IDS, USE_PREV, LAST, EMB, POS, PEMB, X, C, max_len, HAS_FEED: tl.constexpr,
-                      HAS_PEMB: tl.constexpr, BLOCK_C: tl.constexpr):
+                      HAS_PEMB: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         tok = tl.load(IDS + b)
         if HAS_FEED:
@@ -440,6 +468,19 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------------------
 # launch configurations: (BLOCK_N, BLOCK_K, num_warps, num_stages) per weight shape; `tune_gemv` times the
 # candidates on the GPU once per shape, before graph capture
+PDL = {"on": "auto"}      # programmatic dependent launch: "auto" (on for compute capability 9+), True, False
+
+
+def _pdl_kw() -> dict:
+    on = PDL["on"]
+    if on == "auto":
+        on = PDL["on"] = bool(gdc_wait is not None and torch.cuda.is_available()
+                              and torch.cuda.get_device_capability()[0] >= 9)
+    if INTERPRET or not on or gdc_wait is None:
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
+
+
 _GEMV_CFG: dict[tuple, tuple] = {}
 IMPL: dict[tuple, str] = {}          # (weight rows, K, M, int4) -> "triton" | "cublas"
 TUNE = {"gemv": True, "impl": True}     # the GPU script can turn tuning off to time one fixed configuration
@@ -474,6 +515,7 @@ def _launch_gemv(x, w, bias, norm, act, residual, out, argmax_bufs, cfg):
     nrm = {None: 0, "rms": 1, "layer": 2}[None if norm is None else norm.kind]
     pmax, pidx, nblk = argmax_bufs if argmax_bufs is not None else (out, out, 1)
     kw = {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
+    kw.update(_pdl_kw())
     _gemv_kernel[grid](
         x, wt, ws, wz, bias if bias is not None else x, residual if residual is not None else x,
         norm.weight if norm is not None else x, norm.bias if norm is not None and norm.bias is not None else x,
@@ -555,7 +597,7 @@ def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, re
             h = torch.empty_like(x)
             _norm_kernel[(M,)](x, norm.weight, norm.bias if norm.bias is not None else x, h, K, x.stride(0),
                                h.stride(0), float(norm.eps), NORM={"rms": 1, "layer": 2}[norm.kind],
-                               BLOCK_K=triton.next_power_of_2(K))
+                               BLOCK_K=triton.next_power_of_2(K), **_pdl_kw())
         wt = w.dequantize(x.dtype) if isinstance(w, Int4Gemv) else w
         y = F.linear(h, wt, bias)
         if act is not None or residual is not None:
@@ -563,7 +605,8 @@ def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, re
             _epilogue_kernel[(M, triton.cdiv(N, blk))](
                 y, residual if residual is not None else y, out, N, y.stride(0),
                 residual.stride(0) if residual is not None else 0, out.stride(0),
-                ACT={None: 0, "silu_pair": 1, "gelu": 2}[act], HAS_RES=residual is not None, BLOCK=blk)
+                ACT={None: 0, "silu_pair": 1, "gelu": 2}[act], HAS_RES=residual is not None, BLOCK=blk,
+                **_pdl_kw())
         else:
             out = y
         if argmax_out is not None:
@@ -581,7 +624,7 @@ def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, re
     _launch_gemv(x, w, bias, norm, act, residual, out, bufs, cfg)
     if argmax_out is not None:
         _argmax_finish_kernel[(M,)](bufs[0], bufs[1], argmax_out, last if last is not None else argmax_out,
-                                    bufs[2], HAS_LAST=last is not None, BLOCK=256)
+                                    bufs[2], HAS_LAST=last is not None, BLOCK=256, **_pdl_kw())
     return out
 
 
@@ -634,6 +677,7 @@ def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, kv_len: int, n_heads:
     qkv = qkv.contiguous()
     bl = max(16, min(64, triton.next_power_of_2(chunk)))
     kw = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
+    kw.update(_pdl_kw())
     _attn_kernel[(B, n_kv, splits)](
         qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, k_cache, v_cache, pos, out, pm, pl,
         pacc, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), max_len, kv_len,
@@ -641,7 +685,8 @@ def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, kv_len: int, n_heads:
         BLOCK_G=bg, BLOCK_D=bd, BLOCK_L=bl, **kw)
     if splits > 1:
         _attn_combine_kernel[(B, n_kv)](pm, pl, pacc, out, out.stride(0), KVH=n_kv, G=G, D=head_dim, SPLITS=splits,
-                                        BLOCK_S=triton.next_power_of_2(splits), BLOCK_G=bg, BLOCK_D=bd)
+                                        BLOCK_S=triton.next_power_of_2(splits), BLOCK_G=bg, BLOCK_D=bd,
+                                        **_pdl_kw())
     return out
 
 
@@ -668,7 +713,7 @@ def embed(ids, emb, pos=None, pos_emb=None, max_len: int = 0, feed=None, impl: s
     use_prev, last = feed if feed is not None else (ids, ids)
     _embed_kernel[(B,)](ids, use_prev, last, emb, pos if pos is not None else ids,
                         pos_emb if pos_emb is not None else emb, x, C, max_len, HAS_FEED=feed is not None,
-                        HAS_PEMB=pos_emb is not None, BLOCK_C=triton.next_power_of_2(C))
+                        HAS_PEMB=pos_emb is not None, BLOCK_C=triton.next_power_of_2(C), **_pdl_kw())
     return x
 
 
