@@ -4,7 +4,8 @@ Hugging Face model, decode speed, and one profiled step of each.
 
     python profile/decode_kernels_gpu.py --out $OUT/decode-kernels.json            # on a GPU, ~4 min
     python profile/decode_kernels_gpu.py --device cpu --precision fp32 --model llama-test --small-model gpt2-test \
-        --long-prompt 48 --short-prompt 16 --batch-sizes 1,4 --max-new-tokens 6 --repeats 1    # CPU smoke run
+        --quality-model "" --long-prompt 48 --short-prompt 16 --batch-sizes 1,4 --max-new-tokens 6 --repeats 1 \
+        --num-slots 4 --group-size 16                  # CPU smoke run (the torch reference of every kernel)
 
 Reads:  the models (presets with seeded random weights, the built-in model for the INT4 accuracy cell)
 Writes: --out (default artifacts/<model>/profile/decode-kernels-<device>.json): machine, GPU, versions, settings and
@@ -64,12 +65,22 @@ class KernelSettings:
     out: str = ""
 
 
-def _check_settings(s: KernelSettings):
-    from compiled_engine_gpu import CheckSettings     # the sibling script (this folder is first on sys.path)
+@dataclass
+class _Check:
+    """The fields lmopt.engines.check reads (validation, accuracy, decode timing) for one model."""
+    model: str
+    device: str
+    precision: str
+    short_prompt: int
+    max_new_tokens: int
+    repeats: int
+    parity_tokens: int = 32
+    eval_windows: int = 8
+    eval_len: int = 128
 
-    return CheckSettings(model=s.model, device=s.device, precision=s.precision, short_prompt=s.short_prompt,
-                         long_prompt=s.long_prompt, max_new_tokens=s.max_new_tokens, repeats=s.repeats,
-                         num_slots=s.num_slots, parity_tokens=32, eval_windows=8, eval_len=128)
+
+def _check_settings(s: KernelSettings) -> _Check:
+    return _Check(s.model, s.device, s.precision, s.short_prompt, s.max_new_tokens, s.repeats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +188,7 @@ def kernel_cell(s: KernelSettings, cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def time_pipelined(engine, batch: int, s: KernelSettings) -> float:
     """ms per step when step k+1 is queued (its tokens fed from the device) before step k's ids are read."""
-    from compiled_engine_gpu import make_prompts
+    from lmopt.engines.check import make_prompts
 
     prompts = make_prompts(batch, s.short_prompt, engine.info.vocab_size, seed=2)
     meds = []
@@ -229,7 +240,7 @@ def profile_step(engine, s: KernelSettings, step_ms: float | None) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from compiled_engine_gpu import make_prompts
+    from lmopt.engines.check import make_prompts
 
     n = s.profile_steps
     L = engine.kv_buckets[0]
@@ -289,7 +300,7 @@ def decode_logits_vs(a, b, s: KernelSettings, steps: int = 8) -> dict:
     greedy agreement per step."""
     import numpy as np
 
-    from compiled_engine_gpu import make_prompts
+    from lmopt.engines.check import make_prompts
 
     prompt = make_prompts(1, s.short_prompt, a.info.vocab_size, seed=7)[0]
     toks = make_prompts(1, steps, a.info.vocab_size, seed=8)[0]
@@ -318,7 +329,7 @@ def _engine(model, s: KernelSettings, hf, max_len: int, **kw):
 
 
 def engine_rows(name: str, e, s: KernelSettings, floor_bw: float, batches, long: bool, cuda: bool) -> list[dict]:
-    from compiled_engine_gpu import time_decode
+    from lmopt.engines.check import time_decode
 
     cs = _check_settings(s)
     wb = e.weight_bytes()
@@ -358,7 +369,7 @@ def run_kernels(*, settings: KernelSettings) -> Path:
     from lmopt.engines import kernels as K
     from lmopt.models import load_model
     from lmopt.paths import stage_dir
-    from compiled_engine_gpu import accuracy, gpu_info, validate
+    from lmopt.engines.check import accuracy, gpu_info, validate
 
     cuda = s.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

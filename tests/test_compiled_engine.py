@@ -499,3 +499,20 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_decode_kernels_script_on_cpu(tmp_path):
+    """profile/decode_kernels_gpu.py end to end on the CPU (torch reference kernels, no timing claims)."""
+    out = tmp_path / "k.json"
+    run_cli("profile/decode_kernels_gpu.py", "--device", "cpu", "--precision", "fp32", "--model", "llama-test",
+            "--small-model", "", "--quality-model", "", "--cells", "kernels,engines", "--long-prompt", "40",
+            "--short-prompt", "12", "--batch-sizes", "1,4", "--max-new-tokens", "4", "--repeats", "1",
+            "--num-slots", "4", "--group-size", "16", "--out", str(out))
+    r = read_json(out)
+    assert r["kind"] == "decode-kernels-check" and r["complete"] and not r["errors"]
+    assert all(row["rel_err"] < 1e-5 for row in r["kernels"]["gemv"] + r["kernels"]["attention"])
+    assert r["validation"]["fused"]["ok"] and r["validation"]["fused"]["greedy_agreement_vs_hf"] == 1.0
+    assert r["validation"]["fused_vs_inductor_decode"]["argmax_agreement"] == 1.0
+    got = {(row["variant"], row["batch"], row["context"]) for row in r["decode"]}
+    assert {("inductor", 1, "short"), ("fused", 1, "short"), ("fused", 4, "short"), ("fused", 1, "long"),
+            ("fused-int4", 1, "short")} <= got
