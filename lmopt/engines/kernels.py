@@ -275,6 +275,152 @@ if HAS_TRITON:
             tl.store(PIDX + offs_m * NBLK + pid_n, bidx, mask=m_ok)
 
     @triton.jit
+    def _gemv_rows_kernel(X, W, WS, WZ, BIAS, RES, NW, NB, Y, PMAX, PIDX,
+                          M, N, K, stride_xm, stride_rm, stride_ym, eps, NBLK,
+                          NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                          INT4: tl.constexpr, GS: tl.constexpr, ARGMAX: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KW: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+        """The GEMV for 1..8 rows without the matrix unit: a program reads BLOCK_N weight rows in tiles as wide
+        as the row (up to BLOCK_K, so every load of the tile is in flight at once) and reduces each x row against
+        them in fp32. Same prologue/epilogue as _gemv_kernel. The first weight tile is requested before the wait
+        on the previous kernel (programmatic dependent launch): weights are never written by the step."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        dt = Y.dtype.element_ty
+        kb = tl.arange(0, KW)
+        # first tile of the weights (and of the up rows), before waiting for the previous kernel
+        if INT4:
+            p0 = tl.load(W + offs_n[:, None] * (K // 2) + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K // 2),
+                         other=0)
+            if ACT == 1:
+                p0u = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kb[None, :],
+                              mask=n_ok[:, None] & (kb[None, :] < K // 2), other=0)
+        else:
+            p0 = tl.load(W + offs_n[:, None] * K + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K), other=0.0)
+            if ACT == 1:
+                p0u = tl.load(W + (offs_n + N)[:, None] * K + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K),
+                              other=0.0)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        if NORM != 0:
+            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
+                             mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+                s1 += tl.sum(xv, axis=1)
+                s2 += tl.sum(xv * xv, axis=1)
+            if NORM == 1:
+                mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+                rstd = 1.0 / tl.sqrt(s2 / K + eps)
+            else:
+                mean = s1 / K
+                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if INT4:
+                kh = k0 // 2 + kb
+                kh_ok = kh < K // 2
+                if k0 == 0:
+                    p = p0
+                else:
+                    p = tl.load(W + offs_n[:, None] * (K // 2) + kh[None, :], mask=n_ok[:, None] & kh_ok[None, :],
+                                other=0)
+                soff = offs_n[:, None] * (K // GS) + ((2 * kh) // GS)[None, :]
+                smask = n_ok[:, None] & kh_ok[None, :]
+                sc = tl.load(WS + soff, mask=smask, other=0.0).to(tl.float32)
+                zr = tl.load(WZ + soff, mask=smask, other=0.0).to(tl.float32)
+                wa = (((p & 15).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
+                wb = (((p >> 4).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
+                if ACT == 1:
+                    if k0 == 0:
+                        pu = p0u
+                    else:
+                        pu = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kh[None, :],
+                                     mask=n_ok[:, None] & kh_ok[None, :], other=0)
+                    soff = (offs_n + N)[:, None] * (K // GS) + ((2 * kh) // GS)[None, :]
+                    sc = tl.load(WS + soff, mask=smask, other=0.0).to(tl.float32)
+                    zr = tl.load(WZ + soff, mask=smask, other=0.0).to(tl.float32)
+                    ua = (((pu & 15).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
+                    ub = (((pu >> 4).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
+                ka = 2 * kh
+                kc = 2 * kh + 1
+            else:
+                kk = k0 + kb
+                if k0 == 0:
+                    wa = p0.to(tl.float32)
+                else:
+                    wa = tl.load(W + offs_n[:, None] * K + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K),
+                                 other=0.0).to(tl.float32)
+                if ACT == 1:
+                    if k0 == 0:
+                        ua = p0u.to(tl.float32)
+                    else:
+                        ua = tl.load(W + (offs_n + N)[:, None] * K + kk[None, :],
+                                     mask=n_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+                ka = kk
+            for m in tl.static_range(BLOCK_M):
+                if m < M:
+                    xa = tl.load(X + m * stride_xm + ka, mask=ka < K, other=0.0)
+                    if NORM != 0:
+                        r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
+                        if NORM == 1:
+                            xa = (xa.to(tl.float32) * r).to(dt) * tl.load(NW + ka, mask=ka < K, other=0.0)
+                        else:
+                            mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
+                            xa = ((xa.to(tl.float32) - mu) * r * tl.load(NW + ka, mask=ka < K, other=0.0).to(
+                                tl.float32) + tl.load(NB + ka, mask=ka < K, other=0.0).to(tl.float32)).to(dt)
+                    xa = xa.to(tl.float32)
+                    part = tl.sum(wa * xa[None, :], axis=1)
+                    if ACT == 1:
+                        part2 = tl.sum(ua * xa[None, :], axis=1)
+                    if INT4:
+                        xc = tl.load(X + m * stride_xm + kc, mask=kc < K, other=0.0)
+                        if NORM != 0:
+                            if NORM == 1:
+                                xc = (xc.to(tl.float32) * r).to(dt) * tl.load(NW + kc, mask=kc < K, other=0.0)
+                            else:
+                                xc = ((xc.to(tl.float32) - mu) * r * tl.load(NW + kc, mask=kc < K,
+                                                                             other=0.0).to(tl.float32)
+                                      + tl.load(NB + kc, mask=kc < K, other=0.0).to(tl.float32)).to(dt)
+                        xc = xc.to(tl.float32)
+                        part += tl.sum(wb * xc[None, :], axis=1)
+                        if ACT == 1:
+                            part2 += tl.sum(ub * xc[None, :], axis=1)
+                    sel = (offs_m == m)[:, None]
+                    acc = tl.where(sel, acc + part[None, :], acc)
+                    if ACT == 1:
+                        acc2 = tl.where(sel, acc2 + part2[None, :], acc2)
+        y = acc
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = y.to(dt).to(tl.float32)
+        if ACT == 1:
+            u = acc2.to(dt).to(tl.float32)
+            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+        elif ACT == 2:
+            y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        om = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            y = y.to(dt).to(tl.float32) + tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :], mask=om,
+                                                  other=0.0).to(tl.float32)
+        yo = y.to(dt)
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], yo, mask=om)
+        if ARGMAX:
+            yv = tl.where(n_ok[None, :], yo.to(tl.float32), float("-inf"))
+            bmax = tl.max(yv, axis=1)
+            bidx = tl.argmax(yv, axis=1) + pid * BLOCK_N
+            tl.store(PMAX + offs_m * NBLK + pid, bmax, mask=m_ok)
+            tl.store(PIDX + offs_m * NBLK + pid, bidx, mask=m_ok)
+
+    @triton.jit
     def _argmax_finish_kernel(PMAX, PIDX, OUT, LAST, NBLK, HAS_LAST: tl.constexpr, BLOCK: tl.constexpr,
                               USE_PDL: tl.constexpr):
         if USE_PDL:
@@ -481,49 +627,59 @@ def _pdl_kw() -> dict:
     return {"USE_PDL": True, "launch_pdl": True}
 
 
-_GEMV_CFG: dict[tuple, tuple] = {}
-IMPL: dict[tuple, str] = {}          # (weight rows, K, M, int4) -> "triton" | "cublas"
-TUNE = {"gemv": True, "impl": True}     # the GPU script can turn tuning off to time one fixed configuration
+IMPL: dict[tuple, str] = {}          # linear_impl's choices: (rows, K, M, int4, act, norm, residual) -> impl
+TUNE = {"impl": True}     # measure Triton against cuBLAS per layer (linear_impl); off: Triton wherever it runs
 
 
-def _gemv_candidates(n: int, k: int, int4: bool, gs: int) -> list[tuple]:
-    bk = [256, 512] if not int4 else [max(gs, 256), max(gs, 512)]
-    bk = [b for b in bk if b % gs == 0 or not int4]
-    c = []
-    for bn in (16, 32, 64):
-        if bn > 16 and n // bn < 132:          # fewer programs than multiprocessors
-            continue
-        for b in bk:
-            c.append((bn, b, 4, 4 if b <= 256 else 3))
-    return c[:4] if c else [(16, bk[0], 4, 3)]
-
-
-def _default_cfg(n, k, int4, gs):
+def _dot_cfg(n: int, k: int, int4: bool, gs: int) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps, stages) of _gemv_kernel (9 to 16 rows, and INT4 prefill chunks)."""
     bk = max(gs, 256) if int4 else 256
     if INTERPRET:
         bk = max(gs if int4 else 32, 32)
     return (16 if n <= 8192 else 32, bk, 4, 4)
 
 
-def _launch_gemv(x, w, bias, norm, act, residual, out, argmax_bufs, cfg):
+def _rows_cfg(n: int, k: int, int4: bool) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps) of _gemv_rows_kernel: a weight tile as wide as the row (up to 2048 values), 4
+    FP16 rows (16 KB of loads in flight per program; 512 programs for a 2048-row weight) or 8 rows for INT4 and
+    the LM head; 8 warps keep the fp32 copies of the tile within the registers."""
+    bk = min(triton.next_power_of_2(k), 2048)
+    if INTERPRET:
+        bk = min(bk, 64)
+    return (8 if int4 or n > 32768 else 4, bk, 8)
+
+
+ROWS_MAX = 8          # up to this many rows: _gemv_rows_kernel; above: _gemv_kernel (matrix unit)
+
+
+def _launch_gemv(x, w, bias, norm, act, residual, out, argmax_bufs, cfg=None):
     M, K = x.shape
     int4 = isinstance(w, Int4Gemv)
     N = out.shape[1]
-    bn, bk, warps, stages = cfg
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, MAX_GEMV_ROWS))
     wt, ws, wz = (w.packed, w.scale, w.zero) if int4 else (w, w, w)
     nrm = {None: 0, "rms": 1, "layer": 2}[None if norm is None else norm.kind]
     pmax, pidx, nblk = argmax_bufs if argmax_bufs is not None else (out, out, 1)
+    args = (x, wt, ws, wz, bias if bias is not None else x, residual if residual is not None else x,
+            norm.weight if norm is not None else x, norm.bias if norm is not None and norm.bias is not None else x,
+            out, pmax, pidx, M, N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            float(norm.eps) if norm is not None else 0.0, nblk)
+    flags = dict(NORM=nrm, ACT={None: 0, "silu_pair": 1, "gelu": 2}[act], HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None, INT4=int4, GS=w.group_size if int4 else 1,
+                 ARGMAX=argmax_bufs is not None, **_pdl_kw())
+    if M <= ROWS_MAX:
+        bn, bk, warps = cfg or _rows_cfg(N, K, int4)
+        kw = {} if INTERPRET else {"num_warps": warps, "num_stages": 1}
+        _gemv_rows_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn,
+                                                 BLOCK_K=bk, KW=bk // 2 if int4 else bk, **kw)
+        return
+    bn, bk, warps, stages = cfg or _dot_cfg(N, K, int4, w.group_size if int4 else 1)
     kw = {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
-    kw.update(_pdl_kw())
-    _gemv_kernel[grid](
-        x, wt, ws, wz, bias if bias is not None else x, residual if residual is not None else x,
-        norm.weight if norm is not None else x, norm.bias if norm is not None and norm.bias is not None else x,
-        out, pmax, pidx, M, N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        float(norm.eps) if norm is not None else 0.0, nblk,
-        NORM=nrm, ACT={None: 0, "silu_pair": 1, "gelu": 2}[act], HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, INT4=int4, GS=w.group_size if int4 else 1, ARGMAX=argmax_bufs is not None,
-        BLOCK_M=MAX_GEMV_ROWS, BLOCK_N=bn, BLOCK_K=bk, **kw)
+    _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, MAX_GEMV_ROWS))](
+        *args, **flags, BLOCK_M=MAX_GEMV_ROWS, BLOCK_N=bn, BLOCK_K=bk, **kw)
+
+
+def _block_n(M: int, N: int, K: int, int4: bool, gs: int) -> int:
+    return _rows_cfg(N, K, int4)[0] if M <= ROWS_MAX else _dot_cfg(N, K, int4, gs)[0]
 
 
 def _capturing() -> bool:
@@ -531,39 +687,50 @@ def _capturing() -> bool:
 
 
 def _bench(fn, reps: int = 20) -> float:
-    """Median ms of fn on the current stream (CUDA events; warm-up first)."""
-    fn()
+    """Median GPU ms of one fn() call: `reps` calls captured in one CUDA graph and replayed (no host launch time
+    in the figure), timed with CUDA events. fn(i) gets the call's index, to rotate among input copies."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    g.replay()
     torch.cuda.synchronize()
     ts = []
-    for _ in range(reps):
+    for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        g.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / reps)
+    del g
     return sorted(ts)[len(ts) // 2]
 
 
-def _gemv_cfg(x, w, n, key, run):
-    cfg = _GEMV_CFG.get(key)
-    if cfg is not None:
-        return cfg
-    k = x.shape[1]
-    int4 = isinstance(w, Int4Gemv)
-    gs = w.group_size if int4 else 1
-    cands = _gemv_candidates(n, k, int4, gs)
-    if INTERPRET or not TUNE["gemv"] or _capturing() or len(cands) == 1:
-        cfg = _default_cfg(n, k, int4, gs)
-    else:
-        def timed(c):
-            try:
-                return _bench(lambda: run(c))
-            except Exception:         # e.g. a tile that needs more shared memory than the GPU has
-                return float("inf")
-        cfg = min(cands, key=timed)
-    _GEMV_CFG[key] = cfg
-    return cfg
+def _copies(w, x, min_bytes: int = 256 << 20) -> list:
+    """(weight, x) copies whose weights together exceed the GPU's L2 many times over, so a timed loop over them
+    reads device memory, not the cache."""
+    n = max(1, min(16, -(-min_bytes // max(1, _nbytes(w)))))
+    out = [(w, x)]
+    for _ in range(n - 1):
+        if isinstance(w, Int4Gemv):
+            c = Int4Gemv.__new__(Int4Gemv)
+            c.__dict__.update(w.__dict__)
+            c.packed, c.scale, c.zero = w.packed.clone(), w.scale.clone(), w.zero.clone()
+        else:
+            c = w.clone()
+        out.append((c, x.clone()))
+    return out
+
+
+def _nbytes(w) -> int:
+    return w.nbytes() if isinstance(w, Int4Gemv) else w.numel() * w.element_size()
 
 
 def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, residual=None,
@@ -614,46 +781,56 @@ def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, re
             if last is not None:
                 last[:M].copy_(argmax_out)
         return out
-    key = (N2, K, isinstance(w, Int4Gemv), x.dtype)      # one launch configuration per weight shape
     bufs = None
-    cfg = _gemv_cfg(x, w, N, key, lambda c: _launch_gemv(x, w, bias, norm, act, residual, out, None, c))
     if argmax_out is not None:
-        nblk = triton.cdiv(N, cfg[0])
+        nblk = triton.cdiv(N, _block_n(M, N, K, isinstance(w, Int4Gemv), getattr(w, "group_size", 1)))
         bufs = (torch.empty((M, nblk), dtype=torch.float32, device=x.device),
                 torch.empty((M, nblk), dtype=torch.int64, device=x.device), nblk)
-    _launch_gemv(x, w, bias, norm, act, residual, out, bufs, cfg)
+    _launch_gemv(x, w, bias, norm, act, residual, out, bufs)
     if argmax_out is not None:
+        blk = min(4096, triton.next_power_of_2(bufs[2]))
+        kw = {} if INTERPRET else {"num_warps": 8 if blk >= 2048 else 4}
         _argmax_finish_kernel[(M,)](bufs[0], bufs[1], argmax_out, last if last is not None else argmax_out,
-                                    bufs[2], HAS_LAST=last is not None, BLOCK=256, **_pdl_kw())
+                                    bufs[2], HAS_LAST=last is not None, BLOCK=blk, **_pdl_kw(), **kw)
     return out
 
 
 def linear_impl(x, w, n, bias, norm, act, residual) -> str:
-    """"triton" or "cublas" for this weight shape and row count: whichever ran the bare GEMM faster (the Triton
-    GEMV without its fused neighbours against F.linear), measured once per shape on the GPU outside graph capture
-    (or set beforehand in IMPL by profile/decode_kernels_gpu.py); "triton" when it cannot be measured."""
+    """"triton" or "cublas" for this layer (weight shape, row count, fusions): whichever ran faster, both with
+    their fusions (the Triton GEMV with its prologue/epilogue in one launch; cuBLAS with them as separate Triton
+    launches), measured once on the GPU outside graph capture with CUDA-graph replays over weight copies larger
+    than the L2 (or set beforehand in IMPL); "triton" when it cannot be measured."""
     M, K = x.shape
-    N2 = _weight_shape(w)[0]
-    key = (N2, K, M, isinstance(w, Int4Gemv))
+    key = (_weight_shape(w)[0], K, M, isinstance(w, Int4Gemv), act, norm is not None, residual is not None)
     impl = IMPL.get(key)
     if impl is not None:
         return impl
     if INTERPRET or not TUNE["impl"] or _capturing() or isinstance(w, Int4Gemv):
         return "triton"
-    IMPL[key] = impl = compare_gemm(x, w)["best"]
+    cp = _copies(w, x)
+    t = {i: _bench(lambda j: linear(cp[j % len(cp)][1], cp[j % len(cp)][0], bias, norm, act, residual, impl=i))
+         for i in ("triton", "cublas")}
+    IMPL[key] = impl = min(t, key=t.get)
+    TIMES[key] = t
     return impl
 
 
+TIMES: dict[tuple, dict] = {}        # what linear_impl measured, per key (ms)
+
+
 def compare_gemm(x, w) -> dict:
-    """Median ms of the bare Triton GEMV and of cuBLAS (F.linear) on x [M, K] and this weight, and the faster."""
+    """Median GPU ms of the bare Triton GEMV (no fusions) and of cuBLAS (F.linear) on x [M, K] and this weight
+    (rotating over copies larger than the L2)."""
     N2 = _weight_shape(w)[0]
+    cp = _copies(w, x)
     out = torch.empty((x.shape[0], N2), dtype=x.dtype, device=x.device)
-    key = (N2, x.shape[1], isinstance(w, Int4Gemv), x.dtype)
-    cfg = _gemv_cfg(x, w, N2, key, lambda c: _launch_gemv(x, w, None, None, None, None, out, None, c))
-    tt = _bench(lambda: _launch_gemv(x, w, None, None, None, None, out, None, cfg))
-    wt = w.dequantize(x.dtype) if isinstance(w, Int4Gemv) else w
-    tc = _bench(lambda: F.linear(x, wt))
-    return {"triton_ms": tt, "cublas_ms": tc, "config": cfg, "best": "triton" if tt <= tc else "cublas"}
+    tt = _bench(lambda j: _launch_gemv(cp[j % len(cp)][1], cp[j % len(cp)][0], None, None, None, None, out, None))
+    res = {"triton_ms": tt, "copies": len(cp)}
+    if isinstance(w, Int4Gemv):
+        return res
+    tc = _bench(lambda j: F.linear(cp[j % len(cp)][1], cp[j % len(cp)][0]))
+    res.update(cublas_ms=tc, best="triton" if tt <= tc else "cublas")
+    return res
 
 
 def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, kv_len: int, n_heads: int, n_kv: int, head_dim: int,
