@@ -852,8 +852,9 @@ def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, kv_len: int, n_heads:
     else:
         pm = pl = pacc = out
     qkv = qkv.contiguous()
-    bl = max(16, min(64, triton.next_power_of_2(chunk)))
-    kw = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
+    # the whole chunk in one tile where it fits (no serial loop for short contexts): 256 keys x 64 dims = 32 KB
+    bl = max(16, min(256 if not INTERPRET else 64, triton.next_power_of_2(chunk)))
+    kw = {} if INTERPRET else {"num_warps": 8 if bl >= 128 else 4, "num_stages": 2}
     kw.update(_pdl_kw())
     _attn_kernel[(B, n_kv, splits)](
         qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, k_cache, v_cache, pos, out, pm, pl,
