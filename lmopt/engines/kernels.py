@@ -293,13 +293,7 @@ if HAS_TRITON:
         dt = Y.dtype.element_ty
         kb = tl.arange(0, KW)
         # first tile of the weights (and of the up rows), before waiting for the previous kernel
-        if INT4:
-            p0 = tl.load(W + offs_n[:, None] * (K // 2) + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K // 2),
-                         other=0)
-            if ACT == 1:
-                p0u = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kb[None, :],
-                              mask=n_ok[:, None] & (kb[None, :] < K // 2), other=0)
-        else:
+        if not INT4:
             p0 = tl.load(W + offs_n[:, None] * K + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K), other=0.0)
             if ACT == 1:
                 p0u = tl.load(W + (offs_n + N)[:, None] * K + kb[None, :], mask=n_ok[:, None] & (kb[None, :] < K),
@@ -326,32 +320,46 @@ if HAS_TRITON:
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if INT4:
-                kh = k0 // 2 + kb
-                kh_ok = kh < K // 2
-                if k0 == 0:
-                    p = p0
-                else:
-                    p = tl.load(W + offs_n[:, None] * (K // 2) + kh[None, :], mask=n_ok[:, None] & kh_ok[None, :],
-                                other=0)
-                soff = offs_n[:, None] * (K // GS) + ((2 * kh) // GS)[None, :]
-                smask = n_ok[:, None] & kh_ok[None, :]
-                sc = tl.load(WS + soff, mask=smask, other=0.0).to(tl.float32)
-                zr = tl.load(WZ + soff, mask=smask, other=0.0).to(tl.float32)
-                wa = (((p & 15).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
-                wb = (((p >> 4).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
-                if ACT == 1:
-                    if k0 == 0:
-                        pu = p0u
-                    else:
-                        pu = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kh[None, :],
-                                     mask=n_ok[:, None] & kh_ok[None, :], other=0)
-                    soff = (offs_n + N)[:, None] * (K // GS) + ((2 * kh) // GS)[None, :]
-                    sc = tl.load(WS + soff, mask=smask, other=0.0).to(tl.float32)
-                    zr = tl.load(WZ + soff, mask=smask, other=0.0).to(tl.float32)
-                    ua = (((pu & 15).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
-                    ub = (((pu >> 4).to(tl.float32) - 8.0) * sc + zr).to(dt).to(tl.float32)
-                ka = 2 * kh
-                kc = 2 * kh + 1
+                # group by group (unrolled: every group's loads can be in flight together), one scale and zero
+                # per row and group: sum_k ((q-8) s + z) x = s sum_k (q-8) x + z sum_k x
+                for gi in tl.static_range(BLOCK_K // GS):
+                    kg = k0 + gi * GS
+                    g_ok = kg < K
+                    kh = kg // 2 + tl.arange(0, GS // 2)
+                    wm = n_ok[:, None] & g_ok
+                    p = tl.load(W + offs_n[:, None] * (K // 2) + kh[None, :], mask=wm, other=0)
+                    qa = (p & 15).to(tl.float32) - 8.0
+                    qb = (p >> 4).to(tl.float32) - 8.0
+                    sc = tl.load(WS + offs_n * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                    zr = tl.load(WZ + offs_n * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                    if ACT == 1:
+                        pu = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kh[None, :], mask=wm, other=0)
+                        ua = (pu & 15).to(tl.float32) - 8.0
+                        ub = (pu >> 4).to(tl.float32) - 8.0
+                        su = tl.load(WS + (offs_n + N) * (K // GS) + kg // GS, mask=n_ok & g_ok,
+                                     other=0.0).to(tl.float32)
+                        zu = tl.load(WZ + (offs_n + N) * (K // GS) + kg // GS, mask=n_ok & g_ok,
+                                     other=0.0).to(tl.float32)
+                    kx = kg + tl.arange(0, GS)
+                    for m in tl.static_range(BLOCK_M):
+                        if m < M:
+                            xk = tl.load(X + m * stride_xm + kx, mask=g_ok, other=0.0)
+                            if NORM != 0:
+                                r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
+                                if NORM == 1:
+                                    xk = (xk.to(tl.float32) * r).to(dt) * tl.load(NW + kx, mask=g_ok, other=0.0)
+                                else:
+                                    mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
+                                    xk = ((xk.to(tl.float32) - mu) * r * tl.load(NW + kx, mask=g_ok, other=0.0).to(
+                                        tl.float32) + tl.load(NB + kx, mask=g_ok, other=0.0).to(tl.float32)).to(dt)
+                            xe, xo = tl.split(tl.reshape(xk.to(tl.float32), (GS // 2, 2)))
+                            sx = tl.sum(xe, axis=0) + tl.sum(xo, axis=0)
+                            part = sc * tl.sum(qa * xe[None, :] + qb * xo[None, :], axis=1) + zr * sx
+                            sel = (offs_m == m)[:, None]
+                            acc = tl.where(sel, acc + part[None, :], acc)
+                            if ACT == 1:
+                                part2 = su * tl.sum(ua * xe[None, :] + ub * xo[None, :], axis=1) + zu * sx
+                                acc2 = tl.where(sel, acc2 + part2[None, :], acc2)
             else:
                 kk = k0 + kb
                 if k0 == 0:
@@ -365,39 +373,22 @@ if HAS_TRITON:
                     else:
                         ua = tl.load(W + (offs_n + N)[:, None] * K + kk[None, :],
                                      mask=n_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-                ka = kk
-            for m in tl.static_range(BLOCK_M):
-                if m < M:
-                    xa = tl.load(X + m * stride_xm + ka, mask=ka < K, other=0.0)
-                    if NORM != 0:
-                        r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
-                        if NORM == 1:
-                            xa = (xa.to(tl.float32) * r).to(dt) * tl.load(NW + ka, mask=ka < K, other=0.0)
-                        else:
-                            mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
-                            xa = ((xa.to(tl.float32) - mu) * r * tl.load(NW + ka, mask=ka < K, other=0.0).to(
-                                tl.float32) + tl.load(NB + ka, mask=ka < K, other=0.0).to(tl.float32)).to(dt)
-                    xa = xa.to(tl.float32)
-                    part = tl.sum(wa * xa[None, :], axis=1)
-                    if ACT == 1:
-                        part2 = tl.sum(ua * xa[None, :], axis=1)
-                    if INT4:
-                        xc = tl.load(X + m * stride_xm + kc, mask=kc < K, other=0.0)
+                for m in tl.static_range(BLOCK_M):
+                    if m < M:
+                        xa = tl.load(X + m * stride_xm + kk, mask=kk < K, other=0.0)
                         if NORM != 0:
+                            r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
                             if NORM == 1:
-                                xc = (xc.to(tl.float32) * r).to(dt) * tl.load(NW + kc, mask=kc < K, other=0.0)
+                                xa = (xa.to(tl.float32) * r).to(dt) * tl.load(NW + kk, mask=kk < K, other=0.0)
                             else:
-                                xc = ((xc.to(tl.float32) - mu) * r * tl.load(NW + kc, mask=kc < K,
-                                                                             other=0.0).to(tl.float32)
-                                      + tl.load(NB + kc, mask=kc < K, other=0.0).to(tl.float32)).to(dt)
-                        xc = xc.to(tl.float32)
-                        part += tl.sum(wb * xc[None, :], axis=1)
+                                mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
+                                xa = ((xa.to(tl.float32) - mu) * r * tl.load(NW + kk, mask=kk < K, other=0.0).to(
+                                    tl.float32) + tl.load(NB + kk, mask=kk < K, other=0.0).to(tl.float32)).to(dt)
+                        xa = xa.to(tl.float32)
+                        sel = (offs_m == m)[:, None]
+                        acc = tl.where(sel, acc + tl.sum(wa * xa[None, :], axis=1)[None, :], acc)
                         if ACT == 1:
-                            part2 += tl.sum(ub * xc[None, :], axis=1)
-                    sel = (offs_m == m)[:, None]
-                    acc = tl.where(sel, acc + part[None, :], acc)
-                    if ACT == 1:
-                        acc2 = tl.where(sel, acc2 + part2[None, :], acc2)
+                            acc2 = tl.where(sel, acc2 + tl.sum(ua * xa[None, :], axis=1)[None, :], acc2)
         y = acc
         if HAS_BIAS:
             y = y + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -639,13 +630,15 @@ def _dot_cfg(n: int, k: int, int4: bool, gs: int) -> tuple:
     return (16 if n <= 8192 else 32, bk, 4, 4)
 
 
-def _rows_cfg(n: int, k: int, int4: bool) -> tuple:
+def _rows_cfg(n: int, k: int, int4: bool, gs: int = 1) -> tuple:
     """(BLOCK_N, BLOCK_K, warps) of _gemv_rows_kernel: a weight tile as wide as the row (up to 2048 values), 4
     FP16 rows (16 KB of loads in flight per program; 512 programs for a 2048-row weight) or 8 rows for INT4 and
     the LM head; 8 warps keep the fp32 copies of the tile within the registers."""
     bk = min(triton.next_power_of_2(k), 2048)
     if INTERPRET:
         bk = min(bk, 64)
+    if int4:
+        bk = max(bk, gs)
     return (8 if int4 or n > 32768 else 4, bk, 8)
 
 
@@ -667,7 +660,7 @@ def _launch_gemv(x, w, bias, norm, act, residual, out, argmax_bufs, cfg=None):
                  HAS_RES=residual is not None, INT4=int4, GS=w.group_size if int4 else 1,
                  ARGMAX=argmax_bufs is not None, **_pdl_kw())
     if M <= ROWS_MAX:
-        bn, bk, warps = cfg or _rows_cfg(N, K, int4)
+        bn, bk, warps = cfg or _rows_cfg(N, K, int4, w.group_size if int4 else 1)
         kw = {} if INTERPRET else {"num_warps": warps, "num_stages": 1}
         _gemv_rows_kernel[(triton.cdiv(N, bn),)](*args, **flags, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn,
                                                  BLOCK_K=bk, KW=bk // 2 if int4 else bk, **kw)
@@ -679,7 +672,7 @@ def _launch_gemv(x, w, bias, norm, act, residual, out, argmax_bufs, cfg=None):
 
 
 def _block_n(M: int, N: int, K: int, int4: bool, gs: int) -> int:
-    return _rows_cfg(N, K, int4)[0] if M <= ROWS_MAX else _dot_cfg(N, K, int4, gs)[0]
+    return _rows_cfg(N, K, int4, gs)[0] if M <= ROWS_MAX else _dot_cfg(N, K, int4, gs)[0]
 
 
 def _capturing() -> bool:
