@@ -498,6 +498,7 @@ def run_kernels(*, settings: KernelSettings) -> Path:
         K.PDL["on"] = pdl_default
         doc["pdl_default"] = pdl_default
         doc["linear_impl"] = [{"key": list(map(str, k)), "impl": v, "ms": K.TIMES.get(k)} for k, v in K.IMPL.items()]
+        doc["linear_impl_errors"] = {str(k): v for k, v in K.ERRORS.items()}
         for e in (base, fused):
             if e is not None:
                 e.close()

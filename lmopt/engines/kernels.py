@@ -25,6 +25,7 @@ and by profile/decode_kernels_gpu.py to check each Triton kernel on the GPU. Wha
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ try:  # programmatic dependent launch (Hopper+): each kernel waits for the previ
 except ImportError:  # pragma: no cover
     gdc_wait = gdc_launch_dependents = None
 
+log = logging.getLogger("lmopt.kernels")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"    # Triton's CPU interpreter (kernel tests off the GPU)
 MAX_GEMV_ROWS = 16          # rows one GEMV program serves (the matrix instruction's N side)
 
@@ -801,11 +803,20 @@ def linear_impl(x, w, n, bias, norm, act, residual) -> str:
     if INTERPRET or not TUNE["impl"] or _capturing() or isinstance(w, Int4Gemv):
         return "triton"
     cp = _copies(w, x)
-    t = {i: _bench(lambda j: linear(cp[j % len(cp)][1], cp[j % len(cp)][0], bias, norm, act, residual, impl=i))
-         for i in ("triton", "cublas")}
+    t = {}
+    for i in ("triton", "cublas"):
+        try:
+            t[i] = _bench(lambda j: linear(cp[j % len(cp)][1], cp[j % len(cp)][0], bias, norm, act, residual, impl=i))
+        except Exception as e:  # a kernel that fails to build or launch here costs speed, not the run: say so
+            t[i] = float("inf")
+            ERRORS[(key, i)] = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("linear %s for %s failed (%s); using the other", i, key, ERRORS[(key, i)])
     IMPL[key] = impl = min(t, key=t.get)
     TIMES[key] = t
     return impl
+
+
+ERRORS: dict[tuple, str] = {}       # what failed in linear_impl's measurements
 
 
 TIMES: dict[tuple, dict] = {}        # what linear_impl measured, per key (ms)
