@@ -61,7 +61,7 @@ class KernelSettings:
     baseline_long: bool = False             # also time today's step after the long prompt (one more compile)
     profile_steps: int = 20
     group_size: int = 128                   # INT4 group size of --model
-    quality_groups: str = "32,16"           # INT4 group sizes of the quality cell (the built-in model's hidden size is 192)
+    quality_groups: str = "32,16"           # INT4 group sizes of the quality cell (the built-in model: hidden 192)
     cells: str = "kernels,engines,small,quality,profile"
     out: str = ""
 
