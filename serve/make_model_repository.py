@@ -80,6 +80,8 @@ class RepoSettings:
     first_token_pause_us: int = 50   # in-flight streaming: after a step that produced first tokens, the scheduler sleeps this long (while at most 4 requests decode) so the sender thread sends them at once (0 = never)
     capture_kv: int = 256            # compiled engine: at load, capture every decode batch bucket at this KV length (0 = on first use, stalling live requests while it compiles)
     max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
+    decode_kernels: str = "inductor" # compiled engine: inductor (torch.compile'd step) | fused (lmopt.engines.kernels for decode batches of up to 8 rows; docs/compiled_engine.md)
+    weight_quant: str = ""           # compiled engine: weight-only quantization ("" none | int4 tinygemm | int4g, with --decode-kernels fused)
 
 
 def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
@@ -239,6 +241,12 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --batching '{s.batching}' — use inflight or static")
     if s.decode_wait_ratio < 0:
         raise UserError(f"--decode-wait-ratio must be >= 0 (got {s.decode_wait_ratio:g})")
+    if s.decode_kernels not in ("inductor", "fused"):
+        raise UserError(f"unknown --decode-kernels '{s.decode_kernels}' — use inductor or fused")
+    if s.weight_quant not in ("", "int8", "int8mm", "int4", "int4g"):
+        raise UserError(f"unknown --weight-quant '{s.weight_quant}' — use int4, int4g, int8 or leave it empty")
+    if (s.decode_kernels != "inductor" or s.weight_quant) and s.engine != "compiled":
+        raise UserError("--decode-kernels and --weight-quant are options of the compiled engine — add --engine compiled")
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
     for name in ("capture_kv", "max_len", "gil_switch_us", "first_token_pause_us"):
@@ -267,7 +275,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
                                       for v in sorted(found)]
     tok = load_tokenizer(s.model)  # fails here, with one line, rather than inside the server
 
-    variant = f"{s.engine}-{precision}-{'gpu' if s.device == 'cuda' else 'cpu'}"
+    extra = (f"-{s.weight_quant}" if s.weight_quant else "") + ("-fused" if s.decode_kernels == "fused" else "")
+    variant = f"{s.engine}-{precision}{extra}-{'gpu' if s.device == 'cuda' else 'cpu'}"
     final = stage_dir(s.artifacts, s.model, "serve", variant)
     model = resolve(s.model)  # a local folder by its absolute path: the server resolves it from another folder
     params = {"artifacts": str(Path(s.artifacts).resolve()),
@@ -278,6 +287,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
               "decode_wait_ratio": str(s.decode_wait_ratio),
               "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len),
+              "decode_kernels": s.decode_kernels, "weight_quant": s.weight_quant,
               "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
     empty_params = {"engine": "empty", "default_max_tokens": str(s.default_max_tokens),

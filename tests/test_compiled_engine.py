@@ -3,6 +3,9 @@ Hugging Face model, greedy tokens against the PyTorch engine, slots at different
 prefill, slot reuse, one-line errors."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -404,3 +407,124 @@ def test_prefill_chunk_given_at_construction():
         assert tuple(eng.capabilities.batch_buckets) == (1, 2)
     finally:
         eng.close()
+
+
+# ---- the fused decode step (lmopt.engines.kernels): on the CPU its torch reference runs, the same code path the GPU
+# takes with Triton kernels --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_decode_gives_the_default_engine_tokens(name):
+    """decode_kernels="fused" (eager on the CPU): the greedy tokens of today's step, logits of rows at different
+    positions within rounding, and the device feed (token None) read inside the step."""
+    torch.set_num_threads(2)
+    a = create_engine("compiled", name, "fp32", num_slots=4)
+    b = create_engine("compiled", name, "fp32", num_slots=4, decode_kernels="fused")
+    assert b.info.precision == "fp32+fused"
+    ps = prompts(3, 20, seed=11)
+    p = SamplingParams(max_new_tokens=12)
+    assert generate(a, ps, p).tokens == generate(b, ps, p).tokens
+    for e in (a, b):
+        for q in ps:
+            e.prefill_slot(e.alloc_slot(), q)
+    la, lb = a.decode_slots([2, 0], [7, 8]), b.decode_slots([2, 0], [7, 8])
+    assert max(np.abs(la.row(i) - lb.row(i)).max() for i in range(2)) < 1e-4
+    la, lb = a.decode_slots([2, 0], [None, 5]), b.decode_slots([2, 0], [None, 5])
+    assert la.argmax().tolist() == lb.argmax().tolist()
+    assert max(np.abs(la.row(i) - lb.row(i)).max() for i in range(2)) < 1e-4
+    a.close(), b.close()
+
+
+def test_fused_linear_reference_is_the_unfused_math():
+    from lmopt.engines import kernels as K
+
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(3, 64, generator=g), torch.randn(3, 48, generator=g)
+    w, nw = torch.randn(96, 64, generator=g), torch.randn(64, generator=g)
+    h = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    gate, up = torch.nn.functional.linear(h, w).chunk(2, dim=-1)
+    want = r + torch.nn.functional.silu(gate) * up
+    got = K.linear(x, w, norm=K.Norm("rms", nw, None, 1e-5), act="silu_pair", residual=r, impl="torch")
+    assert torch.allclose(got, want, atol=1e-5)
+    am, last = torch.empty(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    logits = K.linear(x, w, argmax_out=am, last=last, impl="torch")
+    assert am.tolist() == logits.argmax(-1).tolist() == last[:3].tolist()
+
+
+def test_int4_gemv_weights():
+    """Int4Gemv packs two codes a byte (low nibble = even column) and dequantizes to within half a step."""
+    from lmopt.engines.kernels import Int4Gemv
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 64, generator=g)
+    q = Int4Gemv(w, group_size=32)
+    assert q.packed.shape == (8, 32) and q.packed.dtype == torch.uint8 and q.scale.shape == (8, 2)
+    step = q.scale.repeat_interleave(32, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    codes = torch.stack([q.packed & 15, q.packed >> 4], dim=-1).reshape(8, 64).float()
+    assert torch.allclose((codes - 8) * step + q.zero.repeat_interleave(32, dim=1), q.dequantize(), atol=1e-6)
+    x = torch.randn(2, 64, generator=g)
+    assert torch.allclose(q(x), x @ q.dequantize().T, atol=1e-5)
+    with pytest.raises(UserError, match="group size"):
+        Int4Gemv(w, group_size=24)
+
+
+def test_fused_int4_engine_and_option_errors():
+    torch.set_num_threads(2)
+    e = create_engine("compiled", "tiny", "fp32", num_slots=2, decode_kernels="fused", weight_quant="int4g",
+                      group_size=16)
+    ref = create_engine("compiled", "tiny", "fp32", num_slots=2)
+    assert e.weight_bytes() < 0.4 * ref.weight_bytes()
+    ps = prompts(1, 16, seed=5)
+    p = SamplingParams(max_new_tokens=8)
+    a, b = generate(e, ps, p).tokens, generate(ref, ps, p).tokens
+    assert len(a[0]) == 8 and a[0][0] == b[0][0]
+    with pytest.raises(UserError, match="fused decode kernels"):
+        create_engine("compiled", "tiny", "fp32", num_slots=2, weight_quant="int4g")
+    with pytest.raises(UserError, match="decode kernels 'x'"):
+        create_engine("compiled", "tiny", "fp32", num_slots=2, decode_kernels="x")
+    with pytest.raises(UserError, match="fused decode kernels do not take"):
+        create_engine("compiled", "tiny", "fp32", num_slots=2, decode_kernels="fused", weight_quant="int8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (CPU torch wheel): the kernels run in the GPU script instead")
+def test_triton_kernels_in_the_interpreter(tmp_path):
+    """The Triton kernels themselves, run by Triton's CPU interpreter, against the torch reference."""
+    code = (
+        "import torch\nfrom lmopt.engines import kernels as K\n"
+        "g=torch.Generator().manual_seed(0)\n"
+        "x=torch.randn(3,64,generator=g);w=torch.randn(96,64,generator=g)/8;nw=torch.randn(64,generator=g)\n"
+        "r=torch.randn(3,48,generator=g);n=K.Norm('rms',nw,None,1e-5)\n"
+        "for wt in (w, K.Int4Gemv(w,32)):\n"
+        "  a=K.linear(x,wt,None,n,'silu_pair',r,impl='triton');b=K.linear_ref(x,wt,None,n,'silu_pair',r)\n"
+        "  assert (a-b).abs().max()<1e-4, (a-b).abs().max()\n"
+        "qkv=torch.randn(2,8*16,generator=g)\n"
+        "kc=torch.randn(2,2,41,16,generator=g);vc=torch.randn(2,2,41,16,generator=g)\n"
+        "pos=torch.tensor([5,39]);t=torch.arange(40.)[:,None]*torch.rand(8,generator=g)\n"
+        "cos,sin=torch.cat([t.cos()]*2,-1),torch.cat([t.sin()]*2,-1)\n"
+        "k2,v2=kc.clone(),vc.clone()\n"
+        "a=K.decode_attention(qkv,kc,vc,pos,cos,sin,40,4,2,16,40,impl='triton',chunk=16)\n"
+        "b=K.decode_attention_ref(qkv,k2,v2,pos,cos,sin,40,4,2,16,40)\n"
+        "assert (a-b).abs().max()<1e-4 and torch.equal(kc,k2)\nprint('ok')\n")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_decode_kernels_script_on_cpu(tmp_path):
+    """profile/decode_kernels_gpu.py end to end on the CPU (torch reference kernels, no timing claims)."""
+    out = tmp_path / "k.json"
+    run_cli("profile/decode_kernels_gpu.py", "--device", "cpu", "--precision", "fp32", "--model", "llama-test",
+            "--small-model", "", "--quality-model", "", "--cells", "kernels,engines", "--long-prompt", "40",
+            "--short-prompt", "12", "--batch-sizes", "1,4", "--max-new-tokens", "4", "--repeats", "1",
+            "--num-slots", "4", "--group-size", "16", "--out", str(out))
+    r = read_json(out)
+    assert r["kind"] == "decode-kernels-check" and r["complete"] and not r["errors"]
+    assert all(row["rel_err"] < 1e-5 for row in r["kernels"]["gemv"] + r["kernels"]["attention"])
+    assert r["validation"]["fused"]["ok"] and r["validation"]["fused"]["greedy_agreement_vs_hf"] == 1.0
+    assert r["validation"]["fused_vs_inductor_decode"]["argmax_agreement"] == 1.0
+    got = {(row["variant"], row["batch"], row["context"]) for row in r["decode"]}
+    assert {("inductor", 1, "short"), ("fused", 1, "short"), ("fused", 4, "short"), ("fused", 1, "long"),
+            ("fused-int4", 1, "short")} <= got

@@ -425,6 +425,8 @@ def test_user_errors_are_one_line(tmp_path):
     assert_one_line_error(proc, "unknown --engine")
     proc = run_cli("serve/make_model_repository.py", "--gil-switch-us", "-1", check=False)
     assert_one_line_error(proc, "--gil-switch-us must be >= 0")
+    proc = run_cli("serve/make_model_repository.py", "--decode-kernels", "fused", check=False)
+    assert_one_line_error(proc, "options of the compiled engine", "--engine compiled")
     proc = subprocess.run(["bash", str(RUN), str(tmp_path / "none")], text=True, capture_output=True)
     assert_one_line_error(proc, "does not exist", "make serve-repo")
     port = _free_ports(1)[0]

@@ -36,6 +36,7 @@ log = logging.getLogger("lmopt.compiled")
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 KV_BUCKET_MIN = 256
+DECODE_KERNELS = ("inductor", "fused")   # the decode step: torch.compile'd, or lmopt.engines.kernels (small batches)
 DEFAULT_MAX_LEN = 4096     # positions per slot unless asked (a 128k-context model would not fit 64 slots otherwise)
 
 
@@ -49,7 +50,8 @@ class CompiledEngine(SlotEngine):
     def __init__(self, model: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
                  cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None,
-                 weight_quant: str | None = None, group_size: int = 128, max_prefill_chunk: int | None = None):
+                 weight_quant: str | None = None, group_size: int = 128, max_prefill_chunk: int | None = None,
+                 decode_kernels: str = "inductor", fused_max_batch: int = 8):
         import torch
 
         if precision not in _DTYPES:
@@ -61,6 +63,11 @@ class CompiledEngine(SlotEngine):
             raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu")
         if decode_attention not in ("matmul", "sdpa"):
             raise UserError(f"decode attention '{decode_attention}' is unknown — use matmul or sdpa")
+        if decode_kernels not in DECODE_KERNELS:
+            raise UserError(f"decode kernels '{decode_kernels}' are unknown — use one of {', '.join(DECODE_KERNELS)}")
+        if weight_quant == "int4g" and decode_kernels != "fused":
+            raise UserError("weight quantization int4g is made for the fused decode kernels — add "
+                            "decode_kernels='fused' (or use int4)")
         if threads:
             torch.set_num_threads(threads)
         spec = resolve(model)
@@ -81,6 +88,9 @@ class CompiledEngine(SlotEngine):
         if weight_quant and cuda:
             torch.cuda.empty_cache()
         self.weight_quant = weight_quant
+        if decode_kernels == "fused" and self.model.fused_ready():
+            raise UserError(f"the fused decode kernels do not take {self.model.fused_ready()} — use int4g or none")
+        self.decode_kernels, self.fused_max_batch = decode_kernels, fused_max_batch
         self.model.decode_attention = decode_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
@@ -96,7 +106,8 @@ class CompiledEngine(SlotEngine):
                                 "lower num_slots or max_len")
         with torch.inference_mode():
             self.model.allocate_cache(self.num_slots, self.max_len)
-        self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else ""), device, "hf",
+        self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else "")
+                               + ("+fused" if decode_kernels == "fused" else ""), device, "hf",
                                model, self.max_len, self.model.cfg["vocab"])
         self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.num_slots] + [self.num_slots]
         if max_prefill_chunk is not None:   # after batch_buckets (its capabilities name them), before prefill_lens
@@ -264,15 +275,17 @@ class CompiledEngine(SlotEngine):
             self._dev.copy_(self._host, non_blocking=True)
             if self._h2d_done is not None:
                 self._h2d_done.record()
-            if any(prev):
+            fused = self._fused(B)        # the fused step reads the device feed and writes _last itself
+            if any(prev) and not fused:
                 ids_b = self._ids[:B]
                 ids_b.copy_(t.where(self._use_prev[:B] != 0, self._last[:B], ids_b))
             if self.use_graphs:
                 graph, out = self._graph(B, L)
                 graph.replay()
             else:
-                out = self._step(self._ids[:B], self._pos[:B], L)
-            self._last[:B].copy_(out[1])
+                out = self._step_for(B)(self._ids[:B], self._pos[:B], L)
+            if not fused:
+                self._last[:B].copy_(out[1])
             done = self._d2h_done[k]
             if done is not None:
                 done.synchronize()                 # the step before last has finished reading this buffer's copy
@@ -284,6 +297,17 @@ class CompiledEngine(SlotEngine):
         self._last_slots = set(slots)
         return DeviceLogits(out[0], out[1], slots, host_greedy=(self._d2h[k], done))
 
+    def _fused(self, B: int) -> bool:
+        return self.decode_kernels == "fused" and B <= self.fused_max_batch
+
+    def _step_for(self, B: int):
+        """The decode step of batch bucket B: the fused kernels' (eager; captured as it is) up to fused_max_batch
+        rows, else the inductor-compiled one."""
+        if not self._fused(B):
+            return self._step
+        use_prev, last = self._use_prev, self._last
+        return lambda ids, pos, L: self.model.decode_fused(ids, pos, L, feed=(use_prev, last))
+
     def _graph(self, B: int, L: int):
         """The CUDA graph of the decode step at batch bucket B and kv bucket L, captured on first use."""
         key = (B, L)
@@ -294,34 +318,39 @@ class CompiledEngine(SlotEngine):
         ids, pos = self._ids[:B], self._pos[:B]
         # warm-up (compiles, autotunes, initializes cuBLAS) with every row on the scratch column, so no slot's
         # cache changes; then restore the real inputs
-        saved = ids.clone(), pos.clone()
+        saved = ids.clone(), pos.clone(), self._use_prev[:B].clone(), self._last[:B].clone()
         ids.zero_()
         pos.fill_(self.max_len)
+        self._use_prev[:B].zero_()
+        step = self._step_for(B)
         s = t.cuda.Stream()
         s.wait_stream(t.cuda.current_stream())
         with t.cuda.stream(s):
             try:
                 for _ in range(3):
-                    self._step(ids, pos, L)
+                    step(ids, pos, L)
             except Exception as e:
-                if not self.use_compile:
+                if not self.use_compile or self._fused(B):
                     raise
                 # a compiler failure costs speed, not the run: capture the eager step instead, and say so
                 self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 log.warning("torch.compile failed (%s); capturing the eager decode step instead", self.compile_error)
                 self.use_compile, self._step = False, self.model.decode
                 self._graphs.clear()
+                step = self._step
                 for _ in range(3):
-                    self._step(ids, pos, L)
+                    step(ids, pos, L)
         t.cuda.current_stream().wait_stream(s)
         if self._pool is None:
             self._pool = t.cuda.graph_pool_handle()
         g = t.cuda.CUDAGraph()
         # thread_local: a serving thread that touches CUDA while this one captures does not break the capture
         with t.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._step(ids, pos, L)
+            out = step(ids, pos, L)
         ids.copy_(saved[0])
         pos.copy_(saved[1])
+        self._use_prev[:B].copy_(saved[2])
+        self._last[:B].copy_(saved[3])
         self._graphs[key] = (g, out)
         log.info("captured decode graph batch %d, kv %d in %.1f s", B, L, time.perf_counter() - t0)
         return g, out

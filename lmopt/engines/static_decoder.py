@@ -11,7 +11,9 @@ column: rows of a padded decode batch that belong to no request write there, so 
 branch. Attention reads only the first `kv_len` columns (a bucket chosen by the engine), not the whole cache.
 
 `decode(ids, pos, kv_len)` is the step that is compiled and captured: row b is slot b (rows 0..B-1 are a plain view
-of the cache, no gather), one token per row at its own position. `prefill(slots, ids, starts, lengths)` appends a
+of the cache, no gather), one token per row at its own position. `decode_fused` is the same step built from the
+fused kernels of lmopt.engines.kernels (five launches per layer on CUDA, captured without torch.compile; the torch
+reference of each kernel on the CPU). `prefill(slots, ids, starts, lengths)` appends a
 chunk to each slot, causal within the chunk and attending to the slot's past.
 """
 from __future__ import annotations
@@ -95,6 +97,23 @@ class Block(nn.Module):
         a = a.reshape(B, self.n_heads * self.head_dim)
         x = x + self._lin(a, "wo", self.bo)
         return x + self._mlp(self._norm(x, self.n2w, self.n2b))
+
+    # ---- the same step from fused kernels (lmopt.engines.kernels): norm+QKV, rotary+cache write+attention,
+    # output projection+residual, norm+gate/up+SwiGLU (GELU), down projection+residual
+    def _w(self, name: str):
+        return self.quant.get(name, getattr(self, name))
+
+    def decode_fused(self, x, pos, kv_len: int, cos, sin, max_len: int):
+        from . import kernels as K
+
+        kind = "layer" if self.arch == "gpt2" else "rms"
+        qkv = K.linear(x, self._w("wqkv"), self.bqkv, K.Norm(kind, self.n1w, self.n1b, self.eps))
+        a = K.decode_attention(qkv, self.k_cache, self.v_cache, pos, cos, sin, kv_len, self.n_heads, self.n_kv,
+                               self.head_dim, max_len)
+        x = K.linear(a, self._w("wo"), self.bo, residual=x)
+        h = K.linear(x, self._w("w1"), self.b1, K.Norm(kind, self.n2w, self.n2b, self.eps),
+                     act="gelu" if self.arch == "gpt2" else "silu_pair")
+        return K.linear(h, self._w("w2"), self.b2, residual=x)
 
     # ---- prefill: x [R, S, C]; row r writes slot slots[r] at positions starts[r] + i
     def prefill(self, x, cos, sin, slot_rows, write_pos, attn):
@@ -292,6 +311,31 @@ class StaticDecoder(nn.Module):
             x = blk.decode(x, cos, sin, rows, pos, mask, kv_len)
         logits = self._head(x)
         return logits, logits.argmax(dim=-1)
+
+    def decode_fused(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int, feed=None):
+        """`decode` from the fused kernels (lmopt.engines.kernels). `feed` = (use_prev, last): a row whose use_prev
+        flag is set takes last[b] as its token instead of ids[b], and the step writes its greedy ids into `last`,
+        so a token goes from one step into the next without leaving the device or a copy outside the step."""
+        from . import kernels as K
+
+        B = ids.shape[0]
+        x = K.embed(ids, self.emb, pos, self.pos_emb, self.max_len, feed)
+        for blk in self.layers:
+            x = blk.decode_fused(x, pos, kv_len, self.cos, self.sin, self.max_len)
+        greedy = torch.empty(B, dtype=torch.long, device=ids.device)
+        head = self.head_quant if self.head_quant is not None else self.head
+        norm = K.Norm("layer" if self.arch == "gpt2" else "rms", self.norm_w, self.norm_b, self.cfg["eps"])
+        logits = K.linear(x, head, norm=norm, argmax_out=greedy, last=None if feed is None else feed[1])
+        return logits, greedy
+
+    def fused_ready(self) -> str | None:
+        """None when every weight suits the fused kernels, else why not (a weight-only scheme other than int4g)."""
+        from .kernels import Int4Gemv
+
+        for q in [*(q for blk in self.layers for q in blk.quant.values()), self.head_quant]:
+            if q is not None and not isinstance(q, Int4Gemv):
+                return f"weight quantization '{self.weight_quant}'"
+        return None
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor):
         """Token embeddings plus learned positions (GPT-2), or with the rotary tables at `pos` (Llama family)."""

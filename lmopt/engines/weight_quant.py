@@ -12,6 +12,9 @@ faster than the unquantized step, see docs/compiled_engine.md):
              (`_weight_int4pack_mm`, the kernel gpt-fast and torchao's int4 weight-only layout use). BF16
              activations on CUDA (the kernel's only input type); the CPU twin `_weight_int4pack_mm_for_cpu` runs the
              same numbers for tests.
+    int4g    the same INT4 numbers (groups of `group_size`, FP16/BF16 scales), packed for the fused decode step's
+             own GEMV (lmopt.engines.kernels.Int4Gemv: dequantized in registers inside the GEMV, activations stay
+             FP16; on the CPU the torch reference dequantizes)
 The quantized weights are plain tensors held by a small callable, so the decode step stays one fullgraph
 torch.compile graph and one CUDA graph.
 """
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 
-SCHEMES = ("int8", "int8mm", "int4")
+SCHEMES = ("int8", "int8mm", "int4", "int4g")
 
 
 class Int8Weight:
@@ -98,4 +101,8 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128):
         return Int8Weight(w, use_mm=True)
     if scheme == "int4":
         return Int4Weight(w, group_size)
+    if scheme == "int4g":
+        from .kernels import Int4Gemv
+
+        return Int4Gemv(w, group_size)
     raise UserError(f"unknown weight quantization '{scheme}' — use one of {', '.join(SCHEMES)}")

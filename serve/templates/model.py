@@ -96,7 +96,9 @@ class TritonPythonModel:
         if engine == "compiled":  # its KV-cache slots: one per request generating at once
             kwargs = {"num_slots": max(int(_param(cfg, "slots", "8")), int(cfg.get("max_batch_size", 1))),
                       "max_len": int(_param(cfg, "max_len", "0")) or None,
-                      "max_prefill_chunk": int(_param(cfg, "prefill_chunk", "256"))}
+                      "max_prefill_chunk": int(_param(cfg, "prefill_chunk", "256")),
+                      "decode_kernels": _param(cfg, "decode_kernels", "inductor"),
+                      "weight_quant": _param(cfg, "weight_quant", "") or None}
         self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
                                     artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
         from lmopt.engines.slots import SlotEngine
