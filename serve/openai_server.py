@@ -10,7 +10,7 @@ stop (string or list of up to 4), n (1 only), stream, stream_options, ignore_eos
 echo, best_of > 1, penalties, tools, ...) are refused with 400 rather than ignored.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON, wrong type, value out of
 range, prompt over the context; 401 no or a wrong API key (with --api-key); 404 unknown model or path; 413 a body
-over --max-body-bytes (from its Content-Length, before it is read); 429 the backend's queue is full ("server busy:
+over --max-body-bytes (read and dropped, never parsed or tokenized); 429 the backend's queue is full ("server busy:
 ..."); 503 Triton or the model not ready. The server keeps serving after every one of them.
 
 Access: with --api-key KEY (or the environment variable LMOPT_API_KEY, which keeps the key out of `ps`), every /v1/
@@ -57,6 +57,10 @@ API_KEY_ENV = "LMOPT_API_KEY"        # the API key when --api-key is not given (
 # larger one in a worker thread, with the GIL released while the Rust tokenizer runs (lmopt.models.encode):
 # docs/openai_gateway.md
 INLINE_BODY_BYTES = 2048
+# An oversized body is read to its end and dropped before the 413 goes out (up to this much): a server that answers
+# and closes while the client is still sending resets the connection, and the client (urllib, aiohttp, the openai
+# client send the whole body before they read) sees "connection reset" instead of the 413 (docs/openai_gateway.md)
+DRAIN_BYTES = 64 << 20
 MAX_STOP_STRINGS = 4                 # OpenAI's limit
 _MARK = "\x00text\x00"               # stands for a token's text while an SSE chunk's template is serialized
 
@@ -70,7 +74,7 @@ class GatewaySettings:
     served_model_name: str = ""      # the model's id in /v1/models and answers (default: preset/hub id, folder name)
     request_timeout: float = 600.0   # seconds one request may stream before it is cut
     api_key: str = ""                # /v1/ routes want "Authorization: Bearer KEY" (default: $LMOPT_API_KEY)
-    max_body_bytes: int = 1 << 20    # a request body over this gets 413 before it is read (1 MiB)
+    max_body_bytes: int = 1 << 20    # a request body over this gets 413, never parsed (1 MiB)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -657,10 +661,10 @@ def create_app(backend, settings: GatewaySettings | None = None):
             path = scope["path"]
             try:
                 try:
-                    for name, value in scope["headers"]:   # a declared size over the limit: 413 before reading any
+                    for name, value in scope["headers"]:   # a declared size over the limit: 413, nothing parsed
                         if name == b"content-length":
-                            if value.isdigit() and int(value) > max_body:
-                                raise too_large(max_body)
+                            if value.isdigit() and int(value) > DRAIN_BYTES:
+                                raise too_large(max_body)     # too large even to drop: answered, then reset
                             break
                     raw, size = [], 0
                     while True:
@@ -669,11 +673,14 @@ def create_app(backend, settings: GatewaySettings | None = None):
                             return                    # the client left before its body arrived: nobody to answer
                         chunk = m.get("body", b"")
                         size += len(chunk)
-                        if size > max_body:           # a chunked body: cut off where it passes the limit
+                        if size > DRAIN_BYTES:
                             raise too_large(max_body)
-                        raw.append(chunk)
+                        if size <= max_body:          # past the limit the rest is read and dropped, never kept
+                            raw.append(chunk)
                         if not m.get("more_body"):
                             break
+                    if size > max_body:
+                        raise too_large(max_body)
                     body = parse_body(b"".join(raw))
                     info = await backend.info()
                     check_model(body, info)
