@@ -30,6 +30,8 @@ Cells:
               of a host-synced step
 """
 from __future__ import annotations
+if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
+    raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
 import statistics
 import time
