@@ -206,13 +206,13 @@ class KVCacheManager:
     def grow(self, key: Hashable, num_tokens: int) -> bool:
         """Room for `num_tokens` positions in request `key`'s blocks (new ones at the end if needed); False,
         changing nothing, when the pool has too few free blocks."""
-        s = self.seqs.setdefault(key, _Seq())
+        s = self.seqs.get(key) or _Seq()
         need = self.blocks_for(num_tokens) - len(s.blocks)
-        if need <= 0:
-            return True
         if need > self.pool.num_free:
             return False
-        s.blocks += self.pool.get_new_blocks(need)
+        if need > 0:
+            s.blocks += self.pool.get_new_blocks(need)
+        self.seqs[key] = s
         return True
 
     def append_tokens(self, key: Hashable, position: int, tokens: Sequence[int]) -> None:
