@@ -41,6 +41,14 @@ the caller calls `drain()`, which returns one RequestOutput per request with eve
 Triton model's sender does this: one response per stream per pass, several tokens in it when it fell behind).
 A stop string found there tells the loop to retire the request at its next step.
 
+Paged KV (an engine that declares `capabilities.paged_kv`, the compiled engine's kv_layout="paged"; lmopt.kv_blocks):
+step 2 admits a request only while the block pool holds its whole prompt (`admit_slot`, which reuses the blocks of
+its longest cached prefix: prefill starts after them); before step 4 every decoding row gets a block for its next
+position (`reserve_slot`), and when none is free the newest running request is preempted: its blocks are freed and
+it goes back to the front of the queue with its prompt and the tokens it generated as the prompt to prefill again
+(vLLM's recompute preemption), so its stream continues with the next token. A request whose prompt + max tokens
+needs more blocks than the pool has is refused at submit; any other waits until blocks free up. docs/paged_kv.md.
+
 Back-pressure: the scheduler holds at most `num_slots` running plus `max_queue` waiting requests. Beyond that,
 `submit` raises ServerBusy, whose message starts with "server busy: ". That prefix is the contract with the serving
 layers: they map it to their "try again later" status (HTTP 429 in the OpenAI gateway; UNAVAILABLE in the Triton

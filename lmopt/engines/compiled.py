@@ -254,6 +254,14 @@ class CompiledEngine(SlotEngine):
     def blocks_for(self, num_tokens: int) -> int:
         return self.kv.blocks_for(num_tokens)
 
+    def set_prefix_cache(self, on: bool) -> None:
+        """Prefix lookup and caching on or off from now on (a benchmark compares both on one engine); blocks
+        cached so far stay cached, unused while off."""
+        if not self.paged:
+            raise UserError("the prefix cache is a feature of the paged KV cache — build the engine with "
+                            "kv_layout='paged'")
+        self.kv.pool.enable_caching = bool(on)
+
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks()
 
