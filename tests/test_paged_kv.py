@@ -86,8 +86,12 @@ def test_cache_on_reuses_shared_blocks_and_gives_the_contiguous_tokens(workload)
 
 
 def test_cache_off_shares_nothing_and_gives_the_same_tokens(workload):
+    from lmopt.engines.slotted import LimitedSlots, create_slot_engine
+
     eng = _paged(num_blocks=64, prefix_cache=False)
-    got, alone, st = _serve(eng, workload)
+    limited = create_slot_engine(eng, num_slots=3)        # the engine's blocks through the slot-limiting adapter
+    assert isinstance(limited, LimitedSlots)
+    got, alone, st = _serve(limited, workload)
     assert got == alone
     assert st["prefix_cache_hits"] == 0 and not eng.kv.pool.cached and not eng.capabilities.prefix_cache
     _assert_pool_full(eng)
