@@ -4,6 +4,9 @@ blocks, with eviction forced by a tiny pool and with preemption forced; the pool
 one-line errors; the metrics the Triton model exports."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
 import sys
 import types
 
@@ -155,6 +158,9 @@ def test_one_line_errors():
         create_engine("compiled", "tiny", "fp32", num_blocks=8)
     with pytest.raises(UserError, match="on the CPU give num_blocks"):
         _paged(kv_memory_fraction=0.5)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(UserError, match="paged_attention='triton' cannot run here"):
+            _paged(paged_attention="triton")
     eng = _paged(num_blocks=2)
     a, b = eng.alloc_slot(), eng.alloc_slot()
     eng.prefill_slot(a, list(range(1, 2 * BS + 1)))
@@ -230,3 +236,24 @@ def test_triton_model_exports_kv_metrics(monkeypatch):
         "lm_prefix_cache_queries_total", "lm_prefix_cache_hits_total", "lm_kv_evictions_total",
         "lm_num_preemptions_total"}
     _assert_pool_full(eng)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (CPU torch wheel): the kernel runs in the GPU benchmark instead")
+def test_paged_attention_kernel_in_the_interpreter():
+    """The paged decode attention kernel (lmopt.engines.paged_attention), run by Triton's CPU interpreter, against
+    the gather reference: blocks out of order, a shared prefix, one split and several, a padding row."""
+    code = (
+        "import torch\nfrom lmopt.engines.paged_attention import paged_decode_attention as k, "
+        "paged_decode_attention_ref as r\n"
+        "g=torch.Generator().manual_seed(0)\nB,H,KV,D,BS,NB=3,8,2,16,16,20\n"
+        "kc=torch.randn(NB+1,BS,KV,D,generator=g);vc=torch.randn(NB+1,BS,KV,D,generator=g)\n"
+        "t=torch.full((B,9),NB,dtype=torch.long);p=torch.randperm(NB,generator=g)\n"
+        "t[0,:2]=p[:2];t[1,:8]=p[2:10];t[2,:5]=p[10:15];t[2,:2]=t[0,:2]\n"
+        "pos=torch.tensor([20,127,70]);q=torch.randn(B,H,D,generator=g);ref=r(q,kc,vc,t[:,:8],pos)\n"
+        "for c in (None,16,128):\n  assert (k(q,kc,vc,t[:,:8],pos,chunk=c)-ref).abs().max()<1e-5\n"
+        "o=k(q,kc,vc,t[:,:8],torch.tensor([20,127,143]))\n"
+        "assert (o[:2]-ref[:2]).abs().max()<1e-5 and torch.isfinite(o).all()\nprint('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]

@@ -53,7 +53,7 @@ class CompiledEngine(SlotEngine):
                  weight_quant: str | None = None, group_size: int = 128, max_prefill_chunk: int | None = None,
                  decode_kernels: str = "inductor", fused_max_batch: int = 8, kv_layout: str = "contiguous",
                  block_size: int = 16, num_blocks: int | None = None, kv_memory_fraction: float | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, paged_attention: str = "gather"):
         import torch
 
         if precision not in _DTYPES:
@@ -71,6 +71,17 @@ class CompiledEngine(SlotEngine):
             raise UserError("weight quantization int4g is made for the fused decode kernels — add "
                             "decode_kernels='fused' (or use int4)")
         _check_kv_layout(kv_layout, block_size, num_blocks, kv_memory_fraction, decode_kernels, cuda)
+        if paged_attention not in ("gather", "triton"):
+            raise UserError(f"paged attention '{paged_attention}' is unknown — use gather or triton")
+        if paged_attention == "triton":
+            from .paged_attention import available
+
+            why = available(device) or (None if kv_layout == "paged" else "it reads the paged KV cache — add "
+                                        "kv_layout='paged'")
+            if why is None and (block_size < 16 or block_size & (block_size - 1)):
+                why = f"it takes blocks of a power of two >= 16 positions, not {block_size}"
+            if why:
+                raise UserError(f"paged_attention='triton' cannot run here: {why} — or use paged_attention='gather'")
         if threads:
             torch.set_num_threads(threads)
         spec = resolve(model)
@@ -95,6 +106,7 @@ class CompiledEngine(SlotEngine):
             raise UserError(f"the fused decode kernels do not take {self.model.fused_ready()} — use int4g or none")
         self.decode_kernels, self.fused_max_batch = decode_kernels, fused_max_batch
         self.model.decode_attention = decode_attention
+        self.model.paged_attention = paged_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
         self.num_slots = num_slots or (64 if cuda else 8)

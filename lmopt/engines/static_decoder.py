@@ -96,8 +96,15 @@ class Block(nn.Module):
             self.v_cache[rows, :, pos] = v
             kc = self.k_cache[:B, :, :kv_len]                            # [B, KV, L, D] (a view)
             vc = self.v_cache[:B, :, :kv_len]
+        elif paged[3]:   # the paged attention kernel reads through the block table (lmopt.engines.paged_attention)
+            from .paged_attention import paged_decode_attention
+
+            self._paged_kv(k, v, paged[0], paged[1], None)
+            a = paged_decode_attention(q, self.k_cache, self.v_cache, paged[2], pos)
+            x = x + self._lin(a, "wo", self.bo)
+            return x + self._mlp(self._norm(x, self.n2w, self.n2b))
         else:
-            kc, vc = self._paged_kv(k, v, *paged)
+            kc, vc = self._paged_kv(k, v, *paged[:3])
         # grouped-query attention without expanding the cache: the G query heads of one KV head are treated as G
         # queries of that head, so each KV head is read once
         g = self.n_heads // self.n_kv
@@ -174,6 +181,7 @@ class StaticDecoder(nn.Module):
         self.max_len = 0
         self.decode_attention = "matmul"      # or "sdpa" (see Block.decode)
         self.paged = False                    # allocate_cache(..., num_blocks=...) makes the cache paged
+        self.paged_attention = "gather"       # paged decode attention: gather + SDPA, or "triton" (the kernel)
         self.head_quant = None
         self.weight_quant: str | None = None
 
@@ -357,6 +365,7 @@ class StaticDecoder(nn.Module):
         paged = None
         if self.paged:   # row b reads slot b's blocks through the block table (an input, like ids and pos)
             paged, kv_len = self._paged_index(self.block_table[:B], pos, kv_len)
+            paged = (*paged, self.paged_attention == "triton")
         mask = torch.arange(kv_len, device=ids.device)[None, :] <= pos[:, None]   # [B, L]
         if self.decode_attention == "sdpa":
             mask = torch.zeros(mask.shape, dtype=self.emb.dtype, device=ids.device).masked_fill(~mask, float("-inf"))
