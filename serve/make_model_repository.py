@@ -89,6 +89,7 @@ class RepoSettings:
     kv_num_blocks: int = 0           # paged: blocks in the pool (0 = --kv-memory-fraction of free GPU memory, or the memory --slots contiguous slots would take)
     kv_memory_fraction: float = 0.0  # paged, on a GPU: share of the GPU memory free after loading the weights that the pool takes (0 = --kv-num-blocks)
     prefix_cache: bool = True        # paged: reuse the cached blocks of a prompt's longest cached prefix (--no-prefix-cache: off)
+    paged_attention: str = "gather"  # paged decode attention: gather (copy the blocks, then SDPA) | triton (a kernel that reads through the block table, GPU only)
 
 
 def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
@@ -299,6 +300,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "decode_kernels": s.decode_kernels, "weight_quant": s.weight_quant, "kv_layout": s.kv_layout,
               "kv_block_size": str(s.kv_block_size), "kv_num_blocks": str(s.kv_num_blocks),
               "kv_memory_fraction": f"{s.kv_memory_fraction:g}", "prefix_cache": "1" if s.prefix_cache else "0",
+              "paged_attention": s.paged_attention,
               "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
     empty_params = {"engine": "empty", "default_max_tokens": str(s.default_max_tokens),
@@ -340,8 +342,11 @@ def _check_kv(s: RepoSettings) -> None:
     if s.kv_layout == "paged" and s.decode_kernels == "fused":
         raise UserError("the fused decode kernels read the contiguous KV cache — drop --decode-kernels fused or "
                         "use --kv-layout contiguous")
-    if s.kv_layout != "paged" and (s.kv_num_blocks or s.kv_memory_fraction):
-        raise UserError("--kv-num-blocks and --kv-memory-fraction size the paged KV cache — add --kv-layout paged")
+    if s.paged_attention not in ("gather", "triton"):
+        raise UserError(f"unknown --paged-attention '{s.paged_attention}' — use gather or triton")
+    if s.kv_layout != "paged" and (s.kv_num_blocks or s.kv_memory_fraction or s.paged_attention != "gather"):
+        raise UserError("--kv-num-blocks, --kv-memory-fraction and --paged-attention are settings of the paged KV "
+                        "cache — add --kv-layout paged")
     if s.kv_block_size < 1 or s.kv_num_blocks < 0 or not 0 <= s.kv_memory_fraction < 1:
         raise UserError(f"--kv-block-size must be >= 1, --kv-num-blocks >= 0 and --kv-memory-fraction in [0, 1) "
                         f"(got {s.kv_block_size}, {s.kv_num_blocks}, {s.kv_memory_fraction:g})")

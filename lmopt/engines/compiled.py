@@ -14,6 +14,10 @@ context. On CUDA each (batch bucket, kv bucket) pair is compiled with torch.comp
 shapes) and captured once in a CUDA graph sharing one memory pool, then replayed; on the CPU the same step runs
 eagerly. Prefill runs eagerly (it is compute-bound). docs/compiled_engine.md explains the choices.
 
+With kv_layout="paged" the cache is a pool of blocks behind a block table instead (lmopt.kv_blocks: reference
+counts, an LRU free queue, automatic prefix caching), `admit_slot` reuses a prompt's cached prefix and the scheduler
+admits by free blocks; the table is an input of the captured step. docs/paged_kv.md.
+
 The plain Engine interface (prefill/decode/release) is built on slots: one slot per row of the batch.
 """
 from __future__ import annotations

@@ -106,7 +106,8 @@ class TritonPythonModel:
                       "block_size": int(_param(cfg, "kv_block_size", "16")),
                       "num_blocks": int(_param(cfg, "kv_num_blocks", "0")) or None,
                       "kv_memory_fraction": float(_param(cfg, "kv_memory_fraction", "0")) or None,
-                      "prefix_cache": _param(cfg, "prefix_cache", "1") == "1"}
+                      "prefix_cache": _param(cfg, "prefix_cache", "1") == "1",
+                      "paged_attention": _param(cfg, "paged_attention", "gather")}
         self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
                                     artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
         from lmopt.engines.slots import SlotEngine
