@@ -469,9 +469,10 @@ class Scheduler:
         self._engine_s = 0.0
         # 1. cancellations and stop strings, wherever the request is
         with self._cond:
-            for r in [r for r in self._waiting if r._cancelled(self.cancel_poll_s)]:
+            # (a preempted request waits again: its text may have reached a stop string meanwhile)
+            for r in [r for r in self._waiting if r._stop_hit or r._cancelled(self.cancel_poll_s)]:
                 self._waiting.remove(r)
-                self._finish(r, "cancelled")
+                self._finish(r, "stop" if r._stop_hit else "cancelled")
         for r in [r for r in self._prefilling + self._decoding if r._stop_hit or r._cancelled(self.cancel_poll_s)]:
             self._finish(r, "stop" if r._stop_hit else "cancelled")
         # 2. admission by free KV-cache slots (and blocks), first come first served
