@@ -144,3 +144,14 @@ def test_grammar_choice_cli_measures_and_checks_a_valid_document(tmp_path):
     (row,) = doc["summary"]
     assert doc["kind"] == "grammar_choice" and row["library"] == "llguidance" and row["valid_document_refused"] == 0
     assert row["mask_ms"] > 0 and row["compile_ms"] > 0
+
+
+def test_gpu_overhead_benchmark_smoke_on_cpu(tmp_path):
+    """profile/structured_gpu.py --smoke: the GPU benchmark's whole path on the CPU (figures not judged here)."""
+    out = tmp_path / "structured.json"
+    run_cli("profile/structured_gpu.py", "--smoke", "--out", str(out))
+    doc = read_json(out)
+    s = doc["summary"]
+    assert doc["kind"] == "structured_overhead" and s["card"] == "cpu" and doc["versions"]["llguidance"]
+    assert s["itl_ratio_1"] > 0 and s["tok_s_ratio_64"] > 0 and set(s["meets"]) == {"itl_ratio_1", "tok_s_ratio_64"}
+    assert set(s["tok_s_64"]) == {"all-plain", "half-schema"} and s["itl_ms_1"]["schema"]["count"] > 0
