@@ -47,7 +47,7 @@ def test_mask_and_logprobs_on_host_and_device_agree():
     mask = _bitmask(allowed, 100)
     host = HostLogits(raw.copy())
     # a padded device batch (rows 3, 0, 2 of 4) whose greedy ids came with the step, as a captured graph gives them
-    dev = DeviceLogits(torch.from_numpy(raw.copy()), greedy=torch.zeros(4, dtype=torch.int64), rows=[3, 0, 2])
+    dev = DeviceLogits(torch.from_numpy(raw.copy()), greedy=torch.from_numpy(raw.argmax(-1)), rows=[3, 0, 2])
     host.apply_mask([3, 0], mask)
     dev.apply_mask([0, 1], mask)
     want = [int(np.argmax(np.where(np.isin(np.arange(100), allowed[0]), raw[3], -np.inf))), 7,

@@ -110,7 +110,8 @@ class DeviceLogits(StepLogits):
 
     def __init__(self, logits, greedy=None, rows: Sequence[int] | None = None, host_greedy=None):
         self.logits, self.greedy, self.host_greedy = logits, greedy, host_greedy
-        self.raw = logits        # as the engine returned them (apply_mask masks a copy)
+        self.raw = logits        # as the engine returned them (apply_mask never changes them)
+        self._masked = None      # apply_mask: ({row: index}, masked rows [n, vocab] on the device)
         self.rows = list(range(int(logits.shape[0]))) if rows is None else list(rows)
 
     def __len__(self) -> int:
@@ -125,29 +126,37 @@ class DeviceLogits(StepLogits):
             buf, done = self.host_greedy
             if done is not None:
                 done.synchronize()
-            return buf.numpy()[self.rows].astype(np.int64)   # fancy indexing copies out of the reused buffer
-        ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
-        return ids.cpu().numpy().astype(np.int64)[self.rows]
+            out = buf.numpy()[self.rows].astype(np.int64)   # fancy indexing copies out of the reused buffer
+        else:
+            ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
+            out = ids.cpu().numpy().astype(np.int64)[self.rows]
+        if self._masked is not None:   # rows under a grammar: the argmax of their masked logits
+            where, masked = self._masked
+            out[list(where)] = masked.argmax(-1).cpu().numpy()
+        return out
 
     def row(self, i: int) -> np.ndarray:
+        if self._masked is not None and i in self._masked[0]:
+            return self._masked[1][self._masked[0][i]].float().cpu().numpy()
         return self.logits[self.rows[i]].float().cpu().numpy()
 
     def apply_mask(self, rows: Sequence[int], bitmask: np.ndarray) -> None:
+        """The masked rows are a tensor of their own ([len(rows), vocab], on the device): the engine's logits (a
+        captured graph's output) and its greedy ids stay as they are for the other rows, so argmax() reads those as
+        before and adds one argmax over the masked rows."""
         import torch
 
         if not len(rows):
             return
-        lg = self.logits
-        dev = lg.device
-        if lg is self.raw:   # the engine's buffer (a captured graph's output) is left as it was
-            lg = self.logits = lg.clone()
+        if self._masked is not None:
+            raise ValueError("apply_mask is called once per step")
+        dev = self.logits.device
         idx = torch.tensor([self.rows[i] for i in rows], device=dev)
         m = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32)).to(dev, non_blocking=True)
         shifts = torch.arange(32, device=dev, dtype=torch.int32)
-        allowed = ((m.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, :lg.shape[-1]].bool()
-        lg.index_copy_(0, idx, lg.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
-        # greedy ids computed with the step (inside a captured graph) are of the unmasked logits: argmax() recomputes
-        self.greedy = self.host_greedy = None
+        allowed = ((m.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, :self.logits.shape[-1]].bool()
+        self._masked = ({int(i): j for j, i in enumerate(rows)},
+                        self.logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
 
     def logprobs(self, rows: Sequence[int], tokens: Sequence[int], k: int):
         import torch
