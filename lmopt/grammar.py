@@ -61,7 +61,10 @@ def _schema_of(spec: str) -> dict:
 
 def _grammar_text(spec: str) -> str:
     """llguidance's grammar for a spec, checked (UserError naming the first problem, on one line)."""
-    import llguidance
+    try:
+        import llguidance
+    except ImportError:
+        raise UserError("structured output needs llguidance — pip install -r requirements.txt") from None
 
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(_schema_of(spec), defaults=JSON_OPTIONS)

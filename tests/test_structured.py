@@ -5,6 +5,7 @@ measurement's CLI. The served path (gateway, Triton, the openai client) is teste
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -155,3 +156,40 @@ def test_gpu_overhead_benchmark_smoke_on_cpu(tmp_path):
     assert doc["kind"] == "structured_overhead" and s["card"] == "cpu" and doc["versions"]["llguidance"]
     assert s["itl_ratio_1"] > 0 and s["tok_s_ratio_64"] > 0 and set(s["meets"]) == {"itl_ratio_1", "tok_s_ratio_64"}
     assert set(s["tok_s_64"]) == {"all-plain", "half-schema"} and s["itl_ms_1"]["schema"]["count"] > 0
+
+
+def test_grammar_requests_join_a_pipelined_batch_on_the_device_fed_engine():
+    """The compiled engine feeds greedy tokens on the device (pipelining): a grammar request arriving turns it off
+    while it decodes (docs/structured_output.md); the plain requests keep exactly their tokens across the switch."""
+    import jsonschema
+
+    from lmopt.engines import create_engine
+    from lmopt.generate import generate
+    from lmopt.grammar import json_schema_spec
+    from lmopt.models import load_tokenizer
+    from lmopt.scheduler import Scheduler
+
+    tok = load_tokenizer("tiny")
+    eng = create_engine("compiled", "tiny", "fp32", num_slots=4, max_len=192)
+    try:
+        assert eng.capabilities.device_feed
+        prompts = [tok(p)["input_ids"] for p in ("def f(x):", "import os\n", "class A:")]
+        plain = SamplingParams(max_new_tokens=40, stop_token_ids=(-1,))
+        alone = [generate(eng, [p], plain).tokens[0] for p in prompts[:2]]
+        sched = Scheduler(eng, tokenizer=tok)
+        try:
+            assert sched.pipeline
+            reqs = [sched.submit(p, plain) for p in prompts[:2]]
+            deadline = time.time() + 60
+            while sched.stats()["tokens"] < 10 and time.time() < deadline:
+                time.sleep(0.001)
+            g = sched.submit(prompts[2], SamplingParams(max_new_tokens=120, stop_token_ids=(tok.eos_token_id,),
+                                                        grammar=json_schema_spec(SCHEMA), logprobs=1))
+            evs, last = _events(g)
+            assert last.finish_reason == "stop"
+            jsonschema.validate(json.loads("".join(e.text for e in evs) + last.text), SCHEMA)
+            assert [r.result(60).tokens for r in reqs] == alone
+        finally:
+            sched.close()
+    finally:
+        eng.close()

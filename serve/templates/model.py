@@ -161,10 +161,20 @@ class TritonPythonModel:
             if self.decoupled:
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
                 self._sender.start()
+            # structured output's view of the vocabulary, built beside the first requests rather than in one
+            threading.Thread(target=self._prepare_grammars, name=f"{self.model_name}-grammar", daemon=True).start()
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
                              + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
                                 f"max_queue={self.scheduler.max_queue}" if self.scheduler else ""))
+
+    def _prepare_grammars(self):
+        try:
+            t0 = time.perf_counter()
+            self.scheduler.prepare_grammars()
+            self.logger.log_info(f"{self.model_name}: grammar engine ready in {time.perf_counter() - t0:.2f} s")
+        except Exception as e:  # noqa: BLE001  (structured output then fails per request, with its reason)
+            self.logger.log_warn(f"{self.model_name}: grammar engine not prepared: {e}")
 
     # ---- outputs: the one place that decides DLPack or numpy ---------------------------------------------------
     def _ids_tensor(self, ids, name="token_ids", dtype=np.int64):
