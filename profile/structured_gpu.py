@@ -137,42 +137,49 @@ def _itl_round(eng, tok, s, v: _Variant, spec: str, seed: int) -> dict:
 
 
 def _throughput_round(eng, tok, s, v: _Variant, spec: str, seed: int) -> dict:
+    """Closed loop: each request's final event submits its successor (on the scheduler's output thread), so nothing
+    polls beside the loop; the window's tokens and steps come from the scheduler's counters."""
     from lmopt.scheduler import Scheduler
 
     sched = Scheduler(eng, tokenizer=tok, max_queue=s.streams, pipeline=v.pipeline)
     prompts = _prompts(tok, s.streams, s.prompt_len, seed)
-    valid = stopped = 0
+    counts = {"stopped": 0, "valid": 0}
+    running = [True]
+    live: dict = {}
 
-    def submit(i: int):
+    def launch(i: int) -> None:
         constrained = v.constrained == "all" or (v.constrained == "half" and i % 2 == 0)
-        return sched.submit(prompts[i], _params(s, spec if constrained else None, tok.eos_token_id)), constrained
+        pieces: list[str] = []
+
+        def on_event(ev) -> None:
+            pieces.append(ev.text)
+            if not ev.finished:
+                return
+            if constrained and ev.finish_reason == "stop":
+                counts["stopped"] += 1
+                counts["valid"] += _check("".join(pieces))
+            if running[0]:
+                launch(i)
+
+        live[i] = sched.submit(prompts[i], _params(s, spec if constrained else None, tok.eos_token_id),
+                               on_event=on_event)
 
     try:
-        live = [submit(i) for i in range(s.streams)]
-        t_end_warm = time.perf_counter() + 1.0
-        t0 = st0 = None
-        while True:
-            now = time.perf_counter()
-            if st0 is None and now >= t_end_warm:
-                t0, st0 = now, sched.stats()
-            if st0 is not None and now >= t0 + s.duration_s:
-                st1, t1 = sched.stats(), now
-                break
-            for i, (r, constrained) in enumerate(live):
-                if r.finished:
-                    if constrained and r.finish_reason == "stop":
-                        stopped += 1
-                        valid += _check(r.text)
-                    live[i] = submit(i)
-            time.sleep(0.0005)
-        for r, _ in live:
+        for i in range(s.streams):
+            launch(i)
+        time.sleep(1.0)                      # warm-up: every stream decoding
+        t0, st0 = time.perf_counter(), sched.stats()
+        time.sleep(s.duration_s)
+        t1, st1 = time.perf_counter(), sched.stats()
+        running[0] = False
+        for r in list(live.values()):
             r.cancel()
     finally:
         sched.close()
     steps = max(st1["steps"] - st0["steps"], 1)
-    return {"tok_s": (st1["tokens"] - st0["tokens"]) / (t1 - t0), "steps": steps, "stopped": stopped,
-            "valid": valid, "host_ms_per_step": ((st1["step_seconds"] - st0["step_seconds"]) -
-                                                 (st1["engine_seconds"] - st0["engine_seconds"])) / steps * 1e3,
+    return {"tok_s": (st1["tokens"] - st0["tokens"]) / (t1 - t0), "steps": steps, **counts,
+            "host_ms_per_step": ((st1["step_seconds"] - st0["step_seconds"]) -
+                                 (st1["engine_seconds"] - st0["engine_seconds"])) / steps * 1e3,
             "mean_batch": (st1["tokens"] - st0["tokens"]) / steps}
 
 
