@@ -660,7 +660,13 @@ class Scheduler:
         if self._bitmask is None or self._bitmask.shape[0] < len(items):
             self._bitmask = g.new_bitmask(max(self.engine.num_slots, len(items)))
         bitmask = self._bitmask[:len(items)]
-        g.fill(bitmask, [(r._matcher, j) for j, (_, r) in enumerate(items)])
+        try:
+            g.fill(bitmask, [(r._matcher, j) for j, (_, r) in enumerate(items)])
+        except Exception as e:  # noqa: BLE001  (the grammar rows fail; the others' step goes on)
+            log.exception("filling the grammar masks failed")
+            for _, r in items:
+                self._finish(r, "error", f"structured output failed: {e}")
+            return None
         return [i for i, _ in items], bitmask
 
     def _first_masks(self, out, items) -> None:

@@ -128,7 +128,7 @@ def bearer_ok(headers, key: bytes) -> bool | None:
 # Texts of the model's own request checks (serve/templates/model.py): the backend streams errors as text only, so
 # these identify a client mistake the gateway did not catch first (e.g. an engine whose context is shorter).
 _CLIENT_ERROR_TEXTS = ("exceeds the context length", "is above this server's cap", "must be", "empty prompt",
-                       "outside the vocabulary", "invalid JSON schema", "a grammar is", "structured output")
+                       "outside the vocabulary", "invalid JSON schema", "a grammar is")
 
 
 def backend_error(message: str) -> APIError:
