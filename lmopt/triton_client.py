@@ -152,8 +152,15 @@ def parse_response(result, tokens_output: str = "token_ids") -> Piece:
     ids = result.as_numpy(tokens_output).reshape(-1) if tokens_output in names else []
     code = result.as_numpy("finish_reason").reshape(-1)[0] if "finish_reason" in names else None
     flag = resp.parameters.get(FINAL_FLAG)
-    return Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
-                 bool(flag is not None and flag.bool_param), _reason(code))
+    piece = Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
+                  bool(flag is not None and flag.bool_param), _reason(code))
+    if "logprobs" in names:
+        piece.logprobs = [float(x) for x in result.as_numpy("logprobs").reshape(-1)]
+        n = len(piece.logprobs)
+        top_ids = result.as_numpy("top_logprob_ids").reshape(n, -1) if "top_logprob_ids" in names else [[]] * n
+        top_lp = result.as_numpy("top_logprobs").reshape(n, -1) if "top_logprobs" in names else [[]] * n
+        piece.top_logprobs = [[(int(t), float(v)) for t, v in zip(a, b)] for a, b in zip(top_ids, top_lp)]
+    return piece
 
 
 def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:

@@ -1001,3 +1001,22 @@ def test_invalid_schema_is_400_naming_the_problem_and_the_server_keeps_serving(s
         status, text = http(stack[1], "POST", "/v1/completions", body)
         assert status == 400 and json.loads(text)["error"]["param"] == param, text
     still_serving(client)
+
+
+def test_any_triton_client_sends_the_grammar_as_a_request_parameter(stack):
+    """The grammar and logprobs are request parameters of the model (not a second path): tritonclient's stream gets
+    JSON that validates, and each token's logprobs."""
+    import jsonschema
+
+    from lmopt.grammar import json_schema_spec
+    from lmopt.triton_client import GenRequest, GrpcStream
+
+    schema = WEATHER["function"]["parameters"]
+    with GrpcStream(f"127.0.0.1:{stack[0].grpc}") as st:
+        pieces = list(st.generate(GenRequest(prompt="Weather:", max_tokens=80, grammar=json_schema_spec(schema),
+                                             logprobs=2)))
+    assert pieces[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(p.text for p in pieces)), schema)
+    tokens = [t for p in pieces for t in p.token_ids]
+    tops = [t for p in pieces if p.logprobs is not None for t in p.top_logprobs]
+    assert len(tops) == len(tokens) and all(len(t) == 2 and t[0][1] >= t[1][1] for t in tops)
