@@ -33,6 +33,11 @@
 #                at 64; lm_empty at 64 and 256; the 1-stream overhead; the per-step timeline at 64. The gateway and
 #                the clients need the wheels of profile/gpu_wheels.sh on PYTHONPATH
 #
+#   9. structured - what structured output costs the decode loop (profile/structured_gpu.py): Llama-1B shape,
+#                FP16, compiled engine, in-process scheduler; ITL at 1 stream with a JSON schema vs without, tokens/s
+#                at 64 streams with half the requests constrained vs none, interleaved in one run. Needs llguidance
+#                (its abi3 wheel from profile/gpu_wheels.sh on PYTHONPATH)
+#
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
 #   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
@@ -245,6 +250,11 @@ PYEOF
       # the sweep's own file holds every request (compact): large, so gzip it beside the others
       gzip -c "$ART_L/$LM/profile/serving-stream-load.json" > "$WORK/results/$LM/serving-stream-load.json.gz" \
         2>/dev/null ;;
+    structured)
+      say "structured: JSON schema vs none, 1 and 64 streams (llama-1b, compiled fp16)"
+      mkdir -p "$WORK/results/llama-1b"
+      timeout 560 "$PY" profile/structured_gpu.py --out "$WORK/results/llama-1b/structured-overhead.json" 2>&1 \
+        | grep -v -i warning | tail -24 | tee -a "$LOG" ;;
     *) echo "unknown part $part" >&2 ;;
   esac
 done
