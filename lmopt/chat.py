@@ -29,11 +29,18 @@ def chat_template(tokenizer) -> str:
     return getattr(tokenizer, "chat_template", None) or SIMPLE_CHAT_TEMPLATE
 
 
-def render_chat(tokenizer, messages: Sequence[dict]) -> str:
-    """The prompt text for `messages` (each {"role", "content": str}), ending where the assistant's reply starts."""
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders a `tools` list into the prompt (the built-in one does not)."""
+    return "tools" in chat_template(tokenizer)
+
+
+def render_chat(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+    """The prompt text for `messages` (each {"role", "content": str}), ending where the assistant's reply starts;
+    `tools` (OpenAI's list) are rendered where the template supports them."""
+    kw = {"tools": list(tools)} if tools and template_supports_tools(tokenizer) else {}
     return tokenizer.apply_chat_template(list(messages), chat_template=chat_template(tokenizer), tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **kw)
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    return encode(tokenizer, render_chat(tokenizer, messages), add_special_tokens=False)
+def chat_prompt_ids(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+    return encode(tokenizer, render_chat(tokenizer, messages, tools), add_special_tokens=False)

@@ -17,6 +17,9 @@ from .errors import UserError
 from .nvtx_ranges import nvtx_range
 
 
+MAX_TOP_LOGPROBS = 20              # OpenAI's limit on top_logprobs
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 32
@@ -26,6 +29,8 @@ class SamplingParams:
     seed: int | None = None         # same seed, same engine -> same tokens
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    grammar: str | None = None      # structured output: a lmopt.grammar spec (JSON text); the scheduler honours it
+    logprobs: int | None = None     # None = off; k >= 0: the chosen token's log-probability and the top k (<= 20)
 
     def check(self) -> None:
         if self.max_new_tokens <= 0:
@@ -36,6 +41,8 @@ class SamplingParams:
             raise UserError(f"top_k must be >= 0 (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {self.logprobs})")
 
 
 @dataclass
@@ -99,6 +106,9 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams | 
         raise ValueError("one SamplingParams per prompt")
     for i, (pr, p) in enumerate(zip(prompts, plist)):
         p.check()
+        if p.grammar is not None or p.logprobs is not None:
+            raise UserError("structured output and logprobs are the scheduler's (lmopt.scheduler.Scheduler), not "
+                            "generate()'s — submit the request to a Scheduler")
         if len(pr) == 0:
             raise UserError(f"prompt {i} is empty — give at least one token")
         ctx = engine.info.max_positions

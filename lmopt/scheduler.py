@@ -34,6 +34,18 @@ vLLM's asynchronous scheduling). The price: a request that ends on a stop token 
 one more step computed for it whose token is dropped; max tokens are known ahead and never overrun. A sampled
 request in the batch turns pipelining off until it leaves (its token needs the host).
 
+Structured output (SamplingParams.grammar, lmopt.grammar) and logprobs: a request with a grammar has a matcher; its
+first token's mask is computed at submit (on the caller's thread, with the grammar's compile), each later one while
+the device runs the step that produces the logits it masks (step 4 is queued, then the masks of its grammar rows are
+filled on the host, then step 5 reads the step). The masks go to the device and are applied to those rows' logits
+there (StepLogits.apply_mask) before the greedy argmax or the sampled row is read, so greedy and seeded sampling both
+honour them; rows without a grammar in the same batch are untouched. When the grammar is complete the request ends
+with "stop". Logprobs (SamplingParams.logprobs) are the log-softmax of the logits as the model gave them, before the
+mask (vLLM's default, "raw" logprobs: docs/structured_output.md), computed on the device for the rows that ask.
+A request with a grammar or logprobs needs its step's logits before the next step is queued: the pipelined
+device-fed path (whose step k+1 is queued before step k's token is known, and which overwrites step k's logits)
+cannot take it, so such a request turns pipelining off until it leaves, like a sampled one.
+
 Output side: the tokens of each request go through its lmopt.detokenize.TextStream (incremental text, stop strings,
 the finish reason: the one output path of the repository) on the output thread (`output_thread=True`, the default:
 one event per token to `on_event` or `Request.events()`), or on the caller's own thread: `output_thread=False` and
@@ -96,6 +108,15 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None    # length | stop | cancelled | error
     error: str | None = None
+    logprob: "TokenLogprob | None" = None   # with SamplingParams.logprobs: this token's
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the k most likely tokens at its step (SamplingParams.logprobs = k),
+    most likely first; of the model's distribution before any grammar mask."""
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +126,7 @@ class RequestOutput:
     request: "Request"
     token_ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)     # each token's text
+    logprobs: list = field(default_factory=list)        # each token's TokenLogprob (with SamplingParams.logprobs)
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
@@ -154,6 +176,10 @@ class Request:
         self._fill: list[int] = prompt_ids
         self._gen_ids: list[int] = []
         self._admit_seq = -1
+        self._matcher = None                # structured output: its lmopt.grammar.Matcher (loop thread)
+        self._first_mask = None             # the first token's mask, computed at submit
+        # its logits are needed on the host side before the next step is queued: no device-fed pipelining
+        self._host_fed = params.temperature > 0 or params.grammar is not None or params.logprobs is not None
 
     @property
     def tokens(self) -> list[int]:
@@ -269,6 +295,8 @@ class Scheduler:
         self._firsts = 0                        # first tokens handed out in the current step
         self.pipeline = caps.device_feed if pipeline is None else pipeline
         self._pending = None                    # (StepLogits, rows) of the queued decode step not read yet
+        self._grammars = None                   # lmopt.grammar.Grammars, made at the first request with a grammar
+        self._bitmask = None                    # the decode step's grammar masks, int32 [num_slots, words]
         self._cond = threading.Condition()
         self._waiting: list[Request] = []       # submitted, no slot yet
         self._prefilling: list[Request] = []    # in a slot, prompt not fully in the cache
@@ -316,6 +344,8 @@ class Scheduler:
         stream = TextStream(self.tokenizer if use_text else None, ids, params.stop_strings)
         rid = request_id if request_id is not None else f"r{next(self._ids)}"
         req = Request(rid, ids, params, on_event, is_cancelled, stream, tag)
+        if params.grammar is not None:
+            self._start_grammar(req)
         req._wake = self._wake
         with self._cond:
             if not self._running:
@@ -329,6 +359,30 @@ class Scheduler:
             self._waiting.append(req)
             self._cond.notify()
         return req
+
+    def prepare_grammars(self) -> None:
+        """Build the grammar engine's view of the vocabulary now (~1 s at a 128k vocabulary) instead of at the first
+        request with a grammar; a server calls it from a thread of its own at start. Without llguidance: nothing."""
+        import importlib.util
+
+        from .grammar import Grammars
+
+        if self.tokenizer is not None and importlib.util.find_spec("llguidance") is not None:
+            self._grammars = Grammars.for_tokenizer(self.tokenizer, self.engine.info.vocab_size)
+
+    def _start_grammar(self, r: Request) -> None:
+        """The request's matcher and its first token's mask, on the submitting thread (the compile is cached by spec
+        text; a bad spec raises UserError here, before the request is queued)."""
+        from .grammar import Grammars
+
+        if self.tokenizer is None:
+            raise UserError("structured output needs a tokenizer — create the Scheduler with tokenizer=...")
+        if self._grammars is None:
+            self._grammars = Grammars.for_tokenizer(self.tokenizer, self.engine.info.vocab_size)
+        g = self._grammars
+        r._matcher = g.matcher(r.params.grammar)
+        r._first_mask = g.new_bitmask(1)
+        g.fill(r._first_mask, [(r._matcher, 0)])
 
     def stats(self) -> dict:
         with self._cond:
@@ -356,7 +410,7 @@ class Scheduler:
             if item is None:
                 self.output_closed = True
                 continue
-            r, tok = item
+            r, tok, lp = item
             o = merged.get(id(r))
             if o is None:
                 o = merged[id(r)] = RequestOutput(r)
@@ -366,6 +420,8 @@ class Scheduler:
                     continue
                 o.pieces.append(ts.add(tok))
                 o.token_ids.append(tok)
+                if lp is not None:
+                    o.logprobs.append(lp)
                 if ts.stopped:
                     r._stop_hit = True
                     r._wake()
@@ -402,8 +458,9 @@ class Scheduler:
             for o in self.drain():
                 r = o.request
                 ok = True
-                for tok, piece in zip(o.token_ids, o.pieces):
-                    if ok and not r._emit(TokenEvent(tok, piece)):
+                lps = o.logprobs or [None] * len(o.token_ids)
+                for tok, piece, lp in zip(o.token_ids, o.pieces, lps):
+                    if ok and not r._emit(TokenEvent(tok, piece, logprob=lp)):
                         ok = False
                         r.cancel()
                 if o.finished:
@@ -494,6 +551,7 @@ class Scheduler:
             work = [w for w in work if w not in whole]
             try:
                 out = self._engine(eng.prefill_slots, [r.slot for r, _ in whole], [c for _, c in whole])
+                self._first_masks(out, [(i, r) for i, (r, _) in enumerate(whole)])
                 # one download for all
                 greedy = self._engine(out.argmax) if any(r._rng is None for r, _ in whole) else None
             except Exception as e:  # noqa: BLE001
@@ -516,7 +574,7 @@ class Scheduler:
         self._firsts = 0
         # 4. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
         # sampled or a read step), or, pipelined, the greedy token of its queued step still on the device
-        pipelined = self.pipeline and all(r._rng is None for r in self._decoding)
+        pipelined = self.pipeline and not any(r._host_fed for r in self._decoding)
         if self._pending is not None and (not pipelined or (self.paged and self._blocks_short())):
             self._collect(*self._pending)   # (paged: a preemption ahead needs every token of its victim read)
             self._pending = None
@@ -542,6 +600,8 @@ class Scheduler:
             for r in rows:
                 r._next = None
                 r._in_flight += 1
+        # the grammar rows' masks for this step's logits, filled while the device computes it
+        masks = self._grammar_masks(rows) if rows and not pipelined else None
         # 5. the tokens of the step queued before this one (pipelined), or of this one
         if self._pending is not None:
             self._collect(*self._pending)
@@ -550,7 +610,7 @@ class Scheduler:
             if pipelined:
                 self._pending = (out, rows)
             else:
-                self._collect(out, rows)
+                self._collect(out, rows, masks)
         wall = time.perf_counter() - t_step
         self._adapt_chunk(wall, prefilled, decoding_before and rows)
         with self._cond:
@@ -617,6 +677,9 @@ class Scheduler:
         self.engine.free_slot(r.slot)
         r.slot, r._next, r._prefilled = None, None, 0
         r._fill = r.prompt_ids + r._gen_ids
+        if r._matcher is not None:   # the token after the recompute is masked by the grammar's state now
+            r._first_mask = self._grammars.new_bitmask(1)
+            self._grammars.fill(r._first_mask, [(r._matcher, 0)])
         log.debug("request %s preempted after %d tokens", r.id, r._generated)
 
     def _adapt_chunk(self, wall: float, prefilled: int, decoded: bool) -> None:
@@ -642,23 +705,72 @@ class Scheduler:
             return  # a short last piece of a prompt says nothing about a larger chunk
         self._chunk = self._clamp(prefilled * scale)
 
-    def _collect(self, out, rows: list[Request]) -> None:
-        """Read a decode step's tokens and hand them to its requests (those still running)."""
+    def _collect(self, out, rows: list[Request], masks=None) -> None:
+        """Read a decode step's tokens and hand them to its requests (those still running). `masks`: the grammar
+        rows' masks for this step (_grammar_masks), applied on the device before any token is read."""
         for r in rows:
             r._in_flight -= 1
         live = [(i, r) for i, r in enumerate(rows) if not r._retired]
         if not live:
             return
         try:
+            if masks is not None:
+                self._engine(out.apply_mask, *masks)
             greedy = self._engine(out.argmax) if any(r._rng is None for _, r in live) else None
+            toks = [int(greedy[i]) if r._rng is None else sample_next(self._engine(out.row, i), r.params, r._rng)
+                    for i, r in live]
+            lps = self._logprobs(out, live, toks)
         except Exception as e:  # noqa: BLE001
             log.exception("reading a decode step failed")
             for _, r in live:
                 self._finish(r, "error", f"generation failed: {e}")
             return
-        for i, r in live:
-            tok = int(greedy[i]) if r._rng is None else sample_next(self._engine(out.row, i), r.params, r._rng)
-            self._deliver(r, tok)
+        for (_, r), tok, lp in zip(live, toks, lps):
+            self._deliver(r, tok, lp)
+
+    # ---- structured output and logprobs (the sampling side of step 5) ----------------------------------------------
+    def _grammar_masks(self, rows: list[Request]):
+        """(row indices, bitmask) of the grammar rows among a decode step's `rows`: each one's mask for the token this
+        step produces (its matcher has taken every token fed so far); None when no row has a grammar."""
+        items = [(i, r) for i, r in enumerate(rows) if r._matcher is not None and not r._retired]
+        if not items:
+            return None
+        g = self._grammars
+        if self._bitmask is None or self._bitmask.shape[0] < len(items):
+            self._bitmask = g.new_bitmask(max(self.engine.num_slots, len(items)))
+        bitmask = self._bitmask[:len(items)]
+        try:
+            g.fill(bitmask, [(r._matcher, j) for j, (_, r) in enumerate(items)])
+        except Exception as e:  # noqa: BLE001  (the grammar rows fail; the others' step goes on)
+            log.exception("filling the grammar masks failed")
+            for _, r in items:
+                self._finish(r, "error", f"structured output failed: {e}")
+            return None
+        return [i for i, _ in items], bitmask
+
+    def _first_masks(self, out, items) -> None:
+        """Prefill's last chunk: the grammar rows among `items` ((logits row, request)) masked with the masks their
+        submit computed."""
+        g = [(i, r) for i, r in items if r._first_mask is not None]
+        if g:
+            self._engine(out.apply_mask, [i for i, _ in g], np.concatenate([r._first_mask for _, r in g]))
+            for _, r in g:
+                r._first_mask = None
+
+    def _logprobs(self, out, live, toks) -> list:
+        """TokenLogprob of each (row, request) in `live` that asks for logprobs (None for the others), from one
+        computation on the device."""
+        ask = [(j, i, r) for j, (i, r) in enumerate(live) if r.params.logprobs is not None]
+        res: list = [None] * len(live)
+        if not ask:
+            return res
+        k = max(r.params.logprobs for _, _, r in ask)
+        chosen, top_ids, top_lp = self._engine(out.logprobs, [i for _, i, _ in ask], [toks[j] for j, _, _ in ask], k)
+        for n, (j, _, r) in enumerate(ask):
+            kk = r.params.logprobs
+            res[j] = TokenLogprob(float(chosen[n]), [(int(t), float(v)) for t, v in zip(top_ids[n][:kk],
+                                                                                      top_lp[n][:kk])])
+        return res
 
     def _prefilled_chunk(self, r: Request, n: int, out, row: int, greedy=None) -> None:
         """n more prompt tokens of r are in its slot; after the last chunk, its first token (logits row `row`)."""
@@ -668,14 +780,16 @@ class Scheduler:
         with self._cond:
             self._prefilling.remove(r)
             self._decoding.append(r)
+        self._first_masks(out, [(row, r)])    # (a batched prefill masked its rows before its one argmax)
         if r._rng is None:
             tok = int((greedy if greedy is not None else self._engine(out.argmax))[row])
         else:
             tok = sample_next(self._engine(out.row, row), r.params, r._rng)
-        self._deliver(r, tok)
+        self._deliver(r, tok, self._logprobs(out, [(row, r)], [tok])[0])
 
-    def _deliver(self, r: Request, tok: int) -> None:
-        """5. a new token for r: stop token, max tokens; the token goes to the output side; retire r when done."""
+    def _deliver(self, r: Request, tok: int, lp: TokenLogprob | None = None) -> None:
+        """5. a new token for r: stop token, grammar, max tokens; the token goes to the output side; retire r when
+        done."""
         r._next = None
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -686,9 +800,16 @@ class Scheduler:
         r._generated += 1
         if self.paged:
             r._gen_ids.append(tok)
-        self._out.put((r, tok))
+        self._out.put((r, tok, lp))
         with self._cond:
             self._counters["tokens"] += 1
+        if r._matcher is not None:
+            if not r._matcher.accept(tok):   # the mask allowed it: a bug, not the client's
+                self._finish(r, "error", f"the grammar refused token {tok}: {r._matcher.error}")
+                return
+            if r._matcher.done:              # complete: only the end of the sequence could follow
+                self._finish(r, "stop")
+                return
         if r._generated >= r.params.max_new_tokens:
             self._finish(r, "length")
         elif r._in_flight == 0:     # else a queued step already feeds this token from the device
@@ -714,4 +835,4 @@ class Scheduler:
         r._next = None
         r._engine_reason, r.error = reason, error
         r.finished_at = time.perf_counter()
-        self._out.put((r, None))
+        self._out.put((r, None, None))

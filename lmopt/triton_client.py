@@ -11,9 +11,10 @@ back — used by serve/client/infer_client.py (the CLI), profile/load_generator.
 The served models (serve/make_model_repository.py): `lm` (one response) and `lm_stream` (decoupled: one response per
 token, then a last response flagged `triton_final_response`). Inputs: `text_input` BYTES or `input_ids`
 INT64, optional `max_tokens` INT32, `temperature` FP32, `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` BYTES,
-`ignore_eos` BOOL;
+`ignore_eos` BOOL; request parameters `grammar` (a lmopt.grammar spec: structured output) and `logprobs` (int k);
 outputs `text_output` BYTES, `token_ids` INT64, and in a request's last response `finish_reason` INT32 (the index in
-lmopt.detokenize.FINISH_REASONS; Piece.finish_reason gives the name). With max_batch_size > 0 every input has a leading batch dimension
+lmopt.detokenize.FINISH_REASONS; Piece.finish_reason gives the name); with `logprobs`: `logprobs` FP32,
+`top_logprob_ids` INT64 and `top_logprobs` FP32 (k per token; Piece.logprobs and Piece.top_logprobs). With max_batch_size > 0 every input has a leading batch dimension
 (`[1, 1]` per value; input_ids `[1, n]`).
 """
 from __future__ import annotations
@@ -40,7 +41,13 @@ class GenRequest:
     seed: int | None = None
     stop: str | None = None
     ignore_eos: bool | None = None  # True: the end-of-sequence token does not end the request (max_tokens does)
+    grammar: str | None = None      # structured output: a lmopt.grammar spec (sent as a request parameter)
+    logprobs: int | None = None     # k: each token's log-probability and the top k (a request parameter)
     names: dict = field(default_factory=dict)   # tensor renames, e.g. {"text_input": "prompt"} for another model
+
+    def parameters(self) -> dict:
+        """The request parameters (not tensors) this request sets: grammar, logprobs."""
+        return {k: v for k, v in (("grammar", self.grammar), ("logprobs", self.logprobs)) if v is not None}
 
     def values(self) -> list[tuple[str, Any, str]]:
         """(tensor name, values as a flat list, Triton datatype) of every input this request sets."""
@@ -79,7 +86,7 @@ def stream_request(mod, req: GenRequest, request_id: str = "", model: str = STRE
     """One item for tritonclient.grpc.aio's stream_infer(): the inputs plus the empty-final-response flag, so the end
     of a request is the server's word, not a guess."""
     return {"model_name": model, "inputs": tensors(mod, req, batch_dim), "request_id": request_id,
-            "parameters": {"triton_enable_empty_final_response": True}}
+            "parameters": {"triton_enable_empty_final_response": True, **req.parameters()}}
 
 
 _PACK = {"INT32": "i", "INT64": "q", "FP32": "f", "BOOL": "?"}
@@ -95,6 +102,11 @@ def infer_request_pb(req: GenRequest, request_id: str = "", model: str = STREAM_
 
     r = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     r.parameters["triton_enable_empty_final_response"].bool_param = True
+    for k, v in req.parameters().items():
+        if isinstance(v, str):
+            r.parameters[k].string_param = v
+        else:
+            r.parameters[k].int64_param = int(v)
     for name, vals, dtype in req.values():
         r.inputs.add(name=name, datatype=dtype, shape=[1, len(vals)] if batch_dim else [len(vals)])
         if dtype == "BYTES":  # each element: its length (4 bytes, little-endian), then its bytes
@@ -122,6 +134,8 @@ class Piece:
     token_ids: list[int]
     final: bool
     finish_reason: str | None = None   # the server's word, in a request's last response (stop, length, ...)
+    logprobs: list[float] | None = None        # with GenRequest.logprobs: one per token of token_ids
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # k (id, log-probability) per token, most likely first
 
 
 def _reason(code) -> str | None:
@@ -138,8 +152,15 @@ def parse_response(result, tokens_output: str = "token_ids") -> Piece:
     ids = result.as_numpy(tokens_output).reshape(-1) if tokens_output in names else []
     code = result.as_numpy("finish_reason").reshape(-1)[0] if "finish_reason" in names else None
     flag = resp.parameters.get(FINAL_FLAG)
-    return Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
-                 bool(flag is not None and flag.bool_param), _reason(code))
+    piece = Piece(text.decode() if isinstance(text, bytes) else str(text), [int(i) for i in ids],
+                  bool(flag is not None and flag.bool_param), _reason(code))
+    if "logprobs" in names:
+        piece.logprobs = [float(x) for x in result.as_numpy("logprobs").reshape(-1)]
+        n = len(piece.logprobs)
+        top_ids = result.as_numpy("top_logprob_ids").reshape(n, -1) if "top_logprob_ids" in names else [[]] * n
+        top_lp = result.as_numpy("top_logprobs").reshape(n, -1) if "top_logprobs" in names else [[]] * n
+        piece.top_logprobs = [[(int(t), float(v)) for t, v in zip(a, b)] for a, b in zip(top_ids, top_lp)]
+    return piece
 
 
 def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
@@ -148,7 +169,7 @@ def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
     import struct
 
     ids: list[int] = []
-    code = None
+    code = lps = top_ids = top_lps = None
     for i, out in enumerate(resp.outputs):
         raw = resp.raw_output_contents[i] if i < len(resp.raw_output_contents) else None  # how Triton sends outputs
         if out.name == tokens_output:
@@ -156,8 +177,23 @@ def parse_response_pb(resp, tokens_output: str = "token_ids") -> Piece:
                 list(out.contents.int64_contents)
         elif out.name == "finish_reason":
             code = struct.unpack("<i", raw[:4])[0] if raw is not None else out.contents.int_contents[0]
+        elif out.name in ("logprobs", "top_logprobs"):
+            v = list(struct.unpack(f"<{len(raw) // 4}f", raw)) if raw is not None else list(out.contents.fp32_contents)
+            if out.name == "logprobs":
+                lps = v
+            else:
+                top_lps = v
+        elif out.name == "top_logprob_ids":
+            top_ids = list(struct.unpack(f"<{len(raw) // 8}q", raw)) if raw is not None else \
+                list(out.contents.int64_contents)
     flag = resp.parameters.get(FINAL_FLAG)
-    return Piece("", ids, bool(flag is not None and flag.bool_param), _reason(code))
+    piece = Piece("", ids, bool(flag is not None and flag.bool_param), _reason(code))
+    if lps is not None:
+        piece.logprobs = lps
+        k = len(top_ids) // len(lps) if top_ids and lps else 0
+        piece.top_logprobs = [list(zip(top_ids[j * k:(j + 1) * k], top_lps[j * k:(j + 1) * k]))
+                              for j in range(len(lps))]
+    return piece
 
 
 class StreamError(RuntimeError):
@@ -258,7 +294,7 @@ class GrpcStream:
         then unknown: close it)."""
         try:
             self.client.async_stream_infer(self.model, tensors(self.mod, req, self.batch_dim), request_id=request_id,
-                                           enable_empty_final_response=True)
+                                           enable_empty_final_response=True, parameters=req.parameters() or None)
         except Exception as e:  # tritonclient's InferenceServerException: the stream is broken
             raise RuntimeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         while True:

@@ -9,7 +9,8 @@
 #                     beside everything else; the bundled stubs for 3.8-3.11 and 3.13 and the pytriton Python
 #                     package's model-proxy code are not used by serve/run_triton.sh)
 #        DIR/client/  tritonclient (gRPC; its perf_analyzer binary stripped), grpcio, protobuf, aiohttp and its
-#                     dependencies, starlette/uvicorn/uvloop/httptools (the OpenAI gateway)
+#                     dependencies, starlette/uvicorn/uvloop/httptools (the OpenAI gateway), llguidance (structured
+#                     output: one abi3 wheel, ~3 MB, no dependencies)
 # On the GPU machine (docs/serving_benchmark.md):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*/*.whl
 #   export PYTHONPATH=/tmp/site
@@ -29,7 +30,7 @@ dl() { "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3
 dl "$(pin nvidia-pytriton)" "$(pin tritonclient)" grpcio==1.76.0 protobuf==6.33.1 python-rapidjson==1.22 \
    "$(pin starlette)" "$(pin uvicorn)" "$(pin uvloop)" "$(pin httptools)" h11==0.16.0 click==8.3.1 anyio==4.12.0 \
    sniffio==1.3.1 "$(pin aiohttp)" aiohappyeyeballs==2.6.1 aiosignal==1.4.0 attrs==25.4.0 frozenlist==1.8.0 \
-   multidict==6.7.0 propcache==0.4.1 yarl==1.22.0 idna==3.11 typing_extensions==4.15.0
+   multidict==6.7.0 propcache==0.4.1 yarl==1.22.0 idna==3.11 typing_extensions==4.15.0 "$(pin llguidance)"
 slim() {  # slim <wheel> <out dir> <zip paths to drop (regex)>: the same wheel without those files (RECORD fixed)
   "$PY" - "$@" <<'PY'
 import re, sys, zipfile

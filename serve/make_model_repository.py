@@ -218,8 +218,13 @@ output [
   {{ name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "token_ids"   data_type: TYPE_INT64  dims: [ -1 ] }},
   # a request's last response only: index in lmopt.detokenize.FINISH_REASONS (stop, length, cancelled, error)
-  {{ name: "finish_reason" data_type: TYPE_INT32 dims: [ 1 ] }}
+  {{ name: "finish_reason" data_type: TYPE_INT32 dims: [ 1 ] }},
+  # request parameter "logprobs" = k: each token's log-probability, and the k most likely ids and theirs (row-major)
+  {{ name: "logprobs"        data_type: TYPE_FP32  dims: [ -1 ] }},
+  {{ name: "top_logprob_ids" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "top_logprobs"    data_type: TYPE_FP32  dims: [ -1 ] }}
 ]
+# request parameters (not tensors): "grammar" (string: a lmopt.grammar spec, structured output) and "logprobs" (int)
 
 # {kind} from --device; each instance loads its own engine{" (and runs its own scheduler) on its GPU" if gpus else ""}.
 {instance_group(s.instances, kind, gpus)}
@@ -381,8 +386,11 @@ and the latency histograms `lm_time_to_first_token_seconds`, `lm_inter_token_lat
 Inputs (batch dim first, `[1, 1]` per request): `text_input` STRING; optional `max_tokens` INT32 (1..{s.max_tokens_cap},
 default {s.default_max_tokens}), `temperature` FP32 (0 = greedy), `top_k` INT32, `top_p` FP32, `seed` INT64, `stop` STRING,
 `ignore_eos` BOOL (true: the end-of-sequence token does not end the request; benchmarks use it for fixed lengths).
+Request parameters: `grammar` (string: `{{"type": "json_object"}}` or `{{"type": "json_schema", "schema": {{...}}}}`; the
+output follows it; docs/structured_output.md) and `logprobs` (int k, 0..20).
 Outputs: `text_output` STRING, `token_ids` INT64 `[-1]`, `finish_reason` INT32 (last response: 0 stop, 1 length,
-2 cancelled, 3 error).
+2 cancelled, 3 error); with `logprobs`: `logprobs` FP32 (one per token), `top_logprob_ids` INT64 and `top_logprobs`
+FP32 (k per token, most likely first).
 HTTP generate: `POST /v2/models/lm/generate` and `/v2/models/lm_stream/generate_stream` with
 `{{"text_input": "...", "max_tokens": 16}}`.
 """

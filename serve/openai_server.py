@@ -6,8 +6,12 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions ("stream": true -> server-sent events ending in
 `data: [DONE]`; `stream_options.include_usage` adds a last chunk with usage), GET /v1/models, GET /health.
 Request fields: model, prompt | messages, max_tokens (chat also max_completion_tokens), temperature, top_p, seed,
-stop (string or list of up to 4), n (1 only), stream, stream_options, ignore_eos (vLLM's extension: run to max_tokens). Fields this server cannot honour (logprobs,
-echo, best_of > 1, penalties, tools, ...) are refused with 400 rather than ignored.
+stop (string or list of up to 4), n (1 only), stream, stream_options, ignore_eos (vLLM's extension: run to max_tokens);
+structured output: response_format {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema",
+"strict"}}, and for chat tools with tool_choice "required" or {"type": "function", "function": {"name"}} (the call's
+arguments follow the function's parameter schema, returned as tool_calls); logprobs (chat: logprobs + top_logprobs
+<= 20; completions: logprobs = k <= 20), streamed too (docs/structured_output.md). Fields this server cannot honour
+(echo, best_of > 1, penalties, logit_bias, tool_choice "auto", ...) are refused with 400 rather than ignored.
 Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}: 400 malformed JSON, wrong type, value out of
 range, prompt over the context; 401 no or a wrong API key (with --api-key); 404 unknown model or path; 413 a body
 over --max-body-bytes (read and dropped, never parsed or tokenized); 429 the backend's queue is full ("server busy:
@@ -124,7 +128,7 @@ def bearer_ok(headers, key: bytes) -> bool | None:
 # Texts of the model's own request checks (serve/templates/model.py): the backend streams errors as text only, so
 # these identify a client mistake the gateway did not catch first (e.g. an engine whose context is shorter).
 _CLIENT_ERROR_TEXTS = ("exceeds the context length", "is above this server's cap", "must be", "empty prompt",
-                       "outside the vocabulary")
+                       "outside the vocabulary", "invalid JSON schema", "a grammar is")
 
 
 def backend_error(message: str) -> APIError:
@@ -159,6 +163,8 @@ class GenParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False   # vLLM's extension: the end-of-sequence token does not end the request
+    grammar: str | None = None    # structured output: a lmopt.grammar spec (response_format, forced tool calls)
+    logprobs: int | None = None   # k: each token's log-probability and the top k
 
 
 class TritonBackend:
@@ -236,7 +242,7 @@ class TritonBackend:
         # the model stops on one string itself; several are matched (and the request cancelled) here
         req = GenRequest(input_ids=prompt_ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                          seed=p.seed, stop=p.stop[0] if len(p.stop) == 1 else None,
-                         ignore_eos=True if p.ignore_eos else None)
+                         ignore_eos=True if p.ignore_eos else None, grammar=p.grammar, logprobs=p.logprobs)
         item = infer_request_pb(req, os.urandom(8).hex(), self.model, self._info.batch_dim)
         try:
             # aclosing: leaving this loop early cancels the request in Triton at once, not when the GC gets to it
@@ -286,12 +292,13 @@ class Job:
     params: GenParams
     stream: bool
     include_usage: bool
+    tool: tuple[str, str] | None = None   # a forced tool call: ("named", function name) or ("required", "")
 
 
 _UNSUPPORTED = {  # field: value that means "off" (anything else is refused, not silently ignored)
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "response_format": (None,),
+    "logit_bias": (None, {}), "functions": (None, []), "function_call": (None,),
 }
 
 
@@ -392,8 +399,126 @@ def parse_job(body: dict, info: ModelInfo, chat: bool) -> Job:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad(f"'ignore_eos' must be true or false (got {ignore_eos!r})", "ignore_eos", "invalid_type")
-    return Job(chat, ids, GenParams(mt, float(temperature), float(top_p), seed, stops, ignore_eos), stream,
-               include_usage)
+    grammar = _response_format(body)
+    tool = None
+    if chat:
+        tool_grammar, tool = _tool_choice(body, info)
+        if tool_grammar is not None:
+            if grammar is not None:
+                raise bad("a forced tool call and a JSON 'response_format' cannot both constrain one answer — send "
+                          "one of them", "response_format")
+            grammar = tool_grammar
+    elif body.get("tools") not in (None, []):
+        raise bad("'tools' belongs to /v1/chat/completions", "tools", "unsupported_parameter")
+    return Job(chat, ids, GenParams(mt, float(temperature), float(top_p), seed, stops, ignore_eos, grammar,
+                                    _logprobs(body, chat)), stream, include_usage, tool)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """k of GenParams.logprobs: chat's logprobs (bool) + top_logprobs (0..20); completions' logprobs (int 0..20)."""
+    from lmopt.generate import MAX_TOP_LOGPROBS
+
+    lp = body.get("logprobs")
+    if chat:
+        top = body.get("top_logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise bad(f"'logprobs' must be true or false (got {lp!r})", "logprobs", "invalid_type")
+        if top is not None:
+            if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise bad(f"'top_logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS} (got {top!r})",
+                          "top_logprobs")
+            if not lp:
+                raise bad("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+        return (top or 0) if lp else None
+    if body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' belongs to chat; completions take 'logprobs': k", "top_logprobs",
+                  "unsupported_parameter")
+    if lp is None:
+        return None
+    if not _is_int(lp) or not 0 <= lp <= MAX_TOP_LOGPROBS:
+        raise bad(f"'logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS} (got {lp!r})", "logprobs")
+    return lp
+
+
+def _checked_spec(spec: str, param: str) -> str:
+    from lmopt.grammar import check_spec
+
+    try:
+        check_spec(spec)
+    except UserError as e:
+        raise bad(f"'{param}': {e}", param) from None
+    return spec
+
+
+def _response_format(body: dict) -> str | None:
+    """The grammar spec of `response_format` (None: free text)."""
+    from lmopt.grammar import json_object_spec, json_schema_spec
+
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_spec()
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise bad("'response_format': json_schema must be an object like {\"name\": ..., \"schema\": {...}, "
+                      "\"strict\": true}", "response_format", "invalid_type")
+        if not isinstance(js.get("name", ""), str) or not isinstance(js.get("strict", False) or False, bool):
+            raise bad("'response_format': json_schema's name is a string and strict a boolean", "response_format",
+                      "invalid_type")
+        # strict or not, the output follows the schema (as vLLM does): constraining costs nothing extra here
+        return _checked_spec(json_schema_spec(js.get("schema") or {"type": "object"}), "response_format")
+    raise bad(f"'response_format' type must be text, json_object or json_schema (got {kind!r})", "response_format")
+
+
+def _tool_choice(body: dict, info: ModelInfo) -> tuple[str | None, tuple[str, str] | None]:
+    """(grammar spec, ("named", name) | ("required", "")) of a forced tool call; (None, None) without one."""
+    from lmopt.grammar import json_schema_spec
+
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools in (None, []):
+        if choice not in (None, "none"):
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None, None
+    if not isinstance(tools, list):
+        raise bad("'tools' must be a list of {\"type\": \"function\", \"function\": {...}}", "tools", "invalid_type")
+    fns = {}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                      "\"parameters\": {...}}}", f"tools[{i}]", "invalid_type")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}]")
+        fns[fn["name"]] = params
+    if choice is None or choice == "auto":
+        from lmopt.chat import template_supports_tools
+
+        why = ("this server has no parser that finds tool calls in free text" if template_supports_tools(info.tokenizer)
+               else "the model's chat template does not render tools")
+        raise bad(f"tool_choice \"auto\" (the default with 'tools') is not supported: {why} — send tool_choice "
+                  "\"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}, or \"none\"",
+                  "tool_choice", "unsupported_value")
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        one = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p},
+                "required": ["name", "arguments"], "additionalProperties": False} for n, p in fns.items()]
+        schema = one[0] if len(one) == 1 else {"anyOf": one}
+        return _checked_spec(json_schema_spec(schema), "tools"), ("required", "")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise bad("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                  "\"function\": {\"name\": ...}}", "tool_choice", "invalid_type")
+    if name not in fns:
+        raise bad(f"tool_choice names the function '{name}', which is not in 'tools'", "tool_choice")
+    return _checked_spec(json_schema_spec(fns[name]), "tools"), ("named", name)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -446,8 +571,9 @@ def _chat_ids(body: dict, info: ModelInfo) -> list[int]:
         if not isinstance(c, str):
             raise bad(f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
         out.append({"role": m["role"], "content": c})
+    tools = body.get("tools") if isinstance(body.get("tools"), list) and body.get("tool_choice") != "none" else None
     try:
-        return chat_prompt_ids(info.tokenizer, out)
+        return chat_prompt_ids(info.tokenizer, out, tools)
     except Exception as e:  # a template that refuses this conversation (e.g. roles out of order)
         raise bad(f"the model's chat template refused these messages: {str(e).strip()[:200]}", "messages") from None
 
@@ -481,15 +607,72 @@ async def run_job(backend: TritonBackend, info: ModelInfo, job: Job):
     return first, it
 
 
+def _token_text(info: ModelInfo, t: int) -> str:
+    cache = info.__dict__.setdefault("_token_texts", {})
+    s = cache.get(t)
+    if s is None:
+        s = cache[t] = info.tokenizer.decode([t])
+    return s
+
+
+def _logprobs_chat(info: ModelInfo, entries: list) -> list[dict]:
+    """OpenAI's chat `logprobs.content` items of (token id, logprob, [(id, logprob)...]) entries."""
+    def item(t, lp):
+        s = _token_text(info, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return [dict(item(t, lp), top_logprobs=[item(u, v) for u, v in top]) for t, lp, top in entries]
+
+
+def _logprobs_completion(info: ModelInfo, entries: list, offset: int = 0) -> dict:
+    """OpenAI's completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset); `offset`: where
+    this piece starts in the whole text (streamed chunks)."""
+    toks = [_token_text(info, t) for t, _, _ in entries]
+    offsets, at = [], offset
+    for s in toks:
+        offsets.append(at)
+        at += len(s)
+    return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{_token_text(info, u): v for u, v in top} for _, _, top in entries],
+            "text_offset": offsets}
+
+
+def _entries(piece) -> list:
+    """(token id, logprob, top) of each token of a backend response that carries logprobs."""
+    if piece.logprobs is None:
+        return []
+    tops = piece.top_logprobs or [[] for _ in piece.logprobs]
+    return list(zip(piece.token_ids, piece.logprobs, tops))
+
+
+def _tool_calls(job: Job, text: str) -> list[dict]:
+    """OpenAI `tool_calls` of a forced call's output: the named function with `text` as its arguments, or the
+    {"name", "arguments"} object a "required" call wrote (the text as is when it is incomplete)."""
+    cid = "call_" + os.urandom(12).hex()
+    if job.tool[0] == "named":
+        return [{"id": cid, "type": "function", "function": {"name": job.tool[1], "arguments": text}}]
+    try:
+        call = json.loads(text)
+        name, args = call["name"], json.dumps(call["arguments"], separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, KeyError, TypeError):   # cut by max_tokens: finish_reason "length" says so
+        name, args = "", text
+    return [{"id": cid, "type": "function", "function": {"name": name, "arguments": args}}]
+
+
+def _tool_reason(job: Job, reason: str) -> str:
+    """A "required" call that completed ends with "tool_calls"; a named one with "stop" (OpenAI's and vLLM's)."""
+    return "tool_calls" if job.tool is not None and job.tool[0] == "required" and reason == "stop" else reason
+
+
 async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
     first, it = await run_job(backend, info, job)
     text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
-    pieces, n_out, reason = [], 0, None
+    pieces, n_out, reason, lps = [], 0, None, []
     try:
         piece = first
         while piece is not None:
             pieces.append(text.add_many(piece.token_ids))
             n_out = len(text.tokens)     # none after a stop string's end, also within one response
+            lps.extend(_entries(piece))
             reason = piece.finish_reason or reason
             if text.stopped:
                 break
@@ -503,12 +686,19 @@ async def complete(backend: TritonBackend, info: ModelInfo, job: Job) -> dict:
     out = "".join(pieces)
     rid, created = os.urandom(16).hex(), int(time.time())
     reason = _finish_reason(text, reason)
+    lps = lps[:n_out] if job.params.logprobs is not None else None
     if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": out}, "logprobs": None,
+        message = {"role": "assistant", "content": out}
+        if job.tool is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(job, out)}
+            reason = _tool_reason(job, reason)
+        choice = {"index": 0, "message": message,
+                  "logprobs": None if lps is None else {"content": _logprobs_chat(info, lps), "refusal": None},
                   "finish_reason": reason}
         return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": info.name,
                 "choices": [choice], "usage": _usage(job, n_out), "system_fingerprint": None}
-    choice = {"index": 0, "text": out, "logprobs": None, "finish_reason": reason}
+    choice = {"index": 0, "text": out, "logprobs": None if lps is None else _logprobs_completion(info, lps),
+              "finish_reason": reason}
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": info.name,
             "choices": [choice], "usage": _usage(job, n_out), "system_fingerprint": None}
 
@@ -521,13 +711,19 @@ async def stream_events(info: ModelInfo, job: Job, first, it) -> AsyncIterator[b
             else {"id": f"cmpl-{rid}", "object": "text_completion"})
     base.update(created=created, model=info.name, system_fingerprint=None)
 
-    def chunk(piece: str | None, reason: str | None, first_chunk: bool = False) -> bytes:
+    sent = [0]                   # characters of text sent so far (completions' logprobs text_offset)
+
+    def chunk(piece: str | None, reason: str | None, first_chunk: bool = False, lps=None, delta=None) -> bytes:
         if job.chat:
-            delta = {} if piece is None else ({"role": "assistant", "content": piece} if first_chunk
-                                              else {"content": piece})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            if delta is None:
+                delta = {} if piece is None else ({"role": "assistant", "content": piece} if first_chunk
+                                                  else {"content": piece})
+            logprobs = None if lps is None else {"content": _logprobs_chat(info, lps), "refusal": None}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+            logprobs = None if lps is None else _logprobs_completion(info, lps, sent[0])
+            sent[0] += len(piece or "")
+            choice = {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": reason}
         ev = dict(base, choices=[choice])
         if job.include_usage:
             ev["usage"] = None
@@ -537,20 +733,45 @@ async def stream_events(info: ModelInfo, job: Job, first, it) -> AsyncIterator[b
     # text spliced in (a JSON string encodes the same alone as inside its object)
     head, tail = chunk(_MARK, None).split(json.dumps(_MARK).encode())
 
+    sent[0] = 0
+
     def text_chunk(piece: str) -> bytes:
+        sent[0] += len(piece)
         return head + json.dumps(piece).encode() + tail
+
+    # structured: a chunk is made whole for logprobs (each chunk has those of its tokens) and tool calls (the text
+    # is the call's arguments: named, streamed as tool_calls deltas; "required", sent whole at the end, once parsed)
+    tool, want_lp = job.tool, job.params.logprobs is not None
+    buffered: list[str] = []
+
+    def out_chunk(piece: str, lps) -> bytes | None:
+        if tool is not None and tool[0] == "required":
+            buffered.append(piece)
+            return chunk(None, None, lps=lps, delta={}) if lps else None
+        if tool is not None:
+            return chunk(None, None, lps=lps, delta={"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        if not want_lp:
+            return text_chunk(piece) if piece else None
+        return chunk(piece, None, lps=lps) if piece or lps else None
 
     text = TextStream(info.tokenizer, job.prompt_ids, job.params.stop)
     n_out, reason = 0, None
     try:
         if job.chat:
-            yield chunk("", None, first_chunk=True)
+            if tool is not None and tool[0] == "named":
+                call = {"index": 0, "id": "call_" + os.urandom(12).hex(), "type": "function",
+                        "function": {"name": tool[1], "arguments": ""}}
+                yield chunk(None, None, delta={"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                yield chunk("", None, first_chunk=True)
         resp = first
         while resp is not None:
+            before = len(text.tokens)
             piece = text.add_many(resp.token_ids)
             n_out = len(text.tokens)     # none after a stop string's end, also within one response
-            if piece:
-                yield text_chunk(piece)
+            c = out_chunk(piece, _entries(resp)[:n_out - before] if want_lp else None)
+            if c is not None:
+                yield c
             reason = resp.finish_reason or reason
             if text.stopped:
                 break
@@ -567,7 +788,14 @@ async def stream_events(info: ModelInfo, job: Job, first, it) -> AsyncIterator[b
         await it.aclose()
     rest = text.finish()
     if rest:
-        yield text_chunk(rest)
+        c = out_chunk(rest, [] if want_lp else None)
+        if c is not None:
+            yield c
+    if tool is not None and tool[0] == "required":
+        calls = [dict(c, index=i) for i, c in enumerate(_tool_calls(job, "".join(buffered)))]
+        yield chunk(None, None, delta={"tool_calls": calls})
+    if tool is not None:
+        reason = _tool_reason(job, reason)
     yield chunk(None, reason)
     if job.include_usage:
         yield b"data: " + json.dumps(dict(base, choices=[], usage=_usage(job, n_out)),

@@ -122,7 +122,10 @@ def reference(stack):
         out = generate(engine, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=(tok.eos_token_id,)))
         return tok.decode(out.tokens[0], skip_special_tokens=True), len(out.tokens[0])
 
-    ref.tok = tok
+    def tokens(ids: list[int], n: int) -> list[int]:
+        return generate(engine, [ids], SamplingParams(max_new_tokens=n, stop_token_ids=(tok.eos_token_id,))).tokens[0]
+
+    ref.tok, ref.engine, ref.tokens = tok, engine, tokens
     yield ref
     engine.close()
 
@@ -231,7 +234,7 @@ BAD = [  # (id, path, raw body, status, param, text in the message)
     ("stream wrong type", "/v1/completions", _body(stream="yes"), 400, "stream", "true or false"),
     ("stream_options without stream", "/v1/completions", _body(stream_options={"include_usage": True}), 400,
      "stream_options", "stream"),
-    ("unsupported field", "/v1/completions", _body(logprobs=2), 400, "logprobs", "not supported"),
+    ("unsupported field", "/v1/completions", _body(echo=True), 400, "echo", "not supported"),
     ("empty prompt", "/v1/completions", _body(prompt=""), 400, "prompt", "empty"),
     ("prompt over context", "/v1/completions", _body(prompt="word " * 600), 400, "prompt", "context"),
     ("prompt + max_tokens over context", "/v1/completions", _body(prompt="word " * 480, max_tokens=60), 400,
@@ -836,3 +839,184 @@ def test_stop_string_table_through_the_gateway(client, reference, case, prompt):
     assert (r.choices[0].text, r.choices[0].finish_reason) == want
     chunks = list(client.completions.create(stream=True, **kw))
     assert ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason) == want
+
+
+# ---- structured output, forced tool calls, logprobs (docs/structured_output.md) ---------------------------------------
+# nested object, enum, array, required fields; strings and arrays bounded, so a small model's JSON always completes
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["name", "role", "age", "address", "tags"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_json_schema_outputs_always_parse_and_validate(client):
+    """50 requests (greedy and seeded sampling, chat and completions, some streamed) at once: every output is
+    complete JSON that validates against the schema."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+    def one(i):
+        kw = dict(model=MODEL, max_tokens=200, temperature=0 if i % 5 == 0 else 1.0, seed=i, response_format=rf)
+        if i % 2:
+            r = client.completions.create(prompt=f"Person {i}:", extra_body={"response_format": rf},
+                                          **{k: v for k, v in kw.items() if k != "response_format"})
+            return r.choices[0].text, r.choices[0].finish_reason
+        msgs = [{"role": "user", "content": f"Describe person {i} as JSON."}]
+        if i % 4 == 0:
+            chunks = list(client.chat.completions.create(messages=msgs, stream=True, **kw))
+            return ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                    [c.choices[0].finish_reason for c in chunks if c.choices][-1])
+        r = client.chat.completions.create(messages=msgs, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(50)))
+    for text, reason in outs:
+        assert reason == "stop", (reason, text)
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len({t for t, _ in outs}) > 10    # sampling varies them: not one answer repeated
+
+
+def test_json_object_mode_streams_a_json_object(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                                 max_tokens=300, temperature=0, stream=True,
+                                                 response_format={"type": "json_object"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_forced_tool_call_returns_tool_calls_whose_arguments_validate(client, stream):
+    import jsonschema
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+              tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=100, temperature=0)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        msg = r.choices[0].message
+        assert msg.content is None and r.choices[0].finish_reason == "stop"
+        (call,) = msg.tool_calls
+        name, args, cid = call.function.name, call.function.arguments, call.id
+    else:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].id and deltas[0].type == "function" and len(deltas) > 2   # arguments come as they are made
+        name, cid = deltas[0].function.name, deltas[0].id
+        args = "".join(d.function.arguments or "" for d in deltas)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    assert name == "get_weather" and cid.startswith("call_")
+    jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+
+
+def test_required_tool_call_and_auto_refused_on_a_template_without_tools(client):
+    import jsonschema
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], max_tokens=120,
+              temperature=0)
+    r = client.chat.completions.create(tool_choice="required", **kw)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw)          # tool_choice defaults to "auto"
+    assert "chat template does not render tools" in e.value.body["message"] and e.value.body["param"] == "tool_choice"
+
+
+def _engine_logprobs(reference, ids: list[int], generated: list[int]):
+    """log-softmax of the in-process engine's logits before each generated token (prefill, then one decode step per
+    token)."""
+    import numpy as np
+
+    from lmopt.generate import pad_batch
+
+    eng = reference.engine
+    x, mask, pos = pad_batch([ids], 0)
+    logits, state = eng.prefill(x, mask, pos)
+    rows = []
+    try:
+        for t in generated:
+            z = np.asarray(logits, dtype=np.float64).reshape(-1)
+            rows.append(z - (z.max() + np.log(np.exp(z - z.max()).sum())))
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+            logits, state = eng.decode(state, np.array([[t]]), mask, pos)
+    finally:
+        eng.release(state)
+    return rows
+
+
+def test_logprobs_equal_the_engines_log_softmax_and_top_logprobs_are_sorted(client, reference):
+    from lmopt.chat import chat_prompt_ids
+
+    msgs = [{"role": "user", "content": "What is a list?"}]
+    ids = chat_prompt_ids(reference.tok, msgs)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    generated = reference.tokens(ids, 8)      # greedy: the served tokens (test_chat_greedy_text_equals_in_process)
+    want = _engine_logprobs(reference, ids, generated)
+    assert len(content) == 8 and "".join(c.token for c in content) == r.choices[0].message.content
+    for c, row in zip(content, want):
+        tops = [t.logprob for t in c.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True)
+        assert c.top_logprobs[0].token == c.token and abs(c.logprob - tops[0]) < 1e-6   # greedy: the most likely
+        assert abs(c.logprob - row.max()) <= 1e-3
+        assert max(abs(a - b) for a, b in zip(tops, sorted(row, reverse=True)[:5])) <= 1e-3
+    # completions, streamed: logprobs=k per chunk, tokens joined give the text
+    chunks = [c for c in client.completions.create(model=MODEL, prompt="The list", max_tokens=6, temperature=0,
+                                                   logprobs=3, stream=True) if c.choices]
+    lp = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    toks = [t for x in lp for t in x.tokens]
+    assert len(toks) == 6 and "".join(toks) == "".join(c.choices[0].text for c in chunks)
+    assert all(len(d) == 3 for x in lp for d in x.top_logprobs)
+
+
+def test_invalid_schema_is_400_naming_the_problem_and_the_server_keeps_serving(stack, client):
+    bad_rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format=bad_rf)
+    assert "invalid JSON schema" in e.value.body["message"] and "nope" in e.value.body["message"]
+    assert e.value.body["param"] == "response_format"
+    for body, param in ((_body(response_format={"type": "xml"}), "response_format"),
+                        (_body(logprobs=21), "logprobs"), (_body(top_logprobs=3), "top_logprobs")):
+        status, text = http(stack[1], "POST", "/v1/completions", body)
+        assert status == 400 and json.loads(text)["error"]["param"] == param, text
+    still_serving(client)
+
+
+def test_any_triton_client_sends_the_grammar_as_a_request_parameter(stack):
+    """The grammar and logprobs are request parameters of the model (not a second path): tritonclient's stream gets
+    JSON that validates, and each token's logprobs."""
+    import jsonschema
+
+    from lmopt.grammar import json_schema_spec
+    from lmopt.triton_client import GenRequest, GrpcStream
+
+    schema = WEATHER["function"]["parameters"]
+    with GrpcStream(f"127.0.0.1:{stack[0].grpc}") as st:
+        pieces = list(st.generate(GenRequest(prompt="Weather:", max_tokens=80, grammar=json_schema_spec(schema),
+                                             logprobs=2)))
+    assert pieces[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(p.text for p in pieces)), schema)
+    tokens = [t for p in pieces for t in p.token_ids]
+    tops = [t for p in pieces if p.logprobs is not None for t in p.top_logprobs]
+    assert len(tops) == len(tokens) and all(len(t) == 2 and t[0][1] >= t[1][1] for t in tops)

@@ -257,3 +257,42 @@ def test_paged_attention_kernel_in_the_interpreter():
     p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_grammar_requests_survive_preemption():
+    """Structured output on a pool too small for the requests at once: a preempted request is recomputed with its
+    grammar's current state, so every document still validates and equals the run without preemption."""
+    pytest.importorskip("llguidance")
+    import json
+
+    import jsonschema
+
+    from lmopt.grammar import json_schema_spec
+    from lmopt.models import load_tokenizer
+    from lmopt.scheduler import Scheduler
+
+    schema = {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}, "xs": {"type": "array", "maxItems": 6,
+              "items": {"type": "integer", "minimum": 0, "maximum": 99}}}, "required": ["kind", "xs"],
+              "additionalProperties": False}
+    tok = load_tokenizer("tiny")
+    prompts = [tok(p)["input_ids"] for p in ("The quick brown fox jumps over", "def parse(x, y, z): return",
+                                              "import os, sys, json; print(", "Once upon a time there was a")]
+    p = SamplingParams(max_new_tokens=40, stop_token_ids=(tok.eos_token_id,), grammar=json_schema_spec(schema))
+
+    def run(num_blocks):
+        eng = _paged(num_blocks=num_blocks)
+        with Scheduler(eng, tokenizer=tok) as s:
+            reqs = [s.submit(q, p) for q in prompts]
+            for r in reqs:
+                r.result(timeout=120)
+            st = s.stats()
+        _assert_pool_full(eng)
+        return [(r.finish_reason, r.text) for r in reqs], st
+
+    want, st = run(64)
+    got, st_small = run(4)            # 4 requests of 2 blocks each in 4 blocks
+    assert st["preemptions"] == 0 and st_small["preemptions"] > 0, st_small
+    assert got == want
+    for reason, text in got:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)

@@ -13,7 +13,9 @@ rows of one decode step may sit at different positions. The scheduler (lmopt.sch
 Positions are the engine's business: a slot's next position is its current length (`slot_length`). Logits stay on
 the engine's device until asked for: `StepLogits.argmax()` moves one id per row to the host, `row(i)` one row of
 float32 logits (for seeded sampling on the host, shared with lmopt.generate.sample_next). On a GPU this keeps a
-[64, 128256] logits tensor from crossing PCIe every step.
+[64, 128256] logits tensor from crossing PCIe every step. Structured output and logprobs stay on the device too:
+`apply_mask(rows, bitmask)` sends a grammar's token bitmask (4 bytes per 32 tokens) and masks those rows there, and
+`logprobs(rows, tokens, k)` brings back the chosen token's log-probability and the top k of each row asked for.
 """
 from __future__ import annotations
 
@@ -39,6 +41,20 @@ class StepLogits:
         """Row i as float32 [vocab] on the host."""
         raise NotImplementedError
 
+    def apply_mask(self, rows: Sequence[int], bitmask: np.ndarray) -> None:
+        """Forbid tokens: row rows[j] keeps the logits whose bit is set in bitmask[j] (int32 [len(rows), words], bit
+        t % 32 of word t // 32, lmopt.grammar's layout) and gets -inf elsewhere, on the logits' own device. argmax()
+        and row() see the masked logits afterwards; logprobs() still reads the logits as the engine returned them.
+        The other rows are untouched."""
+        raise NotImplementedError
+
+    def logprobs(self, rows: Sequence[int], tokens: Sequence[int], k: int):
+        """Log-softmax of the logits as the engine returned them (before any mask), for rows `rows`: the log-
+        probability of tokens[j] in row rows[j] (float32 [n]), and the k most likely tokens of each row, most likely
+        first (int64 [n, k] ids, float32 [n, k] log-probabilities). Computed where the logits are: only n + 2nk
+        numbers cross to the host."""
+        raise NotImplementedError
+
     # callers written for a host array [rows, vocab] keep working: logits[i], np.asarray(logits)
     def __getitem__(self, i: int) -> np.ndarray:
         return self.row(i)
@@ -52,7 +68,7 @@ class HostLogits(StepLogits):
     """StepLogits over a host array (engines that compute on the CPU)."""
 
     def __init__(self, logits: np.ndarray):
-        self.logits = logits
+        self.logits = self.raw = logits
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -62,6 +78,26 @@ class HostLogits(StepLogits):
 
     def row(self, i: int) -> np.ndarray:
         return np.asarray(self.logits[i], dtype=np.float32)
+
+    def apply_mask(self, rows: Sequence[int], bitmask: np.ndarray) -> None:
+        if not len(rows):
+            return
+        if self.logits is self.raw:        # the engine's array stays as it was (logprobs read it)
+            self.logits = np.array(self.raw, dtype=np.float32)
+        idx = np.asarray(rows, dtype=np.int64)
+        bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8), axis=-1,
+                             bitorder="little")[:, :self.logits.shape[-1]].astype(bool)
+        self.logits[idx] = np.where(bits, self.logits[idx], -np.inf)
+
+    def logprobs(self, rows: Sequence[int], tokens: Sequence[int], k: int):
+        x = np.asarray(self.raw, dtype=np.float64)[np.asarray(rows, dtype=np.int64)]
+        m = x.max(-1, keepdims=True)
+        lp = x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+        chosen = lp[np.arange(len(rows)), np.asarray(tokens, dtype=np.int64)].astype(np.float32)
+        if k <= 0:
+            return chosen, np.zeros((len(rows), 0), np.int64), np.zeros((len(rows), 0), np.float32)
+        top = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
+        return chosen, top.astype(np.int64), np.take_along_axis(lp, top, -1).astype(np.float32)
 
 
 class DeviceLogits(StepLogits):
@@ -74,6 +110,8 @@ class DeviceLogits(StepLogits):
 
     def __init__(self, logits, greedy=None, rows: Sequence[int] | None = None, host_greedy=None):
         self.logits, self.greedy, self.host_greedy = logits, greedy, host_greedy
+        self.raw = logits        # as the engine returned them (apply_mask never changes them)
+        self._masked = None      # apply_mask: ({row: index}, masked rows [n, vocab] on the device)
         self.rows = list(range(int(logits.shape[0]))) if rows is None else list(rows)
 
     def __len__(self) -> int:
@@ -88,12 +126,49 @@ class DeviceLogits(StepLogits):
             buf, done = self.host_greedy
             if done is not None:
                 done.synchronize()
-            return buf.numpy()[self.rows].astype(np.int64)   # fancy indexing copies out of the reused buffer
-        ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
-        return ids.cpu().numpy().astype(np.int64)[self.rows]
+            out = buf.numpy()[self.rows].astype(np.int64)   # fancy indexing copies out of the reused buffer
+        else:
+            ids = self.greedy if self.greedy is not None else self.logits.argmax(-1)
+            out = ids.cpu().numpy().astype(np.int64)[self.rows]
+        if self._masked is not None:   # rows under a grammar: the argmax of their masked logits
+            where, masked = self._masked
+            out[list(where)] = masked.argmax(-1).cpu().numpy()
+        return out
 
     def row(self, i: int) -> np.ndarray:
+        if self._masked is not None and i in self._masked[0]:
+            return self._masked[1][self._masked[0][i]].float().cpu().numpy()
         return self.logits[self.rows[i]].float().cpu().numpy()
+
+    def apply_mask(self, rows: Sequence[int], bitmask: np.ndarray) -> None:
+        """The masked rows are a tensor of their own ([len(rows), vocab], on the device): the engine's logits (a
+        captured graph's output) and its greedy ids stay as they are for the other rows, so argmax() reads those as
+        before and adds one argmax over the masked rows."""
+        import torch
+
+        if not len(rows):
+            return
+        if self._masked is not None:
+            raise ValueError("apply_mask is called once per step")
+        dev = self.logits.device
+        idx = torch.tensor([self.rows[i] for i in rows], device=dev)
+        m = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32)).to(dev, non_blocking=True)
+        shifts = torch.arange(32, device=dev, dtype=torch.int32)
+        allowed = ((m.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, :self.logits.shape[-1]].bool()
+        self._masked = ({int(i): j for j, i in enumerate(rows)},
+                        self.logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+
+    def logprobs(self, rows: Sequence[int], tokens: Sequence[int], k: int):
+        import torch
+
+        dev = self.raw.device
+        idx = torch.tensor([self.rows[i] for i in rows], device=dev)
+        lp = torch.log_softmax(self.raw.index_select(0, idx).float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor(list(tokens), device=dev, dtype=torch.int64).unsqueeze(1)).squeeze(1)
+        if k <= 0:
+            return (chosen.cpu().numpy(), np.zeros((len(rows), 0), np.int64), np.zeros((len(rows), 0), np.float32))
+        top_lp, top_ids = torch.topk(lp, k, dim=-1)      # sorted, most likely first
+        return chosen.cpu().numpy(), top_ids.cpu().numpy().astype(np.int64), top_lp.cpu().numpy()
 
 
 @dataclass(frozen=True)

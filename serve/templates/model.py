@@ -32,9 +32,13 @@ lm_num_preemptions_total (docs/paged_kv.md).
 Inputs  (per request; batch dim added by Triton): text_input STRING [1] or input_ids INT64 [-1] (the prompt already
         tokenized; exactly one of the two); optional max_tokens INT32 [1], temperature FP32 [1], top_k INT32 [1],
         top_p FP32 [1], seed INT64 [1], stop STRING [1]
+        Request parameters (Triton's request `parameters`, not tensors): grammar (string: a lmopt.grammar spec — the
+        output follows that JSON schema; structured output, docs/structured_output.md), logprobs (int k in 0..20)
 Outputs: text_output STRING [1] (lm: full text; lm_stream: this token's text, from lmopt.detokenize; only for
          text_input requests), token_ids INT64 [-1], finish_reason INT32 [1] (only in a request's last response: the
-         index in lmopt.detokenize.FINISH_REASONS — stop, length, cancelled, error)
+         index in lmopt.detokenize.FINISH_REASONS — stop, length, cancelled, error); with the logprobs parameter:
+         logprobs FP32 [-1] (one per token of token_ids), top_logprob_ids INT64 [-1] and top_logprobs FP32 [-1] (k per
+         token, row-major, most likely first; log-softmax of the model's logits before any grammar mask)
 A request that sends input_ids gets token_ids only: no STRING tensor crosses the backend boundary. That is the path
 that works with Triton 2.51's Python-backend stub on the GPU machine we measured, where decoding a STRING input
 crashed the stub (results/nvidia-h200/triton-gpu-attempt.log).
@@ -166,10 +170,20 @@ class TritonPythonModel:
             if self.decoupled:
                 self._sender = threading.Thread(target=self._send_loop, name=f"{self.model_name}-sender", daemon=True)
                 self._sender.start()
+            # structured output's view of the vocabulary, built beside the first requests rather than in one
+            threading.Thread(target=self._prepare_grammars, name=f"{self.model_name}-grammar", daemon=True).start()
         self.logger.log_info(f"{self.model_name}: {self.engine.info} decoupled={self.decoupled} "
                              f"batching={self.batching} outputs via {'DLPack' if self.use_dlpack else 'numpy'}"
                              + (f" slots={self.scheduler.engine.num_slots} ({type(self.scheduler.engine).__name__}) "
                                 f"max_queue={self.scheduler.max_queue}" if self.scheduler else ""))
+
+    def _prepare_grammars(self):
+        try:
+            t0 = time.perf_counter()
+            self.scheduler.prepare_grammars()
+            self.logger.log_info(f"{self.model_name}: grammar engine ready in {time.perf_counter() - t0:.2f} s")
+        except Exception as e:  # noqa: BLE001  (structured output then fails per request, with its reason)
+            self.logger.log_warn(f"{self.model_name}: grammar engine not prepared: {e}")
 
     # ---- outputs: the one place that decides DLPack or numpy ---------------------------------------------------
     def _ids_tensor(self, ids, name="token_ids", dtype=np.int64):
@@ -193,14 +207,24 @@ class TritonPythonModel:
                 pass
         return t.as_numpy().reshape(-1)
 
-    def _response(self, text, ids, batched, finish_reason=None):
+    def _response(self, text, ids, batched, finish_reason=None, logprobs=None):
         """`text` None (an input_ids request): token_ids only. `finish_reason` (the request's last response): its
         index in lmopt.detokenize.FINISH_REASONS as the finish_reason output, so no client re-derives it. A last
-        response without tokens has no token_ids (the bundled stub refuses an empty DLPack tensor as not contiguous)."""
+        response without tokens has no token_ids (the bundled stub refuses an empty DLPack tensor as not contiguous).
+        `logprobs`: one lmopt.scheduler.TokenLogprob per token of `ids` (requests that asked for them)."""
         ids = list(ids)
         outputs = []
         if ids or finish_reason is None:
             outputs.append(self._ids_tensor([ids] if batched else ids))  # batched: the request's batch dim (1)
+        if logprobs:
+            k = len(logprobs[0].top)
+            lp = [x.logprob for x in logprobs]
+            top_ids = [t for x in logprobs for t, _ in x.top]
+            top_lp = [v for x in logprobs for _, v in x.top]
+            outputs.append(self._ids_tensor([lp] if batched else lp, "logprobs", np.float32))
+            if k:
+                outputs.append(self._ids_tensor([top_ids] if batched else top_ids, "top_logprob_ids"))
+                outputs.append(self._ids_tensor([top_lp] if batched else top_lp, "top_logprobs", np.float32))
         if finish_reason is not None:
             from lmopt.detokenize import FINISH_REASONS
 
@@ -246,12 +270,20 @@ class TritonPythonModel:
             raise ValueError(f"max_tokens {max_tokens} is above this server's cap of {self.max_tokens_cap}")
         stop = scalar("stop", "")
         seed = scalar("seed", None)
+        extra = json.loads(request.parameters() or "{}")   # request parameters: grammar, logprobs
+        grammar, logprobs = extra.get("grammar"), extra.get("logprobs")
+        if grammar is not None and not isinstance(grammar, str):
+            raise ValueError("the request parameter 'grammar' must be a string (a JSON grammar spec)")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+            raise ValueError(f"the request parameter 'logprobs' must be an integer (got {logprobs!r})")
+        if (grammar is not None or logprobs is not None) and self.scheduler is None:
+            raise ValueError("structured output and logprobs need batching=inflight (the scheduler)")
         p = SamplingParams(max_new_tokens=max_tokens, temperature=float(scalar("temperature", 0.0)),
                            top_k=int(scalar("top_k", 0)), top_p=float(scalar("top_p", 1.0)),
                            seed=None if seed is None else int(seed),
                            # ignore_eos: the request runs to max_tokens (a benchmark's fixed output length)
                            stop_token_ids=() if scalar("ignore_eos", False) else self._stop_ids,
-                           stop_strings=(stop,) if stop else ())
+                           stop_strings=(stop,) if stop else (), grammar=grammar, logprobs=logprobs)
         try:
             p.check()
         except Exception as e:  # lmopt.errors.UserError: its message already names the field
@@ -301,13 +333,15 @@ class TritonPythonModel:
         if self.decoupled:
             return None
         for i, h, want_text in handles:
+            lps = [ev.logprob for ev in h.events() if ev.logprob is not None]   # ends with the final event
             h.wait()
             if h.finish_reason == "error":
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(h.error or "generation failed"))
             else:
                 if h.finish_reason == "cancelled":
                     self._log_cancelled(h)
-                responses[i] = self._response(h.text if want_text else None, h.tokens, batched, h.finish_reason)
+                responses[i] = self._response(h.text if want_text else None, h.tokens, batched, h.finish_reason,
+                                              lps[:len(h.tokens)])
         return responses
 
     def _stream_state(self, request_id, response_sender, want_text, t_exec):
@@ -395,7 +429,7 @@ class TritonPythonModel:
             st["count"] += len(o.token_ids)
         if not o.finished:
             if o.token_ids and not cancelled:
-                sender.send(self._response(o.text if want_text else None, o.token_ids, True))
+                sender.send(self._response(o.text if want_text else None, o.token_ids, True, None, o.logprobs))
                 self._sent(st, o, first)
             return
         st["sender"], st["final"] = None, True
@@ -407,13 +441,14 @@ class TritonPythonModel:
             return
         if o.finish_reason == "error":
             if o.token_ids:
-                sender.send(self._response(o.text if want_text else None, o.token_ids, True))
+                sender.send(self._response(o.text if want_text else None, o.token_ids, True, None, o.logprobs))
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(o.error or "generation failed")),
                         flags=final)
             return
         # the last tokens, the text held back until the end (an incomplete character, a stop-string start) and the
         # finish reason: one response, flagged final
-        sender.send(self._response(o.text if want_text else None, o.token_ids, True, o.finish_reason), flags=final)
+        sender.send(self._response(o.text if want_text else None, o.token_ids, True, o.finish_reason, o.logprobs),
+                    flags=final)
         self._sent(st, o, first)
 
     def _sent(self, st, o, first):
