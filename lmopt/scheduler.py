@@ -545,8 +545,9 @@ class Scheduler:
             budget -= n
         prefilled = sum(len(c) for _, c in work)
         decoding_before = len(self._decoding)
-        # whole prompts of requests admitted together: one batched prefill where the engine offers it
-        whole = [(r, c) for r, c in work if r._prefilled == 0 and len(c) == len(r._fill)]
+        # whole prompts of requests admitted together: one batched prefill where the engine offers it (paged: the
+        # rest of each prompt after its cached prefix counts as whole; the engine takes rows at different starts)
+        whole = [(r, c) for r, c in work if (r._prefilled == 0 or self.paged) and r._prefilled + len(c) == len(r._fill)]
         if len(whole) > 1 and self.caps.batched_prefill:
             work = [w for w in work if w not in whole]
             try:
