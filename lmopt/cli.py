@@ -87,7 +87,9 @@ def add_settings(p: argparse.ArgumentParser, cls, help: dict[str, str] | None = 
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                               else None)
         kw: dict[str, Any] = {"help": help.get(f.name, COMMON_HELP.get(f.name))}
-        if isinstance(default, bool):
+        if isinstance(default, bool) and default:   # a switch that is on by default: --x / --no-x
+            kw.update(action=argparse.BooleanOptionalAction, default=True)
+        elif isinstance(default, bool):
             kw["action"] = "store_true"
         elif isinstance(default, list):
             kw.update(action="append", default=None, metavar=f.name.upper().rstrip("S"))

@@ -216,12 +216,18 @@ def _generate_slots(engine, prompts, plist, on_token, stop_check) -> GenerationO
                     st.accept(r, tok)
 
         nxt = [0] * b
+        if engine.capabilities.paged_kv:   # each prompt's cached prefix is reused: prefill only the rest
+            for s, p in zip(slots, prompts):
+                if engine.admit_slot(s, p) is None:
+                    raise UserError(f"{b} prompts need more KV blocks than the engine has free — send fewer "
+                                    "prompts at once or build the engine with more blocks")
+        fill = [p[engine.slot_length(s):] for s, p in zip(slots, prompts)]
         with nvtx_range("prefill"):
             if engine.capabilities.batched_prefill:
-                take(list(range(b)), engine.prefill_slots(slots, prompts))
+                take(list(range(b)), engine.prefill_slots(slots, fill))
             else:
                 for r in range(b):
-                    take([r], engine.prefill_slot(slots[r], prompts[r]))
+                    take([r], engine.prefill_slot(slots[r], fill[r]))
         ttft = time.perf_counter() - t0
         while not all(st.done):
             ts = time.perf_counter()

@@ -53,6 +53,14 @@ the caller calls `drain()`, which returns one RequestOutput per request with eve
 Triton model's sender does this: one response per stream per pass, several tokens in it when it fell behind).
 A stop string found there tells the loop to retire the request at its next step.
 
+Paged KV (an engine that declares `capabilities.paged_kv`, the compiled engine's kv_layout="paged"; lmopt.kv_blocks):
+step 2 admits a request only while the block pool holds its whole prompt (`admit_slot`, which reuses the blocks of
+its longest cached prefix: prefill starts after them); before step 4 every decoding row gets a block for its next
+position (`reserve_slot`), and when none is free the newest running request is preempted: its blocks are freed and
+it goes back to the front of the queue with its prompt and the tokens it generated as the prompt to prefill again
+(vLLM's recompute preemption), so its stream continues with the next token. A request whose prompt + max tokens
+needs more blocks than the pool has is refused at submit; any other waits until blocks free up. docs/paged_kv.md.
+
 Back-pressure: the scheduler holds at most `num_slots` running plus `max_queue` waiting requests. Beyond that,
 `submit` raises ServerBusy, whose message starts with "server busy: ". That prefix is the contract with the serving
 layers: they map it to their "try again later" status (HTTP 429 in the OpenAI gateway; UNAVAILABLE in the Triton
@@ -163,6 +171,11 @@ class Request:
         self._engine_reason: str | None = None
         self._next_poll = 0.0
         self._in_flight = 0                 # decode steps queued for this request whose token is not read yet
+        # paged KV (Scheduler._admit / _preempt): the tokens prefill works through (the prompt; after a preemption
+        # the prompt and every token generated so far), the generated ids, the order of admission
+        self._fill: list[int] = prompt_ids
+        self._gen_ids: list[int] = []
+        self._admit_seq = -1
         self._matcher = None                # structured output: its lmopt.grammar.Matcher (loop thread)
         self._first_mask = None             # the first token's mask, computed at submit
         # its logits are needed on the host side before the next step is queued: no device-fed pipelining
@@ -265,6 +278,8 @@ class Scheduler:
         if min_prefill_chunk < 1:
             raise UserError(f"min_prefill_chunk must be >= 1 (got {min_prefill_chunk})")
         self.engine, self.caps = engine, caps
+        self.paged = caps.paged_kv              # admission by free KV blocks, preemption by recompute
+        self._admit_seqs = itertools.count()
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.on_step = on_step
@@ -289,7 +304,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._running = True
         self._counters = dict(steps=0, tokens=0, last_decode_batch=0, finished=0, cancelled=0, rejected=0, errors=0,
-                              prefill_chunk=caps.max_prefill_chunk, step_seconds=0.0, engine_seconds=0.0)
+                              prefill_chunk=caps.max_prefill_chunk, step_seconds=0.0, engine_seconds=0.0,
+                              preemptions=0)
         # per-step timeline of the last steps: (start, wall s, engine s, decode rows, prompt tokens prefilled)
         self.timeline: collections.deque = collections.deque(maxlen=4096)
         self._engine_s = 0.0
@@ -318,6 +334,10 @@ class Scheduler:
         if len(ids) + params.max_new_tokens > ctx:
             raise UserError(f"prompt of {len(ids)} tokens + max_tokens {params.max_new_tokens} exceeds the context "
                             f"length {ctx} — shorten the prompt or lower max_tokens")
+        if self.paged and self.engine.blocks_for(len(ids) + params.max_new_tokens) > self.caps.kv_num_blocks:
+            raise UserError(f"prompt of {len(ids)} tokens + max_tokens {params.max_new_tokens} needs more than the "
+                            f"{self.caps.kv_num_blocks} blocks of {self.caps.kv_block_size} positions the KV pool "
+                            "holds — shorten the prompt, lower max_tokens or give the engine more KV blocks")
         if any(params.stop_strings) and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer — create the Scheduler with tokenizer=...")
         use_text = self.tokenizer is not None and (text or any(params.stop_strings))
@@ -367,7 +387,8 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cond:
             return dict(self._counters, slots_in_use=len(self._prefilling) + len(self._decoding),
-                        num_slots=self.engine.num_slots, queue_length=len(self._waiting))
+                        num_slots=self.engine.num_slots, queue_length=len(self._waiting),
+                        **(self.engine.kv_stats() if self.paged else {}))
 
     def drain(self, timeout: float | None = None) -> list[RequestOutput]:
         """The output side, on the caller's thread: everything the loop produced since the last call (waiting up to
@@ -505,31 +526,28 @@ class Scheduler:
         self._engine_s = 0.0
         # 1. cancellations and stop strings, wherever the request is
         with self._cond:
-            for r in [r for r in self._waiting if r._cancelled(self.cancel_poll_s)]:
+            # (a preempted request waits again: its text may have reached a stop string meanwhile)
+            for r in [r for r in self._waiting if r._stop_hit or r._cancelled(self.cancel_poll_s)]:
                 self._waiting.remove(r)
-                self._finish(r, "cancelled")
+                self._finish(r, "stop" if r._stop_hit else "cancelled")
         for r in [r for r in self._prefilling + self._decoding if r._stop_hit or r._cancelled(self.cancel_poll_s)]:
             self._finish(r, "stop" if r._stop_hit else "cancelled")
-        # 2. admission by free KV-cache slots, first come first served
-        with self._cond:
-            while self._waiting and eng.num_free_slots() > 0:
-                r = self._waiting.pop(0)
-                r.slot = eng.alloc_slot()
-                r.admitted_at = time.perf_counter()
-                self._prefilling.append(r)
+        # 2. admission by free KV-cache slots (and blocks), first come first served
+        self._admit()
         # 3. prefill, oldest first, within the step's budget
         budget = self._prefill_budget()
         work = []
         for r in self._prefilling:
             if budget <= 0:
                 break
-            n = min(budget, len(r.prompt_ids) - r._prefilled)
-            work.append((r, r.prompt_ids[r._prefilled:r._prefilled + n]))
+            n = min(budget, len(r._fill) - r._prefilled)
+            work.append((r, r._fill[r._prefilled:r._prefilled + n]))
             budget -= n
         prefilled = sum(len(c) for _, c in work)
         decoding_before = len(self._decoding)
-        # whole prompts of requests admitted together: one batched prefill where the engine offers it
-        whole = [(r, c) for r, c in work if r._prefilled == 0 and len(c) == len(r.prompt_ids)]
+        # whole prompts of requests admitted together: one batched prefill where the engine offers it (paged: the
+        # rest of each prompt after its cached prefix counts as whole; the engine takes rows at different starts)
+        whole = [(r, c) for r, c in work if (r._prefilled == 0 or self.paged) and r._prefilled + len(c) == len(r._fill)]
         if len(whole) > 1 and self.caps.batched_prefill:
             work = [w for w in work if w not in whole]
             try:
@@ -558,8 +576,8 @@ class Scheduler:
         # 4. one batched decode over every request with a token to feed: its token on the host (from a prefill, a
         # sampled or a read step), or, pipelined, the greedy token of its queued step still on the device
         pipelined = self.pipeline and not any(r._host_fed for r in self._decoding)
-        if self._pending is not None and not pipelined:
-            self._collect(*self._pending)
+        if self._pending is not None and (not pipelined or (self.paged and self._blocks_short())):
+            self._collect(*self._pending)   # (paged: a preemption ahead needs every token of its victim read)
             self._pending = None
         rows, feed = [], []
         for r in self._decoding:
@@ -569,6 +587,8 @@ class Scheduler:
             elif pipelined and r._in_flight == 1 and r._generated + 2 <= r.params.max_new_tokens:
                 rows.append(r)
                 feed.append(None)
+        if self.paged and rows:
+            rows, feed = self._reserve_decode_blocks(rows, feed)
         out = None
         if rows:
             try:
@@ -602,6 +622,66 @@ class Scheduler:
             c["step_seconds"] += wall
             c["engine_seconds"] += self._engine_s
         self.timeline.append((t_step, wall, self._engine_s, len(rows), prefilled))
+
+    # ---- admission and preemption ----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Step 2: waiting requests, oldest first, into free slots; with a paged engine only while the pool has
+        blocks for the whole prompt (its cached prefix reused: prefill starts after it). A request that does not
+        fit waits, and so does every one behind it (first come first served)."""
+        eng = self.engine
+        with self._cond:
+            while self._waiting and eng.num_free_slots() > 0:
+                r = self._waiting[0]
+                slot = eng.alloc_slot()
+                if self.paged:
+                    cached = eng.admit_slot(slot, r._fill)
+                    if cached is None:
+                        eng.free_slot(slot)
+                        break
+                    r._prefilled = cached
+                self._waiting.pop(0)
+                r.slot, r._admit_seq = slot, next(self._admit_seqs)
+                if r.admitted_at is None:
+                    r.admitted_at = time.perf_counter()
+                self._prefilling.append(r)
+
+    def _blocks_short(self) -> bool:
+        """Paged: the decoding requests whose next position starts a new block outnumber the free blocks."""
+        bs = self.caps.kv_block_size
+        need = sum(1 for r in self._decoding if r.slot is not None and self.engine.slot_length(r.slot) % bs == 0)
+        return need > self.engine.num_free_blocks()
+
+    def _reserve_decode_blocks(self, rows: list[Request], feed: list) -> tuple[list[Request], list]:
+        """Paged, step 4: a block for every row's next position, oldest request first; when none is free, the
+        newest running request is preempted (vLLM's recompute preemption) until one is, or the row itself was
+        the newest."""
+        eng = self.engine
+        pairs = sorted(zip(rows, feed), key=lambda rf: rf[0]._admit_seq)
+        for r, _ in pairs:
+            while r.slot is not None and not eng.reserve_slot(r.slot, 1):
+                self._preempt(max(self._prefilling + self._decoding, key=lambda q: q._admit_seq))
+        kept = [(r, f) for r, f in pairs if r.slot is not None]
+        return [r for r, _ in kept], [f for _, f in kept]
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's slot and blocks and queue it first: at re-admission its prompt and the tokens it generated are
+        prefilled again (their cached blocks reused), so its stream goes on with the next token, none repeated or
+        lost."""
+        if r._in_flight:
+            raise RuntimeError(f"request {r.id} preempted with a decode step in flight")
+        with self._cond:
+            for lst in (self._prefilling, self._decoding):
+                if r in lst:
+                    lst.remove(r)
+            self._waiting.insert(0, r)
+            self._counters["preemptions"] += 1
+        self.engine.free_slot(r.slot)
+        r.slot, r._next, r._prefilled = None, None, 0
+        r._fill = r.prompt_ids + r._gen_ids
+        if r._matcher is not None:   # the token after the recompute is masked by the grammar's state now
+            r._first_mask = self._grammars.new_bitmask(1)
+            self._grammars.fill(r._first_mask, [(r._matcher, 0)])
+        log.debug("request %s preempted after %d tokens", r.id, r._generated)
 
     def _adapt_chunk(self, wall: float, prefilled: int, decoded: bool) -> None:
         """The time bound of step 3. Tracked: a decode-only step's time, and a prompt token's prefill time (steps
@@ -696,7 +776,7 @@ class Scheduler:
     def _prefilled_chunk(self, r: Request, n: int, out, row: int, greedy=None) -> None:
         """n more prompt tokens of r are in its slot; after the last chunk, its first token (logits row `row`)."""
         r._prefilled += n
-        if r._prefilled < len(r.prompt_ids):
+        if r._prefilled < len(r._fill):
             return
         with self._cond:
             self._prefilling.remove(r)
@@ -719,6 +799,8 @@ class Scheduler:
             self._finish(r, "stop")
             return
         r._generated += 1
+        if self.paged:
+            r._gen_ids.append(tok)
         self._out.put((r, tok, lp))
         with self._cond:
             self._counters["tokens"] += 1

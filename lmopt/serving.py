@@ -67,6 +67,12 @@ class LoadSettings:
     capture_kv: int = 0
     prefill_chunk: int = 256
     max_queue: int = 256
+    kv_layout: str = "contiguous"        # in-process compiled engine's KV cache as the server's (docs/paged_kv.md)
+    kv_block_size: int = 16
+    kv_num_blocks: int = 0
+    kv_memory_fraction: float = 0.0
+    prefix_cache: bool = True
+    paged_attention: str = "gather"
 
 
 @dataclass

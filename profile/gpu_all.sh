@@ -32,11 +32,13 @@
 #                Poisson rates; the engine's ceiling and the in-process scheduler at 64; the OpenAI endpoint vs gRPC
 #                at 64; lm_empty at 64 and 256; the 1-stream overhead; the per-step timeline at 64. The gateway and
 #                the clients need the wheels of profile/gpu_wheels.sh on PYTHONPATH
-#
 #   9. structured - what structured output costs the decode loop (profile/structured_gpu.py): Llama-1B shape,
 #                FP16, compiled engine, in-process scheduler; ITL at 1 stream with a JSON schema vs without, tokens/s
 #                at 64 streams with half the requests constrained vs none, interleaved in one run. Needs llguidance
 #                (its abi3 wheel from profile/gpu_wheels.sh on PYTHONPATH)
+#  10. prefix  - the paged KV cache and its prefix cache vs the contiguous-slot engine (profile/prefix_cache_gpu.py,
+#                docs/paged_kv.md): Llama-1B shape FP16; TTFT with a 2,048-token prefix hit vs cache off, 64 streams
+#                cache on vs off, streams served in the memory of 64 contiguous slots, no-shared-prefix ITL and tokens/s
 #
 #   bash profile/gpu_all.sh OUTDIR [suite] [profile] [triton]      # default: the first three
 #   bash profile/gpu_all.sh OUTDIR quant inflight openai
@@ -250,6 +252,11 @@ PYEOF
       # the sweep's own file holds every request (compact): large, so gzip it beside the others
       gzip -c "$ART_L/$LM/profile/serving-stream-load.json" > "$WORK/results/$LM/serving-stream-load.json.gz" \
         2>/dev/null ;;
+    prefix)
+      say "prefix: paged KV + prefix cache vs contiguous slots (llama-1b, fp16)"
+      mkdir -p "$WORK/results/llama-1b"
+      timeout "${PREFIX_TIMEOUT:-560}" "$PY" profile/prefix_cache_gpu.py --model llama-1b \
+        --out "$WORK/results/llama-1b/prefix-cache.json" 2>&1 | grep -v -i warning | tail -30 | tee -a "$LOG" ;;
     structured)
       say "structured: JSON schema vs none, 1 and 64 streams (llama-1b, compiled fp16)"
       mkdir -p "$WORK/results/llama-1b"

@@ -387,6 +387,10 @@ def in_process_engines(s: LoadSettings):
     kwargs = {}
     if s.engine == "compiled":
         kwargs = {"num_slots": s.slots or None, "max_len": s.max_len or None, "max_prefill_chunk": s.prefill_chunk}
+        if s.kv_layout == "paged":   # the server's paged KV cache (serve/templates/model.py passes the same)
+            kwargs.update(kv_layout="paged", block_size=s.kv_block_size, num_blocks=s.kv_num_blocks or None,
+                          kv_memory_fraction=s.kv_memory_fraction or None, prefix_cache=s.prefix_cache,
+                          paged_attention=s.paged_attention)
     t0 = time.perf_counter()
     engine = create_engine(s.engine, s.model, s.precision, device=s.device, artifacts=s.artifacts,
                            threads=s.threads or None, **kwargs)

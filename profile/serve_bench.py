@@ -508,6 +508,11 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
                       threads=int(srv.get("threads", 0) or 0), slots=int(srv.get("slots", 0) or 0),
                       max_len=int(srv.get("max_len", 0) or 0), capture_kv=int(srv.get("capture_kv", 0) or 0),
                       prefill_chunk=int(srv.get("prefill_chunk", 256) or 256),
+                      kv_layout=srv.get("kv_layout", "contiguous"), kv_block_size=int(srv.get("kv_block_size", 16)),
+                      kv_num_blocks=int(srv.get("kv_num_blocks", 0) or 0),
+                      kv_memory_fraction=float(srv.get("kv_memory_fraction", 0) or 0),
+                      prefix_cache=bool(srv.get("prefix_cache", True)),
+                      paged_attention=srv.get("paged_attention", "gather"),
                       max_queue=max(int(srv.get("max_queue", 64) or 64), 256))
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}

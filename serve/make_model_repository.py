@@ -6,6 +6,8 @@
     python serve/make_model_repository.py --model tiny --engine torch --precision fp16 --device cuda   # KIND_GPU
     python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --slots 64 --capture-kv 256
     python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --gpus all  # every GPU
+    python serve/make_model_repository.py --model llama-1b --engine compiled --device cuda --slots 256 \
+        --kv-layout paged --kv-memory-fraction 0.5              # paged KV + prefix caching (docs/paged_kv.md)
 
 Reads:  the ONNX graph of the chosen precision via its manifest (artifacts/<model>/export/fp32 or
         artifacts/<model>/quantize/<variant>), found with lmopt.artifacts.find_onnx; the tokenizer of --model
@@ -82,6 +84,12 @@ class RepoSettings:
     max_len: int = 0                 # compiled engine: positions per KV-cache slot (0 = the model's context, at most 4096)
     decode_kernels: str = "inductor" # compiled engine: inductor (torch.compile'd step) | fused (lmopt.engines.kernels for decode batches of up to 8 rows; docs/compiled_engine.md)
     weight_quant: str = ""           # compiled engine: weight-only quantization ("" none | int4 tinygemm | int4g, with --decode-kernels fused)
+    kv_layout: str = "contiguous"    # compiled engine: contiguous (one slot of --max-len positions per request) | paged (blocks: admission by free blocks, prefix caching, preemption; docs/paged_kv.md)
+    kv_block_size: int = 16          # paged: positions per KV block
+    kv_num_blocks: int = 0           # paged: blocks in the pool (0 = --kv-memory-fraction of free GPU memory, or the memory --slots contiguous slots would take)
+    kv_memory_fraction: float = 0.0  # paged, on a GPU: share of the GPU memory free after loading the weights that the pool takes (0 = --kv-num-blocks)
+    prefix_cache: bool = True        # paged: reuse the cached blocks of a prompt's longest cached prefix (--no-prefix-cache: off)
+    paged_attention: str = "gather"  # paged decode attention: gather (copy the blocks, then SDPA) | triton (a kernel that reads through the block table, GPU only)
 
 
 def resolve_precision(s: RepoSettings) -> tuple[str, dict]:
@@ -252,6 +260,7 @@ def make_repository(*, settings: RepoSettings) -> dict:
         raise UserError(f"unknown --weight-quant '{s.weight_quant}' — use int4, int4g, int8 or leave it empty")
     if (s.decode_kernels != "inductor" or s.weight_quant) and s.engine != "compiled":
         raise UserError("--decode-kernels and --weight-quant are options of the compiled engine — add --engine compiled")
+    _check_kv(s)
     if s.max_queue < 0 or s.cancel_poll_ms < 0:
         raise UserError(f"--max-queue and --cancel-poll-ms must be >= 0 (got {s.max_queue}, {s.cancel_poll_ms:g})")
     for name in ("capture_kv", "max_len", "gil_switch_us", "first_token_pause_us"):
@@ -280,7 +289,8 @@ def make_repository(*, settings: RepoSettings) -> dict:
                                       for v in sorted(found)]
     tok = load_tokenizer(s.model)  # fails here, with one line, rather than inside the server
 
-    extra = (f"-{s.weight_quant}" if s.weight_quant else "") + ("-fused" if s.decode_kernels == "fused" else "")
+    extra = (f"-{s.weight_quant}" if s.weight_quant else "") + ("-fused" if s.decode_kernels == "fused" else "") \
+        + ("-paged" if s.kv_layout == "paged" else "")
     variant = f"{s.engine}-{precision}{extra}-{'gpu' if s.device == 'cuda' else 'cpu'}"
     final = stage_dir(s.artifacts, s.model, "serve", variant)
     model = resolve(s.model)  # a local folder by its absolute path: the server resolves it from another folder
@@ -292,7 +302,10 @@ def make_repository(*, settings: RepoSettings) -> dict:
               "max_queue": str(s.max_queue), "prefill_chunk": str(s.prefill_chunk),
               "decode_wait_ratio": str(s.decode_wait_ratio),
               "cancel_poll_ms": f"{s.cancel_poll_ms:g}", "capture_kv": str(s.capture_kv), "max_len": str(s.max_len),
-              "decode_kernels": s.decode_kernels, "weight_quant": s.weight_quant,
+              "decode_kernels": s.decode_kernels, "weight_quant": s.weight_quant, "kv_layout": s.kv_layout,
+              "kv_block_size": str(s.kv_block_size), "kv_num_blocks": str(s.kv_num_blocks),
+              "kv_memory_fraction": f"{s.kv_memory_fraction:g}", "prefix_cache": "1" if s.prefix_cache else "0",
+              "paged_attention": s.paged_attention,
               "gil_switch_us": str(s.gil_switch_us), "first_token_pause_us": str(s.first_token_pause_us)}
     empty = RepoSettings(**{**asdict(s), "device": "cpu", "instances": 1, "batching": "inflight"})
     empty_params = {"engine": "empty", "default_max_tokens": str(s.default_max_tokens),
@@ -322,6 +335,28 @@ def make_repository(*, settings: RepoSettings) -> dict:
     log.info("model repository: %s (start it with: bash serve/run_triton.sh %s)", final / "model_repository",
              final / "model_repository")
     return manifest
+
+
+def _check_kv(s: RepoSettings) -> None:
+    """The KV-cache settings (the engine checks them again; here they fail before anything is written)."""
+    if s.kv_layout not in ("contiguous", "paged"):
+        raise UserError(f"unknown --kv-layout '{s.kv_layout}' — use contiguous or paged")
+    if s.kv_layout == "paged" and s.engine != "compiled":
+        raise UserError("--kv-layout paged is an option of the compiled engine — add --engine compiled "
+                        "(the other engines keep contiguous KV)")
+    if s.kv_layout == "paged" and s.decode_kernels == "fused":
+        raise UserError("the fused decode kernels read the contiguous KV cache — drop --decode-kernels fused or "
+                        "use --kv-layout contiguous")
+    if s.paged_attention not in ("gather", "triton"):
+        raise UserError(f"unknown --paged-attention '{s.paged_attention}' — use gather or triton")
+    if s.kv_layout != "paged" and (s.kv_num_blocks or s.kv_memory_fraction or s.paged_attention != "gather"):
+        raise UserError("--kv-num-blocks, --kv-memory-fraction and --paged-attention are settings of the paged KV "
+                        "cache — add --kv-layout paged")
+    if s.kv_block_size < 1 or s.kv_num_blocks < 0 or not 0 <= s.kv_memory_fraction < 1:
+        raise UserError(f"--kv-block-size must be >= 1, --kv-num-blocks >= 0 and --kv-memory-fraction in [0, 1) "
+                        f"(got {s.kv_block_size}, {s.kv_num_blocks}, {s.kv_memory_fraction:g})")
+    if s.kv_memory_fraction and s.device != "cuda":
+        raise UserError("--kv-memory-fraction is a share of free GPU memory — on the CPU give --kv-num-blocks")
 
 
 def _readme(s: RepoSettings, precision: str, variant: str, choice: dict) -> str:

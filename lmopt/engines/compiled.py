@@ -14,6 +14,10 @@ context. On CUDA each (batch bucket, kv bucket) pair is compiled with torch.comp
 shapes) and captured once in a CUDA graph sharing one memory pool, then replayed; on the CPU the same step runs
 eagerly. Prefill runs eagerly (it is compute-bound). docs/compiled_engine.md explains the choices.
 
+With kv_layout="paged" the cache is a pool of blocks behind a block table instead (lmopt.kv_blocks: reference
+counts, an LRU free queue, automatic prefix caching), `admit_slot` reuses a prompt's cached prefix and the scheduler
+admits by free blocks; the table is an input of the captured step. docs/paged_kv.md.
+
 The plain Engine interface (prefill/decode/release) is built on slots: one slot per row of the batch.
 """
 from __future__ import annotations
@@ -51,7 +55,9 @@ class CompiledEngine(SlotEngine):
                  num_slots: int | None = None, max_len: int | None = None, compile: bool | None = None,
                  cuda_graphs: bool | None = None, decode_attention: str = "sdpa", hf_model=None,
                  weight_quant: str | None = None, group_size: int = 128, max_prefill_chunk: int | None = None,
-                 decode_kernels: str = "inductor", fused_max_batch: int = 8):
+                 decode_kernels: str = "inductor", fused_max_batch: int = 8, kv_layout: str = "contiguous",
+                 block_size: int = 16, num_blocks: int | None = None, kv_memory_fraction: float | None = None,
+                 prefix_cache: bool = True, paged_attention: str = "gather"):
         import torch
 
         if precision not in _DTYPES:
@@ -68,6 +74,18 @@ class CompiledEngine(SlotEngine):
         if weight_quant == "int4g" and decode_kernels != "fused":
             raise UserError("weight quantization int4g is made for the fused decode kernels — add "
                             "decode_kernels='fused' (or use int4)")
+        _check_kv_layout(kv_layout, block_size, num_blocks, kv_memory_fraction, decode_kernels, cuda)
+        if paged_attention not in ("gather", "triton"):
+            raise UserError(f"paged attention '{paged_attention}' is unknown — use gather or triton")
+        if paged_attention == "triton":
+            from .paged_attention import available
+
+            why = available(device) or (None if kv_layout == "paged" else "it reads the paged KV cache — add "
+                                        "kv_layout='paged'")
+            if why is None and (block_size < 16 or block_size & (block_size - 1)):
+                why = f"it takes blocks of a power of two >= 16 positions, not {block_size}"
+            if why:
+                raise UserError(f"paged_attention='triton' cannot run here: {why} — or use paged_attention='gather'")
         if threads:
             torch.set_num_threads(threads)
         spec = resolve(model)
@@ -92,20 +110,50 @@ class CompiledEngine(SlotEngine):
             raise UserError(f"the fused decode kernels do not take {self.model.fused_ready()} — use int4g or none")
         self.decode_kernels, self.fused_max_batch = decode_kernels, fused_max_batch
         self.model.decode_attention = decode_attention
+        self.model.paged_attention = paged_attention
         ctx = self.model.cfg["max_positions"]
         self.max_len = min(max_len or min(ctx, DEFAULT_MAX_LEN), ctx)
         self.num_slots = num_slots or (64 if cuda else 8)
+        self.paged = kv_layout == "paged"
+        if self.paged:   # a slot's positions are whole blocks (the table's last column is the scratch block)
+            self.max_len -= self.max_len % block_size
         if self.num_slots < 1 or self.max_len < 2:
             raise UserError(f"num_slots must be >= 1 and max_len >= 2 (got {self.num_slots}, {self.max_len})")
-        kv_total = self.num_slots * (self.max_len + 1) * self.model.kv_bytes_per_token()
-        if cuda:
-            free = torch.cuda.mem_get_info(torch.device(device))[0]
-            if kv_total > 0.9 * free:
-                raise UserError(f"a KV cache of {self.num_slots} slots x {self.max_len} positions needs "
-                                f"{kv_total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of GPU memory is free — "
-                                "lower num_slots or max_len")
+        per_token = self.model.kv_bytes_per_token()
+        free = torch.cuda.mem_get_info(torch.device(device))[0] if cuda else None
+        if self.paged:
+            if num_blocks is None and kv_memory_fraction is not None:
+                num_blocks = int(kv_memory_fraction * free) // (block_size * per_token) - 1
+            # default: the memory the contiguous cache of these slots would take
+            num_blocks = num_blocks or self.num_slots * (self.max_len // block_size)
+            if num_blocks < 1:
+                raise UserError(f"a KV pool of {num_blocks} blocks holds nothing — give more memory or num_blocks")
+            kv_total = (num_blocks + 1) * block_size * per_token
+            what = f"{num_blocks} blocks x {block_size} positions"
+        else:
+            kv_total = self.num_slots * (self.max_len + 1) * per_token
+            what = f"{self.num_slots} slots x {self.max_len} positions"
+        if cuda and kv_total > 0.9 * free:
+            raise UserError(f"a KV cache of {what} needs {kv_total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of "
+                            "GPU memory is free — lower " + ("num_blocks or kv_memory_fraction" if self.paged
+                                                             else "num_slots or max_len"))
         with torch.inference_mode():
-            self.model.allocate_cache(self.num_slots, self.max_len)
+            if self.paged:
+                self.model.allocate_cache(self.num_slots, self.max_len, num_blocks, block_size)
+            else:
+                self.model.allocate_cache(self.num_slots, self.max_len)
+        self.kv = None
+        if self.paged:
+            from ..kv_blocks import KVCacheManager
+
+            # the extra key: blocks of another model or precision never match (one engine holds one model, but
+            # the key costs nothing and keeps a shared pool honest)
+            self.kv = KVCacheManager(num_blocks, block_size, enable_caching=prefix_cache,
+                                     extra_key=f"{model}|{precision}|{weight_quant or ''}")
+            self.block_size, self.num_blocks = block_size, num_blocks
+            # the block table's host copy; rows are uploaded with each step's inputs (the captured step reads the
+            # device table, never Python state)
+            self._table = np.full((self.num_slots, self.max_len // block_size + 1), num_blocks, dtype=np.int64)
         self.info = EngineInfo("compiled", precision + (f"+{weight_quant}w" if weight_quant else "")
                                + ("+fused" if decode_kernels == "fused" else ""), device, "hf",
                                model, self.max_len, self.model.cfg["vocab"])
@@ -149,18 +197,26 @@ class CompiledEngine(SlotEngine):
         self._d2h = [torch.zeros(B, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._d2h_done = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
         self._d2h_next = 0
+        if self.paged:
+            self._table_host = torch.from_numpy(self._table.copy()).pin_memory() if cuda else \
+                torch.from_numpy(self._table.copy())
         self._free = list(range(self.num_slots))      # a heap: the lowest free id first keeps decode rows packed
         self._used = [False] * self.num_slots
         self._len = [0] * self.num_slots
         self.load_s = time.perf_counter() - t0
-        log.info("compiled engine: %s %s on %s, %d slots x %d positions, KV cache %.1f MB, loaded in %.1f s",
-                 model, precision, device, self.num_slots, self.max_len, kv_total / 1e6, self.load_s)
+        log.info("compiled engine: %s %s on %s, %d slots x %d positions, KV cache %s (%.1f MB), loaded in %.1f s",
+                 model, precision, device, self.num_slots, self.max_len,
+                 f"paged, {what}, prefix cache {'on' if prefix_cache else 'off'}" if self.paged else "contiguous",
+                 kv_total / 1e6, self.load_s)
 
     @property
     def capabilities(self) -> SlotCapabilities:
         # a prompt may continue in later chunks (they run eagerly); fresh prompts of one step share one forward
         return SlotCapabilities(batched_prefill=True, max_prefill_chunk=self.max_prefill_chunk, device_feed=True,
-                                capture=True, batch_buckets=tuple(self.batch_buckets))
+                                capture=True, batch_buckets=tuple(self.batch_buckets), paged_kv=self.paged,
+                                prefix_cache=bool(self.paged and self.kv.enable_caching),
+                                kv_block_size=self.block_size if self.paged else 0,
+                                kv_num_blocks=self.num_blocks if self.paged else 0)
 
     # ---------------------------------------------------------------------------------------------------------
     # slots
@@ -175,7 +231,76 @@ class CompiledEngine(SlotEngine):
         self._check_slot(slot)
         self._used[slot], self._len[slot] = False, 0
         self._last_slots.discard(slot)
+        if self.paged:
+            self.kv.free(slot)
+            self._table[slot] = self.num_blocks
         heapq.heappush(self._free, slot)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the paged KV cache (kv_layout="paged"; docs/paged_kv.md): blocks of lmopt.kv_blocks behind a block table
+    def admit_slot(self, slot: int, token_ids: Sequence[int]) -> int | None:
+        """A fresh slot that will hold `token_ids`: its table points at the cached blocks of their longest cached
+        prefix and at new blocks for the rest. Returns the tokens already cached (the slot's length now: prefill
+        only token_ids[n:]), or None, changing nothing, when the pool lacks free blocks."""
+        self._check_slot(slot)
+        if self._len[slot] or slot in self.kv.seqs:
+            raise ValueError(f"slot {slot} is not fresh")
+        if len(token_ids) > self.max_len:
+            raise UserError(f"prompt of {len(token_ids)} tokens does not fit the engine's {self.max_len} positions "
+                            "— shorten the prompt or build the engine with a larger max length")
+        n = self.kv.allocate(slot, [int(t) for t in token_ids])
+        if n is None:
+            return None
+        self._set_table(slot)
+        self._len[slot] = n
+        return n
+
+    def reserve_slot(self, slot: int, n: int) -> bool:
+        """Blocks for the slot's next `n` positions; False, changing nothing, when the pool has too few free."""
+        self._check_slot(slot)
+        if not self.paged:
+            return True
+        held = len(self.kv.seqs[slot].blocks) if slot in self.kv.seqs else 0
+        if not self.kv.grow(slot, min(self._len[slot] + n, self.max_len)):
+            return False
+        if len(self.kv.seqs[slot].blocks) != held:
+            self._set_table(slot)
+        return True
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.kv.blocks_for(num_tokens)
+
+    def set_prefix_cache(self, on: bool) -> None:
+        """Prefix lookup and caching on or off from now on (a benchmark compares both on one engine); blocks
+        cached so far stay cached, unused while off."""
+        if not self.paged:
+            raise UserError("the prefix cache is a feature of the paged KV cache — build the engine with "
+                            "kv_layout='paged'")
+        self.kv.pool.enable_caching = bool(on)
+
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks()
+
+    def kv_stats(self) -> dict:
+        """Blocks total/used/free, prefix cache queries and hits (tokens), evictions (lmopt.kv_blocks)."""
+        return self.kv.stats() if self.paged else {}
+
+    def _set_table(self, slot: int) -> None:
+        ids = self.kv.block_ids(slot)
+        row = self._table[slot]
+        row[:] = self.num_blocks
+        row[:len(ids)] = ids
+
+    def _reserve_or_fail(self, slot: int, n: int) -> None:
+        if not self.reserve_slot(slot, n):
+            raise UserError(f"the KV pool has no free block for slot {slot} ({self.kv.num_free_blocks()} of "
+                            f"{self.num_blocks} free) — free a slot first (lmopt.scheduler preempts for you)")
+
+    def _upload_table_rows(self, slots) -> None:
+        """The host table rows of `slots` into the device table (before an eager or graph prefill)."""
+        t = self.torch
+        idx = t.tensor(slots, dtype=t.long)
+        self.model.block_table[idx.to(self.device)] = t.from_numpy(self._table[slots]).to(self.device)
 
     def slot_length(self, slot: int) -> int:
         self._check_slot(slot)
@@ -209,6 +334,11 @@ class CompiledEngine(SlotEngine):
                                 "max length")
             starts.append(self._len[s])
             self._last_slots.discard(s)
+        if self.paged:
+            for s, seq in zip(slots, seqs):
+                self._reserve_or_fail(s, len(seq))
+            with t.inference_mode():
+                self._upload_table_rows(slots)
         lengths = [len(q) for q in seqs]
         ids = np.zeros((len(slots), max(lengths)), dtype=np.int64)
         for r, q in enumerate(seqs):
@@ -226,15 +356,20 @@ class CompiledEngine(SlotEngine):
                 host[:R, Sb + 1] = lengths
                 bufs.copy_(t.from_numpy(host), non_blocking=False)
                 graph.replay()
-            for s, n in zip(slots, lengths):
-                self._len[s] += n
+            self._prefilled(slots, seqs)
             return DeviceLogits(out[0], out[1], list(range(R)))
         with t.inference_mode():
             logits = self.model.prefill(slots, t.from_numpy(ids).to(self.device), starts, lengths)
             greedy = logits.argmax(dim=-1)
-        for s, n in zip(slots, lengths):
-            self._len[s] += n
+        self._prefilled(slots, seqs)
         return DeviceLogits(logits, greedy)
+
+    def _prefilled(self, slots, seqs) -> None:
+        for s, q in zip(slots, seqs):
+            if self.paged:   # the slot's full blocks are computed: findable by later prompts
+                self.kv.append_tokens(s, self._len[s], q)
+                self.kv.commit(s, self._len[s] + len(q))
+            self._len[s] += len(q)
 
     # decode_slots takes token None for a slot: "the greedy token this slot got in the previous decode step", read
     # on the device, so a caller can queue step k+1 before it has read step k's tokens (lmopt.scheduler does;
@@ -255,6 +390,11 @@ class CompiledEngine(SlotEngine):
                                 "length or build the engine with a larger max length")
             if tok is None and s not in self._last_slots:
                 raise ValueError(f"slot {s} was not in the previous decode step: give its token")
+        if self.paged:
+            for s, tok in zip(slots, token_ids):
+                self._reserve_or_fail(s, 1)
+                if tok is not None:   # a known token: the block it completes can be cached (None: the gap stops it)
+                    self.kv.append_tokens(s, self._len[s], [tok])
         B = self.batch_buckets[bisect.bisect_left(self.batch_buckets, max(slots) + 1)]
         L = self.kv_buckets[bisect.bisect_left(self.kv_buckets, max(self._len[s] for s in slots) + 1)]
         prev = [tok is None for tok in token_ids]
@@ -269,10 +409,14 @@ class CompiledEngine(SlotEngine):
         host[0, slots] = ids
         host[1, slots] = [self._len[s] for s in slots]
         host[2, slots] = prev
+        if self.paged:   # the block table rows of the step travel with its inputs
+            self._table_host.numpy()[:B] = self._table[:B]
         k = self._d2h_next
         self._d2h_next = 1 - k
         with t.inference_mode():
             self._dev.copy_(self._host, non_blocking=True)
+            if self.paged:
+                self.model.block_table[:B].copy_(self._table_host[:B], non_blocking=True)
             if self._h2d_done is not None:
                 self._h2d_done.record()
             fused = self._fused(B)        # the fused step reads the device feed and writes _last itself
@@ -294,6 +438,8 @@ class CompiledEngine(SlotEngine):
                 done.record()
         for s in slots:
             self._len[s] += 1
+            if self.paged:
+                self.kv.commit(s, self._len[s])
         self._last_slots = set(slots)
         return DeviceLogits(out[0], out[1], slots, host_greedy=(self._d2h[k], done))
 
@@ -410,6 +556,12 @@ class CompiledEngine(SlotEngine):
         seqs = [input_ids[r][attention_mask[r].astype(bool)].tolist() for r in range(b)]
         slots = [self.alloc_slot() for _ in range(b)]
         try:
+            if self.paged:   # each row reuses its cached prefix and prefills the rest
+                for s, q in zip(slots, seqs):
+                    if self.admit_slot(s, q) is None:
+                        raise UserError(f"the KV pool has too few free blocks for a batch of {b} — lower the batch "
+                                        "or build the engine with more blocks")
+                seqs = [q[self._len[s]:] for s, q in zip(slots, seqs)]
             out = self.prefill_slots(slots, seqs)
             logits = out.logits.float().cpu().numpy()
         except BaseException:
@@ -441,3 +593,26 @@ class CompiledEngine(SlotEngine):
         del self.model
         if self.cuda:
             self.torch.cuda.empty_cache()
+
+
+def _check_kv_layout(kv_layout: str, block_size: int, num_blocks: int | None, kv_memory_fraction: float | None,
+                     decode_kernels: str, cuda: bool) -> None:
+    """One-line errors for KV-layout settings the engine cannot honour."""
+    if kv_layout not in ("contiguous", "paged"):
+        raise UserError(f"KV layout '{kv_layout}' is unknown — use contiguous or paged")
+    if kv_layout != "paged":
+        if num_blocks is not None or kv_memory_fraction is not None:
+            raise UserError("num_blocks and kv_memory_fraction size the paged KV cache — add kv_layout='paged'")
+        return
+    if decode_kernels == "fused":
+        raise UserError("the fused decode kernels read the contiguous KV cache — use decode_kernels='inductor' "
+                        "with kv_layout='paged'")
+    if block_size < 1:
+        raise UserError(f"block_size must be >= 1 (got {block_size})")
+    if num_blocks is not None and num_blocks < 1:
+        raise UserError(f"num_blocks must be >= 1 (got {num_blocks})")
+    if kv_memory_fraction is not None:
+        if not 0 < kv_memory_fraction < 1:
+            raise UserError(f"kv_memory_fraction must be in (0, 1) (got {kv_memory_fraction})")
+        if not cuda:
+            raise UserError("kv_memory_fraction is a share of free GPU memory — on the CPU give num_blocks")

@@ -184,6 +184,12 @@ class SlotCapabilities:
     mixed_steps: bool = False            # prefill chunks and decode rows in one forward
     capture: bool = False                # capture(batch_buckets, kv_len) compiles/captures every decode bucket ahead
     batch_buckets: tuple[int, ...] = ()  # decode batch sizes the engine pads a step to (empty: any size as is)
+    paged_kv: bool = False               # KV memory in blocks (lmopt.kv_blocks): admit_slot, reserve_slot,
+                                         # num_free_blocks, blocks_for, kv_stats; the scheduler admits by free
+                                         # blocks and preempts when a running request needs one and none is free
+    prefix_cache: bool = False           # admit_slot reuses the cached blocks of a prompt's longest cached prefix
+    kv_block_size: int = 0               # positions per block (paged_kv)
+    kv_num_blocks: int = 0               # blocks in the pool (paged_kv)
 
 
 class SlotEngine(Engine):
@@ -227,4 +233,26 @@ class SlotEngine(Engine):
 
     def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int]) -> StepLogits:
         """One token per slot, appended at each slot's own position; one logits row per slot, in order."""
+        raise NotImplementedError
+
+    # ---- engines with capabilities.paged_kv (KV memory in blocks; docs/paged_kv.md)
+    def admit_slot(self, slot: int, token_ids: Sequence[int]) -> int | None:
+        """A fresh slot that will hold `token_ids`: blocks for all of them, the cached prefix reused (prefix_cache).
+        Returns the tokens already in the cache (the slot's length: prefill token_ids[n:]), or None, changing
+        nothing, when too few blocks are free."""
+        raise NotImplementedError
+
+    def reserve_slot(self, slot: int, n: int) -> bool:
+        """Blocks for the slot's next n positions; False, changing nothing, when too few are free."""
+        raise NotImplementedError
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that num_tokens positions take."""
+        raise NotImplementedError
+
+    def num_free_blocks(self) -> int:
+        raise NotImplementedError
+
+    def kv_stats(self) -> dict:
+        """Counters of the block pool (lmopt.kv_blocks.KVCacheManager.stats)."""
         raise NotImplementedError

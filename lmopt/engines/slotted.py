@@ -237,6 +237,22 @@ class LimitedSlots(SlotEngine):
     def decode_slots(self, slots: Sequence[int], token_ids: Sequence[int | None]) -> StepLogits:
         return self.engine.decode_slots(slots, token_ids)
 
+    # a paged engine's blocks (capabilities.paged_kv): the engine's own
+    def admit_slot(self, slot: int, token_ids: Sequence[int]) -> int | None:
+        return self.engine.admit_slot(slot, token_ids)
+
+    def reserve_slot(self, slot: int, n: int) -> bool:
+        return self.engine.reserve_slot(slot, n)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.engine.blocks_for(num_tokens)
+
+    def num_free_blocks(self) -> int:
+        return self.engine.num_free_blocks()
+
+    def kv_stats(self) -> dict:
+        return self.engine.kv_stats()
+
     def close(self) -> None:
         self.engine.close()
 

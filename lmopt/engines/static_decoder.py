@@ -72,17 +72,39 @@ class Block(nn.Module):
         gate, up = self._lin(x, "w1").chunk(2, dim=-1)
         return self._lin(F.silu(gate) * up, "w2")
 
+    def _paged_kv(self, k, v, w_blk, w_off, read_idx):
+        """Paged cache [num_blocks + 1, block_size, KV, D]: write k, v ([..., KV, D]) at (w_blk, w_off) (block ids
+        and offsets, shaped like k's leading dims), then gather the blocks `read_idx` [rows, nb] of each row as
+        [rows, KV, nb * block_size, D] (a copy: the simplest correct path, docs/paged_kv.md)."""
+        self.k_cache[w_blk, w_off] = k
+        self.v_cache[w_blk, w_off] = v
+        if read_idx is None:
+            return None, None
+        kc = self.k_cache[read_idx].flatten(1, 2).transpose(1, 2)       # [rows, nb, bs, KV, D] -> [rows, KV, L, D]
+        vc = self.v_cache[read_idx].flatten(1, 2).transpose(1, 2)
+        return kc, vc
+
     # ---- decode: x [B, C], row b = slot b
-    def decode(self, x, cos, sin, rows, pos, mask, kv_len: int):
+    def decode(self, x, cos, sin, rows, pos, mask, kv_len: int, paged=None):
         B = x.shape[0]
         q, k, v = self._qkv(self._norm(x, self.n1w, self.n1b))          # [B, H, D], [B, KV, D]
         if cos is not None:
             q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
             k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        self.k_cache[rows, :, pos] = k
-        self.v_cache[rows, :, pos] = v
-        kc = self.k_cache[:B, :, :kv_len]                                # [B, KV, L, D] (a view)
-        vc = self.v_cache[:B, :, :kv_len]
+        if paged is None:
+            self.k_cache[rows, :, pos] = k
+            self.v_cache[rows, :, pos] = v
+            kc = self.k_cache[:B, :, :kv_len]                            # [B, KV, L, D] (a view)
+            vc = self.v_cache[:B, :, :kv_len]
+        elif paged[3]:   # the paged attention kernel reads through the block table (lmopt.engines.paged_attention)
+            from .paged_attention import paged_decode_attention
+
+            self._paged_kv(k, v, paged[0], paged[1], None)
+            a = paged_decode_attention(q, self.k_cache, self.v_cache, paged[2], pos)
+            x = x + self._lin(a, "wo", self.bo)
+            return x + self._mlp(self._norm(x, self.n2w, self.n2b))
+        else:
+            kc, vc = self._paged_kv(k, v, *paged[:3])
         # grouped-query attention without expanding the cache: the G query heads of one KV head are treated as G
         # queries of that head, so each KV head is read once
         g = self.n_heads // self.n_kv
@@ -122,10 +144,16 @@ class Block(nn.Module):
         if cos is not None:
             q = q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]
             k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        self.k_cache[slot_rows, :, write_pos] = k                        # index [R, S] -> values [R, S, KV, D]
-        self.v_cache[slot_rows, :, write_pos] = v
+        paged = attn.get("paged")
+        if paged is None:
+            self.k_cache[slot_rows, :, write_pos] = k                    # index [R, S] -> values [R, S, KV, D]
+            self.v_cache[slot_rows, :, write_pos] = v
+        else:
+            kc, vc = self._paged_kv(k, v, *paged)
         q = q.transpose(1, 2)
-        if attn["fresh"]:
+        if paged is not None and not attn["fresh"]:
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn["mask"], enable_gqa=True)
+        elif attn["fresh"]:
             # every row starts at 0: causal attention over the chunk itself (flash attention on a GPU); padded
             # tail positions of shorter rows only see real keys before them and are never read
             o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -152,6 +180,8 @@ class StaticDecoder(nn.Module):
         self.num_slots = 0
         self.max_len = 0
         self.decode_attention = "matmul"      # or "sdpa" (see Block.decode)
+        self.paged = False                    # allocate_cache(..., num_blocks=...) makes the cache paged
+        self.paged_attention = "gather"       # paged decode attention: gather + SDPA, or "triton" (the kernel)
         self.head_quant = None
         self.weight_quant: str | None = None
 
@@ -238,7 +268,12 @@ class StaticDecoder(nn.Module):
         m._rope_scale = float(getattr(rot, "attention_scaling", 1.0))
         return m
 
-    def allocate_cache(self, num_slots: int, max_len: int) -> None:
+    def allocate_cache(self, num_slots: int, max_len: int, num_blocks: int | None = None,
+                       block_size: int | None = None) -> None:
+        """The contiguous cache (one row of max_len + 1 positions per slot), or with `num_blocks` the paged one:
+        blocks of `block_size` positions, [num_blocks + 1, block_size, kv_heads, head_dim] per layer (the last block
+        is scratch), and a block table [num_slots, max_len / block_size + 1] (block ids of each slot's positions;
+        the last column and every unused entry point at the scratch block)."""
         c = self.cfg
         dt, dev = self.emb.dtype, self.emb.device
         if self.arch == "llama":
@@ -251,11 +286,34 @@ class StaticDecoder(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             self.cos = (emb.cos() * self._rope_scale).to(dt)
             self.sin = (emb.sin() * self._rope_scale).to(dt)
-        shape = (num_slots, c["n_kv"], max_len + 1, c["head_dim"])
+        self.paged = num_blocks is not None
+        if self.paged:
+            if max_len % block_size:
+                raise ValueError(f"max_len {max_len} is not a multiple of the block size {block_size}")
+            shape = (num_blocks + 1, block_size, c["n_kv"], c["head_dim"])
+            self.block_size, self.num_blocks, self.max_blocks = block_size, num_blocks, max_len // block_size
+            self.block_table = torch.full((num_slots, self.max_blocks + 1), num_blocks, dtype=torch.long, device=dev)
+        else:
+            shape = (num_slots, c["n_kv"], max_len + 1, c["head_dim"])
         for blk in self.layers:
             blk.k_cache = torch.zeros(shape, dtype=dt, device=dev)
             blk.v_cache = torch.zeros(shape, dtype=dt, device=dev)
         self.num_slots, self.max_len = num_slots, max_len
+
+    def _paged_index(self, table_rows: torch.Tensor, write_pos: torch.Tensor, kv_len: int | None):
+        """Where a paged step writes (block id, offset for each position in `write_pos`, whose padding entries are
+        max_len: the scratch column) and which blocks it reads (the first ceil(kv_len / block_size) of each row;
+        None: it reads none). Returns ((w_blk, w_off, read_idx), kv_len rounded up to whole blocks)."""
+        bs = self.block_size
+        col = torch.div(write_pos, bs, rounding_mode="floor")
+        if col.dim() == 1:
+            w_blk = table_rows.gather(1, col[:, None])[:, 0]
+        else:
+            w_blk = table_rows.gather(1, col)
+        if kv_len is None:
+            return (w_blk, write_pos % bs, None), None
+        nb = min(-(-kv_len // bs), self.max_blocks)
+        return (w_blk, write_pos % bs, table_rows[:, :nb]), nb * bs
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: every layer, the final norm and the head; the input embedding
@@ -304,11 +362,15 @@ class StaticDecoder(nn.Module):
         rows = torch.arange(B, device=ids.device)
         pos_c = pos.clamp(max=self.max_len - 1)           # padding rows: any valid table row
         x, cos, sin = self._embed(ids, pos_c)
+        paged = None
+        if self.paged:   # row b reads slot b's blocks through the block table (an input, like ids and pos)
+            paged, kv_len = self._paged_index(self.block_table[:B], pos, kv_len)
+            paged = (*paged, self.paged_attention == "triton")
         mask = torch.arange(kv_len, device=ids.device)[None, :] <= pos[:, None]   # [B, L]
         if self.decode_attention == "sdpa":
             mask = torch.zeros(mask.shape, dtype=self.emb.dtype, device=ids.device).masked_fill(~mask, float("-inf"))
         for blk in self.layers:
-            x = blk.decode(x, cos, sin, rows, pos, mask, kv_len)
+            x = blk.decode(x, cos, sin, rows, pos, mask, kv_len, paged)
         logits = self._head(x)
         return logits, logits.argmax(dim=-1)
 
@@ -356,8 +418,11 @@ class StaticDecoder(nn.Module):
         write_pos = torch.where(ar < lengths[:, None], pos, torch.full_like(pos, self.max_len))
         x, cos, sin = self._embed(ids, pos.clamp(max=self.max_len - 1))
         slot_rows = slots[:, None].expand(R, S)
+        attn: dict = {"fresh": True}
+        if self.paged:
+            attn["paged"] = self._paged_index(self.block_table[slots], write_pos, None)[0]
         for blk in self.layers:
-            x = blk.prefill(x, cos, sin, slot_rows, write_pos, {"fresh": True})
+            x = blk.prefill(x, cos, sin, slot_rows, write_pos, attn)
         h = x[torch.arange(R, device=dev), (lengths - 1).clamp(min=0)]
         logits = self._head(h)
         return logits, logits.argmax(dim=-1)
@@ -376,7 +441,13 @@ class StaticDecoder(nn.Module):
         slot_rows = torch.tensor(slots, device=dev)[:, None].expand(R, S)
         x, cos, sin = self._embed(ids, pos_c)
         attn: dict = {"fresh": all(s == 0 for s in starts)}
-        if not attn["fresh"]:
+        if self.paged:
+            kv_len = None if attn["fresh"] else max(s + n for s, n in zip(starts, lengths))
+            attn["paged"], kv_len = self._paged_index(self.block_table[torch.tensor(slots, device=dev)], write_pos,
+                                                      kv_len)
+            if kv_len is not None:
+                attn["mask"] = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+        elif not attn["fresh"]:
             kv_len = max(s + n for s, n in zip(starts, lengths))
             contiguous = slots == list(range(slots[0], slots[0] + R))
             attn["cache_index"] = slice(slots[0], slots[0] + R) if contiguous else torch.tensor(slots, device=dev)

@@ -25,7 +25,9 @@ lm_scheduler_prefill_chunk (gauges); lm_scheduler_steps_total, lm_scheduler_toke
 (lm_scheduler_step_seconds_total, lm_scheduler_engine_seconds_total, lm_sender_seconds_total,
 lm_sender_responses_total) (counters); the latency histograms lm_time_to_first_token_seconds,
 lm_inter_token_latency_seconds, lm_request_time_per_output_token_seconds, lm_e2e_request_latency_seconds,
-lm_request_queue_time_seconds (docs/serving.md).
+lm_request_queue_time_seconds (docs/serving.md); with a paged KV cache also lm_kv_blocks_used, lm_kv_blocks_free,
+lm_kv_cache_usage_perc, lm_prefix_cache_queries_total, lm_prefix_cache_hits_total, lm_kv_evictions_total and
+lm_num_preemptions_total (docs/paged_kv.md).
 
 Inputs  (per request; batch dim added by Triton): text_input STRING [1] or input_ids INT64 [-1] (the prompt already
         tokenized; exactly one of the two); optional max_tokens INT32 [1], temperature FP32 [1], top_k INT32 [1],
@@ -102,7 +104,14 @@ class TritonPythonModel:
                       "max_len": int(_param(cfg, "max_len", "0")) or None,
                       "max_prefill_chunk": int(_param(cfg, "prefill_chunk", "256")),
                       "decode_kernels": _param(cfg, "decode_kernels", "inductor"),
-                      "weight_quant": _param(cfg, "weight_quant", "") or None}
+                      "weight_quant": _param(cfg, "weight_quant", "") or None,
+                      # the KV cache: contiguous slots, or paged blocks with prefix caching (docs/paged_kv.md)
+                      "kv_layout": _param(cfg, "kv_layout", "contiguous"),
+                      "block_size": int(_param(cfg, "kv_block_size", "16")),
+                      "num_blocks": int(_param(cfg, "kv_num_blocks", "0")) or None,
+                      "kv_memory_fraction": float(_param(cfg, "kv_memory_fraction", "0")) or None,
+                      "prefix_cache": _param(cfg, "prefix_cache", "1") == "1",
+                      "paged_attention": _param(cfg, "paged_attention", "gather")}
         self.engine = create_engine(engine, self.spec, _param(cfg, "precision"), device=device,
                                     artifacts=_param(cfg, "artifacts"), threads=threads, **kwargs)
         from lmopt.engines.slots import SlotEngine
@@ -138,7 +147,7 @@ class TritonPythonModel:
             self._trace = StepTrace.from_env(self.model_name)
             if self._trace is not None:
                 slots = self._trace.wrap(slots)
-            self.metrics = _Metrics(self.model_name, self.logger)
+            self.metrics = _Metrics(self.model_name, self.logger, kv=slots.capabilities.paged_kv)
             max_queue = int(_param(cfg, "max_queue", "32"))
             if not self.decoupled:  # one execute() hands over up to max_batch_size requests: never refuse its own
                 max_queue = max(max_queue, int(cfg.get("max_batch_size", 1)) - slots.num_slots)
@@ -595,6 +604,9 @@ class _Metrics:
       lm_request_time_per_output_token_seconds  per request: (last token - first) / (tokens - 1), engine loop's clock
       lm_e2e_request_latency_seconds            execute() entry to the final response
       lm_request_queue_time_seconds             submitted to the scheduler until given a KV-cache slot
+    A paged KV cache adds the gauges lm_kv_blocks_used, lm_kv_blocks_free, lm_kv_cache_usage_perc and the counters
+    lm_prefix_cache_queries_total, lm_prefix_cache_hits_total (prompt tokens), lm_kv_evictions_total and
+    lm_num_preemptions_total (docs/paged_kv.md).
     Per-step timeline counters: lm_scheduler_step_seconds_total (wall time of the engine loop's steps),
     lm_scheduler_engine_seconds_total (of which in engine calls: launches and waits for the device; the rest is the
     loop's host work), lm_sender_seconds_total and lm_sender_responses_total (the sender thread's passes: handing
@@ -614,7 +626,7 @@ class _Metrics:
                   ("e2e", "e2e_request_latency_seconds", "e2e", "end-to-end request latency"),
                   ("queue", "request_queue_time_seconds", "queue", "time waiting for a KV-cache slot"))
 
-    def __init__(self, model_name, logger):
+    def __init__(self, model_name, logger, kv=False):
         import queue
 
         self.logger, self.labels = logger, {"model": model_name}
@@ -648,6 +660,18 @@ class _Metrics:
                                               "time the sender thread spent handing responses to Triton"),
                                              ("sender_responses", "lm_sender_responses_total",
                                               "responses the sender thread handed to Triton"))}
+            if kv:   # a paged KV cache (lmopt.kv_blocks): vLLM's names with lm_ for vllm:
+                self.gauges.update({k: metric(n, d, fam.GAUGE) for k, n, d in (
+                    ("kv_blocks_used", "lm_kv_blocks_used", "KV-cache blocks held by requests"),
+                    ("kv_blocks_free", "lm_kv_blocks_free", "KV-cache blocks free (cached ones nobody holds included)"),
+                    ("kv_cache_usage", "lm_kv_cache_usage_perc", "fraction of KV-cache blocks in use (0-1)"))})
+                self.counters.update({k: metric(n, d, fam.COUNTER) for k, n, d in (
+                    ("prefix_cache_queries", "lm_prefix_cache_queries_total", "prompt tokens looked up in the "
+                     "prefix cache"),
+                    ("prefix_cache_hits", "lm_prefix_cache_hits_total", "prompt tokens found in the prefix cache"),
+                    ("kv_evictions", "lm_kv_evictions_total", "cached KV blocks evicted for new ones"),
+                    ("preemptions", "lm_num_preemptions_total", "requests preempted for lack of KV blocks "
+                     "(recomputed)"))})
             try:
                 hist = fam.HISTOGRAM
             except AttributeError:  # a Python backend older than histograms
