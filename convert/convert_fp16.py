@@ -174,11 +174,12 @@ def _precision_counts(model) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmopt.quantization import add_budget_flag
+
     p = cli.parser(__doc__)
     d = Fp16Settings()
     cli.add_settings(p, Fp16Settings, skip=("max_ppl_increase", "keep_fp32_ops"))
-    p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                   help="accuracy budget: max perplexity increase over FP32, in percent")
+    add_budget_flag(p, d.max_ppl_increase)
     p.add_argument("--keep-fp32-ops", nargs="*", default=d.keep_fp32_ops, metavar="OP",
                    help="op types kept in FP32")
     return p
@@ -186,9 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lmopt.quantization import parse_budget
-
-    args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
     settings = cli.settings_from(Fp16Settings, args)
     t0 = time.time()

@@ -582,6 +582,8 @@ def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> di
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmopt.quantization import add_budget_flag
+
     p = cli.parser(__doc__)
     d = QuantizeSettings()
     cli.add_settings(p, QuantizeSettings, help={
@@ -590,8 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "sweep_granularity": ("layer", "node")},
         skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
-    p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                   help="accuracy budget: max perplexity increase over FP32, in percent")
+    add_budget_flag(p, d.max_ppl_increase)
     p.add_argument("--max-excluded", type=int, default=d.max_excluded,
                    help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -601,9 +602,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lmopt.quantization import parse_budget
-
-    args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
     settings = cli.settings_from(QuantizeSettings, args)
     t0 = time.time()

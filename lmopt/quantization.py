@@ -30,6 +30,13 @@ def parse_budget(value) -> float:
         raise UserError(f"--max-ppl-increase must be a number (percent), got {value!r}") from None
 
 
+def add_budget_flag(p, default: float) -> None:
+    """--max-ppl-increase of convert_fp16.py and quantize_model.py, parsed as it is read (a word is a one-line
+    error, through lmopt.cli.run)."""
+    p.add_argument("--max-ppl-increase", default=str(default), type=parse_budget,
+                   help="accuracy budget: max perplexity increase over FP32, in percent")
+
+
 @dataclass(frozen=True)
 class QuantPreset:
     prefix: str                  # variant name prefix; the calibration method is appended
