@@ -36,7 +36,6 @@ if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the proj
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -259,7 +258,6 @@ def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
 
 def run_overhead(*, settings: OverheadSettings) -> dict:
     from lmopt import results
-    from lmopt.paths import REPO_ROOT, model_slug
     from lmopt.serving import result_path
 
     s = settings
@@ -282,13 +280,7 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
                            served_model=m["served_model"], wall_s=round(time.time() - t0, 2),
                            # other work on a shared machine shows up as scheduling delay on both paths
                            loadavg_before=load_before, loadavg_after=load_after)
-    results.write_json(path, doc)
-    log.info("Saving %s", path)
-    if s.publish:
-        dest = REPO_ROOT / "results" / results.machine_tag(doc) / model_slug(s.model) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
-        log.info("Saving %s", dest)
+    results.save_result(path, doc, log, publish_model=s.model if s.publish else None)
     d, o = summary["direct"], summary["openai"]
     cmp = summary.get("compare", {})
     w = max([8, *map(len, cmp)])
