@@ -43,7 +43,7 @@
 #   NUMPY1_DIR=/tmp/np1 bash profile/gpu_all.sh OUTDIR triton        # numpy 1.26 installed there (see below)
 #
 # One device call: the parts run in the order given while the time left allows. Before each part the script compares
-# its estimate (PART_S below, from earlier runs) with what is left of GPU_BUDGET_S (default 560 s, so that the
+# its estimate (PART_S below) with what is left of GPU_BUDGET_S (default 560 s, so that the
 # result tarball is written inside a 600 s call); a part that does not fit is skipped and named in OUTDIR/skipped.txt
 # for the next call, and every timeout inside a part is cut to the time left. --dry-run runs nothing heavy: it
 # prints each command with the part's estimate and what the guard would skip, checks that every script exists and
@@ -81,7 +81,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUTDIR/gpu-all.log"
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
-# ---- the time guard: seconds each part took before (the whole part on an H200/H100: loading, compiling, measuring) --
+# ---- the time guard: seconds per part (whole part: loading, compiling, measuring), from the runs so far where a part
+# ran whole (load, decode, quant, inflight), else from the part's own timeouts -------------------------------------
 declare -A PART_S=([suite]=450 [profile]=120 [triton]=480 [quant]=400 [inflight]=560 [openai]=300 [gilab]=200
                    [scaleout]=540 [load]=540 [decode]=300)
 BUDGET_S="${GPU_BUDGET_S:-560}"
