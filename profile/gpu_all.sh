@@ -99,21 +99,14 @@ if [ "$DRY" = 1 ]; then
   REAL_PY="$PY"
   FAILS="$OUTDIR/dry-run-failures.txt"
   : > "$FAILS"
-  _dry_py() {  # python SCRIPT ARGS: the script exists and its parser accepts ARGS
+  CMDS="$OUTDIR/dry-run-commands.txt"
+  : > "$CMDS"
+  _dry_py() {  # python SCRIPT ARGS: noted; at the end one Python checks each script's parser takes its ARGS
     local script="$1"; shift
     case "$script" in -c|-m|-) echo "   would run: python $script ${1:0:60}..."; return 0 ;; esac
     echo "   would run: python $script $*"
     if [ ! -f "$ROOT/$script" ]; then echo "   FAIL: no $script" | tee -a "$FAILS"; return 1; fi
-    "$REAL_PY" - "$ROOT/$script" "$@" <<'DRYEOF' || echo "   FAIL: $script rejects its arguments: $*" | tee -a "$FAILS"
-import importlib.util, sys
-path, argv = sys.argv[1], sys.argv[2:]
-spec = importlib.util.spec_from_file_location("_gpu_all_dry_run", path)
-mod = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = mod
-spec.loader.exec_module(mod)
-mod.build_parser().parse_args(argv)
-print(f"   ok: the parser of {'/'.join(path.rsplit('/', 2)[-2:])} accepts them")
-DRYEOF
+    { printf '%s\x1f' "$script" "$@"; printf '\n'; } >> "$CMDS"
   }
   PY=_dry_py
   timeout() { local s="$1"; shift; echo "   (timeout ${s} s)"; "$@"; }
@@ -354,6 +347,28 @@ PYEOF
   SPENT_S=$(( SPENT_S + need ))
 done
 if [ "$DRY" = 1 ]; then
+  # every Python command noted above: its script's build_parser() takes its flags (each script imported once)
+  "$REAL_PY" - "$ROOT" "$CMDS" > "$OUTDIR/dry-run-parsers.txt" 2>&1 <<'DRYEOF' || echo "   FAIL: the parser check" >> "$FAILS"
+import contextlib, importlib.util, io, sys
+root, cmds = sys.argv[1], sys.argv[2]
+mods = {}
+for line in open(cmds).read().splitlines():
+    script, *argv = line.split("\x1f")[:-1]
+    if script not in mods:
+        spec = importlib.util.spec_from_file_location(f"_gpu_all_dry_run{len(mods)}", f"{root}/{script}")
+        mods[script] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mods[script]
+        spec.loader.exec_module(mods[script])
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            mods[script].build_parser().parse_args(argv)
+        print(f"   ok: {script} takes {' '.join(a for a in argv if a.startswith('--'))}")
+    except SystemExit:
+        print(f"   FAIL: {script} rejects its arguments ({err.getvalue().strip().splitlines()[-1]}): {' '.join(argv)}")
+DRYEOF
+  tee -a "$LOG" < "$OUTDIR/dry-run-parsers.txt"
+  grep "FAIL" "$OUTDIR/dry-run-parsers.txt" >> "$FAILS"
   if [ -s "$FAILS" ]; then say "dry run: $(wc -l < "$FAILS") check(s) failed"; cat "$FAILS"; exit 1; fi
   say "dry run: every script and flag checked; device calls of at most ${BUDGET_S} s: $PLAN"
   exit 0
