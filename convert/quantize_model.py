@@ -102,8 +102,9 @@ class QuantizeSettings:
 
 
 def check_settings(s: QuantizeSettings) -> None:
-    if not (s.max_ppl_increase >= 0):  # also catches NaN
-        raise UserError(f"--max-ppl-increase must be a percentage >= 0 (got {s.max_ppl_increase})")
+    from lmopt.quantization import parse_budget
+
+    parse_budget(s.max_ppl_increase)
     for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "greedy_prompts",
                  "greedy_tokens"):
         if getattr(s, name) <= 0:
