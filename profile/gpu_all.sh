@@ -83,7 +83,7 @@ say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
 # ---- the time guard: seconds per part (whole part: loading, compiling, measuring), from the runs so far where a part
 # ran whole (load, decode, quant, inflight), else from the part's own timeouts -------------------------------------
-declare -A PART_S=([suite]=450 [profile]=120 [triton]=480 [quant]=400 [inflight]=560 [openai]=300 [gilab]=200
+declare -A PART_S=([suite]=450 [profile]=120 [triton]=480 [quant]=400 [inflight]=540 [openai]=300 [gilab]=200
                    [scaleout]=540 [load]=540 [decode]=300)
 BUDGET_S="${GPU_BUDGET_S:-560}"
 START_S=$SECONDS
