@@ -55,24 +55,27 @@ class Fp16Settings:
 
 
 def convert(*, settings: Fp16Settings) -> dict:
+    from lmopt.artifacts import find_onnx, onnx_file
+    from lmopt.paths import check_writable, stage_dir, staging_dir
+    from lmopt.quantization import parse_budget
+
+    s = settings
+    # the user's mistakes first, before the slow imports: a bad budget or a missing export fails at once
+    parse_budget(s.max_ppl_increase)
+    check_writable(s.artifacts)
+    src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
+    fp32_path = onnx_file(src_folder, src_man)
+
     import onnx
     from transformers import AutoTokenizer
 
     from lmopt.data import builtin_text, token_windows
-    from lmopt.artifacts import find_onnx, onnx_file
     from lmopt.engines.ort_engine import make_session
     from lmopt.manifest import file_entry, package_versions, write_manifest
-    from lmopt.paths import check_writable, stage_dir, staging_dir
     from lmopt.quantization import Evaluator, accuracy_table, calibration_feeds
     from lmopt.validate import Checklist
 
-    s = settings
-    if not (s.max_ppl_increase >= 0):
-        raise UserError(f"--max-ppl-increase must be a percentage >= 0 (got {s.max_ppl_increase})")
-    check_writable(s.artifacts)
     timings: dict[str, float] = {}
-    src_folder, src_man = find_onnx(s.artifacts, s.model, "fp32")
-    fp32_path = onnx_file(src_folder, src_man)
     shape = src_man.get("model_shape", {})
     fp32_session = make_session(fp32_path, threads=s.threads or None)
     tokenizer = AutoTokenizer.from_pretrained(str(src_folder))
@@ -174,11 +177,12 @@ def _precision_counts(model) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmopt.quantization import add_budget_flag
+
     p = cli.parser(__doc__)
     d = Fp16Settings()
     cli.add_settings(p, Fp16Settings, skip=("max_ppl_increase", "keep_fp32_ops"))
-    p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                   help="accuracy budget: max perplexity increase over FP32, in percent")
+    add_budget_flag(p, d.max_ppl_increase)
     p.add_argument("--keep-fp32-ops", nargs="*", default=d.keep_fp32_ops, metavar="OP",
                    help="op types kept in FP32")
     return p
@@ -186,9 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lmopt.quantization import parse_budget
-
-    args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
     settings = cli.settings_from(Fp16Settings, args)
     t0 = time.time()

@@ -102,8 +102,9 @@ class QuantizeSettings:
 
 
 def check_settings(s: QuantizeSettings) -> None:
-    if not (s.max_ppl_increase >= 0):  # also catches NaN
-        raise UserError(f"--max-ppl-increase must be a percentage >= 0 (got {s.max_ppl_increase})")
+    from lmopt.quantization import parse_budget
+
+    parse_budget(s.max_ppl_increase)
     for name in ("calib_samples", "calib_seq_len", "eval_samples", "eval_seq_len", "greedy_prompts",
                  "greedy_tokens"):
         if getattr(s, name) <= 0:
@@ -582,6 +583,8 @@ def compare_quantizers(s, fp32_path, feeds, ev, base_excl, shape, src_man) -> di
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmopt.quantization import add_budget_flag
+
     p = cli.parser(__doc__)
     d = QuantizeSettings()
     cli.add_settings(p, QuantizeSettings, help={
@@ -590,8 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "sweep_granularity": ("layer", "node")},
         skip=("calib_text", "max_ppl_increase", "max_excluded", "exclude"))
     p.add_argument("--calib-text", default=d.calib_text, help="UTF-8 calibration text (default: built-in split)")
-    p.add_argument("--max-ppl-increase", default=str(d.max_ppl_increase),
-                   help="accuracy budget: max perplexity increase over FP32, in percent")
+    add_budget_flag(p, d.max_ppl_increase)
     p.add_argument("--max-excluded", type=int, default=d.max_excluded,
                    help="most MatMul groups the budget may keep in FP32 (-1: half of them)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -601,9 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from lmopt.quantization import parse_budget
-
-    args.max_ppl_increase = parse_budget(args.max_ppl_increase)
     setup_logging(args)
     settings = cli.settings_from(QuantizeSettings, args)
     t0 = time.time()

@@ -23,11 +23,22 @@ from .errors import UserError
 
 
 def parse_budget(value) -> float:
-    """--max-ppl-increase as a float (percent); a word instead of a number is the user's mistake, not a traceback."""
+    """--max-ppl-increase as a float (percent); a word instead of a number, a negative number or NaN is the user's
+    mistake, not a traceback."""
     try:
-        return float(value)
+        budget = float(value)
     except (TypeError, ValueError):
         raise UserError(f"--max-ppl-increase must be a number (percent), got {value!r}") from None
+    if not budget >= 0:  # also NaN
+        raise UserError(f"--max-ppl-increase must be a percentage >= 0 (got {value})")
+    return budget
+
+
+def add_budget_flag(p, default: float) -> None:
+    """--max-ppl-increase of convert_fp16.py and quantize_model.py, parsed as it is read (a word is a one-line
+    error, through lmopt.cli.run)."""
+    p.add_argument("--max-ppl-increase", default=str(default), type=parse_budget,
+                   help="accuracy budget: max perplexity increase over FP32, in percent")
 
 
 @dataclass(frozen=True)

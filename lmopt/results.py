@@ -88,6 +88,19 @@ def write_json(path: str | os.PathLike, doc: Any) -> Path:
     return path
 
 
+def save_result(path: str | os.PathLike, doc: Any, log, publish_model: str | None = None) -> Path:
+    """write_json, logged; with publish_model (a script's --publish) also the same file at
+    results/<machine_tag>/<model>/<name> in the repository, where the README tables read it."""
+    from .paths import REPO_ROOT, model_slug
+
+    path = write_json(path, doc)
+    log.info("Saving %s", path)
+    if publish_model:
+        dest = write_json(REPO_ROOT / "results" / machine_tag(doc) / model_slug(publish_model) / path.name, doc)
+        log.info("Saving %s", dest)
+    return path
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 

@@ -169,7 +169,7 @@ def _pct(a, b):
 def run_compare(*, settings: CompareSettings) -> dict:
     from lmopt import results
     from lmopt.models import resolve
-    from lmopt.paths import REPO_ROOT, model_slug
+    from lmopt.paths import REPO_ROOT
     from lmopt.serving import result_path
 
     s = settings
@@ -229,13 +229,7 @@ def run_compare(*, settings: CompareSettings) -> dict:
                                      "aiperf": _aiperf_version(s.aiperf)},
                            served_model=served, loadavg=[round(x, 2) for x in os.getloadavg()])
     path = result_path(s.artifacts, s.model, "x").with_name("aiperf-compare.json")
-    results.write_json(path, doc)
-    log.info("Saving %s", path)
-    if s.publish:
-        dest = REPO_ROOT / "results" / results.machine_tag(doc) / model_slug(s.model) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
-        log.info("Saving %s", dest)
+    results.save_result(path, doc, log, publish_model=s.model if s.publish else None)
     print(f"TTFT p50 / ITL p50 (per request) in ms, output tok/s; prompt {s.prompt_tokens}, {s.max_new_tokens} tokens")
     print(f"{'conc':>4} | {'aiperf':>20} | {'load generator':>20} | {'endpoint client':>20} | TTFT diff  ITL diff")
     for r in rows:

@@ -26,7 +26,6 @@ from __future__ import annotations
 if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the project's Python: one line, no traceback
     raise SystemExit(f"error: this Python lacks the project — run: make setup; then .venv/bin/python {__file__}")
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from pathlib import Path
 from lmopt import cli
 from lmopt import results as R
 from lmopt.errors import UserError
-from lmopt.engines.check import accuracy, gpu_info, make_prompts, time_decode, time_ttft, validate  # noqa: F401
+from lmopt.engines.check import (DTYPES, accuracy, batch_list, busy_us, cuda_device, gpu_info,  # noqa: F401
+                                 make_prompts, profile_synced_steps, time_decode, time_ttft, validate)
 from lmopt.engines.weight_quant import SCHEMES
 from lmopt.log import get_logger
 
@@ -68,31 +68,8 @@ class CheckSettings:
 def profile_decode(engine, s: CheckSettings, step_ms: float | None) -> dict:
     """Kernels per batch-1 decode step and the share of the step the GPU is idle, from the PyTorch profiler
     (CUPTI; it sees the kernels a replayed CUDA graph launches)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=4)
-    slot = engine.alloc_slot()
-    try:
-        toks = engine.prefill_slots([slot], prompt).argmax()
-        for _ in range(3):
-            toks = engine.decode_slots([slot], toks.tolist()).argmax()
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
-        with profile(activities=acts) as prof:
-            t = time.perf_counter()
-            for _ in range(s.profile_steps):
-                toks = engine.decode_slots([slot], toks.tolist()).argmax()
-            wall = (time.perf_counter() - t) / s.profile_steps
-    finally:
-        engine.free_slot(slot)
-    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    kernels = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:                      # union of kernel intervals (us)
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    dev, kernels, wall = profile_synced_steps(engine, s.short_prompt, s.profile_steps)
+    busy = busy_us(kernels)
     per_name: dict[str, list[float]] = {}
     for e in kernels:
         per_name.setdefault(e.name[:120], []).append(e.time_range.end - e.time_range.start)
@@ -112,27 +89,18 @@ def profile_decode(engine, s: CheckSettings, step_ms: float | None) -> dict:
 
 def run_check(*, settings: CheckSettings) -> Path:
     s = settings
-    try:
-        import torch
-    except ImportError:
-        raise UserError("torch is not installed — pip install torch") from None
+    cuda = cuda_device(s.device, s.precision)
+    import torch
+
     from lmopt.engines.compiled import CompiledEngine
     from lmopt.models import load_model
     from lmopt.paths import stage_dir
 
-    cuda = s.device.startswith("cuda")
-    if s.precision in ("fp16", "bf16") and not cuda:
-        raise UserError(f"{s.precision} needs a GPU — pass --precision fp32 with --device cpu")
-    if cuda and not torch.cuda.is_available():
-        raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
     if s.decode_attention not in ("sdpa", "matmul"):
         raise UserError(f"--decode-attention {s.decode_attention} is unknown — use sdpa or matmul")
     if s.compile not in ("auto", "on", "off") or s.cuda_graphs not in ("auto", "on", "off"):
         raise UserError("--compile and --cuda-graphs take auto, on or off")
-    try:
-        batches = [int(b) for b in s.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes {s.batch_sizes!r} is not a comma-separated list of integers") from None
+    batches = batch_list(s.batch_sizes)
     if not batches or min(batches) < 1 or max(batches) > s.num_slots:
         raise UserError(f"--batch-sizes {s.batch_sizes} need 1..{s.num_slots} rows each — raise --num-slots")
     if s.weights and s.weights not in SCHEMES:
@@ -141,8 +109,7 @@ def run_check(*, settings: CheckSettings) -> Path:
         f"compiled-engine-{s.precision}{'-' + s.weights if s.weights else ''}-{'cuda' if cuda else 'cpu'}.json"
     flag = {"auto": None, "on": True, "off": False}
     t0 = time.perf_counter()
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
-    hf = load_model(s.model, dtype=dtype, device=s.device)
+    hf = load_model(s.model, dtype=DTYPES[s.precision], device=s.device)
     ctx = hf.config.max_position_embeddings if hasattr(hf.config, "max_position_embeddings") else hf.config.n_positions
     max_len = s.max_len or min(ctx, max(s.long_prompt, s.short_prompt, s.eval_len) + max(s.max_new_tokens, s.parity_tokens))
     engine = CompiledEngine(s.model, s.precision, s.device, num_slots=s.num_slots, max_len=max_len,

@@ -246,7 +246,7 @@ def profile_step(engine, s: KernelSettings, step_ms: float | None) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from lmopt.engines.check import make_prompts
+    from lmopt.engines.check import busy_us, profile_synced_steps
 
     n = s.profile_steps
     L = engine.kv_buckets[0]
@@ -270,27 +270,8 @@ def profile_step(engine, s: KernelSettings, step_ms: float | None) -> dict:
     res = {"steps": n, "kernels_per_step": len(kernels) / n, "copies_in_graph_per_step": len(copies) / n,
            "kernel_us_per_step": sum(r["us"] for r in per_kernel), "per_kernel": per_kernel}
     # the host-synced step: busy share of the wall time
-    prompt = make_prompts(1, s.short_prompt, engine.info.vocab_size, seed=4)
-    slot = engine.alloc_slot()
-    try:
-        toks = engine.prefill_slots([slot], prompt).argmax()
-        for _ in range(3):
-            toks = engine.decode_slots([slot], toks.tolist()).argmax()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t = time.perf_counter()
-            for _ in range(n):
-                toks = engine.decode_slots([slot], toks.tolist()).argmax()
-            wall = (time.perf_counter() - t) / n
-    finally:
-        engine.free_slot(slot)
-    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    ker = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in ker)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    dev, ker, wall = profile_synced_steps(engine, s.short_prompt, n)
+    busy = busy_us(ker)
     busy_ms = busy / 1e3 / n
     ref = step_ms or wall * 1e3
     res.update(step_kernels_per_step=len(ker) / n, step_copies_per_step=(len(dev) - len(ker)) / n,
@@ -368,32 +349,24 @@ def engine_rows(name: str, e, s: KernelSettings, floor_bw: float, batches, long:
 
 def run_kernels(*, settings: KernelSettings) -> Path:
     s = settings
-    try:
-        import torch
-    except ImportError:
-        raise UserError("torch is not installed — pip install torch") from None
+    from lmopt.engines.check import DTYPES, accuracy, batch_list, cuda_device, gpu_info, validate
+
+    cuda = cuda_device(s.device, s.precision)
+    import torch
+
     from lmopt.engines import kernels as K
     from lmopt.models import load_model
     from lmopt.paths import stage_dir
-    from lmopt.engines.check import accuracy, gpu_info, validate
 
-    cuda = s.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
-    if s.precision != "fp32" and not cuda:
-        raise UserError(f"{s.precision} needs a GPU — pass --precision fp32 with --device cpu")
     cells = {c.strip() for c in s.cells.split(",") if c.strip()}
     unknown = cells - {"kernels", "engines", "small", "quality", "profile"}
     if unknown:
         raise UserError(f"--cells {','.join(sorted(unknown))} unknown — use kernels,engines,small,quality,profile")
-    try:
-        batches = [int(b) for b in s.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes {s.batch_sizes!r} is not a comma-separated list of integers") from None
+    batches = batch_list(s.batch_sizes)
     out = Path(s.out) if s.out else stage_dir("artifacts", s.model, "profile", "") / \
         f"decode-kernels-{'cuda' if cuda else 'cpu'}.json"
     t0 = time.perf_counter()
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[s.precision]
+    dtype = DTYPES[s.precision]
     probe = R.read_bandwidth_gbs(s.device, nbytes=(1 << 30) if cuda else (64 << 20), reps=20 if cuda else 3)
     bw = probe["gbs"]
     doc: dict = R.envelope("decode-kernels-check", settings=asdict(s),

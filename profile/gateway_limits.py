@@ -31,7 +31,6 @@ if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the proj
 import http.client
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -254,13 +253,7 @@ def measure(*, settings: LimitsSettings) -> dict:
                            samples=rows, served_model=served, big_body_bytes=len(big),
                            versions=results.versions("starlette", "uvicorn", "uvloop", "httptools", "tokenizers"),
                            loadavg=[round(x, 2) for x in os.getloadavg()])
-    results.write_json(path, doc)
-    log.info("Saving %s", path)
-    if s.publish:
-        dest = REPO_ROOT / "results" / results.machine_tag(doc) / model_slug(s.model) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
-        log.info("Saving %s", dest)
+    results.save_result(path, doc, log, publish_model=s.model if s.publish else None)
     o, c, lg = summary["oversized"], summary["chunked"], summary["long"]
     print(f"idle /health p50 {summary['idle_health_ms']['p50']:.1f} ms ({s.repeats} repeats)")
     print(f"{len(big) / 1e6:.1f} MB body: {o['statuses']} in p50 {o['ms']['p50']:.1f} ms (max {o['ms']['max']:.1f}); "

@@ -11,7 +11,12 @@
 #        DIR/client/  tritonclient (gRPC; its perf_analyzer binary stripped), grpcio, protobuf, aiohttp and its
 #                     dependencies, starlette/uvicorn/uvloop/httptools (the OpenAI gateway), llguidance (structured
 #                     output: one abi3 wheel, ~3 MB, no dependencies)
-# On the GPU machine (docs/serving_benchmark.md):
+#        DIR/site.tar.xz  all of them installed for CPython 3.12 (pip --target, no console scripts) and packed with
+#                     xz -9: about 36 MiB against 55 MiB of wheels (xz packs the Triton server's libraries far
+#                     tighter than a wheel's deflate), so the tracked tree (about 18 MiB) and every wheel fit one
+#                     device call's 64 MiB. profile/gpu_all.sh unpacks it into /tmp/site by itself
+#                     (docs/gpu_runbook.md); carry only .whl/site.tar.xz
+# By hand on the GPU machine, from the wheel folders instead (docs/serving_benchmark.md):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*/*.whl
 #   export PYTHONPATH=/tmp/site
 # Versions: requirements.txt's pins where it pins them; their dependencies at versions that install together.
@@ -54,4 +59,17 @@ for w in "$DIR"/.dl/*.whl; do
     *) cp "$w" "$DIR/client/" ;;
   esac
 done
-du -sh "$DIR/triton" "$DIR/client"
+# one file for the device call: the wheels installed for 3.12 (pip checks the tags against PLAT), packed with xz
+rm -rf "$DIR/.site"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${PLAT[@]}" --target "$DIR/.site" "$DIR"/triton/*.whl "$DIR"/client/*.whl
+rm -rf "$DIR/.site/bin"        # console scripts with this machine's interpreter in their first line: not used
+if command -v xz >/dev/null; then
+  tar -C "$DIR/.site" -cf - . | xz -9 -T0 > "$DIR/site.tar.xz.tmp"
+else
+  "$PY" -c "import sys, tarfile; t = tarfile.open(sys.argv[2], 'w:xz', preset=9); t.add(sys.argv[1], '.'); t.close()" \
+    "$DIR/.site" "$DIR/site.tar.xz.tmp"
+fi
+mv "$DIR/site.tar.xz.tmp" "$DIR/site.tar.xz"
+rm -rf "$DIR/.site"
+du -sh "$DIR/triton" "$DIR/client" "$DIR/site.tar.xz"

@@ -36,7 +36,6 @@ if __import__("importlib.util").util.find_spec("lmopt") is None:  # not the proj
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -68,13 +67,33 @@ class OverheadSettings:
     no_lean_clients: bool = False  # leave out paths openai-raw and direct-lean (the minimal clients, see above)
 
 
+async def _timed_pieces(pieces, t_send: float, setup_s: float) -> StreamTiming:
+    """The arrival (seconds after t_send) of every token-bearing Piece of one stream, up to the final one; a
+    failure is recorded in the timing, not raised. Left early, the stream is closed (which cancels the call)."""
+    import contextlib
+
+    rec, tokens = StreamTiming(), []
+    rec.setup_s = setup_s
+    try:
+        async with contextlib.aclosing(pieces) as it:
+            async for piece in it:
+                now = time.perf_counter() - t_send
+                if piece.token_ids:
+                    tokens.extend(piece.token_ids)
+                    rec.event_times_s.append(now)
+                if piece.final:
+                    rec.end_s = now
+    except Exception as e:
+        rec.error = f"{type(e).__name__}: {e}"[:200]
+    rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
+    return rec
+
+
 async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
     """One greedy request straight to Triton's gRPC stream; the arrival of every token response. The clock starts
     when the client has the prompt's text, as the endpoint's does: the direct client tokenizes it (the same Rust
     call the gateway makes) and builds its request tensors inside its TTFT, as the endpoint's JSON body, tokenizing
     and gRPC request are inside the endpoint's (that setup is recorded as setup_ms)."""
-    import contextlib
-
     import tritonclient.grpc.aio as aio
 
     from lmopt.models import encode
@@ -84,50 +103,23 @@ async def direct_one(client, tok, prompt: str, s: OverheadSettings, batch_dim: b
     ids = encode(tok, prompt)
     item = stream_request(aio, GenRequest(input_ids=ids, max_tokens=s.max_new_tokens, temperature=0.0, top_p=1.0),
                           uuid.uuid4().hex[:16], s.triton_model, batch_dim)
-    rec, tokens = StreamTiming(), []
-    rec.setup_s = time.perf_counter() - t_send
-    try:
-        async with contextlib.aclosing(stream_aio(client, item, s.request_timeout_s)) as pieces:
-            async for piece in pieces:   # the one loop over tritonclient's stream (lmopt.triton_client)
-                now = time.perf_counter() - t_send
-                if piece.token_ids:
-                    tokens.extend(piece.token_ids)
-                    rec.event_times_s.append(now)
-                if piece.final:
-                    rec.end_s = now
-    except Exception as e:
-        rec.error = f"{type(e).__name__}: {e}"[:200]
-    rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
-    return rec
+    setup_s = time.perf_counter() - t_send
+    # the one loop over tritonclient's stream (lmopt.triton_client)
+    return await _timed_pieces(stream_aio(client, item, s.request_timeout_s), t_send, setup_s)
 
 
 async def direct_lean_one(stub, tok, prompt: str, s: OverheadSettings, batch_dim: bool) -> StreamTiming:
     """direct_one through Triton's gRPC stub itself, the request protobuf built and the responses read by hand
     (lmopt.triton_client.infer_request_pb / stream_pb, what the gateway does): the direct path with as little client
     as Python allows, the counterpart of openai-raw."""
-    import contextlib
-
     from lmopt.models import encode
     from lmopt.triton_client import GenRequest, infer_request_pb, stream_pb
 
     t_send = time.perf_counter()
     item = infer_request_pb(GenRequest(input_ids=encode(tok, prompt), max_tokens=s.max_new_tokens, temperature=0.0,
                                        top_p=1.0), os.urandom(8).hex(), s.triton_model, batch_dim)
-    rec, tokens = StreamTiming(), []
-    rec.setup_s = time.perf_counter() - t_send
-    try:
-        async with contextlib.aclosing(stream_pb(stub, item, s.request_timeout_s)) as pieces:
-            async for piece in pieces:
-                now = time.perf_counter() - t_send
-                if piece.token_ids:
-                    tokens.extend(piece.token_ids)
-                    rec.event_times_s.append(now)
-                if piece.final:
-                    rec.end_s = now
-    except Exception as e:
-        rec.error = f"{type(e).__name__}: {e}"[:200]
-    rec.usage = {"completion_tokens": len(tokens), "token_ids": tokens}
-    return rec
+    setup_s = time.perf_counter() - t_send
+    return await _timed_pieces(stream_pb(stub, item, s.request_timeout_s), t_send, setup_s)
 
 
 async def _measure(s: OverheadSettings) -> dict:
@@ -266,7 +258,6 @@ def summarize(rows: list[dict], compare: dict[str, str] | None = None) -> dict:
 
 def run_overhead(*, settings: OverheadSettings) -> dict:
     from lmopt import results
-    from lmopt.paths import REPO_ROOT, model_slug
     from lmopt.serving import result_path
 
     s = settings
@@ -289,13 +280,7 @@ def run_overhead(*, settings: OverheadSettings) -> dict:
                            served_model=m["served_model"], wall_s=round(time.time() - t0, 2),
                            # other work on a shared machine shows up as scheduling delay on both paths
                            loadavg_before=load_before, loadavg_after=load_after)
-    results.write_json(path, doc)
-    log.info("Saving %s", path)
-    if s.publish:
-        dest = REPO_ROOT / "results" / results.machine_tag(doc) / model_slug(s.model) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest)
-        log.info("Saving %s", dest)
+    results.save_result(path, doc, log, publish_model=s.model if s.publish else None)
     d, o = summary["direct"], summary["openai"]
     cmp = summary.get("compare", {})
     w = max([8, *map(len, cmp)])

@@ -46,7 +46,6 @@ import argparse
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
@@ -57,7 +56,7 @@ from pathlib import Path
 from lmopt import cli
 from lmopt.errors import UserError
 from lmopt.log import get_logger, timed
-from lmopt.serving import LoadSettings, PerfAnalyzerSettings
+from lmopt.serving import LoadSettings, PerfAnalyzerSettings, free_ports
 
 log = get_logger("serve_bench")
 RUN_TRITON = Path(__file__).resolve().parent.parent / "serve" / "run_triton.sh"
@@ -164,23 +163,11 @@ def static_repository(src_repo: Path, dst: Path, queue_delay_us: int) -> Path:
     return dst / "model_repository"
 
 
-def free_ports(host: str, n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((host, 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @contextmanager
 def triton_server(repo: Path, host: str, pid_file: Path, timeout_s: float, ports: list[int] | None = None):
     """serve/run_triton.sh in the background on free ports (or these: http, grpc, metrics); always stopped (with its
     backend stubs) on exit."""
-    http, grpc, metrics = ports or free_ports(host, 3)
+    http, grpc, metrics = ports or free_ports(3, host)
     cmd = ["bash", str(RUN_TRITON), str(repo), "--background", "--pid-file", str(pid_file), "--host", host,
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--timeout", f"{timeout_s:.0f}"]
@@ -385,7 +372,7 @@ def openai_gateway(grpc_url: str, host: str, timeout_s: float, port: int | None 
     import time
     import urllib.request
 
-    port = port or free_ports(host, 1)[0]
+    port = port or free_ports(1, host)[0]
     script = Path(__file__).resolve().parent.parent / "serve" / "openai_server.py"
     proc = subprocess.Popen([sys.executable, str(script), "--host", host, "--port", str(port), "--triton-grpc",
                              grpc_url, "-q"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -528,7 +515,7 @@ def load_bench(s: ServeBenchSettings, folder: Path, man: dict, repo: Path) -> di
         log.info("Saving results to %s%s", out, "" if complete else " (so far)")
         return summary
 
-    ports = free_ports(s.host, 4)   # http, grpc, metrics, gateway: known before anything starts
+    ports = free_ports(4, s.host)   # http, grpc, metrics, gateway: known before anything starts
     url, gw = f"{s.host}:{ports[1]}", f"http://{s.host}:{ports[3]}" if s.endpoint_levels else ""
     main = replace(ld, url=url, label="load", concurrency=s.concurrency, request_rate=s.open_loop_rates,
                    endpoint_levels=s.endpoint_levels, openai_url=gw, in_process_levels=s.in_process_levels,

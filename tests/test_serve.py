@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_one_line_error, load_script, read_json, run_cli
+from lmopt.serving import free_ports as _free_ports   # the name test_openai imports from here
 
 pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
@@ -31,16 +32,6 @@ RUN = REPO / "serve" / "run_triton.sh"
 VARIANT = "ort-fp32-cpu"
 CAP = 256  # --max-tokens-cap of the test repository (long enough that a cancellation lands mid-answer)
 SLOTS, QUEUE = 4, 8  # its in-flight batching capacity: 4 running + 8 waiting
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _group_alive(pgid: int) -> bool:

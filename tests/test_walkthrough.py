@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import warnings
@@ -20,18 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_cli
+from lmopt.serving import free_ports
 
 HEADING = "## Your own model"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def walkthrough_commands() -> list[str]:
@@ -90,7 +80,7 @@ def test_readme_walkthrough_runs_as_written(own):
 
     cmds = walkthrough_commands()
     assert cmds[0] == "M=/path/to/your-model", cmds[0]
-    ports = _free_ports(4)
+    ports = free_ports(4)
     env = _env(own["art"], ports)
     prefix = f"M={own['model']}\n"
     key = model_key(str(own["model"]))
@@ -170,7 +160,7 @@ def test_foreign_artifact_folder_refused(own):
 def test_hub_id_offline_one_line_fast(tmp_path):
     """No network (an endpoint nothing listens on) and an empty cache: one line within 5 s that says the hub is
     unreachable and names HF_HUB_OFFLINE=1 and the local-folder route."""
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     t0 = time.monotonic()
     proc = run_cli("convert/export_onnx.py", "--model", "gpt2", "--artifacts", str(tmp_path / "art"), check=False,
                    env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(tmp_path / "hub"),
@@ -216,7 +206,7 @@ def test_hub_id_in_a_written_cache_loads_offline(tmp_path):
     (snap.parent.parent / "refs" / "main").write_text("0123abc")
     code = ("from lmopt.models import load_model, resolve; m = resolve('gpt2'); load_model(m); "
             "print(m.kind, m.key, m.config.model_type, m.context_length, len(m.tokenizer))")
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{_free_ports(1)[0]}", HF_HUB_CACHE=str(tmp_path / "hub"),
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{free_ports(1)[0]}", HF_HUB_CACHE=str(tmp_path / "hub"),
                HF_HUB_OFFLINE="", PYTHONPATH=str(REPO))
     import sys
 

@@ -1,8 +1,10 @@
 """Checks and timings of one slot engine against its Hugging Face model, shared by the GPU check scripts
-(profile/compiled_engine_gpu.py, profile/decode_kernels_gpu.py): last-token logits and greedy tokens against HF
-(`validate`), teacher-forced perplexity over data/eval.txt (`accuracy`), decode ms per step with a host sync every
-step (`time_decode`), time to first token (`time_ttft`). `s` is the calling script's settings (fields: model, device,
-precision, short_prompt, max_new_tokens, repeats, parity_tokens, eval_windows, eval_len)."""
+(profile/compiled_engine_gpu.py, profile/decode_kernels_gpu.py): the settings both refuse (`cuda_device`,
+`batch_list`), last-token logits and greedy tokens against HF (`validate`), teacher-forced perplexity over
+data/eval.txt (`accuracy`), decode ms per step with a host sync every step (`time_decode`), time to first token
+(`time_ttft`), the GPU's busy share of host-synced steps (`profile_synced_steps`, `busy_us`). `s` is the calling
+script's settings (fields: model, device, precision, short_prompt, max_new_tokens, repeats, parity_tokens,
+eval_windows, eval_len)."""
 from __future__ import annotations
 
 import statistics
@@ -16,6 +18,32 @@ log = get_logger("lmopt.engines.check")
 
 # relative logits tolerance per precision (of the largest |logit|), plus an absolute floor
 _TOL = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2), "bf16": (5e-2, 2e-2)}
+
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}     # --precision -> load_model's dtype
+
+
+def cuda_device(device: str, precision: str) -> bool:
+    """Whether `device` is a CUDA device, after the checks of every GPU script: torch installed, a GPU visible when
+    one is asked for, FP16/BF16 only on a GPU."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("torch is not installed — pip install torch") from None
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU visible to torch — run on a GPU machine or pass --device cpu --precision fp32")
+    if precision != "fp32" and not cuda:
+        raise UserError(f"{precision} needs a GPU — pass --precision fp32 with --device cpu")
+    return cuda
+
+
+def batch_list(text: str) -> list[int]:
+    """--batch-sizes "1,8,64" as integers."""
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {text!r} is not a comma-separated list of integers") from None
 
 
 def gpu_info() -> dict:
@@ -177,3 +205,38 @@ def time_ttft(engine, length: int, s) -> dict:
     ms = statistics.median(times) * 1e3
     log.info("TTFT %d-token prompt: %.2f ms", length, ms)
     return {"prompt_len": length, "ms": ms, "raw_s": times}
+
+
+def profile_synced_steps(engine, prompt_len: int, steps: int) -> tuple[list, list, float]:
+    """`steps` batch-1 decode steps under the PyTorch profiler (CUPTI: it sees the kernels a replayed CUDA graph
+    launches), each synced with the host (its token read back, as a server streams), after 3 unprofiled ones:
+    (device events, the kernels among them, wall seconds per step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = make_prompts(1, prompt_len, engine.info.vocab_size, seed=4)
+    slot = engine.alloc_slot()
+    try:
+        toks = engine.prefill_slots([slot], prompt).argmax()
+        for _ in range(3):
+            toks = engine.decode_slots([slot], toks.tolist()).argmax()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.cuda else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                toks = engine.decode_slots([slot], toks.tolist()).argmax()
+            wall = (time.perf_counter() - t) / steps
+    finally:
+        engine.free_slot(slot)
+    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return dev, [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))], wall
+
+
+def busy_us(events) -> float:
+    """Microseconds covered by the union of the events' intervals (the GPU's busy time)."""
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy

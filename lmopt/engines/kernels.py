@@ -174,6 +174,75 @@ if HAS_TRITON:
     def _tanh(u):
         return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
+    # Helpers of the GEMV kernels below: @triton.jit functions called from a kernel are inlined into it, and the
+    # constexpr arguments (NORM, ACT, GS, block sizes, dtypes) stay compile-time constants, so each kernel compiles
+    # to what it would with the code written out in place.
+    @triton.jit
+    def _row_stats(X, offs_m, m_ok, stride_xm, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """(mean, 1/std) of each of the BLOCK_M rows of X over the whole row (the rows are a few KB: read from
+        L2); RMSNorm (NORM 1) has mean 0, LayerNorm (NORM 2) the row's mean."""
+        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
+                         mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            s1 += tl.sum(xv, axis=1)
+            s2 += tl.sum(xv * xv, axis=1)
+        if NORM == 1:
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rstd = 1.0 / tl.sqrt(s2 / K + eps)
+        else:
+            mean = s1 / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _norm_row(xa, m, offs_m, mean, rstd, NW, NB, kk, k_ok, dt: tl.constexpr, NORM: tl.constexpr):
+        """Values `xa` (positions kk) of row m normalized with that row's statistics, picked out of the [BLOCK_M]
+        vectors of _row_stats; rounded where HF's RMSNorm/LayerNorm round (module's torch reference)."""
+        r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
+        if NORM == 1:
+            xa = (xa.to(tl.float32) * r).to(dt) * tl.load(NW + kk, mask=k_ok, other=0.0)
+        else:
+            mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
+            xa = ((xa.to(tl.float32) - mu) * r * tl.load(NW + kk, mask=k_ok, other=0.0).to(
+                tl.float32) + tl.load(NB + kk, mask=k_ok, other=0.0).to(tl.float32)).to(dt)
+        return xa
+
+    @triton.jit
+    def _act(y, u, dt: tl.constexpr, ACT: tl.constexpr):
+        """The activation of the epilogue on fp32 values: ACT 1 SwiGLU (y the gate, u the up half, each already
+        rounded to the activation dtype; silu rounded before the product, as torch does), 2 GELU tanh, 0 none."""
+        if ACT == 1:
+            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
+        elif ACT == 2:
+            y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        return y
+
+    @triton.jit
+    def _int4_tile(W, WS, WZ, rows, kh, kg, wmask, smask, K, dt: tl.constexpr, GS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Weight rows `rows` x one BLOCK_K tile of an Int4Gemv, dequantized to dt ([BLOCK_N, BLOCK_K]): packed
+        pairs kh, group scales and zeros kg."""
+        p = tl.load(W + rows[:, None] * (K // 2) + kh[None, :], mask=wmask, other=0)
+        sc = tl.load(WS + rows[:, None] * (K // GS) + kg[None, :], mask=smask, other=0.0).to(tl.float32)
+        zr = tl.load(WZ + rows[:, None] * (K // GS) + kg[None, :], mask=smask, other=0.0).to(tl.float32)
+        q = tl.join(p & 15, p >> 4).reshape(BLOCK_N, BLOCK_K // GS, GS).to(tl.float32)
+        return ((q - 8.0) * sc[:, :, None] + zr[:, :, None]).reshape(BLOCK_N, BLOCK_K).to(dt)
+
+    @triton.jit
+    def _int4_group(W, WS, WZ, rows, kh, kg, n_ok, g_ok, K, GS: tl.constexpr):
+        """Weight rows `rows` x one quantization group of an Int4Gemv: the even and odd codes minus 8 (fp32) and
+        the group's scale and zero per row."""
+        p = tl.load(W + rows[:, None] * (K // 2) + kh[None, :], mask=n_ok[:, None] & g_ok, other=0)
+        qa = (p & 15).to(tl.float32) - 8.0
+        qb = (p >> 4).to(tl.float32) - 8.0
+        sc = tl.load(WS + rows * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+        zr = tl.load(WZ + rows * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+        return qa, qb, sc, zr
+
     @triton.jit
     def _gemv_kernel(X, W, WS, WZ, BIAS, RES, NW, NB, Y, PMAX, PIDX,
                      M, N, K, stride_xm, stride_rm, stride_ym, eps, NBLK,
@@ -195,24 +264,10 @@ if HAS_TRITON:
         n_ok = offs_n < N
         offs_kb = tl.arange(0, BLOCK_K)
         dt = Y.dtype.element_ty
-        if NORM != 0:  # row statistics over the whole row (the rows are a few KB: read from L2)
-            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + offs_kb
-                xv = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-                s1 += tl.sum(xv, axis=1)
-                s2 += tl.sum(xv * xv, axis=1)
-            if NORM == 1:
-                mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-                rstd = 1.0 / tl.sqrt(s2 / K + eps)
-            else:
-                mean = s1 / K
-                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+        if NORM != 0:
+            mean, rstd = _row_stats(X, offs_m, m_ok, stride_xm, K, eps, NORM, BLOCK_M, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if ACT == 1:
-            acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)      # the up rows (SwiGLU); dead code otherwise
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_kb
             k_ok = kk < K
@@ -232,20 +287,10 @@ if HAS_TRITON:
                 kg = k0 // GS + tl.arange(0, BLOCK_K // GS)
                 wmask = n_ok[:, None] & (kh[None, :] < K // 2)
                 smask = n_ok[:, None] & (kg[None, :] < K // GS)
-                p = tl.load(W + offs_n[:, None] * (K // 2) + kh[None, :], mask=wmask, other=0)
-                sc = tl.load(WS + offs_n[:, None] * (K // GS) + kg[None, :], mask=smask, other=0.0).to(tl.float32)
-                zr = tl.load(WZ + offs_n[:, None] * (K // GS) + kg[None, :], mask=smask, other=0.0).to(tl.float32)
-                q = tl.join(p & 15, p >> 4).reshape(BLOCK_N, BLOCK_K // GS, GS).to(tl.float32)
-                w = ((q - 8.0) * sc[:, :, None] + zr[:, :, None]).reshape(BLOCK_N, BLOCK_K).to(dt)
+                w = _int4_tile(W, WS, WZ, offs_n, kh, kg, wmask, smask, K, dt, GS, BLOCK_N, BLOCK_K)
                 acc = tl.dot(w, xt, acc)
                 if ACT == 1:
-                    p = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kh[None, :], mask=wmask, other=0)
-                    sc = tl.load(WS + (offs_n + N)[:, None] * (K // GS) + kg[None, :], mask=smask,
-                                 other=0.0).to(tl.float32)
-                    zr = tl.load(WZ + (offs_n + N)[:, None] * (K // GS) + kg[None, :], mask=smask,
-                                 other=0.0).to(tl.float32)
-                    q = tl.join(p & 15, p >> 4).reshape(BLOCK_N, BLOCK_K // GS, GS).to(tl.float32)
-                    w = ((q - 8.0) * sc[:, :, None] + zr[:, :, None]).reshape(BLOCK_N, BLOCK_K).to(dt)
+                    w = _int4_tile(W, WS, WZ, offs_n + N, kh, kg, wmask, smask, K, dt, GS, BLOCK_N, BLOCK_K)
                     acc2 = tl.dot(w, xt, acc2)
             else:
                 wmask = n_ok[:, None] & k_ok[None, :]
@@ -259,11 +304,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             y = y + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = y.to(dt).to(tl.float32)
-        if ACT == 1:
-            u = acc2.to(dt).to(tl.float32)
-            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
-        elif ACT == 2:
-            y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        y = _act(y, acc2.to(dt).to(tl.float32), dt, ACT)
         if HAS_RES:
             y = y.to(dt).to(tl.float32) + tl.load(RES + offs_m[None, :] * stride_rm + offs_n[:, None],
                                                   mask=m_ok[None, :] & n_ok[:, None], other=0.0).to(tl.float32)
@@ -304,20 +345,7 @@ if HAS_TRITON:
             gdc_wait()
             gdc_launch_dependents()
         if NORM != 0:
-            s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-                s1 += tl.sum(xv, axis=1)
-                s2 += tl.sum(xv * xv, axis=1)
-            if NORM == 1:
-                mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-                rstd = 1.0 / tl.sqrt(s2 / K + eps)
-            else:
-                mean = s1 / K
-                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + eps)
+            mean, rstd = _row_stats(X, offs_m, m_ok, stride_xm, K, eps, NORM, BLOCK_M, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -328,32 +356,15 @@ if HAS_TRITON:
                     kg = k0 + gi * GS
                     g_ok = kg < K
                     kh = kg // 2 + tl.arange(0, GS // 2)
-                    wm = n_ok[:, None] & g_ok
-                    p = tl.load(W + offs_n[:, None] * (K // 2) + kh[None, :], mask=wm, other=0)
-                    qa = (p & 15).to(tl.float32) - 8.0
-                    qb = (p >> 4).to(tl.float32) - 8.0
-                    sc = tl.load(WS + offs_n * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
-                    zr = tl.load(WZ + offs_n * (K // GS) + kg // GS, mask=n_ok & g_ok, other=0.0).to(tl.float32)
+                    qa, qb, sc, zr = _int4_group(W, WS, WZ, offs_n, kh, kg, n_ok, g_ok, K, GS)
                     if ACT == 1:
-                        pu = tl.load(W + (offs_n + N)[:, None] * (K // 2) + kh[None, :], mask=wm, other=0)
-                        ua = (pu & 15).to(tl.float32) - 8.0
-                        ub = (pu >> 4).to(tl.float32) - 8.0
-                        su = tl.load(WS + (offs_n + N) * (K // GS) + kg // GS, mask=n_ok & g_ok,
-                                     other=0.0).to(tl.float32)
-                        zu = tl.load(WZ + (offs_n + N) * (K // GS) + kg // GS, mask=n_ok & g_ok,
-                                     other=0.0).to(tl.float32)
+                        ua, ub, su, zu = _int4_group(W, WS, WZ, offs_n + N, kh, kg, n_ok, g_ok, K, GS)
                     kx = kg + tl.arange(0, GS)
                     for m in tl.static_range(BLOCK_M):
                         if m < M:
                             xk = tl.load(X + m * stride_xm + kx, mask=g_ok, other=0.0)
                             if NORM != 0:
-                                r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
-                                if NORM == 1:
-                                    xk = (xk.to(tl.float32) * r).to(dt) * tl.load(NW + kx, mask=g_ok, other=0.0)
-                                else:
-                                    mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
-                                    xk = ((xk.to(tl.float32) - mu) * r * tl.load(NW + kx, mask=g_ok, other=0.0).to(
-                                        tl.float32) + tl.load(NB + kx, mask=g_ok, other=0.0).to(tl.float32)).to(dt)
+                                xk = _norm_row(xk, m, offs_m, mean, rstd, NW, NB, kx, g_ok, dt, NORM)
                             xe, xo = tl.split(tl.reshape(xk.to(tl.float32), (GS // 2, 2)))
                             sx = tl.sum(xe, axis=0) + tl.sum(xo, axis=0)
                             part = sc * tl.sum(qa * xe[None, :] + qb * xo[None, :], axis=1) + zr * sx
@@ -379,13 +390,7 @@ if HAS_TRITON:
                     if m < M:
                         xa = tl.load(X + m * stride_xm + kk, mask=kk < K, other=0.0)
                         if NORM != 0:
-                            r = tl.sum(tl.where(offs_m == m, rstd, 0.0), axis=0)
-                            if NORM == 1:
-                                xa = (xa.to(tl.float32) * r).to(dt) * tl.load(NW + kk, mask=kk < K, other=0.0)
-                            else:
-                                mu = tl.sum(tl.where(offs_m == m, mean, 0.0), axis=0)
-                                xa = ((xa.to(tl.float32) - mu) * r * tl.load(NW + kk, mask=kk < K, other=0.0).to(
-                                    tl.float32) + tl.load(NB + kk, mask=kk < K, other=0.0).to(tl.float32)).to(dt)
+                            xa = _norm_row(xa, m, offs_m, mean, rstd, NW, NB, kk, kk < K, dt, NORM)
                         xa = xa.to(tl.float32)
                         sel = (offs_m == m)[:, None]
                         acc = tl.where(sel, acc + tl.sum(wa * xa[None, :], axis=1)[None, :], acc)
@@ -395,11 +400,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             y = y + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = y.to(dt).to(tl.float32)
-        if ACT == 1:
-            u = acc2.to(dt).to(tl.float32)
-            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
-        elif ACT == 2:
-            y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        y = _act(y, acc2.to(dt).to(tl.float32), dt, ACT)
         om = m_ok[:, None] & n_ok[None, :]
         if HAS_RES:
             y = y.to(dt).to(tl.float32) + tl.load(RES + offs_m[:, None] * stride_rm + offs_n[None, :], mask=om,
@@ -471,11 +472,10 @@ if HAS_TRITON:
         ok = o < N
         dt = Y.dtype.element_ty
         y = tl.load(A + m * stride_am + o, mask=ok, other=0.0).to(tl.float32)
+        u = y
         if ACT == 1:
             u = tl.load(A + m * stride_am + N + o, mask=ok, other=0.0).to(tl.float32)
-            y = (y / (1.0 + tl.exp(-y))).to(dt).to(tl.float32) * u
-        elif ACT == 2:
-            y = 0.5 * y * (1.0 + _tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+        y = _act(y, u, dt, ACT)
         if HAS_RES:
             y = y.to(dt).to(tl.float32) + tl.load(RES + m * stride_rm + o, mask=ok, other=0.0).to(tl.float32)
         tl.store(Y + m * stride_ym + o, y.to(dt), mask=ok)
