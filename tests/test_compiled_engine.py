@@ -447,6 +447,8 @@ def test_fused_linear_reference_is_the_unfused_math():
     am, last = torch.empty(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
     logits = K.linear(x, w, argmax_out=am, last=last, impl="torch")
     assert am.tolist() == logits.argmax(-1).tolist() == last[:3].tolist()
+    with pytest.raises(ValueError, match="no bias"):   # the GEMV kernels would add the gate half's bias only
+        K.linear(x, w, bias=torch.zeros(96), act="silu_pair", impl="torch")
 
 
 def test_int4_gemv_weights():

@@ -736,6 +736,10 @@ def linear(x, w, bias=None, norm: Norm | None = None, act: str | None = None, re
     `linear_impl` measured faster for the shape), "triton", "cublas", "torch" (the reference)."""
     M = x.shape[0]
     N2, K = _weight_shape(w)
+    if act == "silu_pair" and bias is not None:
+        # the GEMV kernels add the bias of the gate half only (their epilogue sees one column per output): no model
+        # this engine loads has a biased gate/up pair, so refuse it rather than compute it wrong on one path
+        raise ValueError("linear(act='silu_pair') takes no bias: the fused kernels would add the gate half only")
     N = N2 // 2 if act == "silu_pair" else N2
     if impl == "auto":
         if not triton_ok(x):
