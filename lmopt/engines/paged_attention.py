@@ -99,27 +99,6 @@ if HAS_TRITON:
             tl.store(PL + base * BLOCK_G + g, l_i)
             tl.store(PACC + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :], acc)
 
-    @triton.jit
-    def _paged_combine_kernel(PM, PL, PACC, O, stride_ob, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                              SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        mx = tl.full([BLOCK_G], -1e30, tl.float32)
-        for i in range(SPLITS):
-            mx = tl.maximum(mx, tl.load(PM + ((b * KVH + h) * SPLITS + i) * BLOCK_G + g))
-        den = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for i in range(SPLITS):
-            base = (b * KVH + h) * SPLITS + i
-            w = tl.exp(tl.load(PM + base * BLOCK_G + g) - mx)
-            den += w * tl.load(PL + base * BLOCK_G + g)
-            acc += tl.load(PACC + (base * BLOCK_G + g)[:, None] * BLOCK_D + d[None, :]) * w[:, None]
-        qm = (g < G)[:, None] & (d < D)[None, :]
-        tl.store(O + b * stride_ob + (h * G + g)[:, None] * D + d[None, :],
-                 (acc / den[:, None]).to(O.dtype.element_ty), mask=qm)
-
 
 def split_chunk(nb: int, bs: int, programs: int) -> int:
     """Positions per split: whole blocks, a power of two times the block size, as many splits as it takes for
@@ -154,6 +133,8 @@ def paged_decode_attention(q, k_cache, v_cache, table, pos, chunk: int | None = 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0),
         out.stride(0), D ** -0.5, nb * bs, KVH=kvh, G=G, D=D, BS=bs, CHUNK=chunk, SPLITS=splits, BLOCK_G=bg, BLOCK_D=bd)
     if splits > 1:
-        _paged_combine_kernel[(B, kvh)](pm, pl, pacc, out, out.stride(0), KVH=kvh, G=G, D=D, SPLITS=splits,
-                                        BLOCK_G=bg, BLOCK_D=bd)
+        from .kernels import _attn_combine_kernel   # the splits' partials are laid out as the contiguous kernel's
+
+        _attn_combine_kernel[(B, kvh)](pm, pl, pacc, out, out.stride(0), KVH=kvh, G=G, D=D, SPLITS=splits,
+                                       BLOCK_S=triton.next_power_of_2(splits), BLOCK_G=bg, BLOCK_D=bd, USE_PDL=False)
     return out
