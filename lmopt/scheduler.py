@@ -830,6 +830,9 @@ class Scheduler:
             r.retired_step = self._counters["steps"]
         if r.slot is not None:
             try:
+                if self.paged and reason != "error":
+                    # the blocks its generated tokens filled become findable too (a chat's next turn repeats them)
+                    self.engine.cache_tokens(r.slot, r.prompt_ids + r._gen_ids)
                 self.engine.free_slot(r.slot)
             finally:
                 r.slot = None

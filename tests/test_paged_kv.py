@@ -111,6 +111,28 @@ def test_tiny_pool_evicts_and_preempts_and_gives_the_same_tokens(workload):
     _assert_pool_full(eng)
 
 
+def test_generated_tokens_blocks_are_cached_for_the_next_turn(ref):
+    """A chat's next turn repeats the last answer: the blocks that answer filled are found although the pipelined
+    loop fed its tokens on the device (the scheduler tells the engine the ids when the request finishes)."""
+    from lmopt.scheduler import Scheduler
+
+    eng = _paged(num_blocks=32)
+    assert eng.capabilities.device_feed
+    rng = np.random.default_rng(9)
+    first = rng.integers(1, 4096, 20).tolist()
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=NO_EOS)
+    with Scheduler(eng, max_queue=4) as s:
+        a = s.submit(first, params).result(timeout=120)
+        hits = s.stats()["prefix_cache_hits"]
+        turn = first + a.tokens[:30] + rng.integers(1, 4096, 5).tolist()     # 55 tokens, 48 of them in A's blocks
+        b = s.submit(turn, params).result(timeout=120)
+        st = s.stats()
+    assert a.tokens == generate(ref, [first], params).tokens[0]
+    assert b.tokens == generate(ref, [turn], params).tokens[0]
+    assert st["prefix_cache_hits"] - hits == 3 * BS, st          # 20 prompt + 28 generated: 3 full blocks
+    _assert_pool_full(eng)
+
+
 def test_admitted_prefix_gives_the_contiguous_logits(ref):
     eng = _paged(num_blocks=32)
     rng = np.random.default_rng(2)

@@ -281,6 +281,20 @@ class CompiledEngine(SlotEngine):
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks()
 
+    def cache_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        """The slot's tokens as the caller knows them: a decode step fed on the device leaves the engine without
+        its token's id, so the blocks after it cannot be keyed until the caller says what they hold (the scheduler
+        does when a request finishes). Ids that contradict what the engine knows change nothing."""
+        self._check_slot(slot)
+        seq = self.kv.seqs.get(slot) if self.paged else None
+        if seq is None or not self.kv.enable_caching:
+            return
+        known = len(seq.tokens)
+        if len(token_ids) <= known or [int(t) for t in token_ids[:known]] != seq.tokens:
+            return
+        self.kv.append_tokens(slot, known, token_ids[known:])
+        self.kv.commit(slot, self._len[slot])
+
     def kv_stats(self) -> dict:
         """Blocks total/used/free, prefix cache queries and hits (tokens), evictions (lmopt.kv_blocks)."""
         return self.kv.stats() if self.paged else {}

@@ -256,3 +256,9 @@ class SlotEngine(Engine):
     def kv_stats(self) -> dict:
         """Counters of the block pool (lmopt.kv_blocks.KVCacheManager.stats)."""
         raise NotImplementedError
+
+    def cache_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        """The slot's tokens as the caller knows them (prompt, then every token generated): the full blocks among
+        its computed positions become findable by later prompts (prefix_cache), those written by decode steps fed
+        on the device included. Call it before free_slot."""
+        raise NotImplementedError

@@ -253,6 +253,9 @@ class LimitedSlots(SlotEngine):
     def kv_stats(self) -> dict:
         return self.engine.kv_stats()
 
+    def cache_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        self.engine.cache_tokens(slot, token_ids)
+
     def close(self) -> None:
         self.engine.close()
 
