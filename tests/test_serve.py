@@ -217,7 +217,13 @@ def test_metrics_count_requests(server):
             time.sleep(0.5)
         return count()
 
-    before = server.stats("lm")["inference_stats"]["success"]["count"]
+    # a request of an earlier test may still be on its way into the statistics (Triton records them after the
+    # responses are out): start from a count the statistics and the metrics agree on
+    deadline = time.time() + 40
+    while True:
+        before = server.stats("lm")["inference_stats"]["success"]["count"]
+        if settled(before) == before or time.time() > deadline:
+            break
     assert settled(before) == before
     for i in range(3):
         _infer(server, f"Count {i}", max_tokens=2)
@@ -412,10 +418,19 @@ def test_client_disconnect_mid_stream_cancels_request(server):
     assert stopped_mid_answer(), ("in 5 tries no request was stopped mid-answer: the server generated the whole "
                                   f"answer for clients that left ({pat.findall(server.log.read_text())}; log: "
                                   f"{[l for l in server.log.read_text().splitlines() if 'cancel' in l][-6:]})")
-    deadline = time.time() + 10  # both cancelled requests gave their slots back
-    while _metric(server, "lm_scheduler_slots_in_use") != 0 and time.time() < deadline:
-        time.sleep(0.2)
-    assert _metric(server, "lm_scheduler_slots_in_use") == 0
+    def slots_settle_at_zero() -> bool:
+        deadline = time.time() + 10
+        while _metric(server, "lm_scheduler_slots_in_use") != 0 and time.time() < deadline:
+            time.sleep(0.2)
+        return _metric(server, "lm_scheduler_slots_in_use") == 0
+
+    # both cancelled requests gave their slots back: the gauge reads 0 once the scheduler is idle. (Once in several
+    # loaded CI runs it still read 1 ten seconds after both cancellations were logged; a short request after them
+    # tells a slot still held, which it would find taken, from a gauge update that did not arrive.)
+    if not slots_settle_at_zero():
+        got, errors = _stream_many(server, [("after-the-cancellations", "After", 2)])
+        assert not errors and len(got["after-the-cancellations"]) == 2, (got, errors)
+        assert slots_settle_at_zero(), f"a cancelled request kept its slot ({server.stats('lm_stream')})"
     assert _metric(server, "lm_scheduler_queue_length") == 0
     assert len(_infer(server, "Still serving", max_tokens=2)) == 2
 
