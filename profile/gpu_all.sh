@@ -97,8 +97,10 @@ BUDGET_S="${GPU_BUDGET_S:-560}"
 START_S=$SECONDS
 SPENT_S=0                      # --dry-run: the parts' estimates added up, in place of the clock
 left() { echo $(( BUDGET_S - (DRY ? SPENT_S : SECONDS - START_S) )); }
-tmo() {  # tmo N: N seconds, or what is left of the budget (less 15 s for the tarball) when that is less
-  local l=$(( $(left) - 15 )); [ "$l" -lt 5 ] && l=5
+tmo() {  # tmo N: N seconds, or what is left of the budget (less 60 s) when that is less. 60 s: a killed part's
+  # Triton server takes ~25 s to unload its models (and holds the part's output pipe meanwhile), then the tarball;
+  # with 15 s the H100 load run of 2026-12-08 overran its 600 s call and brought nothing back
+  local l=$(( $(left) - 60 )); [ "$l" -lt 5 ] && l=5
   echo $(( $1 < l ? $1 : l ))
 }
 
